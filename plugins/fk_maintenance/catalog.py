@@ -1,0 +1,207 @@
+"""What the target database holds now, compared with the spec. Read-only catalog queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+
+from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
+from .sqlfiles import statement
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    oid: int
+    relkind: str
+    total_bytes: int
+    heap_bytes: int
+    estimated_rows: int
+    owner: str
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    attnum: int
+    type_name: str
+    type_oid: int
+    not_null: bool
+
+
+@dataclass(frozen=True)
+class ConstraintState:
+    exists: bool
+    matches: bool = False
+    validated: bool = False
+    definition: str = ""
+    mismatches: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class IndexState:
+    exists: bool
+    is_index: bool = False
+    matches: bool = False
+    valid: bool = False
+    definition: str = ""
+    mismatches: tuple[str, ...] = ()
+    oid: int | None = None
+    on_target_table: bool = False
+    build_in_progress_pid: int | None = None
+
+
+@dataclass
+class TargetState:
+    table: TableInfo | None = None
+    ref_table: TableInfo | None = None
+    column: ColumnInfo | None = None
+    ref_column: ColumnInfo | None = None
+    row_key: ColumnInfo | None = None
+    constraint: ConstraintState = field(default_factory=lambda: ConstraintState(exists=False))
+    index: IndexState = field(default_factory=lambda: IndexState(exists=False))
+    problems: list[str] = field(default_factory=list)
+
+
+def table_info(conn: psycopg.Connection, schema: str, table: str) -> TableInfo | None:
+    row = conn.execute(statement("catalog", "table"), {"schema": schema, "table": table}).fetchone()
+    return TableInfo(*row) if row else None
+
+
+def column_info(conn: psycopg.Connection, relid: int, column: str) -> ColumnInfo | None:
+    row = conn.execute(statement("catalog", "column"), {"relid": relid, "column": column}).fetchone()
+    return ColumnInfo(*row) if row else None
+
+
+def constraint_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> ConstraintState:
+    assert state.table and state.ref_table and state.column and state.ref_column
+    row = conn.execute(
+        statement("catalog", "constraint_by_name"), {"relid": state.table.oid, "name": spec.constraint}
+    ).fetchone()
+    if row is None:
+        return ConstraintState(exists=False)
+    _oid, contype, _conrelid, confrelid, conkey, confkey, deltype, validated, deferrable, definition = row
+    mismatches: list[str] = []
+    if contype != "f":
+        mismatches.append(f"it is not a foreign key (contype {contype!r})")
+    else:
+        if confrelid != state.ref_table.oid:
+            mismatches.append(f"it references another table, not {spec.schema}.{spec.ref_table}")
+        if list(conkey or []) != [state.column.attnum]:
+            mismatches.append(f"its columns are not ({spec.column})")
+        if list(confkey or []) != [state.ref_column.attnum]:
+            mismatches.append(f"its referenced columns are not ({spec.ref_column})")
+        if deltype != spec.on_delete_code:
+            mismatches.append(f"it is ON DELETE {ON_DELETE_ACTIONS.get(deltype, deltype)}, not ON DELETE {spec.on_delete}")
+        if deferrable:
+            mismatches.append("it is DEFERRABLE")
+    return ConstraintState(
+        exists=True,
+        matches=not mismatches,
+        validated=bool(validated),
+        definition=definition,
+        mismatches=tuple(mismatches),
+    )
+
+
+def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> IndexState:
+    assert state.table and state.column
+    rel = conn.execute(statement("catalog", "relation_by_name"), {"schema": spec.schema, "name": spec.index}).fetchone()
+    if rel is None:
+        return IndexState(exists=False)
+    oid, relkind = rel
+    if relkind not in ("i", "I"):
+        return IndexState(
+            exists=True, is_index=False, oid=oid,
+            mismatches=(f"a relation of kind {relkind!r} (not an index) already has the name {spec.index}",),
+        )
+    (indrelid, amname, valid, _ready, unique, natts, nkeyatts, indkey, has_exprs, has_pred, definition) = conn.execute(
+        statement("catalog", "index_by_oid"), {"oid": oid}
+    ).fetchone()
+    mismatches: list[str] = []
+    if indrelid != state.table.oid:
+        mismatches.append(f"it is an index on another table, not {spec.schema}.{spec.table}")
+    if amname != "btree":
+        mismatches.append(f"it uses {amname}, not btree")
+    if unique:
+        mismatches.append("it is UNIQUE")
+    if has_exprs or list(indkey or []) != [state.column.attnum] or natts != 1 or nkeyatts != 1:
+        mismatches.append(f"its columns are not exactly ({spec.column})")
+    if has_pred:
+        mismatches.append("it is partial (has a WHERE clause)")
+    building = conn.execute(statement("catalog", "index_build_in_progress"), {"oid": oid}).fetchone()
+    return IndexState(
+        exists=True,
+        is_index=True,
+        matches=not mismatches,
+        valid=bool(valid),
+        definition=definition,
+        mismatches=tuple(mismatches),
+        oid=oid,
+        on_target_table=indrelid == state.table.oid,
+        build_in_progress_pid=building[0] if building else None,
+    )
+
+
+def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetState:
+    """Everything the steps need to know about the target, and every way it differs from the spec."""
+    state = TargetState()
+    problems = state.problems
+    state.table = table_info(conn, spec.schema, spec.table)
+    if state.table is None:
+        problems.append(f"table {spec.schema}.{spec.table} does not exist")
+        return state
+    if state.table.relkind not in ("r", "p"):
+        problems.append(f"{spec.schema}.{spec.table} is not a table (relkind {state.table.relkind!r})")
+        return state
+    state.ref_table = (
+        state.table if spec.ref_table == spec.table else table_info(conn, spec.schema, spec.ref_table)
+    )
+    if state.ref_table is None:
+        problems.append(f"referenced table {spec.schema}.{spec.ref_table} does not exist")
+        return state
+    state.column = column_info(conn, state.table.oid, spec.column)
+    state.ref_column = column_info(conn, state.ref_table.oid, spec.ref_column)
+    state.row_key = column_info(conn, state.table.oid, spec.row_key)
+    if state.column is None:
+        problems.append(f"column {spec.table}.{spec.column} does not exist")
+    if state.ref_column is None:
+        problems.append(f"referenced column {spec.ref_table}.{spec.ref_column} does not exist")
+    if state.row_key is None:
+        problems.append(f"row key column {spec.table}.{spec.row_key} does not exist")
+    if state.column is None or state.ref_column is None or state.row_key is None:
+        return state
+    if state.column.type_oid != state.ref_column.type_oid:
+        problems.append(
+            f"type mismatch: {spec.table}.{spec.column} is {state.column.type_name} but "
+            f"{spec.ref_table}.{spec.ref_column} is {state.ref_column.type_name}"
+        )
+    if state.column.not_null and spec.on_delete == "SET NULL":
+        problems.append(f"{spec.table}.{spec.column} is NOT NULL, so ON DELETE SET NULL could never apply")
+    unique = conn.execute(
+        statement("catalog", "unique_on_column"), {"relid": state.ref_table.oid, "attnum": state.ref_column.attnum}
+    ).fetchone()[0]
+    if not unique:
+        problems.append(
+            f"{spec.ref_table}.{spec.ref_column} has no primary key or unique index, so it cannot be referenced"
+        )
+    state.constraint = constraint_state(conn, spec, state)
+    if state.constraint.exists and not state.constraint.matches:
+        problems.append(
+            f"constraint {spec.constraint} already exists with another definition "
+            f"({state.constraint.definition}): {'; '.join(state.constraint.mismatches)}"
+        )
+    state.index = index_state(conn, spec, state)
+    if state.index.exists and not state.index.is_index:
+        problems.extend(state.index.mismatches)
+    elif state.index.exists and (state.index.valid or not state.index.on_target_table) and not state.index.matches:
+        # An INVALID index on our table is a failed build of ours and gets rebuilt; anything else is not ours.
+        problems.append(
+            f"index {spec.index} already exists with another definition ({state.index.definition}): "
+            f"{'; '.join(state.index.mismatches)}"
+        )
+    elif state.index.exists and state.index.build_in_progress_pid is not None:
+        problems.append(
+            f"index {spec.index} is being built right now by pid {state.index.build_in_progress_pid}; "
+            "wait for that build to finish or cancel it"
+        )
+    return state

@@ -1,0 +1,171 @@
+"""post_checks: every assertion about the end state, all evaluated, every failure reported together."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from .catalog import inspect_target
+from .errors import PostChecksFailed
+from .session import prepare_session, set_local_timeouts
+from .settings import RunSettings
+from .spec import ForeignKeySpec
+from .sqlfiles import statement
+
+log = logging.getLogger(__name__)
+
+CHECK_STATEMENT_TIMEOUT_MS = 60 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
+    """Evaluate every end-state assertion; raise PostChecksFailed naming all failures (not in a dry run)."""
+    started = time.monotonic()
+    prepare_session(
+        conn, "post_checks",
+        lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=CHECK_STATEMENT_TIMEOUT_MS,
+        read_only=settings.dry_run,
+    )
+    checks: list[Check] = []
+    state = inspect_target(conn, spec)
+    checks.append(Check("target matches the spec", not state.problems, "; ".join(state.problems) or spec.describe()))
+    if state.table is None or state.column is None or state.row_key is None:
+        return _finish(checks, settings, started)
+
+    con = state.constraint
+    checks.append(Check("constraint exists", con.exists, con.definition or f"{spec.constraint} is missing"))
+    checks.append(Check(
+        "constraint is a foreign key on the declared columns with ON DELETE " + spec.on_delete,
+        con.exists and con.matches, "; ".join(con.mismatches) or con.definition or "missing",
+    ))
+    checks.append(Check("constraint is validated", con.exists and con.validated,
+                        "convalidated = true" if con.validated else "NOT VALID (or missing)"))
+
+    idx = state.index
+    checks.append(Check("index exists", idx.exists and idx.is_index, idx.definition or f"{spec.index} is missing"))
+    checks.append(Check("index is valid", idx.exists and idx.valid, "indisvalid = true" if idx.valid else "INVALID or missing"))
+    checks.append(Check(
+        f"index is btree on ({spec.column})", idx.exists and idx.matches,
+        "; ".join(idx.mismatches) or idx.definition or "missing",
+    ))
+    if idx.exists and idx.valid:
+        checks.append(_planner_uses_index(conn, spec, state.column.type_name))
+
+    if settings.dry_run:
+        checks.append(Check("database rejects a missing parent", True, "not tried in a dry run (it needs a write)"))
+    else:
+        checks.append(_rejects_missing_parent(conn, spec, state.column.type_name))
+
+    orphans = conn.execute(statement("orphans", "count", spec)).fetchone()[0]
+    checks.append(Check("zero orphans", orphans == 0, f"{orphans} row(s) point at a missing parent"))
+    checks.extend(_hierarchy_checks(conn, spec, settings))
+    return _finish(checks, settings, started)
+
+
+def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> Check:
+    """Can the planner answer ``WHERE column = $1`` from the index (what ON DELETE SET NULL does)?"""
+    with conn.transaction(force_rollback=True):
+        set_local_timeouts(conn, lock_timeout_ms=1000, statement_timeout_ms=30_000)
+        conn.execute(statement("checks", "prefer_index"))
+        value = _missing_parent_value(conn, spec, type_name) or "0"
+        plan = conn.execute(
+            statement("checks", "plan_for_children_lookup", spec), {"value": value}
+        ).fetchone()[0]
+    used = _index_names(plan if isinstance(plan, list | dict) else json.loads(plan))
+    return Check(
+        f"planner can use {spec.index} for WHERE {spec.column} = $1", spec.index in used,
+        f"plan uses {', '.join(sorted(used)) or 'no index'}",
+    )
+
+
+def _index_names(node: Any) -> set[str]:
+    names: set[str] = set()
+    if isinstance(node, dict):
+        if "Index Name" in node:
+            names.add(node["Index Name"])
+        for value in node.values():
+            names |= _index_names(value)
+    elif isinstance(node, list):
+        for item in node:
+            names |= _index_names(item)
+    return names
+
+
+def _missing_parent_value(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> str | None:
+    if type_name == "uuid":
+        return conn.execute(statement("checks", "missing_parent_uuid")).fetchone()[0]
+    if type_name in ("integer", "bigint", "smallint"):
+        return conn.execute(statement("checks", "missing_parent_integer", spec)).fetchone()[0]
+    return None
+
+
+def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> Check:
+    name = "database rejects a missing parent (SQLSTATE 23503)"
+    with conn.transaction(force_rollback=True):
+        set_local_timeouts(conn, lock_timeout_ms=1000, statement_timeout_ms=30_000)
+        row = conn.execute(statement("checks", "some_row_key", spec)).fetchone()
+        if row is None:
+            return Check(name, True, "not tried: the table has no unlocked row to try it on")
+        missing = _missing_parent_value(conn, spec, type_name)
+        if missing is None:
+            return Check(name, True, f"not tried: no way to make a missing {type_name} value")
+        try:
+            with conn.transaction():  # a savepoint, so the outer rollback stays clean
+                conn.execute(statement("checks", "reject_missing_parent", spec), {"missing": missing, "row_key": row[0]})
+        except pgerrors.ForeignKeyViolation:
+            return Check(name, True, f"pointing a row at {missing} raised 23503; rolled back")
+    return Check(name, False, f"pointing a row at the missing parent {missing} was accepted (rolled back)")
+
+
+def _hierarchy_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> list[Check]:
+    unreached, deepest, too_deep = conn.execute(
+        statement("checks", "depth_summary", spec), {"max_depth": settings.max_depth}
+    ).fetchone()
+    checks = []
+    if unreached:
+        start = conn.execute(statement("checks", "unreached_example", spec)).fetchone()[0]
+        path, is_cycle = conn.execute(statement("checks", "chain_up", spec), {"start": start}).fetchone()
+        detail = (
+            f"{unreached} row(s) are not reachable from a root; e.g. cycle {' -> '.join(path)}"
+            if is_cycle
+            else f"{unreached} row(s) are not reachable from a root; e.g. chain {' -> '.join(path)} ends at a missing parent"
+        )
+        checks.append(Check("no cycles in the hierarchy", False, detail))
+    else:
+        checks.append(Check("no cycles in the hierarchy", True, "every row is reachable from a root"))
+    if too_deep is not None:
+        path, _ = conn.execute(statement("checks", "chain_up", spec), {"start": too_deep}).fetchone()
+        checks.append(Check(
+            f"hierarchy depth at most {settings.max_depth}", False,
+            f"depth {deepest}; e.g. chain {' -> '.join(path)} (row, then its ancestors)",
+        ))
+    else:
+        checks.append(Check(f"hierarchy depth at most {settings.max_depth}", True, f"deepest chain has {deepest} level(s)"))
+    return checks
+
+
+def _finish(checks: list[Check], settings: RunSettings, started: float) -> dict[str, Any]:
+    for check in checks:
+        log.log(logging.INFO if check.ok else logging.ERROR, "post_checks: [%s] %s: %s",
+                "PASS" if check.ok else "FAIL", check.name, check.detail)
+    failures = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
+    if failures and not settings.dry_run:
+        raise PostChecksFailed(failures)
+    return {
+        "passed": sum(c.ok for c in checks),
+        "failed": len(failures),
+        "checks": [asdict(c) for c in checks],
+        "seconds": round(time.monotonic() - started, 3),
+    }

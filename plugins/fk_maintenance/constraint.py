@@ -1,0 +1,234 @@
+"""Adding the foreign key NOT VALID under a short lock, and validating it inside the low-traffic window."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from .catalog import TargetState, inspect_target
+from .errors import PreflightFailed, WindowsExhausted
+from .orphans import null_orphans
+from .session import LockAttempts, prepare_session, run_lock, set_local_timeouts, with_lock_retries
+from .settings import RunSettings
+from .spec import ForeignKeySpec
+from .sqlfiles import statement
+from .window import Window, WindowDecision
+
+log = logging.getLogger(__name__)
+
+# Less than this left in the window is not worth starting a scan that would be cancelled anyway.
+MIN_VALIDATE_SECONDS = 60
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _state(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetState:
+    state = inspect_target(conn, spec)
+    if state.problems:
+        raise PreflightFailed(state.problems)
+    return state
+
+
+def add_fk_not_valid(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """ADD CONSTRAINT ... NOT VALID, each attempt under a lock_timeout no longer than the configured one.
+
+    From the moment it commits, every insert and update of the pointer is checked, so no new orphan can
+    appear; existing rows are checked later by VALIDATE.
+    """
+    started = time.monotonic()
+    prepare_session(
+        conn, "add_fk_not_valid",
+        lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=60_000, read_only=settings.dry_run,
+    )
+    state = _state(conn, spec)
+    if state.constraint.exists:
+        log.info("add_fk_not_valid: %s already exists (%s)", spec.constraint, state.constraint.definition)
+        return {
+            "action": "none (already exists)",
+            "validated": state.constraint.validated,
+            "attempts": 0,
+            "lock_timeouts": 0,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+    if settings.dry_run:
+        log.info("add_fk_not_valid: dry run, would add %s NOT VALID", spec.constraint)
+        return {"action": "dry run: would add NOT VALID", "attempts": 0, "lock_timeouts": 0, "seconds": 0.0}
+    record = LockAttempts()
+
+    def attempt(lock_timeout_ms: int) -> None:
+        with conn.transaction():
+            # The ALTER itself does no scan (NOT VALID); the statement_timeout only bounds the unexpected.
+            set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=lock_timeout_ms + 30_000)
+            if _state(conn, spec).constraint.exists:  # added by another run between our check and the lock
+                return
+            conn.execute(statement("constraint", "add_not_valid", spec))
+
+    with run_lock(conn, spec):
+        with_lock_retries(
+            conn, spec, "add_fk_not_valid", attempt,
+            lock_timeout_ms=settings.lock_timeout_ms, attempts=settings.lock_attempts, record=record, sleep=sleep,
+        )
+    seconds = time.monotonic() - started
+    log.info(
+        "add_fk_not_valid: %s added NOT VALID after %d attempt(s), %d lock timeout(s), in %.2f s",
+        spec.constraint, record.attempts, record.lock_timeouts, seconds,
+    )
+    return {
+        "action": "added NOT VALID",
+        "attempts": record.attempts,
+        "lock_timeouts": record.lock_timeouts,
+        "seconds": round(seconds, 3),
+    }
+
+
+def decide_window(
+    settings: RunSettings, *, now: datetime, run_started_at: datetime
+) -> WindowDecision:
+    """Whether VALIDATE may start now, and if not, when to look again. Raises when windows ran out."""
+    window = Window(settings.window_start_time, settings.window_end_time, settings.zone)
+    used = window.ends_between(run_started_at, now)
+    if settings.validate_now:
+        return WindowDecision(True, "validate_now set by the operator", windows_used=used)
+    start, end = window.current_or_next(now)
+    if start <= now and (end - now).total_seconds() >= MIN_VALIDATE_SECONDS:
+        return WindowDecision(True, f"inside the window until {end.isoformat()}", window_end=end, windows_used=used)
+    if used >= settings.max_windows:
+        raise WindowsExhausted(
+            f"validate_fk: {used} window(s) have passed since the run started at {run_started_at.isoformat()} "
+            f"without a completed VALIDATE (max_windows={settings.max_windows}); the constraint stays NOT VALID "
+            "(new writes are still checked). Trigger with validate_now, widen the window, or raise max_windows."
+        )
+    if start <= now:  # inside, but too little left: wait for the next window
+        start, _ = window.current_or_next(end)
+    return WindowDecision(
+        False, f"outside the window; next window opens {start.isoformat()}", retry_at=start, windows_used=used
+    )
+
+
+def validate_fk(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    *,
+    run_started_at: datetime,
+    now: Callable[[], datetime] = _utcnow,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Re-sweep orphans and VALIDATE CONSTRAINT inside the window; otherwise say when to try again.
+
+    Returns ``outcome`` "validated", "already validated", "dry run" or "reschedule" (with ``retry_at``).
+    """
+    started = time.monotonic()
+    prepare_session(
+        conn, "validate_fk",
+        lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=60_000, read_only=settings.dry_run,
+    )
+    state = _state(conn, spec)
+    if state.constraint.exists and state.constraint.validated:
+        log.info("validate_fk: %s is already validated", spec.constraint)
+        return {"outcome": "already validated", "seconds": round(time.monotonic() - started, 3)}
+    decision = decide_window(settings, now=now(), run_started_at=run_started_at)
+    if settings.dry_run:
+        log.info("validate_fk: dry run; a real run would %s (%s)",
+                 "validate now" if decision.run_now else "wait", decision.reason)
+        return {"outcome": "dry run", "would_run_now": decision.run_now, "reason": decision.reason, "seconds": 0.0}
+    if not state.constraint.exists:
+        raise RuntimeError(f"validate_fk: {spec.constraint} does not exist; add_fk_not_valid must run first")
+    if not decision.run_now:
+        return _reschedule(decision.retry_at, decision.reason, started)
+    gate = _load_gate(conn, spec, settings)
+    if gate is not None:
+        retry_at = now() + timedelta(minutes=settings.recheck_minutes)
+        if decision.window_end is not None and retry_at >= decision.window_end:
+            retry_at = Window(settings.window_start_time, settings.window_end_time, settings.zone).current_or_next(
+                decision.window_end
+            )[0]
+        return _reschedule(retry_at, gate, started)
+
+    # New writes are already checked by the NOT VALID constraint; this catches pointers written between
+    # null_orphans and the constraint's arrival, and rows the first pass skipped because the app held them.
+    resweep = null_orphans(conn, spec, settings, run_id, step="validate_fk re-sweep")
+    prepare_session(conn, "validate_fk", lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=60_000)
+    record = LockAttempts()
+
+    def attempt(lock_timeout_ms: int) -> None:
+        if decision.window_end is not None:
+            statement_timeout_ms = int((decision.window_end - now()).total_seconds() * 1000)
+            if statement_timeout_ms < MIN_VALIDATE_SECONDS * 1000:
+                raise pgerrors.QueryCanceled("window ends before VALIDATE could finish")
+        else:
+            statement_timeout_ms = settings.index_timeout_min * 60_000
+        with conn.transaction():
+            set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms)
+            conn.execute(statement("constraint", "validate", spec))
+
+    try:
+        with run_lock(conn, spec):
+            with_lock_retries(
+                conn, spec, "validate_fk", attempt,
+                lock_timeout_ms=settings.lock_timeout_ms, attempts=settings.lock_attempts, record=record,
+                sleep=sleep,
+            )
+    except pgerrors.QueryCanceled:
+        window = Window(settings.window_start_time, settings.window_end_time, settings.zone)
+        end = decision.window_end or now()
+        next_start, _ = window.current_or_next(end)
+        log.warning("validate_fk: VALIDATE was cut short by the end of the window; the constraint stays NOT VALID")
+        if decision.windows_used + 1 >= settings.max_windows:
+            raise WindowsExhausted(
+                f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s); "
+                "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
+            ) from None
+        return _reschedule(next_start, "VALIDATE cut short by the end of the window", started, resweep=resweep)
+    seconds = time.monotonic() - started
+    log.info("validate_fk: %s validated in %.1f s (%s)", spec.constraint, seconds, decision.reason)
+    return {
+        "outcome": "validated",
+        "reason": decision.reason,
+        "resweep": resweep,
+        "attempts": record.attempts,
+        "lock_timeouts": record.lock_timeouts,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _reschedule(retry_at: datetime | None, reason: str, started: float, **extra: Any) -> dict[str, Any]:
+    assert retry_at is not None
+    log.info("validate_fk: not now (%s); try again at %s", reason, retry_at.isoformat())
+    return {
+        "outcome": "reschedule",
+        "retry_at": retry_at.isoformat(),
+        "reason": reason,
+        "seconds": round(time.monotonic() - started, 3),
+        **extra,
+    }
+
+
+def _load_gate(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> str | None:
+    """A reason not to start VALIDATE now, even inside the window, or None."""
+    vacuum = conn.execute(
+        statement("catalog", "wraparound_vacuum"), {"qualified": f"{spec.schema}.{spec.table}"}
+    ).fetchone()
+    if vacuum is not None:
+        # VALIDATE would queue behind (or conflict with) a vacuum that does not yield.
+        return f"an anti-wraparound autovacuum runs on {spec.schema}.{spec.table} (pid {vacuum[0]})"
+    if settings.max_active_sessions:
+        active = conn.execute(statement("catalog", "active_sessions")).fetchone()[0]
+        if active > settings.max_active_sessions:
+            return f"{active} active sessions, above the threshold of {settings.max_active_sessions}"
+    return None

@@ -1,0 +1,43 @@
+"""Errors a run reports to its operator. Each message names what is wrong; none carries a password."""
+
+from __future__ import annotations
+
+
+class MaintenanceError(Exception):
+    """Base class: a condition the operator must see, raised before or instead of a change."""
+
+
+class InvalidSettings(MaintenanceError):
+    """A trigger-form value (or a programmatic setting) is out of bounds or malformed."""
+
+
+class TargetUnreachable(MaintenanceError):
+    """The target database cannot be connected to (host down, wrong password, unknown database)."""
+
+
+class PreflightFailed(MaintenanceError):
+    """The target differs from the spec, or a same-named object has another definition."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("preflight found problems, nothing was changed:\n- " + "\n- ".join(problems))
+
+
+class ConcurrentRun(MaintenanceError):
+    """Another run (perhaps from another Airflow deployment) is changing the same foreign key."""
+
+
+class LockNotAcquired(MaintenanceError):
+    """Every attempt to take a table lock within lock_timeout failed; the task is left to Airflow's retry."""
+
+
+class WindowsExhausted(MaintenanceError):
+    """Validation waited for (or was cut short in) the configured number of windows."""
+
+
+class PostChecksFailed(MaintenanceError):
+    """One or more end-state assertions failed; all of them are listed."""
+
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = failures
+        super().__init__(f"{len(failures)} post-check(s) failed:\n- " + "\n- ".join(failures))

@@ -1,0 +1,169 @@
+"""Finding and nulling dangling parent pointers, every nulled pointer audited in the same transaction."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .catalog import TargetState, inspect_target
+from .errors import PreflightFailed
+from .session import prepare_session, run_lock, set_local_timeouts
+from .settings import RunSettings
+from .spec import ForeignKeySpec
+from .sqlfiles import statement
+
+log = logging.getLogger(__name__)
+
+# One batch touches batch_size rows by primary key; a minute is far beyond what that needs and still bounds
+# a batch that the server cannot finish (for example, a runaway trigger on the app's table).
+BATCH_STATEMENT_TIMEOUT_MS = 60_000
+# The anti-join scans the whole table once; bounded so a pathological plan cannot run for hours.
+SCAN_STATEMENT_TIMEOUT_MS = 2 * 60 * 60 * 1000
+
+
+def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
+    """Count orphans and distinct dangling parents, with a sample, in one anti-join scan (read-only)."""
+    started = time.monotonic()
+    prepare_session(
+        conn, "detect_orphans",
+        lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS, read_only=True,
+    )
+    _require_target(conn, spec)
+    orphans, dangling, sample = conn.execute(
+        statement("orphans", "summary", spec), {"sample_size": settings.sample_size}
+    ).fetchone()
+    log.info(
+        "detect_orphans: %d orphan row(s) pointing at %d missing parent(s) in %s.%s; sample: %s",
+        orphans, dangling, spec.schema, spec.table, ", ".join(sample) or "none",
+    )
+    return {
+        "orphans": orphans,
+        "dangling_parents": dangling,
+        "sample": list(sample),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> None:
+    """Create the audit table if missing; it shares the key and pointer types of the target."""
+    assert state.row_key and state.column
+    with conn.transaction():
+        set_local_timeouts(conn, lock_timeout_ms=5000, statement_timeout_ms=30_000)
+        conn.execute(
+            statement(
+                "audit", "create_table", spec,
+                # format_type() output from the catalog: a type name, not user input.
+                key_type=sql.SQL(state.row_key.type_name),  # type: ignore[arg-type]
+                pointer_type=sql.SQL(state.column.type_name),  # type: ignore[arg-type]
+            )
+        )
+        conn.execute(statement("audit", "comment_table", spec))
+
+
+def null_orphans(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    *,
+    step: str = "null_orphans",
+) -> dict[str, Any]:
+    """Null every dangling pointer in batches, auditing each one in the batch's own transaction.
+
+    One anti-join scan collects the orphan keys; each batch then touches only its rows by key, so the total
+    work is one scan plus work proportional to the orphans. A batch is all or nothing: killed midway, it
+    rolls back, and the next run finds the same orphans again.
+    """
+    started = time.monotonic()
+    if settings.dry_run:
+        log.info("%s: dry run, nothing nulled", step)
+        return {"skipped": "dry run", "nulled": 0, "audited": 0, "seconds": 0.0}
+    prepare_session(
+        conn, step, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
+    )
+    state = _require_target(conn, spec)
+    with run_lock(conn, spec):
+        ensure_audit_table(conn, spec, state)
+        with conn.transaction():
+            # The scan reads only; its statement_timeout is the scan's, the batches keep the short one.
+            set_local_timeouts(
+                conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS
+            )
+            keys = [row[0] for row in conn.execute(statement("orphans", "keys", spec)).fetchall()]
+        total = len(keys)
+        log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
+        nulled = audited = 0
+        batches = 0
+        last_log = time.monotonic()
+        for offset in range(0, total, settings.batch_size):
+            batch = keys[offset : offset + settings.batch_size]
+            with conn.transaction():
+                set_local_timeouts(
+                    conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
+                )
+                batch_audited, batch_nulled = conn.execute(
+                    statement("orphans", "null_batch", spec), {"keys": batch, "run_id": run_id}
+                ).fetchone()
+                if batch_audited != batch_nulled:
+                    # Rolling back keeps audit and data in step; this would mean a concurrent change we
+                    # did not foresee, so stop rather than guess.
+                    raise RuntimeError(
+                        f"{step}: batch at offset {offset} audited {batch_audited} but nulled {batch_nulled}; "
+                        "rolled back"
+                    )
+            batches += 1
+            nulled += batch_nulled
+            audited += batch_audited
+            now = time.monotonic()
+            if now - last_log >= 5 or offset + len(batch) >= total:
+                elapsed = now - started
+                log.info(
+                    "%s: %d/%d keys processed (%.0f%%), %d nulled, %.0f rows/s",
+                    step, offset + len(batch), total, 100 * (offset + len(batch)) / max(total, 1), nulled,
+                    (offset + len(batch)) / elapsed if elapsed else 0.0,
+                )
+                last_log = now
+            if settings.batch_pause_ms:
+                time.sleep(settings.batch_pause_ms / 1000)
+    seconds = time.monotonic() - started
+    return {
+        "candidates": total,
+        "nulled": nulled,
+        "audited": audited,
+        # Parent created meanwhile, row deleted, or row locked by the app (left for the re-sweep).
+        "left_alone": total - nulled,
+        "batches": batches,
+        "rows_per_second": round(nulled / seconds, 1) if seconds else None,
+        "seconds": round(seconds, 3),
+    }
+
+
+def audited_rows(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> int:
+    exists = conn.execute(
+        statement("catalog", "table"), {"schema": spec.schema, "table": spec.audit_table}
+    ).fetchone()
+    if exists is None:
+        return 0
+    return conn.execute(statement("audit", "rows_for_run", spec), {"run_id": run_id}).fetchone()[0]
+
+
+def restore_from_audit(
+    conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, *, lock_timeout_ms: int = 2000
+) -> dict[str, int]:
+    """Put back the pointers one run nulled, where the row is still parentless and the parent exists again."""
+    prepare_session(conn, "restore", lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS)
+    with conn.transaction():
+        restored, audited = conn.execute(statement("audit", "restore_run", spec), {"run_id": run_id}).fetchone()
+    log.info("restore: %d of %d audited pointer(s) of run %s put back", restored, audited, run_id)
+    return {"restored": restored, "audited": audited}
+
+
+def _require_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetState:
+    state = inspect_target(conn, spec)
+    if state.problems:
+        raise PreflightFailed(state.problems)
+    return state

@@ -1,0 +1,88 @@
+"""report: one summary of the run from the steps' own summaries."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .settings import RunSettings
+from .spec import ForeignKeySpec
+
+log = logging.getLogger(__name__)
+
+STEPS = (
+    "preflight",
+    "detect_orphans",
+    "null_orphans",
+    "create_index_concurrently",
+    "add_fk_not_valid",
+    "validate_fk",
+    "post_checks",
+)
+
+
+def build_report(
+    spec: ForeignKeySpec, settings: RunSettings, run_id: str, results: dict[str, dict[str, Any] | None]
+) -> dict[str, Any]:
+    def get(step: str, key: str, default: Any = None) -> Any:
+        return (results.get(step) or {}).get(key, default)
+
+    resweep = get("validate_fk", "resweep") or {}
+    nulled = (get("null_orphans", "nulled", 0) or 0) + (resweep.get("nulled", 0) or 0)
+    audited = (get("null_orphans", "audited", 0) or 0) + (resweep.get("audited", 0) or 0)
+    checks = results.get("post_checks") or {}
+    steps = {
+        step: {
+            "seconds": get(step, "seconds"),
+            "lock_timeouts": get(step, "lock_timeouts", 0),
+            "outcome": get(step, "action") or get(step, "outcome") or ("ran" if results.get(step) else "did not run"),
+        }
+        for step in STEPS
+    }
+    converged = bool(checks) and checks.get("failed") == 0 and not settings.dry_run
+    report = {
+        "run_id": run_id,
+        "target": spec.describe(),
+        "dry_run": settings.dry_run,
+        "server_version": get("preflight", "server_version"),
+        "table_size": get("preflight", "table_size"),
+        "orphans_found": get("detect_orphans", "orphans"),
+        "dangling_parents": get("detect_orphans", "dangling_parents"),
+        "orphan_sample": get("detect_orphans", "sample", []),
+        "nulled": nulled,
+        "audited": audited,
+        "resweep_nulled": resweep.get("nulled", 0) or 0,
+        "lock_timeouts": sum(s["lock_timeouts"] or 0 for s in steps.values()),
+        "steps": steps,
+        "checks_passed": checks.get("passed"),
+        "checks_failed": checks.get("failed"),
+        "failed_checks": [c["name"] for c in checks.get("checks", []) if not c["ok"]],
+        "final_state": "converged" if converged else ("dry run: nothing changed" if settings.dry_run else "not converged"),
+        "restore_hint": (
+            f"pointers nulled by this run are in {spec.schema}.{spec.audit_table} WHERE run_id = '{run_id}'"
+            if audited else "no pointer was nulled"
+        ),
+    }
+    for line in format_report(report).splitlines():
+        log.info("report: %s", line)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"Run {report['run_id']}: {report['final_state']}",
+        f"Target: {report['target']}",
+        f"Server: PostgreSQL {report['server_version']}, table {report['table_size']}",
+        f"Orphans found: {report['orphans_found']} (pointing at {report['dangling_parents']} missing parent(s))",
+        f"Pointers nulled: {report['nulled']} (re-sweep {report['resweep_nulled']}), audited: {report['audited']}",
+        f"Lock timeouts (retried): {report['lock_timeouts']}",
+        f"Checks: {report['checks_passed']} passed, {report['checks_failed']} failed"
+        + (f" ({', '.join(report['failed_checks'])})" if report["failed_checks"] else ""),
+        "",
+        f"{'step':<28}{'seconds':>10}{'lock timeouts':>15}  outcome",
+    ]
+    for step, info in report["steps"].items():
+        seconds = "-" if info["seconds"] is None else f"{info['seconds']:.2f}"
+        lines.append(f"{step:<28}{seconds:>10}{info['lock_timeouts'] or 0:>15}  {info['outcome']}")
+    lines += ["", f"Restore: {report['restore_hint']}"]
+    return "\n".join(lines)

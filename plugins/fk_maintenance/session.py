@@ -1,0 +1,151 @@
+"""Session discipline shared by every step: explicit timeouts, a visible application_name, the run lock,
+and bounded retries of a lock-taking transaction."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from .errors import ConcurrentRun, LockNotAcquired
+from .spec import ForeignKeySpec
+from .sqlfiles import statement
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+APPLICATION_NAME = "kpi-fk-maintenance"
+
+
+def prepare_session(
+    conn: psycopg.Connection,
+    step: str,
+    *,
+    lock_timeout_ms: int,
+    statement_timeout_ms: int,
+    read_only: bool = False,
+) -> None:
+    """Set this step's own timeouts on the session, so nothing is inherited from the role or database."""
+    conn.autocommit = True
+    conn.execute(
+        statement("session", "configure"),
+        {
+            "application_name": f"{APPLICATION_NAME}:{step}",
+            "lock_timeout": f"{lock_timeout_ms}ms",
+            "statement_timeout": f"{statement_timeout_ms}ms",
+            # A worker killed mid-transaction must not leave a session holding row locks for long.
+            "idle_in_transaction_session_timeout": "60s",
+            "read_only": "on" if read_only else "off",
+        },
+    )
+
+
+def set_local_timeouts(conn: psycopg.Connection, *, lock_timeout_ms: int, statement_timeout_ms: int) -> None:
+    """Timeouts for the current transaction only (``SET LOCAL``)."""
+    conn.execute(
+        statement("session", "configure_local"),
+        {"lock_timeout": f"{lock_timeout_ms}ms", "statement_timeout": f"{statement_timeout_ms}ms"},
+    )
+
+
+@contextmanager
+def run_lock(conn: psycopg.Connection, spec: ForeignKeySpec) -> Iterator[None]:
+    """Hold the session-level advisory lock that serialises runs changing this foreign key.
+
+    A second run (a manual trigger during the scheduled one, or another Airflow deployment) stops with a
+    message naming the session that holds the lock. The lock is released with the session if the worker dies.
+    """
+    got = conn.execute(statement("session", "try_run_lock"), {"name": spec.advisory_lock_name}).fetchone()
+    if not got or not got[0]:
+        holder = conn.execute(statement("session", "run_lock_holder"), {"name": spec.advisory_lock_name}).fetchone()
+        who = (
+            f"pid {holder[0]} ({holder[1] or 'no application_name'}, since {holder[2]})"
+            if holder
+            else "another session"
+        )
+        raise ConcurrentRun(
+            f"another run is changing {spec.constraint} on {spec.schema}.{spec.table}: {who} holds the run lock "
+            f"{spec.advisory_lock_name!r}; this run stops here and changes nothing"
+        )
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute(statement("session", "release_run_lock"), {"name": spec.advisory_lock_name})
+
+
+@dataclass
+class LockAttempts:
+    """Record of a retried lock-taking statement, for the run's report."""
+
+    attempts: int = 0
+    lock_timeouts: int = 0
+    waited_s: float = 0.0
+
+
+def attempt_timeouts(lock_timeout_ms: int, attempts: int) -> list[int]:
+    """lock_timeout of each attempt: growing from a quarter of the configured timeout up to it, never above.
+
+    The configured value is the promise to the app (no statement waits on us longer), so growth stops there.
+    """
+    first = max(50, lock_timeout_ms // 4)
+    return [min(lock_timeout_ms, first * 2**i) for i in range(attempts)]
+
+
+def with_lock_retries(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    what: str,
+    body: Callable[[int], T],
+    *,
+    lock_timeout_ms: int,
+    attempts: int,
+    record: LockAttempts,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run ``body(lock_timeout_ms_for_this_attempt)`` until it gets its lock, at most ``attempts`` times.
+
+    ``body`` runs its own transaction with ``SET LOCAL lock_timeout``. Between attempts we sleep with full
+    jitter (so two waiters do not retry in step) and log who holds locks on the table.
+    """
+    timeouts = attempt_timeouts(lock_timeout_ms, attempts)
+    for number, timeout_ms in enumerate(timeouts, start=1):
+        record.attempts += 1
+        started = time.monotonic()
+        try:
+            return body(timeout_ms)
+        except (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected) as exc:
+            record.lock_timeouts += 1
+            record.waited_s += time.monotonic() - started
+            holders = lock_holders(conn, spec)
+            log.warning(
+                "%s: attempt %d/%d did not get its lock within %d ms (%s); sessions holding locks on %s.%s: %s",
+                what, number, attempts, timeout_ms, exc.sqlstate, spec.schema, spec.table,
+                "; ".join(holders) or "none now",
+            )
+            if number == attempts:
+                raise LockNotAcquired(
+                    f"{what}: no lock within {attempts} attempts (lock_timeout up to {lock_timeout_ms} ms); "
+                    f"nothing was changed. Sessions holding locks on {spec.schema}.{spec.table}: "
+                    f"{'; '.join(holders) or 'none now'}. Airflow retries the task later."
+                ) from exc
+            sleep(random.uniform(0, min(30.0, 0.5 * 2**number)))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def lock_holders(conn: psycopg.Connection, spec: ForeignKeySpec, limit: int = 5) -> list[str]:
+    rows = conn.execute(
+        statement("session", "lock_holders"),
+        {"schema": spec.schema, "table": spec.table, "limit": limit},
+    ).fetchall()
+    return [
+        f"pid {pid} {mode}{'' if granted else ' (waiting)'} {state}, transaction open {age}: {query}"
+        for pid, mode, granted, state, age, query in rows
+    ]

@@ -1,0 +1,74 @@
+"""The declared end state: which foreign key, index and audit table a run converges to."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+ON_DELETE_ACTIONS = {
+    # pg_constraint.confdeltype code -> SQL spelling
+    "n": "SET NULL",
+    "c": "CASCADE",
+    "r": "RESTRICT",
+    "a": "NO ACTION",
+    "d": "SET DEFAULT",
+}
+
+
+@dataclass(frozen=True)
+class ForeignKeySpec:
+    """A foreign key ``schema.table(column) -> schema.ref_table(ref_column)`` and its supporting index.
+
+    ``row_key`` identifies a child row (its primary key); the audit table records it beside the
+    pointer that was nulled. For a self-referencing hierarchy it is the referenced column.
+    """
+
+    schema: str
+    table: str
+    column: str
+    ref_table: str
+    ref_column: str
+    row_key: str
+    constraint: str
+    index: str
+    audit_table: str
+    on_delete: str = "SET NULL"
+
+    def __post_init__(self) -> None:
+        for field, value in asdict(self).items():
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"foreign-key spec: {field} must be a non-empty string")
+            if len(value.encode()) > 63:
+                # PostgreSQL silently truncates longer names, which would make our catalog lookups miss.
+                raise ValueError(f"foreign-key spec: {field} {value!r} is longer than 63 bytes")
+            if "\x00" in value:
+                raise ValueError(f"foreign-key spec: {field} contains a NUL character")
+        if self.on_delete not in ON_DELETE_ACTIONS.values():
+            raise ValueError(f"foreign-key spec: on_delete {self.on_delete!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}")
+
+    @property
+    def on_delete_code(self) -> str:
+        return next(code for code, words in ON_DELETE_ACTIONS.items() if words == self.on_delete)
+
+    @property
+    def advisory_lock_name(self) -> str:
+        """Two runs serialise on this name, whichever Airflow deployment they come from."""
+        return f"fk_maintenance:{self.schema}.{self.table}.{self.constraint}"
+
+    def describe(self) -> str:
+        return (
+            f"{self.schema}.{self.table}({self.column}) -> {self.schema}.{self.ref_table}({self.ref_column}) "
+            f"ON DELETE {self.on_delete} as {self.constraint}, index {self.index}"
+        )
+
+
+VISION_KPIS_PARENT_FK = ForeignKeySpec(
+    schema="public",
+    table="vision_kpis",
+    column="parent_kpi_id",
+    ref_table="vision_kpis",
+    ref_column="id",
+    row_key="id",
+    constraint="vision_kpis_parent_kpi_id_fkey",
+    index="vision_kpis_parent_kpi_idx",
+    audit_table="vision_kpis_orphan_audit",
+)

@@ -1,0 +1,86 @@
+-- Catalog introspection for preflight and the steps. Names are bound values here, never identifiers.
+
+-- name: table
+SELECT c.oid, c.relkind::text, pg_total_relation_size(c.oid), pg_relation_size(c.oid),
+       greatest(c.reltuples, 0)::bigint, pg_get_userbyid(c.relowner)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+
+-- name: column
+SELECT a.attnum, format_type(a.atttypid, a.atttypmod), a.atttypid::int, a.attnotnull
+FROM pg_attribute a
+WHERE a.attrelid = %(relid)s AND a.attname = %(column)s AND a.attnum > 0 AND NOT a.attisdropped
+
+-- name: unique_on_column
+-- A foreign key needs a unique, non-partial index on exactly the referenced column.
+SELECT count(*) > 0
+FROM pg_index i
+WHERE i.indrelid = %(relid)s AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+  AND i.indnkeyatts = 1 AND i.indkey[0] = %(attnum)s
+
+-- name: constraint_by_name
+SELECT con.oid, con.contype::text, con.conrelid, con.confrelid, con.conkey, con.confkey,
+       con.confdeltype::text, con.convalidated, con.condeferrable, pg_get_constraintdef(con.oid)
+FROM pg_constraint con
+WHERE con.conrelid = %(relid)s AND con.conname = %(name)s
+
+-- name: other_foreign_keys_on_column
+SELECT con.conname, pg_get_constraintdef(con.oid), con.convalidated
+FROM pg_constraint con
+WHERE con.conrelid = %(relid)s AND con.contype = 'f' AND con.conkey = ARRAY[%(attnum)s]::int2[]
+  AND con.conname <> %(name)s
+
+-- name: relation_by_name
+-- Index names share one namespace with tables, sequences and views.
+SELECT c.oid, c.relkind::text
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(name)s
+
+-- name: index_by_oid
+SELECT i.indrelid, am.amname::text, i.indisvalid, i.indisready, i.indisunique, i.indnatts, i.indnkeyatts,
+       i.indkey::int2[], i.indexprs IS NOT NULL, i.indpred IS NOT NULL, pg_get_indexdef(i.indexrelid)
+FROM pg_index i
+JOIN pg_class ci ON ci.oid = i.indexrelid
+JOIN pg_am am ON am.oid = ci.relam
+WHERE i.indexrelid = %(oid)s
+
+-- name: index_build_in_progress
+SELECT p.pid, p.phase FROM pg_stat_progress_create_index p WHERE p.index_relid = %(oid)s
+
+-- name: privileges
+SELECT pg_has_role(current_user, c.relowner, 'USAGE') AS owns_table,
+       has_table_privilege(c.oid, 'SELECT') AS can_select,
+       has_table_privilege(c.oid, 'UPDATE') AS can_update,
+       has_table_privilege(c.oid, 'REFERENCES') AS can_reference,
+       has_schema_privilege(c.relnamespace, 'CREATE') AS can_create_in_schema,
+       has_schema_privilege(c.relnamespace, 'USAGE') AS can_use_schema
+FROM pg_class c WHERE c.oid = %(relid)s
+
+-- name: audit_columns
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute a
+WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+
+-- name: audit_primary_key
+SELECT array_agg(a.attname::text ORDER BY k.ord)
+FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = %(relid)s AND i.indisprimary
+
+-- name: audit_privileges
+SELECT has_table_privilege(%(relid)s, 'INSERT'), has_table_privilege(%(relid)s, 'UPDATE')
+
+-- name: wraparound_vacuum
+SELECT a.pid, left(a.query, 200)
+FROM pg_stat_activity a
+WHERE a.backend_type = 'autovacuum worker'
+  AND position('(to prevent wraparound)' in a.query) > 0
+  AND position(%(qualified)s in a.query) > 0
+
+-- name: active_sessions
+SELECT count(*)
+FROM pg_stat_activity a
+WHERE a.backend_type = 'client backend' AND a.state = 'active' AND a.pid <> pg_backend_pid()
+  AND a.datname = current_database()

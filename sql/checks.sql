@@ -1,0 +1,59 @@
+-- End-state checks. Read-only, except reject_missing_parent, which runs inside a transaction that is
+-- always rolled back.
+
+-- name: plan_for_children_lookup
+EXPLAIN (FORMAT JSON) SELECT {row_key} FROM {table} WHERE {column} = %(value)s
+
+-- name: some_row_key
+SELECT {row_key} FROM {table} LIMIT 1 FOR UPDATE SKIP LOCKED
+
+-- name: reject_missing_parent
+UPDATE {table} SET {column} = %(missing)s WHERE {row_key} = %(row_key)s
+
+-- name: missing_parent_uuid
+-- A value no row has, to point a row at.
+SELECT gen_random_uuid()::text
+
+-- name: missing_parent_integer
+SELECT (coalesce(max({ref_column}), 0) + 1)::text FROM {ref_table}
+
+-- name: depth_summary
+-- Walk down from the roots. Every row not reached is in a cycle or hangs below one; the walk itself
+-- terminates because each row has one parent, so no cycle is reachable from a root.
+WITH RECURSIVE tree AS (
+    SELECT {row_key} AS row_key, 1 AS depth FROM {table} WHERE {column} IS NULL
+    UNION ALL
+    SELECT c.{row_key}, t.depth + 1
+    FROM {table} c JOIN tree t ON c.{column} = t.row_key
+)
+SELECT (SELECT count(*) FROM {table}) - count(*) AS unreached,
+       coalesce(max(depth), 0) AS max_depth,
+       (SELECT row_key::text FROM tree WHERE depth > %(max_depth)s LIMIT 1) AS too_deep_example
+FROM tree
+
+-- name: chain_up
+-- The ids from a row up through its ancestors, stopping at a root or when an id repeats (a cycle).
+WITH RECURSIVE up AS (
+    SELECT {row_key} AS row_key, {column} AS parent, ARRAY[{row_key}::text] AS path, false AS is_cycle
+    FROM {table} WHERE {row_key}::text = %(start)s
+    UNION ALL
+    SELECT t.{row_key}, t.{column}, u.path || t.{row_key}::text, t.{row_key}::text = ANY(u.path)
+    FROM up u JOIN {table} t ON t.{row_key} = u.parent
+    WHERE NOT u.is_cycle AND cardinality(u.path) < 1000
+)
+SELECT path, is_cycle FROM up ORDER BY cardinality(path) DESC LIMIT 1
+
+-- name: unreached_example
+-- A row that is not reached from any root: walk up from it to find the cycle.
+WITH RECURSIVE tree AS (
+    SELECT {row_key} AS row_key FROM {table} WHERE {column} IS NULL
+    UNION ALL
+    SELECT c.{row_key} FROM {table} c JOIN tree t ON c.{column} = t.row_key
+)
+SELECT x.{row_key}::text FROM {table} x
+WHERE NOT EXISTS (SELECT 1 FROM tree WHERE tree.row_key = x.{row_key})
+LIMIT 1
+
+-- name: prefer_index
+-- Only to ask whether the index *can* serve the lookup: on a tiny table the planner rightly prefers a scan.
+SELECT set_config('enable_seqscan', 'off', true)

@@ -1,0 +1,45 @@
+-- Session settings and the run lock. Settings go through set_config() so values are bound parameters.
+
+-- name: configure
+SELECT set_config('application_name', %(application_name)s, false),
+       set_config('lock_timeout', %(lock_timeout)s, false),
+       set_config('statement_timeout', %(statement_timeout)s, false),
+       set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_session_timeout)s, false),
+       set_config('default_transaction_read_only', %(read_only)s, false)
+
+-- name: configure_local
+SELECT set_config('lock_timeout', %(lock_timeout)s, true),
+       set_config('statement_timeout', %(statement_timeout)s, true)
+
+-- name: try_run_lock
+SELECT pg_try_advisory_lock(hashtextextended(%(name)s, 0))
+
+-- name: release_run_lock
+SELECT pg_advisory_unlock(hashtextextended(%(name)s, 0))
+
+-- name: run_lock_holder
+WITH k AS (SELECT hashtextextended(%(name)s, 0) AS key)
+SELECT a.pid, a.application_name, a.backend_start
+FROM k, pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid::bigint = (k.key >> 32) & 4294967295
+  AND l.objid::bigint = k.key & 4294967295
+  AND l.objsubid = 1
+LIMIT 1
+
+-- name: lock_holders
+SELECT l.pid, l.mode, l.granted, coalesce(a.state, '?'),
+       coalesce(date_trunc('second', now() - a.xact_start)::text, 'no transaction'),
+       left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 120)
+FROM pg_locks l
+JOIN pg_class c ON c.oid = l.relation
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND l.pid <> pg_backend_pid()
+ORDER BY l.granted DESC, a.xact_start NULLS LAST
+LIMIT %(limit)s
+
+-- name: server_facts
+SELECT current_setting('server_version'), current_setting('server_version_num')::int,
+       current_database(), current_user
