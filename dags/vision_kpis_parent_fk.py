@@ -55,6 +55,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param, task
 from airflow.timetables.trigger import CronTriggerTimetable
+
 from fk_maintenance.settings import SETTING_DEFS, RunSettings
 from fk_maintenance.spec import VISION_KPIS_PARENT_FK as SPEC
 
@@ -85,7 +86,7 @@ TASK_DOCS = {
 }
 
 
-def _param(definition) -> Param:  # noqa: ANN001  # SettingDef; kept untyped to stay a thin DAG file
+def _param(definition) -> Param:  # SettingDef; kept untyped to stay a thin DAG file
     return Param(
         definition.default,
         title=definition.title,

@@ -29,8 +29,9 @@ def airflow_env(home: Path, kpi_db_json: str | None = None) -> dict[str, str]:
     return env
 
 
-def airflow_cli(home: Path, *args: str, kpi_db_json: str | None = None, log_path: Path | None = None,
-                check: bool = True) -> subprocess.CompletedProcess[str]:
+def airflow_cli(
+    home: Path, *args: str, kpi_db_json: str | None = None, log_path: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **airflow_env(home, kpi_db_json)}
     airflow = Path(sys.executable).with_name("airflow")
     result = subprocess.run([str(airflow), *args], env=env, capture_output=True, text=True)

@@ -49,7 +49,9 @@ def create_app_indexes(conn: psycopg.Connection, *, schema: str = "public", tabl
         )
     )
     conn.execute(
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (vision_id, level)").format(sql.Identifier(f"{table}_level_idx"), t)
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (vision_id, level)").format(
+            sql.Identifier(f"{table}_level_idx"), t
+        )
     )
 
 
@@ -112,9 +114,17 @@ def populate(
         conn.execute(
             insert,
             {
-                "seed": seed, "offset": offset, "parent_offset": parent_offset, "per_root": FAN_OUT**depth,
-                "users": users, "level": level, "depth": depth, "orphan_ppm": orphan_ppm,
-                "ghost_pool": ghost_pool, "fan_out": FAN_OUT, "count": count,
+                "seed": seed,
+                "offset": offset,
+                "parent_offset": parent_offset,
+                "per_root": FAN_OUT**depth,
+                "users": users,
+                "level": level,
+                "depth": depth,
+                "orphan_ppm": orphan_ppm,
+                "ghost_pool": ghost_pool,
+                "fan_out": FAN_OUT,
+                "count": count,
             },
         )
         parent_offset = offset

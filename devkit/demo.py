@@ -51,8 +51,15 @@ def main() -> int:
         print(f"Running: airflow dags test {DAG_ID} -c '{conf}'  (log: {workdir / 'dags-test.log'})", flush=True)
         started = time.monotonic()
         result = airflow_cli(
-            home, "dags", "test", DAG_ID, "-c", conf,
-            kpi_db_json=server.airflow_connection_json(database), log_path=workdir / "dags-test.log", check=False,
+            home,
+            "dags",
+            "test",
+            DAG_ID,
+            "-c",
+            conf,
+            kpi_db_json=server.airflow_connection_json(database),
+            log_path=workdir / "dags-test.log",
+            check=False,
         )
         seconds = time.monotonic() - started
         report = latest_xcom(home, "report")

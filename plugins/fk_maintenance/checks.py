@@ -34,8 +34,10 @@ def post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSet
     """Evaluate every end-state assertion; raise PostChecksFailed naming all failures (not in a dry run)."""
     started = time.monotonic()
     prepare_session(
-        conn, "post_checks",
-        lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=CHECK_STATEMENT_TIMEOUT_MS,
+        conn,
+        "post_checks",
+        lock_timeout_ms=settings.lock_timeout_ms,
+        statement_timeout_ms=CHECK_STATEMENT_TIMEOUT_MS,
         read_only=settings.dry_run,
     )
     checks: list[Check] = []
@@ -46,20 +48,33 @@ def post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSet
 
     con = state.constraint
     checks.append(Check("constraint exists", con.exists, con.definition or f"{spec.constraint} is missing"))
-    checks.append(Check(
-        "constraint is a foreign key on the declared columns with ON DELETE " + spec.on_delete,
-        con.exists and con.matches, "; ".join(con.mismatches) or con.definition or "missing",
-    ))
-    checks.append(Check("constraint is validated", con.exists and con.validated,
-                        "convalidated = true" if con.validated else "NOT VALID (or missing)"))
+    checks.append(
+        Check(
+            "constraint is a foreign key on the declared columns with ON DELETE " + spec.on_delete,
+            con.exists and con.matches,
+            "; ".join(con.mismatches) or con.definition or "missing",
+        )
+    )
+    checks.append(
+        Check(
+            "constraint is validated",
+            con.exists and con.validated,
+            "convalidated = true" if con.validated else "NOT VALID (or missing)",
+        )
+    )
 
     idx = state.index
     checks.append(Check("index exists", idx.exists and idx.is_index, idx.definition or f"{spec.index} is missing"))
-    checks.append(Check("index is valid", idx.exists and idx.valid, "indisvalid = true" if idx.valid else "INVALID or missing"))
-    checks.append(Check(
-        f"index is btree on ({spec.column})", idx.exists and idx.matches,
-        "; ".join(idx.mismatches) or idx.definition or "missing",
-    ))
+    checks.append(
+        Check("index is valid", idx.exists and idx.valid, "indisvalid = true" if idx.valid else "INVALID or missing")
+    )
+    checks.append(
+        Check(
+            f"index is btree on ({spec.column})",
+            idx.exists and idx.matches,
+            "; ".join(idx.mismatches) or idx.definition or "missing",
+        )
+    )
     if idx.exists and idx.valid:
         checks.append(_planner_uses_index(conn, spec, state.column.type_name))
 
@@ -80,12 +95,11 @@ def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec, type_nam
         set_local_timeouts(conn, lock_timeout_ms=1000, statement_timeout_ms=30_000)
         conn.execute(statement("checks", "prefer_index"))
         value = _missing_parent_value(conn, spec, type_name) or "0"
-        plan = conn.execute(
-            statement("checks", "plan_for_children_lookup", spec), {"value": value}
-        ).fetchone()[0]
+        plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), {"value": value}).fetchone()[0]
     used = _index_names(plan if isinstance(plan, list | dict) else json.loads(plan))
     return Check(
-        f"planner can use {spec.index} for WHERE {spec.column} = $1", spec.index in used,
+        f"planner can use {spec.index} for WHERE {spec.column} = $1",
+        spec.index in used,
         f"plan uses {', '.join(sorted(used)) or 'no index'}",
     )
 
@@ -123,7 +137,9 @@ def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, type
             return Check(name, True, f"not tried: no way to make a missing {type_name} value")
         try:
             with conn.transaction():  # a savepoint, so the outer rollback stays clean
-                conn.execute(statement("checks", "reject_missing_parent", spec), {"missing": missing, "row_key": row[0]})
+                conn.execute(
+                    statement("checks", "reject_missing_parent", spec), {"missing": missing, "row_key": row[0]}
+                )
         except pgerrors.ForeignKeyViolation:
             return Check(name, True, f"pointing a row at {missing} raised 23503; rolled back")
     return Check(name, False, f"pointing a row at the missing parent {missing} was accepted (rolled back)")
@@ -137,29 +153,37 @@ def _hierarchy_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: 
     if unreached:
         start = conn.execute(statement("checks", "unreached_example", spec)).fetchone()[0]
         path, is_cycle = conn.execute(statement("checks", "chain_up", spec), {"start": start}).fetchone()
-        detail = (
-            f"{unreached} row(s) are not reachable from a root; e.g. cycle {' -> '.join(path)}"
-            if is_cycle
-            else f"{unreached} row(s) are not reachable from a root; e.g. chain {' -> '.join(path)} ends at a missing parent"
-        )
+        example = f"cycle {' -> '.join(path)}" if is_cycle else f"chain {' -> '.join(path)} ends at a missing parent"
+        detail = f"{unreached} row(s) are not reachable from a root; e.g. {example}"
         checks.append(Check("no cycles in the hierarchy", False, detail))
     else:
         checks.append(Check("no cycles in the hierarchy", True, "every row is reachable from a root"))
     if too_deep is not None:
         path, _ = conn.execute(statement("checks", "chain_up", spec), {"start": too_deep}).fetchone()
-        checks.append(Check(
-            f"hierarchy depth at most {settings.max_depth}", False,
-            f"depth {deepest}; e.g. chain {' -> '.join(path)} (row, then its ancestors)",
-        ))
+        checks.append(
+            Check(
+                f"hierarchy depth at most {settings.max_depth}",
+                False,
+                f"the deepest chain has {deepest} levels; e.g. {len(path)} levels: {' -> '.join(path)} "
+                "(a row, then its ancestors up to the root)",
+            )
+        )
     else:
-        checks.append(Check(f"hierarchy depth at most {settings.max_depth}", True, f"deepest chain has {deepest} level(s)"))
+        checks.append(
+            Check(f"hierarchy depth at most {settings.max_depth}", True, f"deepest chain has {deepest} level(s)")
+        )
     return checks
 
 
 def _finish(checks: list[Check], settings: RunSettings, started: float) -> dict[str, Any]:
     for check in checks:
-        log.log(logging.INFO if check.ok else logging.ERROR, "post_checks: [%s] %s: %s",
-                "PASS" if check.ok else "FAIL", check.name, check.detail)
+        log.log(
+            logging.INFO if check.ok else logging.ERROR,
+            "post_checks: [%s] %s: %s",
+            "PASS" if check.ok else "FAIL",
+            check.name,
+            check.detail,
+        )
     failures = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
     if failures and not settings.dry_run:
         raise PostChecksFailed(failures)

@@ -51,8 +51,11 @@ def add_fk_not_valid(
     """
     started = time.monotonic()
     prepare_session(
-        conn, "add_fk_not_valid",
-        lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=60_000, read_only=settings.dry_run,
+        conn,
+        "add_fk_not_valid",
+        lock_timeout_ms=settings.lock_timeout_ms,
+        statement_timeout_ms=60_000,
+        read_only=settings.dry_run,
     )
     state = _state(conn, spec)
     if state.constraint.exists:
@@ -79,13 +82,22 @@ def add_fk_not_valid(
 
     with run_lock(conn, spec):
         with_lock_retries(
-            conn, spec, "add_fk_not_valid", attempt,
-            lock_timeout_ms=settings.lock_timeout_ms, attempts=settings.lock_attempts, record=record, sleep=sleep,
+            conn,
+            spec,
+            "add_fk_not_valid",
+            attempt,
+            lock_timeout_ms=settings.lock_timeout_ms,
+            attempts=settings.lock_attempts,
+            record=record,
+            sleep=sleep,
         )
     seconds = time.monotonic() - started
     log.info(
         "add_fk_not_valid: %s added NOT VALID after %d attempt(s), %d lock timeout(s), in %.2f s",
-        spec.constraint, record.attempts, record.lock_timeouts, seconds,
+        spec.constraint,
+        record.attempts,
+        record.lock_timeouts,
+        seconds,
     )
     return {
         "action": "added NOT VALID",
@@ -95,9 +107,7 @@ def add_fk_not_valid(
     }
 
 
-def decide_window(
-    settings: RunSettings, *, now: datetime, run_started_at: datetime
-) -> WindowDecision:
+def decide_window(settings: RunSettings, *, now: datetime, run_started_at: datetime) -> WindowDecision:
     """Whether VALIDATE may start now, and if not, when to look again. Raises when windows ran out."""
     window = Window(settings.window_start_time, settings.window_end_time, settings.zone)
     used = window.ends_between(run_started_at, now)
@@ -135,8 +145,11 @@ def validate_fk(
     """
     started = time.monotonic()
     prepare_session(
-        conn, "validate_fk",
-        lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=60_000, read_only=settings.dry_run,
+        conn,
+        "validate_fk",
+        lock_timeout_ms=settings.lock_timeout_ms,
+        statement_timeout_ms=60_000,
+        read_only=settings.dry_run,
     )
     state = _state(conn, spec)
     if state.constraint.exists and state.constraint.validated:
@@ -144,8 +157,11 @@ def validate_fk(
         return {"outcome": "already validated", "seconds": round(time.monotonic() - started, 3)}
     decision = decide_window(settings, now=now(), run_started_at=run_started_at)
     if settings.dry_run:
-        log.info("validate_fk: dry run; a real run would %s (%s)",
-                 "validate now" if decision.run_now else "wait", decision.reason)
+        log.info(
+            "validate_fk: dry run; a real run would %s (%s)",
+            "validate now" if decision.run_now else "wait",
+            decision.reason,
+        )
         return {"outcome": "dry run", "would_run_now": decision.run_now, "reason": decision.reason, "seconds": 0.0}
     if not state.constraint.exists:
         raise RuntimeError(f"validate_fk: {spec.constraint} does not exist; add_fk_not_valid must run first")
@@ -180,8 +196,13 @@ def validate_fk(
     try:
         with run_lock(conn, spec):
             with_lock_retries(
-                conn, spec, "validate_fk", attempt,
-                lock_timeout_ms=settings.lock_timeout_ms, attempts=settings.lock_attempts, record=record,
+                conn,
+                spec,
+                "validate_fk",
+                attempt,
+                lock_timeout_ms=settings.lock_timeout_ms,
+                attempts=settings.lock_attempts,
+                record=record,
                 sleep=sleep,
             )
     except pgerrors.QueryCanceled:

@@ -58,8 +58,19 @@ class BuildMonitor:
         row = conn.execute(statement("index", "build_progress"), {"pid": self._pid}).fetchone()
         if row is None:
             return
-        (phase, lockers_total, lockers_done, locker_pid, blocks_total, blocks_done, tuples_total, tuples_done,
-         locker_state, locker_age, locker_query) = row
+        (
+            phase,
+            lockers_total,
+            lockers_done,
+            locker_pid,
+            blocks_total,
+            blocks_done,
+            tuples_total,
+            tuples_done,
+            locker_state,
+            locker_age,
+            locker_query,
+        ) = row
         if phase != self.last_phase:
             log.info("create_index_concurrently: phase %r", phase)
             self.last_phase = phase
@@ -68,13 +79,20 @@ class BuildMonitor:
             if locker_pid not in self.waited_on:
                 log.warning(
                     "create_index_concurrently: waiting (%s of %s lockers done) for pid %s (%s)",
-                    lockers_done, lockers_total, locker_pid, description,
+                    lockers_done,
+                    lockers_total,
+                    locker_pid,
+                    description,
                 )
             self.waited_on[locker_pid] = description
         elif blocks_total or tuples_total:
             log.info(
                 "create_index_concurrently: %s blocks %s/%s, tuples %s/%s",
-                phase, blocks_done, blocks_total, tuples_done, tuples_total,
+                phase,
+                blocks_done,
+                blocks_total,
+                tuples_done,
+                tuples_total,
             )
         for pid, state, age, query in conn.execute(statement("index", "waiting_on"), {"pid": self._pid}).fetchall():
             if pid not in self.waited_on:
@@ -93,8 +111,11 @@ def create_index_concurrently(
     started = time.monotonic()
     timeout_ms = settings.index_timeout_min * 60_000
     prepare_session(
-        conn, "create_index_concurrently",
-        lock_timeout_ms=timeout_ms, statement_timeout_ms=timeout_ms, read_only=settings.dry_run,
+        conn,
+        "create_index_concurrently",
+        lock_timeout_ms=timeout_ms,
+        statement_timeout_ms=timeout_ms,
+        read_only=settings.dry_run,
     )
     state = inspect_target(conn, spec)
     if state.problems:
@@ -114,8 +135,9 @@ def create_index_concurrently(
             return {"action": "none (built by another run)", "seconds": round(time.monotonic() - started, 3)}
         dropped_invalid = False
         if state.index.exists:
-            log.warning("create_index_concurrently: dropping INVALID leftover index %s (%s)", spec.index,
-                        state.index.definition)
+            log.warning(
+                "create_index_concurrently: dropping INVALID leftover index %s (%s)", spec.index, state.index.definition
+            )
             conn.execute(statement("index", "drop_concurrently", spec))
             dropped_invalid = True
         waited_on: dict[int, str] = {}

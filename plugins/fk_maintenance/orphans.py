@@ -29,8 +29,11 @@ def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: Run
     """Count orphans and distinct dangling parents, with a sample, in one anti-join scan (read-only)."""
     started = time.monotonic()
     prepare_session(
-        conn, "detect_orphans",
-        lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS, read_only=True,
+        conn,
+        "detect_orphans",
+        lock_timeout_ms=settings.lock_timeout_ms,
+        statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS,
+        read_only=True,
     )
     _require_target(conn, spec)
     orphans, dangling, sample = conn.execute(
@@ -38,7 +41,11 @@ def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: Run
     ).fetchone()
     log.info(
         "detect_orphans: %d orphan row(s) pointing at %d missing parent(s) in %s.%s; sample: %s",
-        orphans, dangling, spec.schema, spec.table, ", ".join(sample) or "none",
+        orphans,
+        dangling,
+        spec.schema,
+        spec.table,
+        ", ".join(sample) or "none",
     )
     return {
         "orphans": orphans,
@@ -55,7 +62,9 @@ def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: Ta
         set_local_timeouts(conn, lock_timeout_ms=5000, statement_timeout_ms=30_000)
         conn.execute(
             statement(
-                "audit", "create_table", spec,
+                "audit",
+                "create_table",
+                spec,
                 # format_type() output from the catalog: a type name, not user input.
                 key_type=sql.SQL(state.row_key.type_name),  # type: ignore[arg-type]
                 pointer_type=sql.SQL(state.column.type_name),  # type: ignore[arg-type]
@@ -123,7 +132,11 @@ def null_orphans(
                 elapsed = now - started
                 log.info(
                     "%s: %d/%d keys processed (%.0f%%), %d nulled, %.0f rows/s",
-                    step, offset + len(batch), total, 100 * (offset + len(batch)) / max(total, 1), nulled,
+                    step,
+                    offset + len(batch),
+                    total,
+                    100 * (offset + len(batch)) / max(total, 1),
+                    nulled,
                     (offset + len(batch)) / elapsed if elapsed else 0.0,
                 )
                 last_log = now
@@ -143,9 +156,7 @@ def null_orphans(
 
 
 def audited_rows(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> int:
-    exists = conn.execute(
-        statement("catalog", "table"), {"schema": spec.schema, "table": spec.audit_table}
-    ).fetchone()
+    exists = conn.execute(statement("catalog", "table"), {"schema": spec.schema, "table": spec.audit_table}).fetchone()
     if exists is None:
         return 0
     return conn.execute(statement("audit", "rows_for_run", spec), {"run_id": run_id}).fetchone()[0]

@@ -22,8 +22,9 @@ MIN_SERVER_VERSION_NUM = 130000  # gen_random_uuid() in core, pg_stat_progress_c
 
 def preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
     started = time.monotonic()
-    prepare_session(conn, "preflight", lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=60_000,
-                    read_only=True)
+    prepare_session(
+        conn, "preflight", lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=60_000, read_only=True
+    )
     version, version_num, database, user = conn.execute(statement("session", "server_facts")).fetchone()
     log.info("preflight: connected to %s as %s, PostgreSQL %s", database, user, version)
     state = inspect_target(conn, spec)
@@ -63,7 +64,11 @@ def preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSetti
     }
     log.info(
         "preflight: %s is %s (~%d rows); constraint: %s; index: %s",
-        summary["table"], summary["table_size"], summary["estimated_rows"], summary["constraint"], summary["index"],
+        summary["table"],
+        summary["table_size"],
+        summary["estimated_rows"],
+        summary["constraint"],
+        summary["index"],
     )
     return summary
 
@@ -127,9 +132,7 @@ def _audit_table_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state:
         )
     key = conn.execute(statement("catalog", "audit_primary_key"), {"relid": audit.oid}).fetchone()[0]
     if key != ["run_id", "kpi_id"]:
-        problems.append(
-            f"audit table {spec.schema}.{spec.audit_table} has primary key {key}, not (run_id, kpi_id)"
-        )
+        problems.append(f"audit table {spec.schema}.{spec.audit_table} has primary key {key}, not (run_id, kpi_id)")
     return problems
 
 

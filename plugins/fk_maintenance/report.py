@@ -57,10 +57,13 @@ def build_report(
         "checks_passed": checks.get("passed"),
         "checks_failed": checks.get("failed"),
         "failed_checks": [c["name"] for c in checks.get("checks", []) if not c["ok"]],
-        "final_state": "converged" if converged else ("dry run: nothing changed" if settings.dry_run else "not converged"),
+        "final_state": "converged"
+        if converged
+        else ("dry run: nothing changed" if settings.dry_run else "not converged"),
         "restore_hint": (
             f"pointers nulled by this run are in {spec.schema}.{spec.audit_table} WHERE run_id = '{run_id}'"
-            if audited else "no pointer was nulled"
+            if audited
+            else "no pointer was nulled"
         ),
     }
     for line in format_report(report).splitlines():

@@ -127,7 +127,13 @@ def with_lock_retries(
             holders = lock_holders(conn, spec)
             log.warning(
                 "%s: attempt %d/%d did not get its lock within %d ms (%s); sessions holding locks on %s.%s: %s",
-                what, number, attempts, timeout_ms, exc.sqlstate, spec.schema, spec.table,
+                what,
+                number,
+                attempts,
+                timeout_ms,
+                exc.sqlstate,
+                spec.schema,
+                spec.table,
                 "; ".join(holders) or "none now",
             )
             if number == attempts:

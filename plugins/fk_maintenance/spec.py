@@ -43,7 +43,9 @@ class ForeignKeySpec:
             if "\x00" in value:
                 raise ValueError(f"foreign-key spec: {field} contains a NUL character")
         if self.on_delete not in ON_DELETE_ACTIONS.values():
-            raise ValueError(f"foreign-key spec: on_delete {self.on_delete!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}")
+            raise ValueError(
+                f"foreign-key spec: on_delete {self.on_delete!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}"
+            )
 
     @property
     def on_delete_code(self) -> str:

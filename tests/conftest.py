@@ -1,0 +1,85 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or KPI_TEST_DSN), one fresh database per test, and a
+throw-away Airflow home with SQLite metadata for the DAG tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
+
+# Airflow reads its configuration when first imported, so its environment is set before any test imports it.
+from devkit.airflow_env import airflow_env  # noqa: E402
+
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="kpi-airflow-"))
+os.environ.update(airflow_env(AIRFLOW_HOME))
+
+import psycopg  # noqa: E402
+
+from devkit.app_db import Generated, build_app_database  # noqa: E402
+from devkit.pg import PgServer  # noqa: E402
+from fk_maintenance.spec import VISION_KPIS_PARENT_FK, ForeignKeySpec  # noqa: E402
+
+Connect = Callable[[], psycopg.Connection]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    dsn = os.environ.get("KPI_TEST_DSN")
+    server = PgServer(dsn) if dsn else PgServer.embedded()
+    yield server
+    server.stop()
+
+
+class TestDatabase:
+    """One database of the test server, with the ways a test talks to it."""
+
+    def __init__(self, server: PgServer, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.dsn = server.dsn(name)
+
+    def connect(self, **kwargs: object) -> psycopg.Connection:
+        return psycopg.connect(self.dsn, autocommit=True, **kwargs)  # type: ignore[arg-type]
+
+    def query(self, query: str, params: object = None) -> list[tuple]:
+        with self.connect() as conn:
+            return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+    def execute(self, query: object, params: object = None) -> None:
+        with self.connect() as conn:
+            conn.execute(query, params)  # type: ignore[arg-type]
+
+    def scalar(self, query: str, params: object = None) -> object:
+        return self.query(query, params)[0][0]
+
+    def build(self, rows: int, orphan_ratio: float = 0.01, seed: int = 1) -> Generated:
+        with self.connect() as conn:
+            return build_app_database(conn, rows, orphan_ratio=orphan_ratio, seed=seed)
+
+
+@pytest.fixture
+def db(pg_server: PgServer) -> Iterator[TestDatabase]:
+    name = pg_server.create_database()
+    yield TestDatabase(pg_server, name)
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def spec() -> ForeignKeySpec:
+    return VISION_KPIS_PARENT_FK
+
+
+@pytest.fixture(scope="session")
+def airflow_home() -> Path:
+    """Migrated SQLite metadata for dag.test(); done once per session (a few seconds)."""
+    from devkit.airflow_env import migrate
+
+    migrate(AIRFLOW_HOME)
+    return AIRFLOW_HOME

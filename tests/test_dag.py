@@ -1,0 +1,209 @@
+"""The DAG: integrity (what users keep in their CI) and whole runs through ``dag.test()``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_steps import snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_ID = "vision_kpis_parent_fk"
+
+EDGES = {
+    ("preflight", "detect_orphans"),
+    ("preflight", "create_index_concurrently"),
+    ("detect_orphans", "null_orphans"),
+    ("null_orphans", "add_fk_not_valid"),
+    ("create_index_concurrently", "add_fk_not_valid"),
+    ("add_fk_not_valid", "validate_fk"),
+    ("validate_fk", "post_checks"),
+    ("post_checks", "report"),
+}
+
+
+@pytest.fixture(scope="module")
+def dag(airflow_home):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags[DAG_ID]
+
+
+def test_dag_imports_without_errors_and_has_the_contract_id(dag) -> None:
+    assert dag is not None and dag.dag_id == DAG_ID
+
+
+def test_graph_and_order_are_as_designed(dag) -> None:
+    edges = {(upstream, task.task_id) for task in dag.tasks for upstream in task.upstream_task_ids}
+    assert edges == EDGES
+    assert {task.task_id for task in dag.tasks} == {name for edge in EDGES for name in edge}
+
+
+def test_schedule_is_daily_at_the_window_start_without_catchup_and_one_run_at_a_time(dag) -> None:
+    from airflow.timetables.trigger import CronTriggerTimetable
+
+    assert isinstance(dag.timetable, CronTriggerTimetable)
+    assert dag.timetable._expression == "0 1 * * *"
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+
+
+def test_every_task_documents_its_locks_and_retries_are_set_where_safe(dag) -> None:
+    for task in dag.tasks:
+        assert (task.doc_md and "Lock" in task.doc_md) or task.task_id == "report", task.task_id
+    assert dag.get_task("add_fk_not_valid").retries >= 1
+    assert dag.get_task("post_checks").retries == 0
+    assert dag.doc_md and "Undo the data change" in dag.doc_md
+
+
+def test_form_has_every_setting_typed_bounded_and_described(dag) -> None:
+    required = {
+        "dry_run",
+        "batch_size",
+        "lock_timeout_ms",
+        "window_start",
+        "window_end",
+        "window_timezone",
+        "max_active_sessions",
+        "validate_now",
+        "max_depth",
+    }
+    params = dag.params
+    assert required <= set(params.keys())
+    for name in params:
+        param = params.get_param(name)
+        assert param.schema.get("type") and param.description and param.schema.get("section"), name
+        if param.schema["type"] == "integer":
+            assert "minimum" in param.schema and "maximum" in param.schema, name
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"batch_size": 0},
+        {"batch_size": 100_001},
+        {"batch_size": "1000"},
+        {"lock_timeout_ms": 10},
+        {"window_start": "24:00"},
+        {"window_end": "5"},
+        {"window_timezone": ""},
+        {"max_depth": -1},
+        {"dry_run": "true"},
+    ],
+)
+def test_the_form_refuses_bad_values(dag, conf: dict) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    ((name, value),) = conf.items()
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param(name).resolve(value=value)
+
+
+def test_triggering_with_a_bad_value_is_refused_before_any_run_or_statement(dag, db, spec, monkeypatch) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    db.build(200)
+    before = snapshot(db, spec)
+    with pytest.raises(ParamValidationError, match="batch_size"):
+        _run(dag, monkeypatch, db, {"batch_size": 0})
+    assert snapshot(db, spec) == before
+
+
+def test_parsing_the_dag_file_loads_no_step_module_and_opens_no_connection() -> None:
+    probe = (
+        "import sys, socket, runpy\n"
+        "def refuse(*a, **k): raise AssertionError('network access at parse time')\n"
+        "socket.socket.connect = refuse\n"
+        f"sys.path.insert(0, {str(REPO / 'plugins')!r})\n"
+        f"runpy.run_path({str(REPO / 'dags' / 'vision_kpis_parent_fk.py')!r})\n"
+        "loaded = [m for m in sys.modules if m.startswith('fk_maintenance.')]\n"
+        "assert set(loaded) <= {'fk_maintenance.settings', 'fk_maintenance.spec', 'fk_maintenance.errors'}, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+
+
+def _run(dag, monkeypatch, db, conf: dict):
+    monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", db.server.airflow_connection_json(db.name))
+    return dag.test(run_conf=conf)
+
+
+def _task_states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def test_whole_dag_converges_from_orphans_then_a_second_run_changes_nothing(
+    dag, db, spec, monkeypatch, airflow_home
+) -> None:
+    from devkit.airflow_env import latest_xcom
+
+    generated = db.build(5000)
+    first = _run(dag, monkeypatch, db, {"validate_now": True, "batch_size": 100})
+    assert str(first.state) == "success", _task_states(first)
+    report = latest_xcom(airflow_home, "report")
+    assert report["final_state"] == "converged"
+    assert report["orphans_found"] == report["nulled"] == report["audited"] == generated.orphans
+    assert db.scalar("SELECT count(*) FROM vision_kpis_orphan_audit") == generated.orphans
+
+    before = snapshot(db, spec)
+    second = _run(dag, monkeypatch, db, {"validate_now": True})
+    assert str(second.state) == "success", _task_states(second)
+    assert snapshot(db, spec) == before
+    report = latest_xcom(airflow_home, "report")
+    assert report["nulled"] == 0 and report["final_state"] == "converged"
+
+
+def test_dry_run_through_the_dag_changes_nothing(dag, db, spec, monkeypatch, airflow_home) -> None:
+    from devkit.airflow_env import latest_xcom
+
+    db.build(2000)
+    before = snapshot(db, spec)
+    run = _run(dag, monkeypatch, db, {"dry_run": True})
+    assert str(run.state) == "success", _task_states(run)
+    assert snapshot(db, spec) == before
+    assert latest_xcom(airflow_home, "report")["final_state"] == "dry run: nothing changed"
+
+
+def test_an_unreachable_database_is_refused_with_one_clear_message_and_no_password(monkeypatch, airflow_home) -> None:
+    from fk_maintenance.airflow_tasks import run_step
+    from fk_maintenance.errors import TargetUnreachable
+    from fk_maintenance.preflight import preflight
+    from fk_maintenance.spec import VISION_KPIS_PARENT_FK
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KPI_DB",
+        json.dumps(
+            {
+                "conn_type": "postgres",
+                "host": "127.0.0.1",
+                "port": 1,
+                "login": "app",
+                "password": "s3cret-pw",
+                "schema": "kpis",
+            }
+        ),
+    )
+    with pytest.raises(TargetUnreachable) as caught:
+        run_step(preflight, VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"dry_run": True}})
+    message = str(caught.value)
+    assert message.startswith(
+        "cannot connect to the target database (Airflow connection 'kpi_db', app@127.0.0.1:1/kpis)"
+    )
+    assert "s3cret-pw" not in message
+
+
+def test_bad_settings_stop_a_task_before_it_connects(monkeypatch, airflow_home) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from fk_maintenance.airflow_tasks import run_step
+    from fk_maintenance.preflight import preflight
+    from fk_maintenance.spec import VISION_KPIS_PARENT_FK
+
+    monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 1}))
+    with pytest.raises(AirflowFailException, match="window_timezone 'Nowhere/Land' is not a known IANA timezone"):
+        run_step(preflight, VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"window_timezone": "Nowhere/Land"}})

@@ -1,0 +1,445 @@
+"""Each step of the library against a real PostgreSQL: with orphans, without, already converged, on
+conflicting objects, with identifiers that need quoting, and under a role that may only read."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import psycopg
+import pytest
+from psycopg import errors as pgerrors
+from psycopg import sql
+
+from devkit.app_db import build_app_database
+from devkit.pipeline import run_pipeline
+from fk_maintenance.checks import post_checks
+from fk_maintenance.constraint import add_fk_not_valid, validate_fk
+from fk_maintenance.errors import ConcurrentRun, LockNotAcquired, PostChecksFailed, PreflightFailed
+from fk_maintenance.index import create_index_concurrently
+from fk_maintenance.orphans import detect_orphans, null_orphans, restore_from_audit
+from fk_maintenance.preflight import preflight
+from fk_maintenance.settings import RunSettings
+from fk_maintenance.spec import ForeignKeySpec
+
+NOW = RunSettings(validate_now=True)
+
+
+def snapshot(db, spec: ForeignKeySpec) -> dict:
+    """Catalog and data of the target, to prove a step changed nothing."""
+    table = sql.Identifier(spec.schema, spec.table)
+    with db.connect() as conn:
+        catalog = conn.execute(
+            """
+            SELECT coalesce(array_agg(conname || ' ' || pg_get_constraintdef(oid) || ' ' || convalidated
+                                      ORDER BY conname), '{}')
+            FROM pg_constraint WHERE conrelid = to_regclass(%(t)s)
+            """,
+            {"t": table.as_string(conn)},
+        ).fetchone()[0]
+        indexes = conn.execute(
+            """
+            SELECT coalesce(array_agg(pg_get_indexdef(indexrelid) || ' ' || indisvalid
+                                      ORDER BY indexrelid::regclass::text), '{}')
+            FROM pg_index WHERE indrelid = to_regclass(%(t)s)
+            """,
+            {"t": table.as_string(conn)},
+        ).fetchone()[0]
+        audit = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(spec.schema, spec.audit_table).as_string(conn)]
+        ).fetchone()[0]
+        data = conn.execute(
+            sql.SQL(
+                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t.{key}::text), '')) FROM {t} t"
+            ).format(t=table, key=sql.Identifier(spec.row_key))
+        ).fetchone()
+    return {"constraints": catalog, "indexes": indexes, "audit_table": audit, "data": data}
+
+
+def orphan_count(db, spec: ForeignKeySpec) -> int:
+    with db.connect() as conn:
+        return conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {t} c WHERE c.{col} IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.{ref} = c.{col})"
+            ).format(
+                t=sql.Identifier(spec.schema, spec.table),
+                col=sql.Identifier(spec.column),
+                ref=sql.Identifier(spec.ref_column),
+            )
+        ).fetchone()[0]
+
+
+def test_pipeline_on_a_table_with_orphans_nulls_and_audits_each_and_converges(db, spec) -> None:
+    generated = db.build(5000, orphan_ratio=0.02)
+    assert generated.orphans > 50 and generated.missing_parents < generated.orphans  # shared missing parents
+    before = dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))
+    results = run_pipeline(db.connect, spec, replace(NOW, batch_size=17), "run-1")
+    assert results["detect_orphans"]["orphans"] == generated.orphans
+    assert results["detect_orphans"]["dangling_parents"] == generated.missing_parents
+    assert results["null_orphans"]["nulled"] == generated.orphans
+    assert results["null_orphans"]["batches"] == -(-generated.orphans // 17)
+    assert results["report"]["final_state"] == "converged"
+    audit = dict(db.query("SELECT kpi_id, old_parent_kpi_id FROM vision_kpis_orphan_audit WHERE run_id = 'run-1'"))
+    after = dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))
+    changed = {k: v for k, v in before.items() if after[k] != v}
+    assert audit == changed  # every nulled pointer audited with its old value, nothing else changed
+    assert all(after[k] is None for k in changed)
+    assert orphan_count(db, spec) == 0
+
+
+def test_pipeline_on_a_table_without_orphans_changes_no_row(db, spec) -> None:
+    db.build(2000, orphan_ratio=0)
+    data_before = snapshot(db, spec)["data"]
+    results = run_pipeline(db.connect, spec, NOW, "run-1")
+    assert results["detect_orphans"]["orphans"] == 0
+    assert results["null_orphans"]["nulled"] == 0
+    assert snapshot(db, spec)["data"] == data_before
+    assert results["report"]["final_state"] == "converged"
+
+
+def test_second_run_on_a_converged_database_changes_nothing_and_passes(db, spec) -> None:
+    db.build(3000)
+    run_pipeline(db.connect, spec, NOW, "run-1")
+    before = snapshot(db, spec)
+    results = run_pipeline(db.connect, spec, NOW, "run-2")
+    assert snapshot(db, spec) == before
+    assert results["null_orphans"]["nulled"] == 0
+    assert results["create_index_concurrently"]["action"] == "none (already valid)"
+    assert results["add_fk_not_valid"]["action"] == "none (already exists)"
+    assert results["validate_fk"]["outcome"] == "already validated"
+    assert results["post_checks"]["failed"] == 0
+
+
+def test_restore_puts_back_pointers_whose_parent_exists_again(db, spec) -> None:
+    db.build(3000, orphan_ratio=0.03)
+    run_pipeline(db.connect, spec, NOW, "run-1")
+    audit = db.query(
+        "SELECT kpi_id, old_parent_kpi_id FROM vision_kpis_orphan_audit WHERE run_id = 'run-1' ORDER BY kpi_id"
+    )
+    revived_parent = audit[0][1]
+    # The app re-creates one of the missing parents (with its old id).
+    db.query(
+        "INSERT INTO vision_kpis (id, user_id, vision_id, level, title) "
+        "VALUES (%s, gen_random_uuid(), gen_random_uuid(), 'yearly', 'revived') RETURNING id",
+        [revived_parent],
+    )
+    with db.connect() as conn:
+        result = restore_from_audit(conn, spec, "run-1")
+    expected = {kpi for kpi, parent in audit if parent == revived_parent}
+    assert result == {"restored": len(expected), "audited": len(audit)}
+    restored = {kpi for (kpi,) in db.query("SELECT id FROM vision_kpis WHERE parent_kpi_id = %s", [revived_parent])}
+    assert restored == expected
+    still_null = db.scalar(
+        "SELECT count(*) FROM vision_kpis k JOIN vision_kpis_orphan_audit a ON a.kpi_id = k.id "
+        "WHERE k.parent_kpi_id IS NULL"
+    )
+    assert still_null == len(audit) - len(expected)
+
+
+def test_dry_run_as_a_select_only_role_changes_nothing(db, spec) -> None:
+    db.build(3000)
+    db.execute(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kpi_reader') THEN "
+        "CREATE ROLE kpi_reader LOGIN; END IF; END $$"
+    )
+    db.execute("GRANT USAGE ON SCHEMA public TO kpi_reader; GRANT SELECT ON vision_kpis TO kpi_reader")
+    before = snapshot(db, spec)
+
+    def reader() -> psycopg.Connection:
+        return psycopg.connect(db.dsn, user="kpi_reader", autocommit=True)
+
+    results = run_pipeline(reader, spec, RunSettings(dry_run=True, validate_now=True), "dry-1")
+    assert snapshot(db, spec) == before
+    assert results["detect_orphans"]["orphans"] > 0
+    assert results["null_orphans"]["skipped"] == "dry run"
+    assert results["create_index_concurrently"]["action"] == "dry run: would build"
+    assert results["add_fk_not_valid"]["action"] == "dry run: would add NOT VALID"
+    assert results["validate_fk"]["outcome"] == "dry run"
+    assert results["post_checks"]["failed"] > 0  # reported, not raised: nothing converged in a dry run
+    assert results["report"]["final_state"] == "dry run: nothing changed"
+
+
+@pytest.mark.parametrize(
+    ("conflict", "message"),
+    [
+        (
+            "ALTER TABLE vision_kpis ADD CONSTRAINT vision_kpis_parent_kpi_id_fkey FOREIGN KEY (parent_kpi_id) "
+            "REFERENCES vision_kpis(id) ON DELETE CASCADE NOT VALID",
+            "ON DELETE CASCADE, not ON DELETE SET NULL",
+        ),
+        (
+            "ALTER TABLE vision_kpis ADD CONSTRAINT vision_kpis_parent_kpi_id_fkey CHECK (parent_kpi_id <> id)",
+            "it is not a foreign key",
+        ),
+        (
+            "CREATE INDEX vision_kpis_parent_kpi_idx ON vision_kpis (user_id)",
+            "its columns are not exactly (parent_kpi_id)",
+        ),
+        (
+            "CREATE INDEX vision_kpis_parent_kpi_idx ON vision_kpis USING hash (parent_kpi_id)",
+            "it uses hash, not btree",
+        ),
+        ("CREATE TABLE vision_kpis_parent_kpi_idx (x int)", "(not an index) already has the name"),
+    ],
+)
+def test_a_conflicting_object_of_our_name_fails_clearly_with_nothing_changed(db, spec, conflict, message) -> None:
+    db.build(1000)
+    db.execute(conflict)
+    before = snapshot(db, spec)
+    with db.connect() as conn, pytest.raises(PreflightFailed, match="nothing was changed") as caught:
+        preflight(conn, spec, NOW)
+    assert message in str(caught.value)
+    for step, kwargs in [
+        (null_orphans, {"run_id": "r"}),
+        (create_index_concurrently, {}),
+        (add_fk_not_valid, {}),
+    ]:
+        with db.connect() as conn, pytest.raises(PreflightFailed):
+            step(conn, spec, NOW, **kwargs)
+    assert snapshot(db, spec) == before
+
+
+def test_an_invalid_leftover_index_is_dropped_and_rebuilt(db, spec) -> None:
+    db.build(1000, orphan_ratio=0)
+    # A concurrent build that fails (duplicates under UNIQUE) leaves an INVALID index of our name behind.
+    with db.connect() as conn, pytest.raises(pgerrors.UniqueViolation):
+        conn.execute("CREATE UNIQUE INDEX CONCURRENTLY vision_kpis_parent_kpi_idx ON vision_kpis (user_id)")
+    assert (
+        db.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'vision_kpis_parent_kpi_idx'::regclass") is False
+    )
+    with db.connect() as conn:
+        assert "INVALID" in preflight(conn, spec, NOW)["index"]
+        result = create_index_concurrently(conn, spec, NOW)
+    assert result["action"] == "rebuilt (dropped INVALID leftover)"
+    assert db.scalar("SELECT pg_get_indexdef('vision_kpis_parent_kpi_idx'::regclass)") == (
+        "CREATE INDEX vision_kpis_parent_kpi_idx ON public.vision_kpis USING btree (parent_kpi_id)"
+    )
+    assert (
+        db.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'vision_kpis_parent_kpi_idx'::regclass") is True
+    )
+
+
+def test_identifiers_that_need_quoting_work(db) -> None:
+    quoted = ForeignKeySpec(
+        schema='App "Data"',
+        table="Vision KPIs",
+        column='Parent"Id',
+        ref_table="Vision KPIs",
+        ref_column="Id",
+        row_key="Id",
+        constraint='fk "parent"; DROP TABLE x',
+        index="Idx Parent",
+        audit_table="Orphan Audit",
+    )
+    with db.connect() as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(quoted.schema)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {t} ({id} uuid PRIMARY KEY, {p} uuid, title text)").format(
+                t=sql.Identifier(quoted.schema, quoted.table), id=sql.Identifier("Id"), p=sql.Identifier(quoted.column)
+            )
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {t} SELECT md5(g::text)::uuid, CASE WHEN g % 7 = 0 THEN gen_random_uuid() "
+                "WHEN g > 1 THEN md5((g / 2)::text)::uuid END, 'kpi ' || g FROM generate_series(1, 300) g"
+            ).format(t=sql.Identifier(quoted.schema, quoted.table))
+        )
+    orphans = orphan_count(db, quoted)
+    assert orphans > 0
+    results = run_pipeline(db.connect, quoted, replace(NOW, max_depth=20), "quoted-1")
+    assert results["null_orphans"]["nulled"] == orphans
+    assert results["report"]["final_state"] == "converged"
+    assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [quoted.constraint]) is True
+
+
+def test_after_the_run_the_database_rejects_a_missing_parent_and_deleting_a_parent_keeps_its_children(db, spec) -> None:
+    db.build(2000)
+    run_pipeline(db.connect, spec, NOW, "run-1")
+    with db.connect() as conn, pytest.raises(pgerrors.ForeignKeyViolation):
+        conn.execute(
+            "INSERT INTO vision_kpis (user_id, vision_id, level, title, parent_kpi_id) "
+            "VALUES (gen_random_uuid(), gen_random_uuid(), 'daily', 'x', gen_random_uuid())"
+        )
+    parent = db.scalar("SELECT parent_kpi_id FROM vision_kpis WHERE parent_kpi_id IS NOT NULL LIMIT 1")
+    children = db.scalar("SELECT count(*) FROM vision_kpis WHERE parent_kpi_id = %s", [parent])
+    total = db.scalar("SELECT count(*) FROM vision_kpis")
+    db.execute("DELETE FROM vision_kpis WHERE id = %s", [parent])
+    assert db.scalar("SELECT count(*) FROM vision_kpis") == total - 1  # the children survive, as roots
+    assert children > 0
+    assert db.scalar("SELECT count(*) FROM vision_kpis WHERE parent_kpi_id = %s", [parent]) == 0
+
+
+def _converged(db, spec, rows: int = 500) -> None:
+    db.build(rows, orphan_ratio=0)
+    run_pipeline(db.connect, spec, NOW, "run-1")
+
+
+def test_post_checks_fail_on_a_cycle_and_name_its_ids(db, spec) -> None:
+    _converged(db, spec)
+    a, b = (row[0] for row in db.query("SELECT id FROM vision_kpis WHERE level = 'daily' ORDER BY id LIMIT 2"))
+    db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [b, a])
+    db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [a, b])
+    with db.connect() as conn, pytest.raises(PostChecksFailed, match="no cycles in the hierarchy") as caught:
+        post_checks(conn, spec, NOW)
+    assert str(a) in str(caught.value) and str(b) in str(caught.value)
+    assert len(caught.value.failures) == 1
+
+
+def test_post_checks_fail_on_a_chain_deeper_than_max_depth_and_name_it(db, spec) -> None:
+    _converged(db, spec)
+    daily = db.scalar("SELECT id FROM vision_kpis WHERE level = 'daily' LIMIT 1")
+    extra = db.scalar(
+        "INSERT INTO vision_kpis (user_id, vision_id, level, title, parent_kpi_id) "
+        "VALUES (gen_random_uuid(), gen_random_uuid(), 'daily', 'too deep', %s) RETURNING id",
+        [daily],
+    )
+    with db.connect() as conn, pytest.raises(PostChecksFailed, match="hierarchy depth at most 5") as caught:
+        post_checks(conn, spec, NOW)
+    assert f"the deepest chain has 6 levels; e.g. 6 levels: {extra} -> {daily} -> " in str(caught.value)
+    with db.connect() as conn:
+        assert post_checks(conn, spec, replace(NOW, max_depth=6))["failed"] == 0
+
+
+def test_post_checks_report_every_failure_not_just_the_first(db, spec) -> None:
+    db.build(500)
+    with db.connect() as conn, pytest.raises(PostChecksFailed) as caught:
+        post_checks(conn, spec, NOW)
+    names = " | ".join(caught.value.failures)
+    for expected in (
+        "constraint exists",
+        "constraint is validated",
+        "index exists",
+        "index is valid",
+        "zero orphans",
+        "no cycles",
+    ):
+        assert expected in names
+
+
+def test_adding_the_constraint_while_the_app_holds_a_lock_fails_clearly_after_its_attempts(db, spec) -> None:
+    db.build(500, orphan_ratio=0)
+    with db.connect() as app:
+        app.autocommit = False
+        app.execute("UPDATE vision_kpis SET title = title || '!' WHERE id = (SELECT id FROM vision_kpis LIMIT 1)")
+        sleeps: list[float] = []
+        with db.connect() as conn, pytest.raises(LockNotAcquired, match="no lock within 3 attempts") as caught:
+            add_fk_not_valid(conn, spec, replace(NOW, lock_timeout_ms=100, lock_attempts=3), sleep=sleeps.append)
+        assert "RowExclusiveLock" in str(caught.value)  # names the session in the way
+        assert len(sleeps) == 2
+        app.rollback()
+    assert db.scalar("SELECT count(*) FROM pg_constraint WHERE conname = %s", [spec.constraint]) == 0
+
+
+def test_adding_the_constraint_succeeds_once_the_app_transaction_ends(db, spec) -> None:
+    db.build(500, orphan_ratio=0)
+    app = db.connect()
+    app.autocommit = False
+    app.execute("UPDATE vision_kpis SET title = title WHERE id = (SELECT id FROM vision_kpis LIMIT 1)")
+
+    def end_app_transaction(_seconds: float) -> None:
+        app.rollback()
+
+    with db.connect() as conn:
+        result = add_fk_not_valid(conn, spec, replace(NOW, lock_timeout_ms=100), sleep=end_app_transaction)
+    app.close()
+    assert result["action"] == "added NOT VALID" and result["lock_timeouts"] == 1 and result["attempts"] == 2
+
+
+def test_a_second_run_stops_with_a_clear_message_while_another_holds_the_run_lock(db, spec) -> None:
+    db.build(500)
+    with db.connect() as other:
+        other.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [spec.advisory_lock_name])
+        before = snapshot(db, spec)
+        for step, kwargs in [(null_orphans, {"run_id": "r"}), (create_index_concurrently, {}), (add_fk_not_valid, {})]:
+            with (
+                db.connect() as conn,
+                pytest.raises(ConcurrentRun, match=r"another run is changing .* holds the run lock"),
+            ):
+                step(conn, spec, NOW, **kwargs)
+        assert snapshot(db, spec) == before
+
+
+def test_preflight_names_the_missing_privilege(db, spec) -> None:
+    db.build(200)
+    db.execute(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kpi_app') THEN "
+        "CREATE ROLE kpi_app LOGIN; END IF; END $$"
+    )
+    db.execute("GRANT USAGE ON SCHEMA public TO kpi_app; GRANT SELECT ON vision_kpis TO kpi_app")
+    with psycopg.connect(db.dsn, user="kpi_app", autocommit=True) as conn, pytest.raises(PreflightFailed) as caught:
+        preflight(conn, spec, NOW)
+    message = str(caught.value)
+    assert "does not own public.vision_kpis (owner: postgres)" in message
+    assert "lacks UPDATE on public.vision_kpis" in message
+    assert "lacks REFERENCES" in message
+
+
+def test_validation_re_sweeps_orphans_written_before_the_constraint_arrived(db, spec) -> None:
+    db.build(1000)
+    with db.connect() as conn:
+        null_orphans(conn, spec, NOW, "run-1")
+    late = db.scalar(
+        "INSERT INTO vision_kpis (user_id, vision_id, level, title, parent_kpi_id) "
+        "VALUES (gen_random_uuid(), gen_random_uuid(), 'daily', 'late', gen_random_uuid()) RETURNING id"
+    )
+    with db.connect() as conn:
+        create_index_concurrently(conn, spec, NOW)
+        add_fk_not_valid(conn, spec, NOW)
+    from datetime import UTC, datetime
+
+    with db.connect() as conn:
+        result = validate_fk(conn, spec, NOW, "run-1", run_started_at=datetime.now(UTC))
+    assert result["outcome"] == "validated" and result["resweep"]["nulled"] == 1
+    assert db.scalar("SELECT old_parent_kpi_id IS NOT NULL FROM vision_kpis_orphan_audit WHERE kpi_id = %s", [late])
+
+
+def test_validation_outside_the_window_asks_to_be_rescheduled_without_touching_the_table(db, spec) -> None:
+    from datetime import UTC, datetime
+
+    db.build(500)
+    with db.connect() as conn:
+        null_orphans(conn, spec, NOW, "run-1")
+        add_fk_not_valid(conn, spec, NOW)
+    noon = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    with db.connect() as conn:
+        result = validate_fk(conn, spec, RunSettings(), "run-1", run_started_at=noon, now=lambda: noon)
+    assert result["outcome"] == "reschedule" and result["retry_at"] == "2026-01-02T01:00:00+00:00"
+    assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [spec.constraint]) is False
+
+
+def test_detect_orphans_counts_with_an_anti_join_and_samples(db, spec) -> None:
+    generated = db.build(4000)
+    with db.connect() as conn:
+        result = detect_orphans(conn, spec, replace(NOW, sample_size=3))
+    assert result["orphans"] == generated.orphans and len(result["sample"]) == 3
+    assert all(" -> " in item for item in result["sample"])
+
+
+def test_the_generator_makes_five_levels_with_about_one_percent_orphans(db) -> None:
+    with db.connect() as conn:
+        generated = build_app_database(conn, 34_100)
+    levels = dict(db.query("SELECT level, count(*) FROM vision_kpis GROUP BY level"))
+    assert levels == {"yearly": 100, "quarterly": 400, "monthly": 1600, "weekly": 6400, "daily": 25600}
+    assert 0.008 < generated.orphans / generated.rows < 0.012
+
+
+def test_null_orphans_skips_rows_the_app_holds_and_the_re_sweep_gets_them(db, spec) -> None:
+    db.build(1000)
+    held = db.scalar(
+        "SELECT c.id FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id) LIMIT 1"
+    )
+    app = db.connect()
+    app.autocommit = False
+    app.execute("SELECT 1 FROM vision_kpis WHERE id = %s FOR UPDATE", [held])
+    finished = threading.Event()
+    with db.connect() as conn:
+        result = null_orphans(conn, spec, NOW, "run-1")
+        finished.set()
+    assert result["left_alone"] == 1
+    app.rollback()
+    app.close()
+    with db.connect() as conn:
+        assert null_orphans(conn, spec, NOW, "run-1")["nulled"] == 1
+    assert orphan_count(db, spec) == 0
