@@ -56,7 +56,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from fk_maintenance.settings import SETTING_DEFS, RunSettings
+from fk_maintenance.settings import SETTING_DEFS, RunSettings, SettingDef
 from fk_maintenance.spec import VISION_KPIS_PARENT_FK as SPEC
 
 CONN_ID = "kpi_db"
@@ -86,7 +86,7 @@ TASK_DOCS = {
 }
 
 
-def _param(definition) -> Param:  # SettingDef; kept untyped to stay a thin DAG file
+def _param(definition: SettingDef) -> Param:
     return Param(
         definition.default,
         title=definition.title,

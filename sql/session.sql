@@ -7,6 +7,12 @@ SELECT set_config('application_name', %(application_name)s, false),
        set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_session_timeout)s, false),
        set_config('default_transaction_read_only', %(read_only)s, false)
 
+-- name: check_client_connection
+-- PostgreSQL 14+: while a long statement runs, notice within seconds that the worker died and roll back,
+-- instead of holding our locks until the statement ends.
+SELECT set_config('client_connection_check_interval', %(interval)s, false)
+WHERE current_setting('server_version_num')::int >= 140000
+
 -- name: configure_local
 SELECT set_config('lock_timeout', %(lock_timeout)s, true),
        set_config('statement_timeout', %(statement_timeout)s, true)

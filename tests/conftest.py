@@ -83,3 +83,23 @@ def airflow_home() -> Path:
 
     migrate(AIRFLOW_HOME)
     return AIRFLOW_HOME
+
+
+FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Record a measured figure; all are printed at the end of the run, so a reader sees the margins."""
+
+    def record(line: str) -> None:
+        FIGURES.append(f"{request.node.name}: {line}")
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("measured app impact (fault and load scenarios)")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -107,14 +107,20 @@ def add_fk_not_valid(
     }
 
 
-def decide_window(settings: RunSettings, *, now: datetime, run_started_at: datetime) -> WindowDecision:
+def decide_window(
+    settings: RunSettings,
+    *,
+    now: datetime,
+    run_started_at: datetime,
+    min_validate_seconds: float = MIN_VALIDATE_SECONDS,
+) -> WindowDecision:
     """Whether VALIDATE may start now, and if not, when to look again. Raises when windows ran out."""
     window = Window(settings.window_start_time, settings.window_end_time, settings.zone)
     used = window.ends_between(run_started_at, now)
     if settings.validate_now:
         return WindowDecision(True, "validate_now set by the operator", windows_used=used)
     start, end = window.current_or_next(now)
-    if start <= now and (end - now).total_seconds() >= MIN_VALIDATE_SECONDS:
+    if start <= now and (end - now).total_seconds() >= min_validate_seconds:
         return WindowDecision(True, f"inside the window until {end.isoformat()}", window_end=end, windows_used=used)
     if used >= settings.max_windows:
         raise WindowsExhausted(
@@ -138,6 +144,7 @@ def validate_fk(
     run_started_at: datetime,
     now: Callable[[], datetime] = _utcnow,
     sleep: Callable[[float], None] = time.sleep,
+    min_validate_seconds: float = MIN_VALIDATE_SECONDS,
 ) -> dict[str, Any]:
     """Re-sweep orphans and VALIDATE CONSTRAINT inside the window; otherwise say when to try again.
 
@@ -155,7 +162,9 @@ def validate_fk(
     if state.constraint.exists and state.constraint.validated:
         log.info("validate_fk: %s is already validated", spec.constraint)
         return {"outcome": "already validated", "seconds": round(time.monotonic() - started, 3)}
-    decision = decide_window(settings, now=now(), run_started_at=run_started_at)
+    decision = decide_window(
+        settings, now=now(), run_started_at=run_started_at, min_validate_seconds=min_validate_seconds
+    )
     if settings.dry_run:
         log.info(
             "validate_fk: dry run; a real run would %s (%s)",
@@ -184,8 +193,9 @@ def validate_fk(
 
     def attempt(lock_timeout_ms: int) -> None:
         if decision.window_end is not None:
-            statement_timeout_ms = int((decision.window_end - now()).total_seconds() * 1000)
-            if statement_timeout_ms < MIN_VALIDATE_SECONDS * 1000:
+            # At least 1 ms: a statement_timeout of 0 would mean no limit at all.
+            statement_timeout_ms = max(1, int((decision.window_end - now()).total_seconds() * 1000))
+            if statement_timeout_ms < min_validate_seconds * 1000:
                 raise pgerrors.QueryCanceled("window ends before VALIDATE could finish")
         else:
             statement_timeout_ms = settings.index_timeout_min * 60_000

@@ -45,6 +45,7 @@ def prepare_session(
             "read_only": "on" if read_only else "off",
         },
     )
+    conn.execute(statement("session", "check_client_connection"), {"interval": "2s"})
 
 
 def set_local_timeouts(conn: psycopg.Connection, *, lock_timeout_ms: int, statement_timeout_ms: int) -> None:

@@ -1,0 +1,482 @@
+"""Zero downtime and nothing lost, under faults and concurrent load.
+
+Every scenario runs the app workload (devkit.workload: inserts, parent moves, leaf deletes, reads by parent)
+beside the real steps on a real PostgreSQL, measures each app statement, and ends with the invariant check:
+row count as expected, every column but the pointer unchanged for rows the app did not touch, every pointer
+the pipeline nulled present in the audit, zero orphans once validated.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from devkit.pipeline import run_pipeline
+from devkit.workload import WRITE_KINDS, AppWorkload, WorkloadResult
+from fk_maintenance.checks import post_checks
+from fk_maintenance.constraint import add_fk_not_valid, validate_fk
+from fk_maintenance.errors import ConcurrentRun, LockNotAcquired
+from fk_maintenance.index import create_index_concurrently
+from fk_maintenance.orphans import null_orphans
+from fk_maintenance.settings import RunSettings
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = 20_000
+# What an app statement may take beyond lock_timeout on this 2-core machine while the pipeline, the
+# server and the workload share it: scheduling and commit latency, not lock waits.
+MARGIN_MS = 400
+
+Snapshot = dict[uuid.UUID, tuple[uuid.UUID | None, str]]
+
+
+def capture(db) -> Snapshot:
+    return {
+        row[0]: (row[1], row[2])
+        for row in db.query(
+            "SELECT id, parent_kpi_id, md5(ROW(user_id, vision_id, level, title, created_at, updated_at)::text) "
+            "FROM vision_kpis"
+        )
+    }
+
+
+def assert_invariants(db, before: Snapshot, app: WorkloadResult, *, validated: bool = True) -> dict[str, int]:
+    after = capture(db)
+    expected_ids = (set(before) - app.deleted) | (app.inserted - app.deleted)
+    assert set(after) == expected_ids, "rows lost or invented"
+    audit = (
+        dict(db.query("SELECT kpi_id, old_parent_kpi_id FROM vision_kpis_orphan_audit"))
+        if db.scalar("SELECT to_regclass('vision_kpis_orphan_audit') IS NOT NULL")
+        else {}
+    )
+    nulled = 0
+    for kpi, (parent, row_hash) in before.items():
+        if kpi in app.touched or kpi in app.deleted:
+            continue
+        after_parent, after_hash = after[kpi]
+        assert after_hash == row_hash, f"columns other than parent_kpi_id changed on {kpi}"
+        if after_parent != parent:
+            assert after_parent is None and audit.get(kpi) == parent, f"pointer of {kpi} changed without audit"
+            nulled += 1
+    if validated:
+        orphans = db.scalar(
+            "SELECT count(*) FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id)"
+        )
+        assert orphans == 0
+        assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = 'vision_kpis_parent_kpi_id_fkey'")
+    return {"nulled_and_audited": nulled, "audit_rows": len(audit)}
+
+
+def worst_write_ms(app: WorkloadResult) -> float:
+    return app.latency(WRITE_KINDS)["max_ms"]
+
+
+def hold_row_lock(db) -> psycopg.Connection:
+    """An app transaction that updated a yearly row and has not committed (the workload never touches those)."""
+    blocker = db.connect()
+    blocker.autocommit = False
+    blocker.execute(
+        "UPDATE vision_kpis SET title = title WHERE id = (SELECT id FROM vision_kpis WHERE level = 'yearly' LIMIT 1)"
+    )
+    return blocker
+
+
+def in_thread(function: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            outcome["result"] = function(*args, **kwargs)
+        except BaseException as exc:  # handed to the test to assert on
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+SETTINGS = RunSettings(validate_now=True, lock_timeout_ms=200, lock_attempts=30, batch_size=50)
+
+
+def test_long_app_transaction_during_add_fk_app_waits_at_most_lock_timeout_then_step_succeeds(
+    db, spec, figures
+) -> None:
+    db.build(ROWS)
+    before = capture(db)
+    with db.connect() as conn:
+        null_orphans(conn, spec, SETTINGS, "run-1")
+        create_index_concurrently(conn, spec, SETTINGS)
+    blocker = hold_row_lock(db)
+    with AppWorkload(db.dsn) as app:
+        time.sleep(0.3)
+        # The long transaction ends after 2 s; meanwhile every attempt times out after <= 200 ms and backs off.
+        timer = threading.Timer(2.0, blocker.rollback)
+        timer.start()
+        with db.connect() as conn:
+            result = add_fk_not_valid(conn, spec, SETTINGS)
+        timer.join()
+        time.sleep(0.3)
+    blocker.close()
+    measured = app.result
+    assert result["action"] == "added NOT VALID" and result["lock_timeouts"] >= 1
+    assert measured.errors() == []
+    assert worst_write_ms(measured) <= SETTINGS.lock_timeout_ms + MARGIN_MS
+    with db.connect() as conn:
+        validate_fk(conn, spec, SETTINGS, "run-1", run_started_at=datetime.now(UTC))
+        post_checks(conn, spec, SETTINGS)
+    counts = assert_invariants(db, before, measured)
+    figures(
+        f"lock_timeout {SETTINGS.lock_timeout_ms} ms, {result['lock_timeouts']} lock timeouts before success; "
+        f"{measured.summary()}; {counts['nulled_and_audited']} pointers nulled, all audited"
+    )
+
+
+def test_long_app_transaction_that_never_ends_fails_add_fk_clearly_with_nothing_half_done(db, spec, figures) -> None:
+    db.build(ROWS, orphan_ratio=0)
+    before = capture(db)
+    blocker = hold_row_lock(db)
+    settings = replace(SETTINGS, lock_attempts=4)
+    with AppWorkload(db.dsn) as app:
+        with db.connect() as conn, pytest.raises(LockNotAcquired, match="no lock within 4 attempts") as caught:
+            add_fk_not_valid(conn, spec, settings)
+        time.sleep(0.2)
+    blocker.rollback()
+    blocker.close()
+    assert "RowExclusiveLock" in str(caught.value)
+    assert db.scalar("SELECT count(*) FROM pg_constraint WHERE conname = %s", [spec.constraint]) == 0
+    measured = app.result
+    assert measured.errors() == []
+    assert worst_write_ms(measured) <= settings.lock_timeout_ms + MARGIN_MS
+    assert_invariants(db, before, measured, validated=False)
+    figures(f"gave up after 4 attempts; {measured.summary()}")
+
+
+def test_index_build_killed_midway_is_repaired_by_the_next_attempt(db, spec, figures) -> None:
+    db.build(ROWS)
+    before = capture(db)
+    blocker = hold_row_lock(db)  # the concurrent build waits for this writer before it starts building
+    with AppWorkload(db.dsn) as app:
+        with db.connect() as conn:
+            thread, outcome = in_thread(
+                create_index_concurrently, conn, spec, SETTINGS, monitor_connect=db.connect, poll_seconds=0.1
+            )
+            builder = wait_for(lambda: db.query("SELECT pid FROM pg_stat_progress_create_index"))[0][0]
+            time.sleep(0.3)  # let the monitor see whom the build waits for
+            db.execute("SELECT pg_terminate_backend(%s)", [builder])
+            thread.join(timeout=30)
+        assert isinstance(outcome.get("error"), psycopg.OperationalError)
+        blocker.rollback()
+        blocker.close()
+        assert db.scalar("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", [spec.index])
+        results = run_pipeline(db.connect, spec, SETTINGS, "run-2")
+    assert results["create_index_concurrently"]["action"] == "rebuilt (dropped INVALID leftover)"
+    assert results["post_checks"]["failed"] == 0
+    measured = app.result
+    assert measured.errors() == []
+    assert_invariants(db, before, measured)
+    figures(f"build killed while waiting, rebuilt on the next run; {measured.summary()}")
+
+
+def test_validate_cut_by_the_window_end_stays_not_valid_and_a_later_window_validates(db, spec, figures) -> None:
+    db.build(200_000)
+    before = capture(db)
+    with db.connect() as conn:
+        null_orphans(conn, spec, SETTINGS, "run-1")
+        create_index_concurrently(conn, spec, SETTINGS)
+        add_fk_not_valid(conn, spec, SETTINGS)
+    window = RunSettings(window_start="01:00", window_end="05:00", window_timezone="Europe/Berlin")
+    # 04:59:59.990 Berlin time: the window ends 10 ms into the scan.
+    almost_over = datetime(2026, 3, 3, 4, 59, 59, 990000, tzinfo=window.zone).astimezone(UTC)
+    clock = {"now": almost_over}  # frozen: VALIDATE gets a statement_timeout of 10 ms
+
+    def fake_now() -> datetime:
+        return clock["now"]
+
+    with AppWorkload(db.dsn) as app, db.connect() as conn:
+        cut = validate_fk(conn, spec, window, "run-1", run_started_at=almost_over, now=fake_now, min_validate_seconds=0)
+    assert cut["outcome"] == "reschedule" and cut["reason"] == "VALIDATE cut short by the end of the window"
+    assert cut["retry_at"] == "2026-03-04T00:00:00+00:00"  # 01:00 Berlin, the next window
+    assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [spec.constraint]) is False
+    # The next night, inside the window:
+    clock["now"] = datetime(2026, 3, 4, 1, 30, tzinfo=window.zone).astimezone(UTC)
+    with db.connect() as conn:
+        done = validate_fk(conn, spec, window, "run-1", run_started_at=almost_over, now=fake_now)
+    assert done["outcome"] == "validated"
+    assert app.result.errors() == []
+    assert_invariants(db, before, app.result)
+    figures(f"VALIDATE cut at the window end, validated the next window; {app.result.summary()}")
+
+
+def test_outside_the_window_the_airflow_task_is_rescheduled_to_the_window_start(
+    db, spec, monkeypatch, airflow_home
+) -> None:
+    from airflow.sdk.exceptions import AirflowRescheduleException
+
+    from fk_maintenance.airflow_tasks import run_validate
+
+    db.build(2000)
+    with db.connect() as conn:
+        null_orphans(conn, spec, SETTINGS, "run-1")
+        add_fk_not_valid(conn, spec, SETTINGS)
+    monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", db.server.airflow_connection_json(db.name))
+    now = datetime.now(UTC)
+    start = (now + timedelta(hours=2)).replace(second=0, microsecond=0)
+    params = {"window_start": start.strftime("%H:%M"), "window_end": (start + timedelta(hours=1)).strftime("%H:%M")}
+
+    class Run:
+        start_date = now
+        run_after = now
+
+    with pytest.raises(AirflowRescheduleException) as caught:
+        run_validate(spec, "kpi_db", {"params": params, "dag_run": Run(), "run_id": "run-1"})
+    assert caught.value.reschedule_date == start
+    assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [spec.constraint]) is False
+
+
+def test_app_writing_dangling_parents_until_the_constraint_lands_is_swept_before_validate(db, spec, figures) -> None:
+    db.build(ROWS)
+    before = capture(db)
+    with AppWorkload(db.dsn, dangling_share=0.5) as app:
+        with db.connect() as conn:
+            null_orphans(conn, spec, SETTINGS, "run-1")
+            create_index_concurrently(conn, spec, SETTINGS)
+        time.sleep(0.5)  # the app keeps writing dangling pointers
+        with db.connect() as conn:
+            add_fk_not_valid(conn, spec, SETTINGS)
+        time.sleep(0.5)  # now the database rejects them
+        with db.connect() as conn:
+            validated = validate_fk(conn, spec, SETTINGS, "run-1", run_started_at=datetime.now(UTC))
+            post_checks(conn, spec, SETTINGS)
+    measured = app.result
+    assert validated["resweep"]["nulled"] > 0 and validated["resweep"]["audited"] == validated["resweep"]["nulled"]
+    assert measured.fk_rejections() > 0  # after the constraint landed, the database refused new dangling ids
+    assert measured.errors() == []
+    assert_invariants(db, before, measured)
+    figures(
+        f"re-sweep nulled {validated['resweep']['nulled']} late orphans; FK rejected "
+        f"{measured.fk_rejections()} app writes after it landed; {measured.summary()}"
+    )
+
+
+def test_parents_deleted_during_nulling_and_after_the_constraint_leave_children_as_roots(db, spec, figures) -> None:
+    db.build(ROWS)
+    before = capture(db)
+    with AppWorkload(db.dsn, delete_parent_share=0.2) as app:
+        results = run_pipeline(db.connect, spec, replace(SETTINGS, batch_size=10, batch_pause_ms=5), "run-1")
+        time.sleep(0.5)
+    measured = app.result
+    assert results["post_checks"]["failed"] == 0
+    deleted_parents = sum(op.kind == "delete_parent" and op.error is None for op in measured.ops)
+    assert deleted_parents > 0
+    assert measured.errors() == []
+    assert_invariants(db, before, measured)
+    figures(f"{deleted_parents} parents deleted by the app; {measured.summary()}")
+
+
+def test_two_runs_at_once_change_the_database_one_at_a_time(db, spec, figures) -> None:
+    db.build(ROWS)
+    before = capture(db)
+    with AppWorkload(db.dsn) as app:
+        threads = [in_thread(run_pipeline, db.connect, spec, SETTINGS, f"run-{i}") for i in (1, 2)]
+        for thread, _ in threads:
+            thread.join(timeout=120)
+        outcomes = [outcome for _, outcome in threads]
+        for outcome in outcomes:
+            assert "result" in outcome or isinstance(outcome["error"], ConcurrentRun), outcome
+        # Whichever stopped, the next run converges.
+        final = run_pipeline(db.connect, spec, SETTINGS, "run-3")
+    assert final["post_checks"]["failed"] == 0
+    stopped = sum("error" in outcome for outcome in outcomes)
+    assert app.result.errors() == []
+    counts = assert_invariants(db, before, app.result)
+    # This workload writes no dangling pointer and deletes no parent: every audit row is one the runs nulled.
+    assert counts["audit_rows"] == counts["nulled_and_audited"]
+    figures(f"{stopped} of 2 concurrent runs stopped on the run lock; {app.result.summary()}")
+
+
+def test_sql_in_the_run_id_is_stored_as_data(db, spec) -> None:
+    db.build(1000)
+    hostile = "x'); DROP TABLE vision_kpis; --"
+    with db.connect() as conn:
+        result = null_orphans(conn, spec, SETTINGS, hostile)
+    assert result["nulled"] > 0
+    assert db.scalar("SELECT count(DISTINCT run_id) FROM vision_kpis_orphan_audit WHERE run_id = %s", [hostile]) == 1
+    assert db.scalar("SELECT count(*) FROM vision_kpis") == 1000
+
+
+SLOW_BATCHES = """
+CREATE FUNCTION slow_pointer_update() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$;
+CREATE TRIGGER slow_pointer_update BEFORE UPDATE OF parent_kpi_id ON vision_kpis
+    FOR EACH ROW EXECUTE FUNCTION slow_pointer_update();
+"""
+
+
+def _audit_matches_nulled(db, before: Snapshot) -> int:
+    after = capture(db)
+    nulled = {k: p for k, (p, _) in before.items() if p is not None and after[k][0] is None}
+    audit = dict(db.query("SELECT kpi_id, old_parent_kpi_id FROM vision_kpis_orphan_audit"))
+    assert audit == nulled, "a batch was half applied"
+    return len(nulled)
+
+
+@pytest.fixture
+def restartable(pg_server):
+    if not pg_server.can_restart:
+        pytest.skip("restarts need the embedded server")
+    return pg_server
+
+
+def test_database_restart_mid_batch_and_between_steps_then_the_run_converges(db, spec, restartable, figures) -> None:
+    db.build(ROWS)
+    db.execute(SLOW_BATCHES)
+    before = capture(db)
+
+    def audited() -> int:
+        if not db.scalar("SELECT to_regclass('vision_kpis_orphan_audit') IS NOT NULL"):
+            return 0
+        return db.scalar("SELECT count(*) FROM vision_kpis_orphan_audit")
+
+    with AppWorkload(db.dsn) as app:
+        with db.connect() as conn:
+            thread, outcome = in_thread(null_orphans, conn, spec, SETTINGS, "run-1")
+            wait_for(audited)
+            restartable.restart()  # mid-batch: a batch of 50 takes about half a second
+            thread.join(timeout=30)
+        assert isinstance(outcome.get("error"), psycopg.OperationalError)
+        partial = _audit_matches_nulled(db, before)
+        with db.connect() as conn:
+            null_orphans(conn, spec, SETTINGS, "run-1")
+        restartable.restart()  # between steps
+        db.execute("DROP TRIGGER slow_pointer_update ON vision_kpis")
+        results = run_pipeline(db.connect, spec, SETTINGS, "run-1")
+    assert results["post_checks"]["failed"] == 0
+    total = _audit_matches_nulled(db, before)
+    # The restart cuts the app's sessions too; it reconnects. Those are the only errors it may see.
+    lost = app.result.errors()
+    assert all(op.error in {"AdminShutdown", "OperationalError", "ConnectionTimeout"} for op in lost), lost
+    assert_invariants(db, before, app.result)
+    figures(
+        f"restart after {partial} pointers (whole batches only), {total} nulled and audited after convergence; "
+        f"{app.result.summary()} (errors are the app's sessions cut by the restarts)"
+    )
+
+
+def test_a_wrong_password_is_refused_with_one_clear_message_that_does_not_contain_it(
+    db, restartable, monkeypatch, airflow_home, caplog
+) -> None:
+    from fk_maintenance.airflow_tasks import run_step
+    from fk_maintenance.errors import TargetUnreachable
+    from fk_maintenance.preflight import preflight
+    from fk_maintenance.spec import VISION_KPIS_PARENT_FK
+
+    hba = restartable.data_dir / "pg_hba.conf"
+    original = hba.read_text()
+    db.execute("DROP ROLE IF EXISTS kpi_pw")
+    db.execute("CREATE ROLE kpi_pw LOGIN PASSWORD 'the-right-one'")
+    hba.write_text("local all kpi_pw scram-sha-256\n" + original)
+    db.execute("SELECT pg_reload_conf()")
+    try:
+        host = psycopg.conninfo.conninfo_to_dict(db.dsn)["host"]
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_KPI_DB",
+            f'{{"conn_type": "postgres", "host": "{host}", "login": "kpi_pw", "password": "wr0ng-s3cret", '
+            f'"schema": "{db.name}"}}',
+        )
+        with pytest.raises(TargetUnreachable) as caught:
+            run_step(preflight, VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"dry_run": True}})
+    finally:
+        hba.write_text(original)
+        db.execute("SELECT pg_reload_conf()")
+    message = str(caught.value)
+    assert 'password authentication failed for user "kpi_pw"' in message
+    assert "wr0ng-s3cret" not in message and "wr0ng-s3cret" not in caplog.text
+
+
+STEP_IN_SUBPROCESS = """
+import sys
+sys.path[:0] = [{plugins!r}, {repo!r}]
+import psycopg
+from fk_maintenance.spec import VISION_KPIS_PARENT_FK as spec
+from fk_maintenance.settings import RunSettings
+from fk_maintenance.orphans import null_orphans
+from fk_maintenance.index import create_index_concurrently
+settings = RunSettings(batch_size=50)
+with psycopg.connect({dsn!r}, autocommit=True) as conn:
+    if sys.argv[1] == "null":
+        null_orphans(conn, spec, settings, "run-1")
+    else:
+        create_index_concurrently(conn, spec, settings)
+"""
+
+
+def _spawn_step(db, which: str) -> subprocess.Popen:
+    code = STEP_IN_SUBPROCESS.format(plugins=str(REPO / "plugins"), repo=str(REPO), dsn=db.dsn)
+    return subprocess.Popen([sys.executable, "-c", code, which], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _our_backends(db) -> int:
+    return db.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'kpi-fk-maintenance:%%'")
+
+
+def test_worker_killed_mid_batch_and_mid_index_build_then_the_next_run_converges(db, spec, figures) -> None:
+    db.build(ROWS)
+    db.execute(SLOW_BATCHES)
+    before = capture(db)
+    with AppWorkload(db.dsn) as app:
+        worker = _spawn_step(db, "null")
+        wait_for(
+            lambda: (
+                db.scalar("SELECT to_regclass('vision_kpis_orphan_audit') IS NOT NULL")
+                and db.scalar("SELECT count(*) FROM vision_kpis_orphan_audit")
+            ),
+            timeout=60,
+        )
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        # client_connection_check_interval makes the server notice the dead worker and roll back its batch.
+        started = time.monotonic()
+        wait_for(lambda: _our_backends(db) == 0, timeout=20)
+        noticed = time.monotonic() - started
+        partial = _audit_matches_nulled(db, before)
+
+        blocker = hold_row_lock(db)
+        worker = _spawn_step(db, "index")
+        wait_for(lambda: db.query("SELECT pid FROM pg_stat_progress_create_index"), timeout=30)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        wait_for(lambda: _our_backends(db) == 0, timeout=20)
+        blocker.rollback()
+        blocker.close()
+        db.execute("DROP TRIGGER slow_pointer_update ON vision_kpis")
+        results = run_pipeline(db.connect, spec, SETTINGS, "run-1")
+    assert results["create_index_concurrently"]["action"] == "rebuilt (dropped INVALID leftover)"
+    assert results["post_checks"]["failed"] == 0
+    assert app.result.errors() == []
+    assert_invariants(db, before, app.result)
+    figures(
+        f"worker killed after {partial} pointers; server dropped its session {noticed:.1f} s later; "
+        f"{app.result.summary()}"
+    )
