@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fk_maintenance.settings import SETTING_DEFS
 from tests.test_steps import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +104,18 @@ def test_the_form_refuses_bad_values(dag, conf: dict) -> None:
     ((name, value),) = conf.items()
     with pytest.raises(ParamValidationError):
         dag.params.get_param(name).resolve(value=value)
+
+
+@pytest.mark.parametrize("definition", [d for d in SETTING_DEFS if "minimum" in d.schema], ids=lambda d: d.name)
+def test_the_form_accepts_each_bound_and_refuses_one_past_it(dag, definition) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    param = dag.params.get_param(definition.name)
+    low, high = definition.schema["minimum"], definition.schema["maximum"]
+    assert param.resolve(value=low) == low and param.resolve(value=high) == high
+    for value in (low - 1, high + 1):
+        with pytest.raises(ParamValidationError):
+            param.resolve(value=value)
 
 
 def test_triggering_with_a_bad_value_is_refused_before_any_run_or_statement(dag, db, spec, monkeypatch) -> None:

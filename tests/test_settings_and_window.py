@@ -46,11 +46,24 @@ def test_bad_settings_are_refused_with_a_message_naming_them(params: dict, messa
     assert message in str(caught.value)
 
 
-def test_values_at_their_bounds_are_accepted() -> None:
-    for definition in SETTING_DEFS:
-        for bound in ("minimum", "maximum"):
-            if bound in definition.schema:
-                RunSettings.from_params({definition.name: definition.schema[bound]})
+BOUNDED = [(d.name, d.schema["minimum"], d.schema["maximum"]) for d in SETTING_DEFS if "minimum" in d.schema]
+
+
+@pytest.mark.parametrize(("name", "low", "high"), BOUNDED)
+def test_every_bounded_setting_accepts_its_bounds_and_refuses_one_past_them(name: str, low: int, high: int) -> None:
+    assert getattr(RunSettings.from_params({name: low}), name) == low
+    assert getattr(RunSettings.from_params({name: high}), name) == high
+    with pytest.raises(InvalidSettings, match=f"{name} must be at least {low}, got {low - 1}"):
+        RunSettings.from_params({name: low - 1})
+    with pytest.raises(InvalidSettings, match=f"{name} must be at most {high}, got {high + 1}"):
+        RunSettings.from_params({name: high + 1})
+
+
+def test_several_bad_values_are_all_named_in_one_message() -> None:
+    with pytest.raises(InvalidSettings) as caught:
+        RunSettings.from_params({"batch_size": 0, "window_end": "xx", "window_timezone": "Nope/Nope"})
+    message = str(caught.value)
+    assert "batch_size" in message and "window_end" in message and "window_timezone" in message
 
 
 def _at(zone: str, text: str) -> datetime:
