@@ -14,7 +14,14 @@ from psycopg import errors as pgerrors
 from .catalog import TargetState, inspect_target
 from .errors import PreflightFailed, WindowsExhausted
 from .orphans import null_orphans
-from .session import LockAttempts, prepare_session, run_lock, set_local_timeouts, with_lock_retries
+from .session import (
+    CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
+    LockAttempts,
+    prepare_session,
+    run_lock,
+    set_local_timeouts,
+    with_lock_retries,
+)
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
@@ -89,19 +96,23 @@ def add_fk_not_valid(
             lock_timeout_ms=settings.lock_timeout_ms,
             attempts=settings.lock_attempts,
             record=record,
+            avoid_queueing_behind=CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
             sleep=sleep,
         )
     seconds = time.monotonic() - started
     log.info(
-        "add_fk_not_valid: %s added NOT VALID after %d attempt(s), %d lock timeout(s), in %.2f s",
+        "add_fk_not_valid: %s added NOT VALID after %d attempt(s) (%d deferred for long transactions, "
+        "%d lock timeouts), in %.2f s",
         spec.constraint,
         record.attempts,
+        record.deferred,
         record.lock_timeouts,
         seconds,
     )
     return {
         "action": "added NOT VALID",
         "attempts": record.attempts,
+        "deferred_for_long_transactions": record.deferred,
         "lock_timeouts": record.lock_timeouts,
         "seconds": round(seconds, 3),
     }

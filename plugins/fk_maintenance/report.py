@@ -34,7 +34,8 @@ def build_report(
     steps = {
         step: {
             "seconds": get(step, "seconds"),
-            "lock_timeouts": get(step, "lock_timeouts", 0),
+            "lock_retries": (get(step, "lock_timeouts", 0) or 0)
+            + (get(step, "deferred_for_long_transactions", 0) or 0),
             "outcome": get(step, "action") or get(step, "outcome") or ("ran" if results.get(step) else "did not run"),
         }
         for step in STEPS
@@ -52,7 +53,7 @@ def build_report(
         "nulled": nulled,
         "audited": audited,
         "resweep_nulled": resweep.get("nulled", 0) or 0,
-        "lock_timeouts": sum(s["lock_timeouts"] or 0 for s in steps.values()),
+        "lock_retries": sum(s["lock_retries"] for s in steps.values()),
         "steps": steps,
         "checks_passed": checks.get("passed"),
         "checks_failed": checks.get("failed"),
@@ -78,14 +79,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"Server: PostgreSQL {report['server_version']}, table {report['table_size']}",
         f"Orphans found: {report['orphans_found']} (pointing at {report['dangling_parents']} missing parent(s))",
         f"Pointers nulled: {report['nulled']} (re-sweep {report['resweep_nulled']}), audited: {report['audited']}",
-        f"Lock timeouts (retried): {report['lock_timeouts']}",
+        f"Lock retries (timed out, or deferred for a long transaction): {report['lock_retries']}",
         f"Checks: {report['checks_passed']} passed, {report['checks_failed']} failed"
         + (f" ({', '.join(report['failed_checks'])})" if report["failed_checks"] else ""),
         "",
-        f"{'step':<28}{'seconds':>10}{'lock timeouts':>15}  outcome",
+        f"{'step':<28}{'seconds':>10}{'lock retries':>14}  outcome",
     ]
     for step, info in report["steps"].items():
         seconds = "-" if info["seconds"] is None else f"{info['seconds']:.2f}"
-        lines.append(f"{step:<28}{seconds:>10}{info['lock_timeouts'] or 0:>15}  {info['outcome']}")
+        lines.append(f"{step:<28}{seconds:>10}{info['lock_retries']:>14}  {info['outcome']}")
     lines += ["", f"Restore: {report['restore_hint']}"]
     return "\n".join(lines)

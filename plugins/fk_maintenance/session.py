@@ -88,7 +88,19 @@ class LockAttempts:
 
     attempts: int = 0
     lock_timeouts: int = 0
+    deferred: int = 0  # attempts not tried because a long transaction held a conflicting lock
     waited_s: float = 0.0
+
+
+# Lock modes that conflict with SHARE ROW EXCLUSIVE, which ADD FOREIGN KEY takes on both tables.
+CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE = [
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+]
 
 
 def attempt_timeouts(lock_timeout_ms: int, attempts: int) -> list[int]:
@@ -109,42 +121,64 @@ def with_lock_retries(
     lock_timeout_ms: int,
     attempts: int,
     record: LockAttempts,
+    avoid_queueing_behind: list[str] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """Run ``body(lock_timeout_ms_for_this_attempt)`` until it gets its lock, at most ``attempts`` times.
 
-    ``body`` runs its own transaction with ``SET LOCAL lock_timeout``. Between attempts we sleep with full
-    jitter (so two waiters do not retry in step) and log who holds locks on the table.
+    ``body`` runs its own transaction with ``SET LOCAL lock_timeout``. With ``avoid_queueing_behind`` (the lock
+    modes ours conflicts with), an attempt is not even tried while a transaction older than its timeout holds
+    one of them: it would only park the app's writes behind us for the whole timeout. Between attempts we sleep
+    with full jitter (so two waiters do not retry in step) and log who holds locks on the table.
     """
-    timeouts = attempt_timeouts(lock_timeout_ms, attempts)
-    for number, timeout_ms in enumerate(timeouts, start=1):
+    holders: list[str] = []
+    for number, timeout_ms in enumerate(attempt_timeouts(lock_timeout_ms, attempts), start=1):
         record.attempts += 1
-        started = time.monotonic()
-        try:
-            return body(timeout_ms)
-        except (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected) as exc:
-            record.lock_timeouts += 1
-            record.waited_s += time.monotonic() - started
-            holders = lock_holders(conn, spec)
-            log.warning(
-                "%s: attempt %d/%d did not get its lock within %d ms (%s); sessions holding locks on %s.%s: %s",
-                what,
-                number,
-                attempts,
-                timeout_ms,
-                exc.sqlstate,
-                spec.schema,
-                spec.table,
-                "; ".join(holders) or "none now",
+        long_holders = (
+            _describe(
+                conn.execute(
+                    statement("session", "long_conflicting_holders"),
+                    {
+                        "schema": spec.schema,
+                        "table": spec.table,
+                        "modes": avoid_queueing_behind,
+                        "older_than_ms": timeout_ms,
+                    },
+                ).fetchall()
             )
-            if number == attempts:
-                raise LockNotAcquired(
-                    f"{what}: no lock within {attempts} attempts (lock_timeout up to {lock_timeout_ms} ms); "
-                    f"nothing was changed. Sessions holding locks on {spec.schema}.{spec.table}: "
-                    f"{'; '.join(holders) or 'none now'}. Airflow retries the task later."
-                ) from exc
+            if avoid_queueing_behind
+            else []
+        )
+        if long_holders:
+            record.deferred += 1
+            holders = long_holders
+            outcome = "not tried, so the app does not queue behind us"
+        else:
+            started = time.monotonic()
+            try:
+                return body(timeout_ms)
+            except (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected) as exc:
+                record.lock_timeouts += 1
+                record.waited_s += time.monotonic() - started
+                holders = lock_holders(conn, spec)
+                outcome = f"did not get its lock within {timeout_ms} ms ({exc.sqlstate})"
+        log.warning(
+            "%s: attempt %d/%d %s; sessions holding locks on %s.%s: %s",
+            what,
+            number,
+            attempts,
+            outcome,
+            spec.schema,
+            spec.table,
+            "; ".join(holders) or "none now",
+        )
+        if number < attempts:
             sleep(random.uniform(0, min(30.0, 0.5 * 2**number)))
-    raise AssertionError("unreachable")  # pragma: no cover
+    raise LockNotAcquired(
+        f"{what}: no lock within {attempts} attempts (lock_timeout up to {lock_timeout_ms} ms, "
+        f"{record.deferred} not tried because of long transactions); nothing was changed. Sessions holding locks "
+        f"on {spec.schema}.{spec.table}: {'; '.join(holders) or 'none now'}. Airflow retries the task later."
+    )
 
 
 def lock_holders(conn: psycopg.Connection, spec: ForeignKeySpec, limit: int = 5) -> list[str]:
@@ -152,6 +186,10 @@ def lock_holders(conn: psycopg.Connection, spec: ForeignKeySpec, limit: int = 5)
         statement("session", "lock_holders"),
         {"schema": spec.schema, "table": spec.table, "limit": limit},
     ).fetchall()
+    return _describe(rows)
+
+
+def _describe(rows: list[tuple]) -> list[str]:
     return [
         f"pid {pid} {mode}{'' if granted else ' (waiting)'} {state}, transaction open {age}: {query}"
         for pid, mode, granted, state, age, query in rows

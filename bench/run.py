@@ -1,0 +1,400 @@
+"""Benchmarks: what the app feels (against the naive migration), what the work costs (against the floor),
+the classic NOT IN orphan query, Airflow's overhead, and how each step scales.
+
+    python -m bench.run [--sizes 100000,1000000] [--not-in-cap 60] [--json bench/results/latest.json]
+
+Prints a Markdown report and writes the same figures as JSON. Each size is generated once per measurement
+into its own database from the same seed, so every pair compared ran on the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
+
+import psycopg  # noqa: E402
+from psycopg import errors as pgerrors  # noqa: E402
+
+from devkit.airflow_env import DAG_ID, airflow_cli, latest_xcom, migrate  # noqa: E402
+from devkit.app_db import build_app_database  # noqa: E402
+from devkit.pg import PgServer  # noqa: E402
+from devkit.pipeline import run_pipeline  # noqa: E402
+from devkit.workload import WRITE_KINDS, AppWorkload, WorkloadResult  # noqa: E402
+from fk_maintenance.settings import RunSettings  # noqa: E402
+from fk_maintenance.spec import VISION_KPIS_PARENT_FK as SPEC  # noqa: E402
+
+SEED = 42
+ORPHAN_RATIO = 0.01
+LOCK_TIMEOUT_MS = 2000
+BLOCKER_SECONDS = 5.0
+
+NAIVE_MIGRATION = [
+    # What applying a generated Drizzle migration does: one transaction, validated FK, plain index.
+    "UPDATE vision_kpis c SET parent_kpi_id = NULL WHERE c.parent_kpi_id IS NOT NULL "
+    "AND NOT EXISTS (SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id)",
+    "ALTER TABLE vision_kpis ADD CONSTRAINT vision_kpis_parent_kpi_id_fkey FOREIGN KEY (parent_kpi_id) "
+    "REFERENCES vision_kpis(id) ON DELETE SET NULL",
+    "CREATE INDEX vision_kpis_parent_kpi_idx ON vision_kpis (parent_kpi_id)",
+]
+ANTI_JOIN_COUNT = (
+    "SELECT count(*) FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL "
+    "AND NOT EXISTS (SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id)"
+)
+NOT_IN_COUNT = "SELECT count(*) FROM vision_kpis c WHERE c.parent_kpi_id NOT IN (SELECT id FROM vision_kpis)"
+
+
+class Bench:
+    def __init__(self, server: PgServer, home: Path) -> None:
+        self.server = server
+        self.home = home
+
+    def fresh(self, rows: int) -> str:
+        name = self.server.create_database("kpi_bench")
+        with psycopg.connect(self.server.dsn(name), autocommit=True) as conn:
+            build_app_database(conn, rows, orphan_ratio=ORPHAN_RATIO, seed=SEED)
+            conn.execute("CHECKPOINT")
+        return name
+
+    def connector(self, name: str) -> Callable[[], psycopg.Connection]:
+        dsn = self.server.dsn(name)
+        return lambda: psycopg.connect(dsn, autocommit=True)
+
+    # 1. App impact -----------------------------------------------------------------------------------
+    def impact_pipeline(self, rows: int) -> dict[str, Any]:
+        name = self.fresh(rows)
+        conf = json.dumps({"validate_now": True, "lock_timeout_ms": LOCK_TIMEOUT_MS})
+        with AppWorkload(self.server.dsn(name)) as app:
+            time.sleep(1.0)
+            started = time.monotonic()
+            result = airflow_cli(
+                self.home,
+                "dags",
+                "test",
+                DAG_ID,
+                "-c",
+                conf,
+                kpi_db_json=self.server.airflow_connection_json(name),
+                check=False,
+            )
+            wall = time.monotonic() - started
+            time.sleep(1.0)
+        report = latest_xcom(self.home, "report") or {}
+        if result.returncode != 0 or report.get("final_state") != "converged":
+            raise RuntimeError(f"the DAG did not converge:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        db_seconds = sum(step["seconds"] or 0 for step in report["steps"].values())
+        self.server.drop_database(name)
+        return {"app": _app(app.result), "wall_s": round(wall, 2), "db_s": round(db_seconds, 2), "report": report}
+
+    def impact_naive(self, rows: int) -> dict[str, Any]:
+        name = self.fresh(rows)
+        with AppWorkload(self.server.dsn(name)) as app:
+            time.sleep(1.0)
+            seconds = self._naive(name)
+            time.sleep(1.0)
+        self.server.drop_database(name)
+        return {"app": _app(app.result), "db_s": round(seconds, 2)}
+
+    def _naive(self, name: str) -> float:
+        with psycopg.connect(self.server.dsn(name)) as conn:
+            started = time.monotonic()
+            for statement in NAIVE_MIGRATION:
+                conn.execute(statement)
+            conn.commit()
+            return time.monotonic() - started
+
+    def impact_with_blocker(self, rows: int, *, naive: bool) -> dict[str, Any]:
+        """A long app transaction holds a row lock when the constraint is added, for BLOCKER_SECONDS."""
+        name = self.fresh(rows)
+        connect = self.connector(name)
+        settings = RunSettings(validate_now=True, lock_timeout_ms=LOCK_TIMEOUT_MS, lock_attempts=20)
+        if not naive:
+            # Everything up to the constraint first, so the blocker meets ADD CONSTRAINT itself.
+            from fk_maintenance.index import create_index_concurrently
+            from fk_maintenance.orphans import null_orphans
+
+            with connect() as conn:
+                null_orphans(conn, SPEC, settings, "bench")
+                create_index_concurrently(conn, SPEC, settings)
+        with AppWorkload(self.server.dsn(name)) as app:
+            time.sleep(0.5)
+            blocker = psycopg.connect(self.server.dsn(name))
+            blocker.execute(
+                "UPDATE vision_kpis SET title = title WHERE id = (SELECT id FROM vision_kpis "
+                "WHERE level = 'yearly' LIMIT 1)"
+            )
+            release = threading.Timer(BLOCKER_SECONDS, blocker.rollback)
+            release.start()
+            started = time.monotonic()
+            if naive:
+                self._naive(name)
+            else:
+                run_pipeline(connect, SPEC, settings, "bench")
+            seconds = time.monotonic() - started
+            release.join()
+            blocker.close()
+            time.sleep(0.5)
+        self.server.drop_database(name)
+        return {"app": _app(app.result), "seconds": round(seconds, 2)}
+
+    # 2. Cost against the floor -----------------------------------------------------------------------
+    def steps(self, rows: int) -> dict[str, float]:
+        name = self.fresh(rows)
+        results = run_pipeline(self.connector(name), SPEC, RunSettings(validate_now=True), "bench")
+        self.server.drop_database(name)
+        return {step: float(info["seconds"] or 0) for step, info in results["report"]["steps"].items()} | {
+            "resweep": float(results["validate_fk"]["resweep"]["seconds"])
+        }
+
+    def floor(self, rows: int) -> dict[str, float]:
+        name = self.fresh(rows)
+        timings: dict[str, float] = {}
+        with psycopg.connect(self.server.dsn(name), autocommit=True) as conn:
+            for label, statement in [
+                ("detect_orphans", ANTI_JOIN_COUNT),
+                ("null_orphans", NAIVE_MIGRATION[0]),
+                (
+                    "create_index_concurrently",
+                    "CREATE INDEX CONCURRENTLY vision_kpis_parent_kpi_idx ON vision_kpis (parent_kpi_id)",
+                ),
+                ("add_fk_not_valid", NAIVE_MIGRATION[1] + " NOT VALID"),
+                ("validate_fk", "ALTER TABLE vision_kpis VALIDATE CONSTRAINT vision_kpis_parent_kpi_id_fkey"),
+            ]:
+                started = time.monotonic()
+                conn.execute(statement)
+                timings[label] = time.monotonic() - started
+        self.server.drop_database(name)
+        return timings
+
+    # 3. NOT IN -----------------------------------------------------------------------------------------
+    def not_in(self, rows: int, cap_s: int) -> dict[str, Any]:
+        name = self.fresh(rows)
+        with psycopg.connect(self.server.dsn(name), autocommit=True) as conn:
+            started = time.monotonic()
+            anti = conn.execute(ANTI_JOIN_COUNT).fetchone()[0]
+            anti_s = time.monotonic() - started
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", [f"{cap_s}s"])
+            started = time.monotonic()
+            try:
+                conn.execute(NOT_IN_COUNT).fetchone()
+                capped = False
+            except pgerrors.QueryCanceled:
+                capped = True
+            not_in_s = time.monotonic() - started
+        self.server.drop_database(name)
+        return {
+            "anti_join_s": round(anti_s, 3),
+            "orphans": anti,
+            "not_in_s": round(not_in_s, 3),
+            "capped": capped,
+            "ratio": round(not_in_s / anti_s, 1) if anti_s else None,
+        }
+
+
+def _app(result: WorkloadResult) -> dict[str, Any]:
+    return {
+        **result.latency(WRITE_KINDS),
+        "reads_max_ms": result.latency(("read",))["max_ms"],
+        "statements": len(result.ops),
+        "failed": len(result.errors()),
+    }
+
+
+def parse_time() -> dict[str, float]:
+    """The DAG file in a fresh interpreter: Airflow's own import, then our file on top of it."""
+    probe = (
+        "import time, runpy, sys\n"
+        f"sys.path.insert(0, {str(REPO / 'plugins')!r})\n"
+        "t0 = time.perf_counter(); import airflow.sdk, airflow.timetables.trigger; t1 = time.perf_counter()\n"
+        f"runpy.run_path({str(REPO / 'dags' / 'vision_kpis_parent_fk.py')!r}); t2 = time.perf_counter()\n"
+        "print(t1 - t0, t2 - t1)\n"
+    )
+    samples = []
+    for _ in range(5):
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        ).stdout.split()
+        samples.append((float(out[0]), float(out[1])))
+    airflow_import = sorted(s[0] for s in samples)[len(samples) // 2]
+    dag_file = sorted(s[1] for s in samples)[len(samples) // 2]
+    return {"airflow_import_s": round(airflow_import, 3), "dag_file_s": round(dag_file, 3)}
+
+
+def machine() -> dict[str, Any]:
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_gib, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def run(sizes: list[int], not_in_cap: int) -> dict[str, Any]:
+    server = PgServer.embedded()
+    home = Path(tempfile.mkdtemp(prefix="kpi-bench-airflow-"))
+    try:
+        migrate(home)
+        bench = Bench(server, home)
+        with psycopg.connect(server.admin_dsn) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+        results: dict[str, Any] = {
+            "machine": machine() | {"postgresql": version},
+            "parse": parse_time(),
+            "lock_timeout_ms": LOCK_TIMEOUT_MS,
+            "sizes": {},
+        }
+        for rows in sizes:
+            print(f"... {rows} rows", file=sys.stderr, flush=True)
+            size: dict[str, Any] = {}
+            size["pipeline"] = bench.impact_pipeline(rows)
+            size["naive"] = bench.impact_naive(rows)
+            size["pipeline_blocked"] = bench.impact_with_blocker(rows, naive=False)
+            size["naive_blocked"] = bench.impact_with_blocker(rows, naive=True)
+            size["steps"] = bench.steps(rows)
+            size["floor"] = bench.floor(rows)
+            size["not_in"] = bench.not_in(rows, not_in_cap)
+            size["pipeline"].pop("report")
+            results["sizes"][str(rows)] = size
+        return results
+    finally:
+        server.stop()
+
+
+FLOOR_OF = {
+    "detect_orphans": "one anti-join count",
+    "null_orphans": "one set-based UPDATE",
+    "create_index_concurrently": "one CREATE INDEX CONCURRENTLY",
+    "add_fk_not_valid": "one ADD CONSTRAINT NOT VALID",
+    "validate_fk": "one VALIDATE CONSTRAINT",
+}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, PostgreSQL {m['postgresql']}, Python {m['python']}; "
+        f"lock_timeout {results['lock_timeout_ms']} ms; ~1% orphans.",
+        "",
+        "**App impact** (4 app threads: inserts, parent moves, leaf deletes, reads by parent)",
+        "",
+        "| rows | migration | app writes p50 ms | p99 ms | worst ms | failed app statements |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for rows, size in results["sizes"].items():
+        for key, label in [
+            ("pipeline", "this pipeline (airflow dags test)"),
+            ("naive", "naive (one transaction)"),
+            ("pipeline_blocked", "this pipeline, long app transaction open"),
+            ("naive_blocked", "naive, long app transaction open"),
+        ]:
+            app = size[key]["app"]
+            lines.append(
+                f"| {int(rows):,} | {label} | {app['p50_ms']} | {app['p99_ms']} | {app['max_ms']} | {app['failed']} |"
+            )
+    lines += ["", "| rows | worst stall, naive / pipeline | with a long transaction open |", "| ---: | ---: | ---: |"]
+    for rows, size in results["sizes"].items():
+        plain = size["naive"]["app"]["max_ms"] / max(size["pipeline"]["app"]["max_ms"], 0.001)
+        blocked = size["naive_blocked"]["app"]["max_ms"] / max(size["pipeline_blocked"]["app"]["max_ms"], 0.001)
+        lines.append(f"| {int(rows):,} | {plain:.1f}x | {blocked:.1f}x |")
+    lines += [
+        "",
+        "**Cost against the floor** (database seconds, no app load)",
+        "",
+        "| rows | step | pipeline s | floor s | floor | ratio |",
+        "| ---: | --- | ---: | ---: | --- | ---: |",
+    ]
+    for rows, size in results["sizes"].items():
+        total_ours = total_floor = 0.0
+        for step, what in FLOOR_OF.items():
+            ours, floor = size["steps"][step], size["floor"][step]
+            total_ours += ours
+            total_floor += floor
+            note = " (incl. orphan re-sweep)" if step == "validate_fk" else ""
+            lines.append(
+                f"| {int(rows):,} | {step}{note} | {ours:.2f} | {floor:.2f} | {what} | "
+                f"{ours / floor if floor else float('nan'):.2f}x |"
+            )
+        lines.append(
+            f"| {int(rows):,} | **total** | {total_ours:.2f} | {total_floor:.2f} | | "
+            f"**{total_ours / total_floor:.2f}x** |"
+        )
+        lines.append(
+            f"| {int(rows):,} | preflight + post_checks (verification, no floor) | "
+            f"{size['steps']['preflight'] + size['steps']['post_checks']:.2f} | | | |"
+        )
+    lines += [
+        "",
+        "**Orphan query**: `NOT IN (SELECT id ...)` against the `NOT EXISTS` anti-join",
+        "",
+        "| rows | anti-join s | NOT IN s | ratio |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for rows, size in results["sizes"].items():
+        n = size["not_in"]
+        capped = ">= " if n["capped"] else ""
+        lines.append(
+            f"| {int(rows):,} | {n['anti_join_s']} | {capped}{n['not_in_s']}"
+            f"{' (capped)' if n['capped'] else ''} | {capped}{n['ratio']}x |"
+        )
+    p = results["parse"]
+    lines += [
+        "",
+        f"**Airflow overhead**: DAG file parse {p['dag_file_s'] * 1000:.0f} ms on top of Airflow's own "
+        f"import ({p['airflow_import_s'] * 1000:.0f} ms), fresh interpreter, median of 5.",
+        "",
+        "| rows | whole run wall s (airflow dags test) | database s | overhead s |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for rows, size in results["sizes"].items():
+        pipe = size["pipeline"]
+        lines.append(f"| {int(rows):,} | {pipe['wall_s']} | {pipe['db_s']} | {pipe['wall_s'] - pipe['db_s']:.2f} |")
+    keys = list(results["sizes"])
+    if len(keys) >= 2:
+        small, large = results["sizes"][keys[0]], results["sizes"][keys[1]]
+        factor = int(keys[1]) / int(keys[0])
+        lines += [
+            "",
+            f"**Scaling** {int(keys[0]):,} -> {int(keys[1]):,} rows ({factor:.0f}x the data)",
+            "",
+            "| step | time ratio |",
+            "| --- | ---: |",
+        ]
+        for step in [*FLOOR_OF, "post_checks"]:
+            a, b = small["steps"][step], large["steps"][step]
+            lines.append(f"| {step} | {b / a if a else float('nan'):.1f}x |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated row counts (add 5000000)")
+    parser.add_argument("--not-in-cap", type=int, default=60, help="seconds the NOT IN query may run")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    args = parser.parse_args()
+    results = run([int(s) for s in args.sizes.split(",")], args.not_in_cap)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+    print(f"\n(figures written to {args.json})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
