@@ -13,7 +13,7 @@ Gives `public.vision_kpis` a **validated** self-referencing foreign key
 | detect_orphans | nothing: one `NOT EXISTS` anti-join; counts orphans and missing parents, logs a sample | ACCESS SHARE for one scan |
 | null_orphans | nulls dangling `parent_kpi_id` in batches; each batch audits then nulls its rows in one transaction | row locks on the batch's rows (rows the app holds are skipped, never waited for); ROW EXCLUSIVE |
 | create_index_concurrently | `CREATE INDEX CONCURRENTLY` (an INVALID leftover is dropped concurrently first) | SHARE UPDATE EXCLUSIVE, which app reads and writes never wait on |
-| add_fk_not_valid | `ADD CONSTRAINT ... NOT VALID`; from then on new writes are checked | SHARE ROW EXCLUSIVE for milliseconds; the app waits at most `lock_timeout_ms` per attempt |
+| add_fk_not_valid | `ADD CONSTRAINT ... NOT VALID`; from then on new writes are checked | SHARE ROW EXCLUSIVE for milliseconds; the app waits at most `lock_timeout_ms` per attempt, and no attempt is made while a transaction older than that holds a conflicting lock |
 | validate_fk | re-sweeps orphans, then `VALIDATE CONSTRAINT` inside the window | SHARE UPDATE EXCLUSIVE (app never waits on it) for one scan, under a `statement_timeout` ending at the window's end |
 | post_checks | nothing (its write test is always rolled back) | ACCESS SHARE; one row lock for a rolled-back UPDATE |
 | report | nothing | none |
@@ -74,8 +74,9 @@ TASK_DOCS = {
     "create_index_concurrently": "CREATE INDEX CONCURRENTLY in autocommit. Locks: SHARE UPDATE EXCLUSIVE, which "
     "app reads and writes never wait on; may itself wait for old transactions (logged) up to `index_timeout_min`.",
     "add_fk_not_valid": "ALTER TABLE ... ADD CONSTRAINT ... NOT VALID. Locks: SHARE ROW EXCLUSIVE for "
-    "milliseconds; each attempt waits at most `lock_timeout_ms`, so app writes queue behind it at most that long. "
-    "Retried with jittered back-off `lock_attempts` times.",
+    "milliseconds; each attempt waits at most `lock_timeout_ms`, so app writes queue behind it at most that long, "
+    "and while a transaction older than that holds a conflicting lock no attempt is made at all. "
+    "Retried with jittered back-off `lock_attempts` times, then the task fails and Airflow retries it later.",
     "validate_fk": "Inside the window: re-sweep orphans, then VALIDATE CONSTRAINT. Locks: SHARE UPDATE EXCLUSIVE "
     "(app reads and writes never wait on it) for one scan, under a statement_timeout ending at the window's end. "
     "Outside the window the task is rescheduled and holds no worker slot.",

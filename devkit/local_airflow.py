@@ -1,0 +1,145 @@
+"""A local Airflow for trying the DAG in the UI: ``airflow standalone`` (api-server, scheduler, dag-processor,
+triggerer) with this project's dags and plugins, its metadata in an embedded PostgreSQL, and the ``kpi_db``
+connection pointing at a database of that server filled with demo KPIs.
+
+    python -m devkit.local_airflow [--port 8080] [--rows 100000]
+
+Prints the URL and the login, runs until Ctrl-C (or SIGTERM), then stops Airflow and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugins"))
+
+from devkit.airflow_env import airflow_env  # noqa: E402
+from devkit.app_db import build_app_database  # noqa: E402
+from devkit.pg import PgServer  # noqa: E402
+
+USER = "admin"
+
+
+@dataclass
+class LocalAirflow:
+    url: str
+    user: str
+    password: str
+    home: Path
+    kpi_dsn: str
+    process: subprocess.Popen
+
+
+def _metadata_url(server: PgServer, database: str) -> str:
+    params = conninfo_to_dict(server.dsn(database))
+    return f"postgresql+psycopg2://{params.get('user', 'postgres')}@/{database}?host={params['host']}"
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"airflow standalone exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2) as response:
+                health = json.load(response)
+            if all(
+                (health.get(part) or {}).get("status") == "healthy"
+                for part in ("metadatabase", "scheduler", "dag_processor", "triggerer")
+            ):
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"Airflow at {url} was not healthy within {timeout:.0f} s")
+
+
+@contextmanager
+def local_airflow(home: Path, *, port: int = 8080, rows: int = 100_000, timeout: float = 180) -> Iterator[LocalAirflow]:
+    home.mkdir(parents=True, exist_ok=True)
+    server = PgServer.embedded()
+    process: subprocess.Popen | None = None
+    try:
+        metadata_db = server.create_database("airflow_meta")
+        kpi_db = server.create_database("kpi_demo")
+        with psycopg.connect(server.dsn(kpi_db), autocommit=True) as conn:
+            build_app_database(conn, rows)
+        password = secrets.token_urlsafe(12)
+        passwords_file = home / "simple_auth_manager_passwords.json"
+        passwords_file.write_text(json.dumps({USER: password}))
+        env = {
+            **os.environ,
+            **airflow_env(home, server.airflow_connection_json(kpi_db)),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _metadata_url(server, metadata_db),
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": f"http://localhost:{port}",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_SEC": "2",
+        }
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        log = (home / "standalone.log").open("w")
+        process = subprocess.Popen(
+            [airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        url = f"http://localhost:{port}"
+        _wait_until_up(url, process, timeout)
+        yield LocalAirflow(url, USER, password, home, server.dsn(kpi_db), process)
+    finally:
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--home", type=Path, default=REPO / ".local-airflow")
+    args = parser.parse_args()
+    stop = {"requested": False}
+
+    def request_stop(*_: object) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    print(f"Starting Airflow with {args.rows} demo KPIs (about a minute) ...", flush=True)
+    with local_airflow(args.home, port=args.port, rows=args.rows) as airflow:
+        print(f"\nAirflow is up: {airflow.url}\nLog in as {airflow.user} / {airflow.password}\n"
+              f"DAG: {airflow.url}/dags/vision_kpis_parent_fk  (Trigger opens the form)\n"
+              f"Target database (kpi_db): {airflow.kpi_dsn}\nLogs: {airflow.home}/standalone.log\n"
+              "Ctrl-C stops Airflow and PostgreSQL.", flush=True)
+        while not stop["requested"] and airflow.process.poll() is None:
+            time.sleep(0.5)
+    print("Stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
