@@ -30,11 +30,17 @@ def airflow_env(home: Path, kpi_db_json: str | None = None) -> dict[str, str]:
 
 
 def airflow_cli(
-    home: Path, *args: str, kpi_db_json: str | None = None, log_path: Path | None = None, check: bool = True
+    home: Path,
+    *args: str,
+    kpi_db_json: str | None = None,
+    log_path: Path | None = None,
+    check: bool = True,
+    nice: int = 0,
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **airflow_env(home, kpi_db_json)}
     airflow = Path(sys.executable).with_name("airflow")
-    result = subprocess.run([str(airflow), *args], env=env, capture_output=True, text=True)
+    prefix = ["nice", "-n", str(nice)] if nice else []
+    result = subprocess.run([*prefix, str(airflow), *args], env=env, capture_output=True, text=True)
     if log_path is not None:
         log_path.write_text(result.stdout + result.stderr)
     if check and result.returncode != 0:

@@ -131,10 +131,13 @@ def main() -> int:
     signal.signal(signal.SIGINT, request_stop)
     print(f"Starting Airflow with {args.rows} demo KPIs (about a minute) ...", flush=True)
     with local_airflow(args.home, port=args.port, rows=args.rows) as airflow:
-        print(f"\nAirflow is up: {airflow.url}\nLog in as {airflow.user} / {airflow.password}\n"
-              f"DAG: {airflow.url}/dags/vision_kpis_parent_fk  (Trigger opens the form)\n"
-              f"Target database (kpi_db): {airflow.kpi_dsn}\nLogs: {airflow.home}/standalone.log\n"
-              "Ctrl-C stops Airflow and PostgreSQL.", flush=True)
+        print(
+            f"\nAirflow is up: {airflow.url}\nLog in as {airflow.user} / {airflow.password}\n"
+            f"DAG: {airflow.url}/dags/vision_kpis_parent_fk  (Trigger opens the form)\n"
+            f"Target database (kpi_db): {airflow.kpi_dsn}\nLogs: {airflow.home}/standalone.log\n"
+            "Ctrl-C stops Airflow and PostgreSQL.",
+            flush=True,
+        )
         while not stop["requested"] and airflow.process.poll() is None:
             time.sleep(0.5)
     print("Stopped.")

@@ -1,16 +1,17 @@
-"""A stand-in for the goal-tracking app: threads that insert KPIs, move them between parents, delete leaves
-and read children by parent, each statement timed, every error kept. Used by the fault suite and the
+"""A stand-in for the goal-tracking app: client processes that insert KPIs, move them between parents, delete
+leaves and read children by parent, each statement timed, every error kept. Used by the fault suite and the
 benchmarks to measure what the app feels while a migration runs."""
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import statistics
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -67,7 +68,11 @@ class WorkloadResult:
 
 @dataclass
 class AppWorkload:
-    """Start with ``with AppWorkload(dsn) as app: ...``; ``app.result`` holds what it measured."""
+    """Start with ``with AppWorkload(dsn) as app: ...``; ``app.result`` holds what it measured.
+
+    Each client is its own process with its own connection, as app servers are: latencies then measure the
+    database, not a shared interpreter lock.
+    """
 
     dsn: str
     writers: int = 3
@@ -77,28 +82,37 @@ class AppWorkload:
     delete_parent_share: float = 0.0  # share of write operations deleting an existing parent (with children)
     seed: int = 7
     result: WorkloadResult | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __enter__(self) -> AppWorkload:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            self._parents = [
-                row[0]
+            parents = [
+                str(row[0])
                 for row in conn.execute(
                     "SELECT id FROM vision_kpis WHERE level = 'weekly' ORDER BY id LIMIT 2000"
                 ).fetchall()
             ]
-        self._ops: list[Op] = []
-        self._inserted: set[uuid.UUID] = set()
-        self._deleted: set[uuid.UUID] = set()
-        self._touched: set[uuid.UUID] = set()
-        self._live: list[uuid.UUID] = []
-        self._started = time.monotonic()
-        self._threads = [
-            threading.Thread(target=self._run, args=(self._write, i), daemon=True) for i in range(self.writers)
-        ] + [threading.Thread(target=self._run, args=(self._read, 100 + i), daemon=True) for i in range(self.readers)]
-        for thread in self._threads:
-            thread.start()
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results = context.Queue()
+        self._started_at = time.time()
+        clients = [("write", i) for i in range(self.writers)] + [("read", i) for i in range(self.readers)]
+        self._processes = []
+        for role, number in clients:
+            config = _ClientConfig(
+                dsn=self.dsn,
+                role=role,
+                seed=self.seed * 1000 + number + (100 if role == "read" else 0),
+                parents=parents,
+                # Each writer deletes only parents from its own share of the pool, so no two delete the same.
+                deletable=parents[number :: max(1, self.writers)] if role == "write" else [],
+                dangling_share=self.dangling_share,
+                delete_parent_share=self.delete_parent_share,
+                think_seconds=self.think_seconds,
+                started_at=self._started_at,
+            )
+            process = context.Process(target=_client, args=(config, self._stop, self._results), daemon=True)
+            process.start()
+            self._processes.append(process)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -107,37 +121,77 @@ class AppWorkload:
     def stop(self) -> WorkloadResult:
         if self.result is None:
             self._stop.set()
-            for thread in self._threads:
-                thread.join(timeout=60)
+            ops: list[Op] = []
+            inserted: set[uuid.UUID] = set()
+            deleted: set[uuid.UUID] = set()
+            touched: set[uuid.UUID] = set()
+            for _ in self._processes:
+                client_ops, client_inserted, client_deleted, client_touched = self._results.get(timeout=120)
+                ops.extend(Op(*op) for op in client_ops)
+                inserted.update(map(uuid.UUID, client_inserted))
+                deleted.update(map(uuid.UUID, client_deleted))
+                touched.update(map(uuid.UUID, client_touched))
+            for process in self._processes:
+                process.join(timeout=30)
             self.result = WorkloadResult(
-                ops=sorted(self._ops, key=lambda op: op.started),
-                inserted=self._inserted,
-                deleted=self._deleted,
-                touched=self._touched,
-                duration=time.monotonic() - self._started,
+                ops=sorted(ops, key=lambda op: op.started),
+                inserted=inserted,
+                deleted=deleted,
+                touched=touched,
+                duration=time.time() - self._started_at,
             )
         return self.result
 
-    def _run(self, body: Callable[[psycopg.Connection, random.Random], None], number: int) -> None:
-        rng = random.Random(self.seed * 1000 + number)
+
+@dataclass(frozen=True)
+class _ClientConfig:
+    dsn: str
+    role: str
+    seed: int
+    parents: list[str]
+    deletable: list[str]
+    dangling_share: float
+    delete_parent_share: float
+    think_seconds: float
+    started_at: float
+
+
+class _Client:
+    """One app client process: its own connection, its own rows, its own record."""
+
+    def __init__(self, config: _ClientConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.ops: list[tuple[str, float, float, str | None]] = []
+        self.inserted: set[str] = set()
+        self.deleted: set[str] = set()
+        self.touched: set[str] = set()
+        self.live: list[str] = []
+        self.deletable = list(config.deletable)
+
+    def run(self, stop: Event) -> None:
         conn: psycopg.Connection | None = None
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 if conn is None or conn.closed or conn.broken:
-                    conn = psycopg.connect(self.dsn, autocommit=True, application_name="app-workload")
+                    conn = psycopg.connect(self.config.dsn, autocommit=True, application_name="app-workload")
                     conn.execute("SET statement_timeout = '30s'")
-                body(conn, rng)
+                if self.config.role == "read":
+                    self.read(conn)
+                else:
+                    self.write(conn)
             except psycopg.OperationalError as exc:
                 # The server went away (a restart scenario); the app reconnects, as a pool would.
-                self._record("connect", time.monotonic(), 0.0, type(exc).__name__)
+                self.ops.append(("connect", time.time() - self.config.started_at, 0.0, type(exc).__name__))
                 conn = None
                 time.sleep(0.05)
-            time.sleep(self.think_seconds)
+            time.sleep(self.config.think_seconds)
         if conn is not None:
             conn.close()
 
-    def _timed(self, kind: str, conn: psycopg.Connection, query: str, params: tuple) -> list[tuple]:
-        started = time.monotonic()
+    def timed(self, kind: str, conn: psycopg.Connection, query: str, params: tuple) -> list[tuple]:
+        started = time.time()
+        clock = time.perf_counter()
         error = None
         rows: list[tuple] = []
         try:
@@ -146,37 +200,32 @@ class AppWorkload:
         except pgerrors.Error as exc:
             error = type(exc).__name__
             if isinstance(exc, psycopg.OperationalError) and conn.broken:
-                self._record(kind, started, time.monotonic() - started, error)
+                self.ops.append((kind, started - self.config.started_at, time.perf_counter() - clock, error))
                 raise
-        self._record(kind, started, time.monotonic() - started, error)
+        self.ops.append((kind, started - self.config.started_at, time.perf_counter() - clock, error))
         return rows if error is None else []
 
-    def _record(self, kind: str, started: float, seconds: float, error: str | None) -> None:
-        with self._lock:
-            self._ops.append(Op(kind, started - self._started, seconds, error))
-
-    def _write(self, conn: psycopg.Connection, rng: random.Random) -> None:
+    def write(self, conn: psycopg.Connection) -> None:
+        rng = self.rng
         roll = rng.random()
-        if roll < self.delete_parent_share and self._parents:
-            with self._lock:
-                parent = self._parents.pop(rng.randrange(len(self._parents)))
-            children = self._timed(
+        if roll < self.config.delete_parent_share and self.deletable:
+            parent = self.deletable.pop(rng.randrange(len(self.deletable)))
+            children = self.timed(
                 "delete_parent",
                 conn,
                 "WITH gone AS (DELETE FROM vision_kpis WHERE id = %s RETURNING id) "
                 "SELECT c.id FROM vision_kpis c WHERE c.parent_kpi_id = %s",
                 (parent, parent),
             )
-            with self._lock:
-                self._deleted.add(parent)
-                self._touched.add(parent)
-                self._touched.update(row[0] for row in children)
+            self.deleted.add(parent)
+            self.touched.add(parent)
+            self.touched.update(str(row[0]) for row in children)
             return
-        if roll < 0.5 or not self._live:
-            new_id = uuid.uuid4()
-            dangling = rng.random() < self.dangling_share
-            parent = uuid.uuid4() if dangling else rng.choice(self._parents)
-            rows = self._timed(
+        if roll < 0.5 or not self.live:
+            new_id = str(uuid.uuid4())
+            dangling = rng.random() < self.config.dangling_share
+            parent = str(uuid.uuid4()) if dangling else rng.choice(self.config.parents)
+            rows = self.timed(
                 "insert",
                 conn,
                 "INSERT INTO vision_kpis (id, user_id, vision_id, level, title, parent_kpi_id) "
@@ -184,30 +233,33 @@ class AppWorkload:
                 (new_id, parent),
             )
             if rows:
-                with self._lock:
-                    self._inserted.add(new_id)
-                    self._touched.add(new_id)
-                    self._live.append(new_id)
+                self.inserted.add(new_id)
+                self.touched.add(new_id)
+                self.live.append(new_id)
         elif roll < 0.75:
-            with self._lock:
-                target = rng.choice(self._live)
-            self._timed(
+            self.timed(
                 "move",
                 conn,
                 "UPDATE vision_kpis SET parent_kpi_id = %s, updated_at = now() WHERE id = %s",
-                (rng.choice(self._parents), target),
+                (rng.choice(self.config.parents), rng.choice(self.live)),
             )
         else:
-            with self._lock:
-                if not self._live:
-                    return
-                target = self._live.pop(rng.randrange(len(self._live)))
-            rows = self._timed("delete", conn, "DELETE FROM vision_kpis WHERE id = %s RETURNING id", (target,))
-            if rows:
-                with self._lock:
-                    self._deleted.add(target)
+            target = self.live.pop(rng.randrange(len(self.live)))
+            if self.timed("delete", conn, "DELETE FROM vision_kpis WHERE id = %s RETURNING id", (target,)):
+                self.deleted.add(target)
 
-    def _read(self, conn: psycopg.Connection, rng: random.Random) -> None:
-        self._timed(
-            "read", conn, "SELECT id, title FROM vision_kpis WHERE parent_kpi_id = %s", (rng.choice(self._parents),)
+    def read(self, conn: psycopg.Connection) -> None:
+        self.timed(
+            "read",
+            conn,
+            "SELECT id, title FROM vision_kpis WHERE parent_kpi_id = %s",
+            (self.rng.choice(self.config.parents),),
         )
+
+
+def _client(config: _ClientConfig, stop: Event, results: Queue) -> None:
+    client = _Client(config)
+    try:
+        client.run(stop)
+    finally:
+        results.put((client.ops, client.inserted, client.deleted, client.touched))

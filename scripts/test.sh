@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+scripts/system-deps.sh
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Debian packages the test suite uses: chromium (the trigger-form browser test, driven by Playwright with
+# executable_path, no browser download) and docker-compose (validating docker-compose.yml; no engine runs).
+# Installs them when missing and running as root; otherwise says what the tests will skip.
+set -euo pipefail
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "Installing ${missing[*]} from Debian's packages..." >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "Not root: ${missing[*]} missing, the tests that need them will be skipped." >&2
+fi
