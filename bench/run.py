@@ -40,6 +40,7 @@ SEED = 42
 ORPHAN_RATIO = 0.01
 LOCK_TIMEOUT_MS = 2000
 BLOCKER_SECONDS = 5.0
+BLOCKER_OPEN_BEFORE = 1.0
 
 NAIVE_MIGRATION = [
     # What applying a generated Drizzle migration does: one transaction, validated FK, plain index.
@@ -127,7 +128,8 @@ class Bench:
             return time.monotonic() - started
 
     def impact_with_blocker(self, rows: int, *, naive: bool) -> dict[str, Any]:
-        """A long app transaction holds a row lock when the constraint is added, for BLOCKER_SECONDS."""
+        """A long app transaction (open BLOCKER_OPEN_BEFORE s already) holds a row lock when the migration
+        reaches its constraint, and ends BLOCKER_SECONDS after it began."""
         name = self.fresh(rows)
         connect = self.connector(name)
         settings = RunSettings(validate_now=True, lock_timeout_ms=LOCK_TIMEOUT_MS, lock_attempts=20)
@@ -148,6 +150,7 @@ class Bench:
             )
             release = threading.Timer(BLOCKER_SECONDS, blocker.rollback)
             release.start()
+            time.sleep(BLOCKER_OPEN_BEFORE)
             started = time.monotonic()
             if naive:
                 self._naive(name)

@@ -14,7 +14,7 @@ Gives `public.vision_kpis` a **validated** self-referencing foreign key
 | null_orphans | nulls dangling `parent_kpi_id` in batches; each batch audits then nulls its rows in one transaction | row locks on the batch's rows (rows the app holds are skipped, never waited for); ROW EXCLUSIVE |
 | create_index_concurrently | `CREATE INDEX CONCURRENTLY` (an INVALID leftover is dropped concurrently first) | SHARE UPDATE EXCLUSIVE, which app reads and writes never wait on |
 | add_fk_not_valid | `ADD CONSTRAINT ... NOT VALID`; from then on new writes are checked | SHARE ROW EXCLUSIVE for milliseconds; the app waits at most `lock_timeout_ms` per attempt, and no attempt is made while a transaction older than that holds a conflicting lock |
-| validate_fk | re-sweeps orphans, then `VALIDATE CONSTRAINT` inside the window | SHARE UPDATE EXCLUSIVE (app never waits on it) for one scan, under a `statement_timeout` ending at the window's end |
+| validate_fk | `VALIDATE CONSTRAINT` inside the window; if it meets an orphan written before the constraint landed, re-sweeps (audited) and validates again | SHARE UPDATE EXCLUSIVE (app never waits on it) for one scan, under a `statement_timeout` ending at the window's end |
 | post_checks | nothing (its write test is always rolled back) | ACCESS SHARE; one row lock for a rolled-back UPDATE |
 | report | nothing | none |
 
@@ -77,7 +77,8 @@ TASK_DOCS = {
     "milliseconds; each attempt waits at most `lock_timeout_ms`, so app writes queue behind it at most that long, "
     "and while a transaction older than that holds a conflicting lock no attempt is made at all. "
     "Retried with jittered back-off `lock_attempts` times, then the task fails and Airflow retries it later.",
-    "validate_fk": "Inside the window: re-sweep orphans, then VALIDATE CONSTRAINT. Locks: SHARE UPDATE EXCLUSIVE "
+    "validate_fk": "Inside the window: VALIDATE CONSTRAINT; if it meets an orphan written before the constraint "
+    "landed, re-sweep orphans (audited) and validate again. Locks: SHARE UPDATE EXCLUSIVE "
     "(app reads and writes never wait on it) for one scan, under a statement_timeout ending at the window's end. "
     "Outside the window the task is rescheduled and holds no worker slot.",
     "post_checks": "All end-state assertions, all reported. Locks: ACCESS SHARE; one row lock for an UPDATE "

@@ -127,12 +127,13 @@ def with_lock_retries(
     """Run ``body(lock_timeout_ms_for_this_attempt)`` until it gets its lock, at most ``attempts`` times.
 
     ``body`` runs its own transaction with ``SET LOCAL lock_timeout``. With ``avoid_queueing_behind`` (the lock
-    modes ours conflicts with), an attempt is not even tried while a transaction older than its timeout holds
-    one of them: it would only park the app's writes behind us for the whole timeout. Between attempts we sleep
-    with full jitter (so two waiters do not retry in step) and log who holds locks on the table.
+    modes ours conflicts with), an attempt is not even tried while a transaction older than the first attempt's
+    timeout holds one of them: it would only park the app's writes behind us for the whole timeout. Between
+    attempts we sleep with full jitter (so two waiters do not retry in step) and log who holds locks on the table.
     """
     holders: list[str] = []
-    for number, timeout_ms in enumerate(attempt_timeouts(lock_timeout_ms, attempts), start=1):
+    timeouts = attempt_timeouts(lock_timeout_ms, attempts)
+    for number, timeout_ms in enumerate(timeouts, start=1):
         record.attempts += 1
         long_holders = (
             _describe(
@@ -142,7 +143,9 @@ def with_lock_retries(
                         "schema": spec.schema,
                         "table": spec.table,
                         "modes": avoid_queueing_behind,
-                        "older_than_ms": timeout_ms,
+                        # "Long" is fixed at the first, shortest timeout: a conflicting transaction already
+                        # open that long is not an OLTP write about to commit, whatever this attempt's timeout.
+                        "older_than_ms": timeouts[0],
                     },
                 ).fetchall()
             )
