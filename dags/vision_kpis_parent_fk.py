@@ -51,7 +51,7 @@ WHERE a.run_id = '<run_id>' AND k.id = a.kpi_id AND k.parent_kpi_id IS NULL
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.sdk import DAG, Param, task
 from airflow.timetables.trigger import CronTriggerTimetable
@@ -62,6 +62,10 @@ from fk_maintenance.spec import VISION_KPIS_PARENT_FK as SPEC
 CONN_ID = "kpi_db"
 DEFAULTS = RunSettings()
 _start = DEFAULTS.window_start_time
+_WINDOW_LENGTH = timedelta(
+    minutes=(DEFAULTS.window_end_time.hour * 60 + DEFAULTS.window_end_time.minute - _start.hour * 60 - _start.minute)
+    % (24 * 60)
+)
 
 TASK_DOCS = {
     "preflight": "Read-only catalog checks. Locks: ACCESS SHARE on catalog rows only. Fails with every problem "
@@ -102,8 +106,13 @@ with DAG(
     dag_id="vision_kpis_parent_fk",
     description="Validated self-referencing FK and index on vision_kpis, without stalling the app",
     doc_md=__doc__,
-    schedule=CronTriggerTimetable(f"{_start.minute} {_start.hour} * * *", timezone=DEFAULTS.window_timezone),
-    start_date=datetime(2026, 1, 1),
+    # No start_date: a freshly deployed DAG runs at once only if it lands inside the window, and otherwise
+    # waits for the next one instead of starting at deploy time, which may be the middle of the business day.
+    schedule=CronTriggerTimetable(
+        f"{_start.minute} {_start.hour} * * *",
+        timezone=DEFAULTS.window_timezone,
+        run_immediately=_WINDOW_LENGTH,
+    ),
     catchup=False,
     max_active_runs=1,
     params={definition.name: _param(definition) for definition in SETTING_DEFS},
@@ -117,48 +126,48 @@ with DAG(
     tags=["postgres", "schema-migration", "vision_kpis"],
 ) as dag:
 
-    @task(doc_md=TASK_DOCS["preflight"])
+    @task(doc_md=TASK_DOCS["preflight"], multiple_outputs=False)
     def preflight(**context) -> dict:
         from fk_maintenance.airflow_tasks import run_step
         from fk_maintenance.preflight import preflight as step
 
         return run_step(step, SPEC, CONN_ID, context)
 
-    @task(doc_md=TASK_DOCS["detect_orphans"])
+    @task(doc_md=TASK_DOCS["detect_orphans"], multiple_outputs=False)
     def detect_orphans(**context) -> dict:
         from fk_maintenance.airflow_tasks import run_step
         from fk_maintenance.orphans import detect_orphans as step
 
         return run_step(step, SPEC, CONN_ID, context)
 
-    @task(doc_md=TASK_DOCS["null_orphans"])
+    @task(doc_md=TASK_DOCS["null_orphans"], multiple_outputs=False)
     def null_orphans(**context) -> dict:
         from fk_maintenance.airflow_tasks import run_step
         from fk_maintenance.orphans import null_orphans as step
 
         return run_step(step, SPEC, CONN_ID, context, run_id=context["run_id"])
 
-    @task(doc_md=TASK_DOCS["create_index_concurrently"])
+    @task(doc_md=TASK_DOCS["create_index_concurrently"], multiple_outputs=False)
     def create_index_concurrently(**context) -> dict:
         from fk_maintenance.airflow_tasks import connector, run_step
         from fk_maintenance.index import create_index_concurrently as step
 
         return run_step(step, SPEC, CONN_ID, context, monitor_connect=connector(CONN_ID))
 
-    @task(doc_md=TASK_DOCS["add_fk_not_valid"])
+    @task(doc_md=TASK_DOCS["add_fk_not_valid"], multiple_outputs=False)
     def add_fk_not_valid(**context) -> dict:
         from fk_maintenance.airflow_tasks import run_step
         from fk_maintenance.constraint import add_fk_not_valid as step
 
         return run_step(step, SPEC, CONN_ID, context)
 
-    @task(doc_md=TASK_DOCS["validate_fk"])
+    @task(doc_md=TASK_DOCS["validate_fk"], multiple_outputs=False)
     def validate_fk(**context) -> dict:
         from fk_maintenance.airflow_tasks import run_validate
 
         return run_validate(SPEC, CONN_ID, context)
 
-    @task(doc_md=TASK_DOCS["post_checks"], retries=0)
+    @task(doc_md=TASK_DOCS["post_checks"], retries=0, multiple_outputs=False)
     def post_checks(**context) -> dict:
         from fk_maintenance.airflow_tasks import run_step
         from fk_maintenance.checks import post_checks as step
@@ -166,7 +175,7 @@ with DAG(
         return run_step(step, SPEC, CONN_ID, context)
 
     # all_done: a run that failed still gets its summary; the report then fails too, so the run is failed.
-    @task(doc_md=TASK_DOCS["report"], retries=0, trigger_rule="all_done")
+    @task(doc_md=TASK_DOCS["report"], retries=0, trigger_rule="all_done", multiple_outputs=False)
     def report(**context) -> dict:
         from fk_maintenance.airflow_tasks import run_report
         from fk_maintenance.report import STEPS

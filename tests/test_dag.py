@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ def test_schedule_is_daily_at_the_window_start_without_catchup_and_one_run_at_a_
 
     assert isinstance(dag.timetable, CronTriggerTimetable)
     assert dag.timetable._expression == "0 1 * * *"
+    # A new deployment runs at once only inside the default window (01:00-05:00), else waits for it.
+    assert dag.timetable._run_immediately == timedelta(hours=4)
+    assert dag.start_date is None
     assert dag.catchup is False
     assert dag.max_active_runs == 1
 
@@ -59,6 +63,7 @@ def test_every_task_documents_its_locks_and_retries_are_set_where_safe(dag) -> N
     for task in dag.tasks:
         assert (task.doc_md and "Lock" in task.doc_md) or task.task_id == "report", task.task_id
     assert dag.get_task("add_fk_not_valid").retries >= 1
+    assert not any(task.multiple_outputs for task in dag.tasks)  # one XCom per step, not one per key
     assert dag.get_task("post_checks").retries == 0
     assert dag.doc_md and "Undo the data change" in dag.doc_md
 

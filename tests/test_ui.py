@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from devkit.local_airflow import LocalAirflow, local_airflow
@@ -91,45 +92,87 @@ def _manual_runs(airflow: LocalAirflow) -> list[dict]:
     return [run for run in runs if run["run_type"] == "manual"]
 
 
-def _open_trigger_form(page, airflow: LocalAirflow) -> None:
+def _open_trigger_form(page, airflow: LocalAirflow):
     page.goto(f"{airflow.url}/dags/{DAG_ID}")
     page.get_by_test_id("trigger-dag-button").click()
-    page.locator("#element_batch_size").wait_for()
+    dialog = page.locator("[role=dialog][data-state=open]")
+    dialog.get_by_text("What this run does").wait_for()
+    return dialog
+
+
+def _open_section(dialog, title: str) -> None:
+    """The form shows one section of params at a time (an accordion, as the DAG's sections define)."""
+    dialog.get_by_text(title, exact=True).click()
+
+
+def _wait_for_run(airflow: LocalAirflow, known: int, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = _manual_runs(airflow)
+        if len(runs) > known and runs[-1]["state"] in ("success", "failed"):
+            return runs[-1]
+        time.sleep(2)
+    raise AssertionError(f"no finished manual run within {timeout:.0f} s")
+
+
+def _orphans(airflow: LocalAirflow) -> int:
+    with psycopg.connect(airflow.kpi_dsn) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id)"
+        ).fetchone()[0]
+
+
+def _settled(airflow: LocalAirflow) -> None:
+    """Wait until no run is active: a deployment inside the window starts its scheduled run at once."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        runs = _api(airflow, f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
+        if all(run["state"] in ("success", "failed") for run in runs):
+            return
+        time.sleep(2)
+    raise AssertionError("a run is still active")
 
 
 def test_trigger_form_dry_run_succeeds_and_its_report_shows_in_the_ui(page, airflow) -> None:
-    _open_trigger_form(page, airflow)
-    page.locator("label", has=page.locator("#element_dry_run")).click()
-    assert page.locator("#element_dry_run").is_checked()
-    page.locator("#element_batch_size").fill("250")
-    page.screenshot(path=str(SHOTS / "trigger-form.png"), full_page=True)
+    _settled(airflow)
+    orphans = _orphans(airflow)
     before = len(_manual_runs(airflow))
+    dialog = _open_trigger_form(page, airflow)
+    _open_section(dialog, "What this run does")
+    dialog.locator('[id="switch:element_dry_run"]').click()
+    assert dialog.locator("input[name=element_dry_run]").is_checked()
+    _open_section(dialog, "Locks and batches")
+    dialog.get_by_role("spinbutton", name="Batch size").fill("250")
+    page.wait_for_timeout(500)  # let the accordion finish its animation before the picture
+    page.screenshot(path=str(SHOTS / "trigger-form.png"), full_page=True)
     page.get_by_test_id("trigger-dag-submit").click()
 
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        runs = _manual_runs(airflow)
-        if len(runs) > before and runs[-1]["state"] in ("success", "failed"):
-            break
-        time.sleep(2)
-    run = _manual_runs(airflow)[-1]
+    run = _wait_for_run(airflow, before)
     assert run["state"] == "success", run
     assert run["conf"]["dry_run"] is True and run["conf"]["batch_size"] == 250
 
-    run_id = run["dag_run_id"]
-    page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{urllib.request.quote(run_id, safe='')}/tasks/report/xcom")
+    quoted = urllib.request.quote(run["dag_run_id"], safe="")
+    page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{quoted}/tasks/report")
     page.get_by_text("dry run: nothing changed").first.wait_for(timeout=60_000)
+    page.get_by_text(f"Orphans found: {orphans} ").first.wait_for()
     page.screenshot(path=str(SHOTS / "finished-run-report.png"), full_page=True)
+    assert _orphans(airflow) == orphans  # the dry run changed nothing
 
 
-def test_trigger_form_refuses_a_batch_size_of_zero_and_creates_no_run(page, airflow) -> None:
+def test_trigger_form_clamps_numbers_and_refuses_a_bad_window_without_creating_a_run(page, airflow) -> None:
     before = len(_manual_runs(airflow))
-    _open_trigger_form(page, airflow)
-    page.locator("#element_batch_size").fill("0")
-    page.locator("#element_lock_timeout_ms").click()  # leave the field so the form validates it
+    dialog = _open_trigger_form(page, airflow)
+    _open_section(dialog, "Locks and batches")
+    batch_size = dialog.get_by_role("spinbutton", name="Batch size")
+    batch_size.fill("0")
+    dialog.get_by_role("spinbutton", name="Lock timeout (ms)").click()
+    assert batch_size.input_value() == "1"  # the form never offers a value below the schema's minimum
+
+    _open_section(dialog, "Validation window")
+    dialog.locator("#element_window_start").fill("25:99")
+    page.get_by_test_id("trigger-dag-submit").click()
+    page.get_by_text("Failed to Trigger Dag").wait_for()
     page.screenshot(path=str(SHOTS / "trigger-form-refused.png"), full_page=True)
-    submit = page.get_by_test_id("trigger-dag-submit")
-    if submit.is_enabled():
-        submit.click()
-        time.sleep(3)
+    time.sleep(2)
     assert len(_manual_runs(airflow)) == before
