@@ -96,6 +96,8 @@ def local_airflow(home: Path, *, port: int = 8080, rows: int = 100_000, timeout:
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_SEC": "2",
+            # standalone starts its components as `airflow ...` from PATH: make it this interpreter's.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
         airflow = str(Path(sys.executable).with_name("airflow"))
         log = (home / "standalone.log").open("w")
@@ -103,7 +105,11 @@ def local_airflow(home: Path, *, port: int = 8080, rows: int = 100_000, timeout:
             [airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         url = f"http://localhost:{port}"
-        _wait_until_up(url, process, timeout)
+        try:
+            _wait_until_up(url, process, timeout)
+        except (TimeoutError, RuntimeError) as exc:
+            tail = "\n".join((home / "standalone.log").read_text(errors="replace").splitlines()[-40:])
+            raise RuntimeError(f"{exc}; last lines of {home / 'standalone.log'}:\n{tail}") from None
         yield LocalAirflow(url, USER, password, home, server.dsn(kpi_db), process)
     finally:
         if process is not None and process.poll() is None:

@@ -24,6 +24,14 @@ def _pinned(package: str) -> str:
     return match.group(1)
 
 
+def _bind_mount(volume: str | dict) -> tuple[Path | str, str]:
+    """(source, target) of a volume, in either the short ("src:dst:mode") or the long syntax."""
+    if isinstance(volume, dict):
+        return Path(volume["source"]).resolve() if volume["type"] == "bind" else volume["source"], volume["target"]
+    source, target = volume.split(":")[:2]
+    return (Path(source).resolve() if source.startswith("/") else source), target
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
     if shutil.which("docker-compose") is None:
@@ -51,7 +59,7 @@ def test_airflow_services_use_the_project_image_mounts_and_connection(compose) -
         assert env["AIRFLOW_CONN_KPI_DB"].startswith("postgresql://")
         assert "@kpi-db:5432/" in env["AIRFLOW_CONN_KPI_DB"]
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql")
-        mounts = {(Path(v["source"]).resolve(), v["target"]) for v in service["volumes"] if v["type"] == "bind"}
+        mounts = {_bind_mount(volume) for volume in service["volumes"]}
         for folder in ("dags", "plugins", "sql"):
             assert (REPO / folder, f"/opt/airflow/{folder}") in mounts, f"{name} does not mount {folder}/"
         assert env["FK_MAINTENANCE_SQL_DIR"] == "/opt/airflow/sql"
