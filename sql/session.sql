@@ -35,6 +35,10 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg
 LIMIT 1
 
 -- name: lock_holders
+-- Who holds (or waits for) locks on the table, for the operator. With modes and older_than_ms: only granted
+-- locks of those modes in transactions already older than that, i.e. sessions that queueing behind would
+-- hold every later app write behind us until our timeout fires. Autovacuum is left out of that: it gives
+-- up its lock when a conflicting request waits.
 SELECT l.pid, l.mode, l.granted, coalesce(a.state, '?'),
        coalesce(date_trunc('second', now() - a.xact_start)::text, 'no transaction'),
        left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 120)
@@ -43,27 +47,13 @@ JOIN pg_class c ON c.oid = l.relation
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND l.pid <> pg_backend_pid()
+  AND (%(modes)s::text[] IS NULL OR (
+        l.granted AND l.mode = ANY(%(modes)s::text[])
+        AND a.backend_type <> 'autovacuum worker'
+        AND a.xact_start < now() - make_interval(secs => %(older_than_ms)s::int / 1000.0)))
 ORDER BY l.granted DESC, a.xact_start NULLS LAST
 LIMIT %(limit)s
 
 -- name: server_facts
 SELECT current_setting('server_version'), current_setting('server_version_num')::int,
        current_database(), current_user
-
--- name: long_conflicting_holders
--- Sessions that hold a lock conflicting with the one we want and whose transaction is already older than our
--- lock_timeout: queueing behind them would hold every later app write behind us until our timeout fires.
--- Autovacuum is left out: it gives up its lock when a conflicting request waits.
-SELECT l.pid, l.mode, l.granted, coalesce(a.state, '?'),
-       coalesce(date_trunc('second', now() - a.xact_start)::text, 'no transaction'),
-       left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 120)
-FROM pg_locks l
-JOIN pg_class c ON c.oid = l.relation
-JOIN pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND l.pid <> pg_backend_pid()
-  AND l.granted AND l.mode = ANY(%(modes)s)
-  AND a.backend_type <> 'autovacuum worker'
-  AND a.xact_start < now() - make_interval(secs => %(older_than_ms)s / 1000.0)
-ORDER BY a.xact_start
-LIMIT 5

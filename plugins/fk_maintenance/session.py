@@ -136,19 +136,9 @@ def with_lock_retries(
     for number, timeout_ms in enumerate(timeouts, start=1):
         record.attempts += 1
         long_holders = (
-            _describe(
-                conn.execute(
-                    statement("session", "long_conflicting_holders"),
-                    {
-                        "schema": spec.schema,
-                        "table": spec.table,
-                        "modes": avoid_queueing_behind,
-                        # "Long" is fixed at the first, shortest timeout: a conflicting transaction already
-                        # open that long is not an OLTP write about to commit, whatever this attempt's timeout.
-                        "older_than_ms": timeouts[0],
-                    },
-                ).fetchall()
-            )
+            # "Long" is fixed at the first, shortest timeout: a conflicting transaction already open that
+            # long is not an OLTP write about to commit, whatever this attempt's timeout.
+            lock_holders(conn, spec, modes=avoid_queueing_behind, older_than_ms=timeouts[0])
             if avoid_queueing_behind
             else []
         )
@@ -184,15 +174,19 @@ def with_lock_retries(
     )
 
 
-def lock_holders(conn: psycopg.Connection, spec: ForeignKeySpec, limit: int = 5) -> list[str]:
+def lock_holders(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    *,
+    modes: list[str] | None = None,
+    older_than_ms: int | None = None,
+    limit: int = 5,
+) -> list[str]:
+    """Sessions with locks on the table; with ``modes``, only those long transactions holding one of them."""
     rows = conn.execute(
         statement("session", "lock_holders"),
-        {"schema": spec.schema, "table": spec.table, "limit": limit},
+        {"schema": spec.schema, "table": spec.table, "modes": modes, "older_than_ms": older_than_ms, "limit": limit},
     ).fetchall()
-    return _describe(rows)
-
-
-def _describe(rows: list[tuple]) -> list[str]:
     return [
         f"pid {pid} {mode}{'' if granted else ' (waiting)'} {state}, transaction open {age}: {query}"
         for pid, mode, granted, state, age, query in rows
