@@ -146,9 +146,11 @@ def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, type
 
 
 def _hierarchy_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> list[Check]:
-    unreached, deepest, too_deep = conn.execute(
-        statement("checks", "depth_summary", spec), {"max_depth": settings.max_depth}
-    ).fetchone()
+    with conn.transaction():
+        conn.execute(statement("checks", "hierarchy_work_mem"))
+        unreached, deepest, too_deep = conn.execute(
+            statement("checks", "depth_summary", spec), {"max_depth": settings.max_depth}
+        ).fetchone()
     checks = []
     if unreached:
         start = conn.execute(statement("checks", "unreached_example", spec)).fetchone()[0]
