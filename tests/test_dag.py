@@ -225,3 +225,24 @@ def test_bad_settings_stop_a_task_before_it_connects(monkeypatch, airflow_home) 
     monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 1}))
     with pytest.raises(AirflowFailException, match="window_timezone 'Nowhere/Land' is not a known IANA timezone"):
         run_step(preflight, VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"window_timezone": "Nowhere/Land"}})
+
+
+def test_a_run_whose_preflight_fails_ends_failed_with_an_incomplete_report(
+    dag, db, spec, monkeypatch, airflow_home
+) -> None:
+    from devkit.airflow_env import latest_xcom
+
+    db.build(500)
+    db.execute(
+        "ALTER TABLE vision_kpis ADD CONSTRAINT vision_kpis_parent_kpi_id_fkey FOREIGN KEY (parent_kpi_id) "
+        "REFERENCES vision_kpis(id) ON DELETE CASCADE NOT VALID"
+    )
+    before = snapshot(db, spec)
+    run = _run(dag, monkeypatch, db, {"validate_now": True})
+    states = _task_states(run)
+    assert str(run.state) == "failed"
+    assert states["preflight"] == "failed" and states["null_orphans"] == "upstream_failed"
+    assert states["report"] == "failed"  # it ran (all_done) and said why the run is not green
+    report = latest_xcom(airflow_home, "report", key="report")
+    assert report["final_state"].startswith("incomplete: preflight, detect_orphans")
+    assert snapshot(db, spec) == before

@@ -3,7 +3,6 @@ conflicting objects, with identifiers that need quoting, and under a role that m
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 
 import psycopg
@@ -435,13 +434,21 @@ def test_null_orphans_skips_rows_the_app_holds_and_the_re_sweep_gets_them(db, sp
     app = db.connect()
     app.autocommit = False
     app.execute("SELECT 1 FROM vision_kpis WHERE id = %s FOR UPDATE", [held])
-    finished = threading.Event()
     with db.connect() as conn:
         result = null_orphans(conn, spec, NOW, "run-1")
-        finished.set()
     assert result["left_alone"] == 1
     app.rollback()
     app.close()
     with db.connect() as conn:
         assert null_orphans(conn, spec, NOW, "run-1")["nulled"] == 1
     assert orphan_count(db, spec) == 0
+
+
+def test_the_report_of_a_run_whose_step_failed_says_incomplete_even_in_a_dry_run(spec) -> None:
+    from fk_maintenance.report import build_report
+
+    only_preflight = {"preflight": {"seconds": 0.01, "server_version": "18"}}
+    for settings in (NOW, RunSettings(dry_run=True)):
+        report = build_report(spec, settings, "run-x", only_preflight)
+        assert not report["succeeded"]
+        assert report["final_state"].startswith("incomplete: detect_orphans, null_orphans")

@@ -142,11 +142,7 @@ def run_report(spec: ForeignKeySpec, context: dict[str, Any], steps: tuple[str, 
     results = {step: ti.xcom_pull(task_ids=step) for step in steps}
     report = build_report(spec, settings, context["run_id"], results)
     ti.xcom_push(key="report", value=report)
-    if report["final_state"] == "not converged":
-        missing = [step for step in steps if not results.get(step)]
-        raise AirflowFailException(
-            "the run did not converge: "
-            + (f"step(s) {', '.join(missing)} did not finish" if missing else "post-checks failed")
-            + "; see the report above and the failed task's log"
-        )
+    if not report["succeeded"]:
+        # The run's state follows its last task: a run whose steps failed must not end green.
+        raise AirflowFailException(f"{report['final_state']}; see the report above and the failed task's log")
     return report

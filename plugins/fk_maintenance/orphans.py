@@ -155,13 +155,6 @@ def null_orphans(
     }
 
 
-def audited_rows(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> int:
-    exists = conn.execute(statement("catalog", "table"), {"schema": spec.schema, "table": spec.audit_table}).fetchone()
-    if exists is None:
-        return 0
-    return conn.execute(statement("audit", "rows_for_run", spec), {"run_id": run_id}).fetchone()[0]
-
-
 def restore_from_audit(
     conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, *, lock_timeout_ms: int = 2000
 ) -> dict[str, int]:

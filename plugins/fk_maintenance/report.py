@@ -10,6 +10,8 @@ from .spec import ForeignKeySpec
 
 log = logging.getLogger(__name__)
 
+CONVERGED = "converged"
+DRY_RUN_STATE = "dry run: nothing changed"
 STEPS = (
     "preflight",
     "detect_orphans",
@@ -40,7 +42,15 @@ def build_report(
         }
         for step in STEPS
     }
-    converged = bool(checks) and checks.get("failed") == 0 and not settings.dry_run
+    unfinished = [step for step in STEPS if not results.get(step)]
+    if unfinished:
+        final_state = f"incomplete: {', '.join(unfinished)} did not finish"
+    elif settings.dry_run:
+        final_state = DRY_RUN_STATE
+    elif checks.get("failed") == 0:
+        final_state = CONVERGED
+    else:
+        final_state = "not converged: post-checks failed"
     report = {
         "run_id": run_id,
         "target": spec.describe(),
@@ -58,9 +68,8 @@ def build_report(
         "checks_passed": checks.get("passed"),
         "checks_failed": checks.get("failed"),
         "failed_checks": [c["name"] for c in checks.get("checks", []) if not c["ok"]],
-        "final_state": "converged"
-        if converged
-        else ("dry run: nothing changed" if settings.dry_run else "not converged"),
+        "final_state": final_state,
+        "succeeded": final_state in (CONVERGED, DRY_RUN_STATE),
         "restore_hint": (
             f"pointers nulled by this run are in {spec.schema}.{spec.audit_table} WHERE run_id = '{run_id}'"
             if audited
