@@ -452,3 +452,26 @@ def test_the_report_of_a_run_whose_step_failed_says_incomplete_even_in_a_dry_run
         report = build_report(spec, settings, "run-x", only_preflight)
         assert not report["succeeded"]
         assert report["final_state"].startswith("incomplete: detect_orphans, null_orphans")
+
+
+def test_each_step_sets_its_own_timeouts_whatever_the_database_defaults_are(db, spec) -> None:
+    from fk_maintenance.session import prepare_session
+
+    db.build(200)
+    db.execute(sql.SQL("ALTER DATABASE {} SET lock_timeout = 0").format(sql.Identifier(db.name)))
+    db.execute(sql.SQL("ALTER DATABASE {} SET statement_timeout = 0").format(sql.Identifier(db.name)))
+    with db.connect() as conn:
+        prepare_session(conn, "add_fk_not_valid", lock_timeout_ms=1500, statement_timeout_ms=60_000)
+        settings = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('lock_timeout', 'statement_timeout', "
+                "'application_name', 'max_parallel_workers_per_gather', 'idle_in_transaction_session_timeout')"
+            ).fetchall()
+        )
+    assert settings == {
+        "lock_timeout": "1500",
+        "statement_timeout": "60000",
+        "application_name": "kpi-fk-maintenance:add_fk_not_valid",
+        "max_parallel_workers_per_gather": "0",
+        "idle_in_transaction_session_timeout": "60000",
+    }

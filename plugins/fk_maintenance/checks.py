@@ -39,6 +39,7 @@ def post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSet
         lock_timeout_ms=settings.lock_timeout_ms,
         statement_timeout_ms=CHECK_STATEMENT_TIMEOUT_MS,
         read_only=settings.dry_run,
+        parallel_workers=settings.parallel_workers,
     )
     checks: list[Check] = []
     state = inspect_target(conn, spec)

@@ -63,6 +63,7 @@ def add_fk_not_valid(
         lock_timeout_ms=settings.lock_timeout_ms,
         statement_timeout_ms=60_000,
         read_only=settings.dry_run,
+        parallel_workers=settings.parallel_workers,
     )
     state = _state(conn, spec)
     if state.constraint.exists:
@@ -168,6 +169,7 @@ def validate_fk(
         lock_timeout_ms=settings.lock_timeout_ms,
         statement_timeout_ms=60_000,
         read_only=settings.dry_run,
+        parallel_workers=settings.parallel_workers,
     )
     state = _state(conn, spec)
     if state.constraint.exists and state.constraint.validated:
@@ -237,7 +239,13 @@ def validate_fk(
                 violation.diag.message_detail,
             )
             resweep = null_orphans(conn, spec, settings, run_id, step="validate_fk re-sweep")
-            prepare_session(conn, "validate_fk", lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=60_000)
+            prepare_session(
+                conn,
+                "validate_fk",
+                lock_timeout_ms=settings.lock_timeout_ms,
+                statement_timeout_ms=60_000,
+                parallel_workers=settings.parallel_workers,
+            )
             validate()
     except pgerrors.QueryCanceled:
         window = Window(settings.window_start_time, settings.window_end_time, settings.zone)

@@ -116,6 +116,7 @@ def create_index_concurrently(
         lock_timeout_ms=timeout_ms,
         statement_timeout_ms=timeout_ms,
         read_only=settings.dry_run,
+        parallel_workers=settings.parallel_workers,
     )
     state = inspect_target(conn, spec)
     if state.problems:

@@ -34,6 +34,7 @@ def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: Run
         lock_timeout_ms=settings.lock_timeout_ms,
         statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS,
         read_only=True,
+        parallel_workers=settings.parallel_workers,
     )
     _require_target(conn, spec)
     orphans, dangling, sample = conn.execute(
@@ -92,7 +93,11 @@ def null_orphans(
         log.info("%s: dry run, nothing nulled", step)
         return {"skipped": "dry run", "nulled": 0, "audited": 0, "seconds": 0.0}
     prepare_session(
-        conn, step, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
+        conn,
+        step,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS,
+        parallel_workers=settings.parallel_workers,
     )
     state = _require_target(conn, spec)
     with run_lock(conn, spec):

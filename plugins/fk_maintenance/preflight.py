@@ -23,7 +23,12 @@ MIN_SERVER_VERSION_NUM = 130000  # gen_random_uuid() in core, pg_stat_progress_c
 def preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
     started = time.monotonic()
     prepare_session(
-        conn, "preflight", lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=60_000, read_only=True
+        conn,
+        "preflight",
+        lock_timeout_ms=settings.lock_timeout_ms,
+        statement_timeout_ms=60_000,
+        read_only=True,
+        parallel_workers=settings.parallel_workers,
     )
     version, version_num, database, user = conn.execute(statement("session", "server_facts")).fetchone()
     log.info("preflight: connected to %s as %s, PostgreSQL %s", database, user, version)

@@ -86,6 +86,15 @@ SETTING_DEFS: tuple[SettingDef, ...] = (
         SECTION_LOCKS,
     ),
     SettingDef(
+        "parallel_workers",
+        0,
+        {"type": "integer", "minimum": 0, "maximum": 16},
+        "Parallel workers per query",
+        "Parallel workers our scans and the index build may use. 0 keeps each step on one core and leaves "
+        "the others to the app; raise it on a large, quiet server to finish sooner.",
+        SECTION_LOCKS,
+    ),
+    SettingDef(
         "index_timeout_min",
         240,
         {"type": "integer", "minimum": 1, "maximum": 1440},
@@ -174,6 +183,7 @@ class RunSettings:
     batch_pause_ms: int = 0
     lock_timeout_ms: int = 2000
     lock_attempts: int = 8
+    parallel_workers: int = 0
     index_timeout_min: int = 240
     window_start: str = "01:00"
     window_end: str = "05:00"
