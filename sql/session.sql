@@ -5,8 +5,10 @@ SELECT set_config('application_name', %(application_name)s, false),
        set_config('lock_timeout', %(lock_timeout)s, false),
        set_config('statement_timeout', %(statement_timeout)s, false),
        set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_session_timeout)s, false),
-       set_config('default_transaction_read_only', %(read_only)s, false),
-       set_config('max_parallel_workers_per_gather', %(parallel_workers)s, false),
+       set_config('default_transaction_read_only', %(read_only)s, false)
+
+-- name: limit_parallel_workers
+SELECT set_config('max_parallel_workers_per_gather', %(parallel_workers)s, false),
        set_config('max_parallel_maintenance_workers', %(parallel_workers)s, false)
 
 -- name: check_client_connection

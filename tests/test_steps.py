@@ -460,8 +460,13 @@ def test_each_step_sets_its_own_timeouts_whatever_the_database_defaults_are(db, 
     db.build(200)
     db.execute(sql.SQL("ALTER DATABASE {} SET lock_timeout = 0").format(sql.Identifier(db.name)))
     db.execute(sql.SQL("ALTER DATABASE {} SET statement_timeout = 0").format(sql.Identifier(db.name)))
+    db.execute(sql.SQL("ALTER DATABASE {} SET max_parallel_workers_per_gather = 1").format(sql.Identifier(db.name)))
     with db.connect() as conn:
-        prepare_session(conn, "add_fk_not_valid", lock_timeout_ms=1500, statement_timeout_ms=60_000)
+        prepare_session(conn, "preflight", lock_timeout_ms=1500, statement_timeout_ms=60_000)
+        # -1, the default, keeps the server's (here the database's) choice of parallel workers.
+        assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone()[0] == "1"
+    with db.connect() as conn:
+        prepare_session(conn, "add_fk_not_valid", lock_timeout_ms=1500, statement_timeout_ms=60_000, parallel_workers=0)
         settings = dict(
             conn.execute(
                 "SELECT name, setting FROM pg_settings WHERE name IN ('lock_timeout', 'statement_timeout', "

@@ -31,12 +31,12 @@ def prepare_session(
     lock_timeout_ms: int,
     statement_timeout_ms: int,
     read_only: bool = False,
-    parallel_workers: int = 0,
+    parallel_workers: int = -1,
 ) -> None:
     """Set this step's own timeouts on the session, so nothing is inherited from the role or database.
 
-    ``parallel_workers`` caps the parallel workers of our scans and index build: with 0, a step uses one core
-    and leaves the others to the app.
+    ``parallel_workers`` caps the parallel workers of our scans and index build (0: a step uses one core and
+    leaves the others to the app); -1 keeps the server's own setting, which its DBA chose for its cores.
     """
     conn.autocommit = True
     conn.execute(
@@ -48,9 +48,10 @@ def prepare_session(
             # A worker killed mid-transaction must not leave a session holding row locks for long.
             "idle_in_transaction_session_timeout": "60s",
             "read_only": "on" if read_only else "off",
-            "parallel_workers": str(parallel_workers),
         },
     )
+    if parallel_workers >= 0:
+        conn.execute(statement("session", "limit_parallel_workers"), {"parallel_workers": str(parallel_workers)})
     conn.execute(statement("session", "check_client_connection"), {"interval": "2s"})
 
 

@@ -87,11 +87,12 @@ SETTING_DEFS: tuple[SettingDef, ...] = (
     ),
     SettingDef(
         "parallel_workers",
-        0,
-        {"type": "integer", "minimum": 0, "maximum": 16},
+        -1,
+        {"type": "integer", "minimum": -1, "maximum": 16},
         "Parallel workers per query",
-        "Parallel workers our scans and the index build may use. 0 keeps each step on one core and leaves "
-        "the others to the app; raise it on a large, quiet server to finish sooner.",
+        "Parallel workers our scans and the index build may use. -1 keeps the server's own settings "
+        "(max_parallel_workers_per_gather, max_parallel_maintenance_workers); 0 keeps each step on one core "
+        "and leaves the others to the app, the choice for a small or CPU-bound primary.",
         SECTION_LOCKS,
     ),
     SettingDef(
@@ -183,7 +184,7 @@ class RunSettings:
     batch_pause_ms: int = 0
     lock_timeout_ms: int = 2000
     lock_attempts: int = 8
-    parallel_workers: int = 0
+    parallel_workers: int = -1
     index_timeout_min: int = 240
     window_start: str = "01:00"
     window_end: str = "05:00"
