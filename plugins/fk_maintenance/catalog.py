@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from .errors import PreflightFailed
 from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
 from .sqlfiles import statement
 
@@ -206,4 +207,12 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
             f"index {spec.index} is being built right now by pid {state.index.build_in_progress_pid}; "
             "wait for that build to finish or cancel it"
         )
+    return state
+
+
+def require_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetState:
+    """The target's state, or PreflightFailed naming every way it differs from the spec (nothing changed)."""
+    state = inspect_target(conn, spec)
+    if state.problems:
+        raise PreflightFailed(state.problems)
     return state

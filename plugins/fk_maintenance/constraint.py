@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerrors
 
-from .catalog import TargetState, inspect_target
-from .errors import PreflightFailed, WindowsExhausted
+from .catalog import require_target
+from .errors import WindowsExhausted
 from .orphans import null_orphans
 from .session import (
     CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
@@ -37,13 +37,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _state(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetState:
-    state = inspect_target(conn, spec)
-    if state.problems:
-        raise PreflightFailed(state.problems)
-    return state
-
-
 def add_fk_not_valid(
     conn: psycopg.Connection,
     spec: ForeignKeySpec,
@@ -65,7 +58,7 @@ def add_fk_not_valid(
         read_only=settings.dry_run,
         parallel_workers=settings.parallel_workers,
     )
-    state = _state(conn, spec)
+    state = require_target(conn, spec)
     if state.constraint.exists:
         log.info("add_fk_not_valid: %s already exists (%s)", spec.constraint, state.constraint.definition)
         return {
@@ -84,7 +77,7 @@ def add_fk_not_valid(
         with conn.transaction():
             # The ALTER itself does no scan (NOT VALID); the statement_timeout only bounds the unexpected.
             set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=lock_timeout_ms + 30_000)
-            if _state(conn, spec).constraint.exists:  # added by another run between our check and the lock
+            if require_target(conn, spec).constraint.exists:  # added by another run between our check and the lock
                 return
             conn.execute(statement("constraint", "add_not_valid", spec))
 
@@ -171,7 +164,7 @@ def validate_fk(
         read_only=settings.dry_run,
         parallel_workers=settings.parallel_workers,
     )
-    state = _state(conn, spec)
+    state = require_target(conn, spec)
     if state.constraint.exists and state.constraint.validated:
         log.info("validate_fk: %s is already validated", spec.constraint)
         return {"outcome": "already validated", "seconds": round(time.monotonic() - started, 3)}

@@ -15,8 +15,7 @@ from typing import Any
 
 import psycopg
 
-from .catalog import inspect_target
-from .errors import PreflightFailed
+from .catalog import inspect_target, require_target
 from .session import prepare_session, run_lock
 from .settings import RunSettings
 from .spec import ForeignKeySpec
@@ -118,10 +117,7 @@ def create_index_concurrently(
         read_only=settings.dry_run,
         parallel_workers=settings.parallel_workers,
     )
-    state = inspect_target(conn, spec)
-    if state.problems:
-        raise PreflightFailed(state.problems)
-    index = state.index
+    index = require_target(conn, spec).index
     if index.exists and index.valid:
         log.info("create_index_concurrently: %s already exists and is valid; nothing to do", spec.index)
         return {"action": "none (already valid)", "seconds": round(time.monotonic() - started, 3)}

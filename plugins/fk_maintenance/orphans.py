@@ -9,8 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .catalog import TargetState, inspect_target
-from .errors import PreflightFailed
+from .catalog import TargetState, require_target
 from .session import prepare_session, run_lock, set_local_timeouts
 from .settings import RunSettings
 from .spec import ForeignKeySpec
@@ -36,7 +35,7 @@ def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: Run
         read_only=True,
         parallel_workers=settings.parallel_workers,
     )
-    _require_target(conn, spec)
+    require_target(conn, spec)
     orphans, dangling, sample = conn.execute(
         statement("orphans", "summary", spec), {"sample_size": settings.sample_size}
     ).fetchone()
@@ -99,7 +98,7 @@ def null_orphans(
         statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS,
         parallel_workers=settings.parallel_workers,
     )
-    state = _require_target(conn, spec)
+    state = require_target(conn, spec)
     with run_lock(conn, spec):
         ensure_audit_table(conn, spec, state)
         with conn.transaction():
@@ -169,10 +168,3 @@ def restore_from_audit(
         restored, audited = conn.execute(statement("audit", "restore_run", spec), {"run_id": run_id}).fetchone()
     log.info("restore: %d of %d audited pointer(s) of run %s put back", restored, audited, run_id)
     return {"restored": restored, "audited": audited}
-
-
-def _require_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetState:
-    state = inspect_target(conn, spec)
-    if state.problems:
-        raise PreflightFailed(state.problems)
-    return state
