@@ -151,7 +151,8 @@ def validate_fk(
     sleep: Callable[[float], None] = time.sleep,
     min_validate_seconds: float = MIN_VALIDATE_SECONDS,
 ) -> dict[str, Any]:
-    """Re-sweep orphans and VALIDATE CONSTRAINT inside the window; otherwise say when to try again.
+    """VALIDATE CONSTRAINT inside the window (re-sweeping orphans first only if it meets one); otherwise say
+    when to try again.
 
     Returns ``outcome`` "validated", "already validated", "dry run" or "reschedule" (with ``retry_at``).
     """
@@ -244,13 +245,18 @@ def validate_fk(
         window = Window(settings.window_start_time, settings.window_end_time, settings.zone)
         end = decision.window_end or now()
         next_start, _ = window.current_or_next(end)
-        log.warning("validate_fk: VALIDATE was cut short by the end of the window; the constraint stays NOT VALID")
+        cut_by = (
+            "the end of the window"
+            if decision.window_end is not None
+            else f"its statement_timeout of {settings.index_timeout_min} min (validate_now)"
+        )
+        log.warning("validate_fk: VALIDATE was cut short by %s; the constraint stays NOT VALID", cut_by)
         if decision.windows_used + 1 >= settings.max_windows:
             raise WindowsExhausted(
                 f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s); "
                 "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
             ) from None
-        return _reschedule(next_start, "VALIDATE cut short by the end of the window", started, resweep=resweep or {})
+        return _reschedule(next_start, f"VALIDATE cut short by {cut_by}", started, resweep=resweep or {})
     seconds = time.monotonic() - started
     log.info("validate_fk: %s validated in %.1f s (%s)", spec.constraint, seconds, decision.reason)
     return {
