@@ -12,9 +12,6 @@ CREATE TABLE IF NOT EXISTS {audit} (
 -- name: comment_table
 COMMENT ON TABLE {audit} IS 'kpi-fk-maintenance: dangling parent pointers nulled before adding a foreign key; restore with the README''s UPDATE'
 
--- name: rows_for_run
-SELECT count(*) FROM {audit} WHERE run_id = %(run_id)s
-
 -- name: restore_run
 -- Puts back pointers nulled by one run, where the row still has no parent and the parent exists now.
 -- A pointer the app has since set to something else is left alone: the app's write is newer.

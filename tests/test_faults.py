@@ -31,6 +31,8 @@ from fk_maintenance.errors import ConcurrentRun, LockNotAcquired
 from fk_maintenance.index import create_index_concurrently
 from fk_maintenance.orphans import null_orphans
 from fk_maintenance.settings import RunSettings
+from fk_maintenance.spec import VISION_KPIS_PARENT_FK
+from tests.test_steps import orphan_count
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 20_000
@@ -70,11 +72,7 @@ def assert_invariants(db, before: Snapshot, app: WorkloadResult, *, validated: b
             assert after_parent is None and audit.get(kpi) == parent, f"pointer of {kpi} changed without audit"
             nulled += 1
     if validated:
-        orphans = db.scalar(
-            "SELECT count(*) FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL "
-            "AND NOT EXISTS (SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id)"
-        )
-        assert orphans == 0
+        assert orphan_count(db, VISION_KPIS_PARENT_FK) == 0
         assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = 'vision_kpis_parent_kpi_id_fkey'")
     return {"nulled_and_audited": nulled, "audit_rows": len(audit)}
 
@@ -392,7 +390,6 @@ def test_a_wrong_password_is_refused_with_one_clear_message_that_does_not_contai
     from fk_maintenance.airflow_tasks import run_step
     from fk_maintenance.errors import TargetUnreachable
     from fk_maintenance.preflight import preflight
-    from fk_maintenance.spec import VISION_KPIS_PARENT_FK
 
     hba = restartable.data_dir / "pg_hba.conf"
     original = hba.read_text()
@@ -423,6 +420,8 @@ sys.path[:0] = [{plugins!r}, {repo!r}]
 import psycopg
 from fk_maintenance.spec import VISION_KPIS_PARENT_FK as spec
 from fk_maintenance.settings import RunSettings
+from fk_maintenance.spec import VISION_KPIS_PARENT_FK
+from tests.test_steps import orphan_count
 from fk_maintenance.orphans import null_orphans
 from fk_maintenance.index import create_index_concurrently
 settings = RunSettings(batch_size=50)

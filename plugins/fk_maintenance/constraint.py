@@ -25,7 +25,7 @@ from .session import (
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
-from .window import Window, WindowDecision
+from .window import WindowDecision
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def decide_window(
     min_validate_seconds: float = MIN_VALIDATE_SECONDS,
 ) -> WindowDecision:
     """Whether VALIDATE may start now, and if not, when to look again. Raises when windows ran out."""
-    window = Window(settings.window_start_time, settings.window_end_time, settings.zone)
+    window = settings.window
     used = window.ends_between(run_started_at, now)
     if settings.validate_now:
         return WindowDecision(True, "validate_now set by the operator", windows_used=used)
@@ -187,9 +187,7 @@ def validate_fk(
     if gate is not None:
         retry_at = now() + timedelta(minutes=settings.recheck_minutes)
         if decision.window_end is not None and retry_at >= decision.window_end:
-            retry_at = Window(settings.window_start_time, settings.window_end_time, settings.zone).current_or_next(
-                decision.window_end
-            )[0]
+            retry_at = settings.window.current_or_next(decision.window_end)[0]
         return _reschedule(retry_at, gate, started)
 
     record = LockAttempts()
@@ -242,7 +240,7 @@ def validate_fk(
             )
             validate()
     except pgerrors.QueryCanceled:
-        window = Window(settings.window_start_time, settings.window_end_time, settings.zone)
+        window = settings.window
         end = decision.window_end or now()
         next_start, _ = window.current_or_next(end)
         cut_by = (

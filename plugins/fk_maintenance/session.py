@@ -96,7 +96,6 @@ class LockAttempts:
     attempts: int = 0
     lock_timeouts: int = 0
     deferred: int = 0  # attempts not tried because a long transaction held a conflicting lock
-    waited_s: float = 0.0
 
 
 # Lock modes that conflict with SHARE ROW EXCLUSIVE, which ADD FOREIGN KEY takes on both tables.
@@ -154,12 +153,10 @@ def with_lock_retries(
             holders = long_holders
             outcome = "not tried, so the app does not queue behind us"
         else:
-            started = time.monotonic()
             try:
                 return body(timeout_ms)
             except (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected) as exc:
                 record.lock_timeouts += 1
-                record.waited_s += time.monotonic() - started
                 holders = lock_holders(conn, spec)
                 outcome = f"did not get its lock within {timeout_ms} ms ({exc.sqlstate})"
         log.warning(

@@ -12,6 +12,7 @@ from datetime import time
 from typing import Any
 
 from .errors import InvalidSettings
+from .window import Window
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 HHMM_PATTERN = _HHMM.pattern
@@ -223,6 +224,10 @@ class RunSettings:
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.window_timezone)
+
+    @property
+    def window(self) -> Window:
+        return Window(self.window_start_time, self.window_end_time, self.zone)
 
 
 def _type_problem(name: str, value: Any) -> str | None:
