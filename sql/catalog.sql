@@ -1,7 +1,7 @@
 -- Catalog introspection for preflight and the steps. Names are bound values here, never identifiers.
 
 -- name: table
-SELECT c.oid, c.relkind::text, pg_total_relation_size(c.oid), pg_relation_size(c.oid),
+SELECT c.oid, c.relkind::text, pg_total_relation_size(c.oid),
        greatest(c.reltuples, 0)::bigint, pg_get_userbyid(c.relowner)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = %(table)s
@@ -73,11 +73,14 @@ WHERE i.indrelid = %(relid)s AND i.indisprimary
 SELECT has_table_privilege(%(relid)s, 'INSERT'), has_table_privilege(%(relid)s, 'UPDATE')
 
 -- name: wraparound_vacuum
-SELECT a.pid, left(a.query, 200)
-FROM pg_stat_activity a
-WHERE a.backend_type = 'autovacuum worker'
-  AND position('(to prevent wraparound)' in a.query) > 0
-  AND position(%(qualified)s in a.query) > 0
+-- The vacuum is found by the oid of the table it works on, never by its text; only its kind comes from the
+-- query text, which is where PostgreSQL states it.
+SELECT v.pid, left(a.query, 200)
+FROM pg_stat_progress_vacuum v
+JOIN pg_stat_activity a ON a.pid = v.pid
+WHERE v.relid = %(relid)s
+  AND a.backend_type = 'autovacuum worker'
+  AND a.query LIKE '%%(to prevent wraparound)%%'
 
 -- name: active_sessions
 SELECT count(*)

@@ -15,7 +15,12 @@ UPDATE {table} SET {column} = %(missing)s WHERE {row_key} = %(row_key)s
 SELECT gen_random_uuid()::text
 
 -- name: missing_parent_integer
-SELECT (coalesce(max({ref_column}), 0) + 1)::text FROM {ref_table}
+-- From the bottom of the key's type, where no sequence counting up from 1 ever gets: never max(id) + 1,
+-- which the app's next insert may be taking right now.
+SELECT v::text
+FROM generate_series(%(type_minimum)s::bigint, %(type_minimum)s::bigint + 1000) AS v
+WHERE NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = v)
+LIMIT 1
 
 -- name: depth_summary
 -- Walk down from the roots. Every row not reached is in a cycle or hangs below one; the walk itself

@@ -1,5 +1,5 @@
--- The foreign key: added NOT VALID (a short SHARE ROW EXCLUSIVE lock, no scan), validated later
--- (SHARE UPDATE EXCLUSIVE, which app reads and writes do not conflict with, plus one scan).
+-- The foreign key: added NOT VALID (no scan), validated later (one scan). The locks each takes and for how
+-- long are listed once, in fk_maintenance/steps.py.
 
 -- name: add_not_valid
 ALTER TABLE {table}

@@ -17,6 +17,18 @@ SELECT set_config('max_parallel_workers_per_gather', %(parallel_workers)s, false
 SELECT set_config('client_connection_check_interval', %(interval)s, false)
 WHERE current_setting('server_version_num')::int >= 140000
 
+-- name: current_settings
+-- What to put back when a step ends: a value the session itself had set, or else a RESET to the role's,
+-- database's or server's own. A setting this server version does not have is not listed.
+SELECT s.name, current_setting(s.name), s.source = 'session'
+FROM pg_settings s WHERE s.name = ANY(%(names)s::text[])
+
+-- name: restore_settings
+SELECT count(set_config(n, v, false)) FROM unnest(%(names)s::text[], %(values)s::text[]) AS s(n, v)
+
+-- name: reset_setting
+RESET {setting}
+
 -- name: configure_local
 SELECT set_config('lock_timeout', %(lock_timeout)s, true),
        set_config('statement_timeout', %(statement_timeout)s, true)

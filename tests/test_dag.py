@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from devkit.db_state import snapshot
 from fk_maintenance.settings import SETTING_DEFS
-from tests.test_steps import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "vision_kpis_parent_fk"
 
+# The graph of DESIGN.md, written out independently of fk_maintenance.steps so that a change to the step list
+# that breaks the contract fails here.
 EDGES = {
     ("preflight", "detect_orphans"),
     ("preflight", "create_index_concurrently"),
@@ -29,16 +31,26 @@ EDGES = {
 
 
 @pytest.fixture(scope="module")
-def dag(airflow_home):
+def bag(airflow_home):
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert bag.import_errors == {}
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+@pytest.fixture(scope="module")
+def dag(bag):
     return bag.dags[DAG_ID]
 
 
-def test_dag_imports_without_errors_and_has_the_contract_id(dag) -> None:
-    assert dag is not None and dag.dag_id == DAG_ID
+def test_dag_folder_imports_without_errors_and_holds_the_contract_dag_id(bag) -> None:
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) == {"vision_kpis_parent_fk"}
+
+
+def test_the_report_and_the_library_know_every_task_of_the_graph(dag) -> None:
+    from fk_maintenance.steps import REPORT_TASK, STEPS
+
+    assert {step.name for step in STEPS} | {REPORT_TASK} == set(dag.task_ids)
 
 
 def test_graph_and_order_are_as_designed(dag) -> None:
@@ -106,9 +118,14 @@ def test_form_has_every_setting_typed_bounded_and_described(dag) -> None:
 def test_the_form_refuses_bad_values(dag, conf: dict) -> None:
     from airflow.sdk.exceptions import ParamValidationError
 
+    from fk_maintenance.errors import InvalidSettings
+    from fk_maintenance.settings import RunSettings
+
     ((name, value),) = conf.items()
     with pytest.raises(ParamValidationError):
         dag.params.get_param(name).resolve(value=value)
+    with pytest.raises(InvalidSettings, match=name):  # the library refuses what the form refuses
+        RunSettings.from_params(conf)
 
 
 @pytest.mark.parametrize("definition", [d for d in SETTING_DEFS if "minimum" in d.schema], ids=lambda d: d.name)
@@ -143,7 +160,7 @@ def test_parsing_the_dag_file_loads_no_step_module_and_opens_no_connection() -> 
         "loaded = [m for m in sys.modules if m.startswith('fk_maintenance.')]\n"
         # Only the stdlib-only modules (settings and what they use); no step module, which would import psycopg.
         "assert set(loaded) <= {'fk_maintenance.settings', 'fk_maintenance.spec', 'fk_maintenance.errors',"
-        " 'fk_maintenance.window'}, loaded\n"
+        " 'fk_maintenance.window', 'fk_maintenance.steps'}, loaded\n"
         "assert 'psycopg' not in sys.modules, 'psycopg imported at parse time'\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
@@ -151,7 +168,8 @@ def test_parsing_the_dag_file_loads_no_step_module_and_opens_no_connection() -> 
 
 def _run(dag, monkeypatch, db, conf: dict):
     monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", db.server.airflow_connection_json(db.name))
-    return dag.test(run_conf=conf)
+    # Every setting given: dag.test() keeps the params of an earlier run of the same DAG object otherwise.
+    return dag.test(run_conf={**{d.name: d.default for d in SETTING_DEFS}, **conf})
 
 
 def _task_states(dag_run) -> dict[str, str]:
@@ -190,44 +208,15 @@ def test_dry_run_through_the_dag_changes_nothing(dag, db, spec, monkeypatch, air
     assert latest_xcom(airflow_home, "report")["final_state"] == "dry run: nothing changed"
 
 
-def test_an_unreachable_database_is_refused_with_one_clear_message_and_no_password(monkeypatch, airflow_home) -> None:
-    from fk_maintenance.airflow_tasks import run_step
-    from fk_maintenance.errors import TargetUnreachable
-    from fk_maintenance.preflight import preflight
-    from fk_maintenance.spec import VISION_KPIS_PARENT_FK
-
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_KPI_DB",
-        json.dumps(
-            {
-                "conn_type": "postgres",
-                "host": "127.0.0.1",
-                "port": 1,
-                "login": "app",
-                "password": "s3cret-pw",
-                "schema": "kpis",
-            }
-        ),
-    )
-    with pytest.raises(TargetUnreachable) as caught:
-        run_step(preflight, VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"dry_run": True}})
-    message = str(caught.value)
-    assert message.startswith(
-        "cannot connect to the target database (Airflow connection 'kpi_db', app@127.0.0.1:1/kpis)"
-    )
-    assert "s3cret-pw" not in message
-
-
 def test_bad_settings_stop_a_task_before_it_connects(monkeypatch, airflow_home) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from fk_maintenance.airflow_tasks import run_step
-    from fk_maintenance.preflight import preflight
+    from fk_maintenance.airflow_tasks import run_task
     from fk_maintenance.spec import VISION_KPIS_PARENT_FK
 
     monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 1}))
     with pytest.raises(AirflowFailException, match="window_timezone 'Nowhere/Land' is not a known IANA timezone"):
-        run_step(preflight, VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"window_timezone": "Nowhere/Land"}})
+        run_task("preflight", VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"window_timezone": "Nowhere/Land"}})
 
 
 def test_a_run_whose_preflight_fails_ends_failed_with_an_incomplete_report(
@@ -249,3 +238,43 @@ def test_a_run_whose_preflight_fails_ends_failed_with_an_incomplete_report(
     report = latest_xcom(airflow_home, "report", key="report")
     assert report["final_state"].startswith("incomplete: preflight, detect_orphans")
     assert snapshot(db, spec) == before
+
+
+def test_the_readme_tables_are_the_ones_the_library_generates() -> None:
+    from devkit.readme_tables import README, render
+
+    text = README.read_text()
+    assert text == render(text), "README.md is out of date: run python -m devkit.readme_tables"
+
+
+def test_outside_the_window_validate_fk_is_rescheduled_and_succeeds_once_the_window_opens(
+    dag, db, spec, monkeypatch, airflow_home
+) -> None:
+    from datetime import UTC, datetime
+
+    from airflow.models.taskreschedule import TaskReschedule
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from fk_maintenance.constraint import add_fk_not_valid
+    from fk_maintenance.index import create_index_concurrently
+    from fk_maintenance.orphans import null_orphans
+    from fk_maintenance.settings import RunSettings
+
+    db.build(500)
+    # Everything but VALIDATE done beforehand, so the DAG's earlier steps are quick no-ops.
+    with db.connect() as conn:
+        null_orphans(conn, spec, RunSettings(), "setup")
+        create_index_concurrently(conn, spec, RunSettings())
+        add_fk_not_valid(conn, spec, RunSettings())
+    # The window opens at the first minute boundary at least 15 s away: validate_fk meets it closed.
+    opens = (datetime.now(UTC) + timedelta(seconds=75)).replace(second=0, microsecond=0)
+    conf = {"window_start": opens.strftime("%H:%M"), "window_end": (opens + timedelta(hours=1)).strftime("%H:%M")}
+    run = _run(dag, monkeypatch, db, conf)
+    assert str(run.state) == "success", _task_states(run)
+    with create_session() as session:
+        reschedules = session.scalars(
+            select(TaskReschedule).where(TaskReschedule.ti_id == run.get_task_instance("validate_fk").id)
+        ).all()
+    assert [r.reschedule_date for r in reschedules] == [opens]  # given back once, until the window opened
+    assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [spec.constraint]) is True

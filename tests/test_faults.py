@@ -8,6 +8,7 @@ the pipeline nulled present in the audit, zero orphans once validated.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from devkit.db_state import orphan_count
 from devkit.pipeline import run_pipeline
 from devkit.workload import WRITE_KINDS, AppWorkload, WorkloadResult
 from fk_maintenance.checks import post_checks
@@ -31,8 +33,7 @@ from fk_maintenance.errors import ConcurrentRun, LockNotAcquired
 from fk_maintenance.index import create_index_concurrently
 from fk_maintenance.orphans import null_orphans
 from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK
-from tests.test_steps import orphan_count
+from fk_maintenance.spec import VISION_KPIS_PARENT_FK, ForeignKeySpec
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 20_000
@@ -234,7 +235,7 @@ def test_outside_the_window_the_airflow_task_is_rescheduled_to_the_window_start(
 ) -> None:
     from airflow.sdk.exceptions import AirflowRescheduleException
 
-    from fk_maintenance.airflow_tasks import run_validate
+    from fk_maintenance.airflow_tasks import run_task
 
     db.build(2000)
     with db.connect() as conn:
@@ -250,7 +251,7 @@ def test_outside_the_window_the_airflow_task_is_rescheduled_to_the_window_start(
         run_after = now
 
     with pytest.raises(AirflowRescheduleException) as caught:
-        run_validate(spec, "kpi_db", {"params": params, "dag_run": Run(), "run_id": "run-1"})
+        run_task("validate_fk", spec, "kpi_db", {"params": params, "dag_run": Run(), "run_id": "run-1"})
     assert caught.value.reschedule_date == start
     assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [spec.constraint]) is False
 
@@ -384,12 +385,23 @@ def test_database_restart_mid_batch_and_between_steps_then_the_run_converges(db,
     )
 
 
-def test_a_wrong_password_is_refused_with_one_clear_message_that_does_not_contain_it(
+def test_an_unreachable_database_is_refused_with_one_clear_message_that_does_not_contain_the_password(
     db, restartable, monkeypatch, airflow_home, caplog
 ) -> None:
-    from fk_maintenance.airflow_tasks import run_step
+    from fk_maintenance.airflow_tasks import run_task
     from fk_maintenance.errors import TargetUnreachable
-    from fk_maintenance.preflight import preflight
+
+    def refusal(connection: dict) -> str:
+        monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", json.dumps({"conn_type": "postgres", **connection}))
+        with pytest.raises(TargetUnreachable) as caught:
+            run_task("preflight", VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"dry_run": True}})
+        return str(caught.value)
+
+    closed_port = refusal({"host": "127.0.0.1", "port": 1, "login": "app", "password": "s3cret-pw", "schema": "kpis"})
+    assert closed_port.startswith(
+        "cannot connect to the target database (Airflow connection 'kpi_db', app@127.0.0.1:1/kpis)"
+    )
+    assert len(closed_port.splitlines()) == 1
 
     hba = restartable.data_dir / "pg_hba.conf"
     original = hba.read_text()
@@ -399,19 +411,13 @@ def test_a_wrong_password_is_refused_with_one_clear_message_that_does_not_contai
     db.execute("SELECT pg_reload_conf()")
     try:
         host = psycopg.conninfo.conninfo_to_dict(db.dsn)["host"]
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_KPI_DB",
-            f'{{"conn_type": "postgres", "host": "{host}", "login": "kpi_pw", "password": "wr0ng-s3cret", '
-            f'"schema": "{db.name}"}}',
-        )
-        with pytest.raises(TargetUnreachable) as caught:
-            run_step(preflight, VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"dry_run": True}})
+        wrong_password = refusal({"host": host, "login": "kpi_pw", "password": "wr0ng-s3cret", "schema": db.name})
     finally:
         hba.write_text(original)
         db.execute("SELECT pg_reload_conf()")
-    message = str(caught.value)
-    assert 'password authentication failed for user "kpi_pw"' in message
-    assert "wr0ng-s3cret" not in message and "wr0ng-s3cret" not in caplog.text
+    assert 'password authentication failed for user "kpi_pw"' in wrong_password
+    for secret in ("s3cret-pw", "wr0ng-s3cret"):
+        assert secret not in closed_port + wrong_password and secret not in caplog.text
 
 
 STEP_IN_SUBPROCESS = """
@@ -420,8 +426,6 @@ sys.path[:0] = [{plugins!r}, {repo!r}]
 import psycopg
 from fk_maintenance.spec import VISION_KPIS_PARENT_FK as spec
 from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK
-from tests.test_steps import orphan_count
 from fk_maintenance.orphans import null_orphans
 from fk_maintenance.index import create_index_concurrently
 settings = RunSettings(batch_size=50)
@@ -481,3 +485,112 @@ def test_worker_killed_mid_batch_and_mid_index_build_then_the_next_run_converges
         f"worker killed after {partial} pointers; server dropped its session {noticed:.1f} s later; "
         f"{app.result.summary()}"
     )
+
+
+def test_a_statement_timeout_or_cancel_in_the_re_sweep_is_its_own_error_not_the_window_ending(db, spec) -> None:
+    db.build(2000)
+    with db.connect() as conn:
+        null_orphans(conn, spec, SETTINGS, "run-1")
+        create_index_concurrently(conn, spec, SETTINGS)
+    db.execute(
+        "INSERT INTO vision_kpis (user_id, vision_id, level, title, parent_kpi_id) "
+        "SELECT gen_random_uuid(), gen_random_uuid(), 'daily', 'late', gen_random_uuid() FROM generate_series(1, 3)"
+    )
+    with db.connect() as conn:
+        add_fk_not_valid(conn, spec, SETTINGS)
+    db.execute(SLOW_BATCHES.replace("pg_sleep(0.01)", "pg_sleep(30)"))
+    with db.connect() as conn:
+        thread, outcome = in_thread(
+            validate_fk, conn, spec, SETTINGS, "run-1", run_started_at=datetime.now(UTC), sleep=lambda _: None
+        )
+        sweeper = wait_for(
+            lambda: db.query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'kpi-fk-maintenance:validate_fk re-sweep' "
+                "AND state = 'active' AND query LIKE '%%UPDATE%%'"
+            )
+        )[0][0]
+        db.execute("SELECT pg_cancel_backend(%s)", [sweeper])
+        thread.join(timeout=30)
+    assert isinstance(outcome.get("error"), psycopg.errors.QueryCanceled), outcome  # not a "reschedule"
+    assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [spec.constraint]) is False
+
+
+def _burn_transaction_ids(db, count: int) -> None:
+    db.execute(
+        "CREATE OR REPLACE PROCEDURE burn_xids(n int) LANGUAGE plpgsql AS "
+        "$$ BEGIN FOR i IN 1..n LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$"
+    )
+    with db.connect() as conn:
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("CALL burn_xids(%s)", [count])
+
+
+def _make_next_wraparound_vacuum_slow(db, table: str) -> None:
+    # 100 000 is the lowest freeze age a table accepts: an anti-wraparound vacuum starts once that many
+    # transactions have passed; the cost settings make it take seconds, so it can be seen running.
+    db.execute(
+        f"ALTER TABLE {table} SET (autovacuum_freeze_max_age = 100000, autovacuum_vacuum_cost_delay = 100, "
+        "autovacuum_vacuum_cost_limit = 1)"
+    )
+
+
+def test_only_an_anti_wraparound_vacuum_of_the_target_table_itself_holds_validation_back(db, pg_server) -> None:
+    from psycopg import sql
+
+    from devkit.app_db import create_app_table, populate
+    from fk_maintenance.constraint import validation_gate
+
+    quoted = ForeignKeySpec(
+        schema="App Data",
+        table='Vision "KPIs"',
+        column="parent_kpi_id",
+        ref_table='Vision "KPIs"',
+        ref_column="id",
+        row_key="id",
+        constraint="vision_parent_fkey",
+        index="vision_parent_idx",
+        audit_table='Vision "KPIs" audit',
+    )
+    with db.connect() as conn:
+        create_app_table(conn, schema=quoted.schema, table=quoted.table)
+        populate(conn, 5000, schema=quoted.schema, table=quoted.table)
+        null_orphans(conn, quoted, SETTINGS, "run-1")
+        target = sql.Identifier(quoted.schema, quoted.table).as_string(conn)
+        audit = sql.Identifier(quoted.schema, quoted.audit_table).as_string(conn)
+    db.execute(
+        f"INSERT INTO {audit} SELECT 'filler', gen_random_uuid(), gen_random_uuid() FROM generate_series(1, 20000)"
+    )
+    now = datetime.now(UTC)
+
+    def gate() -> Any:
+        with db.connect() as conn:
+            return validation_gate(conn, quoted, SETTINGS, now=now, run_started_at=now)
+
+    def vacuuming(relation: str) -> bool:
+        return bool(
+            db.scalar(
+                "SELECT count(*) FROM pg_stat_progress_vacuum v JOIN pg_stat_activity a USING (pid) "
+                "WHERE v.relid = %s::regclass AND a.query LIKE '%%to prevent wraparound%%'",
+                [relation],
+            )
+        )
+
+    pg_server_admin = psycopg.connect(pg_server.admin_dsn, autocommit=True)
+    pg_server_admin.execute("ALTER SYSTEM SET autovacuum_naptime = 1")
+    pg_server_admin.execute("SELECT pg_reload_conf()")
+    try:
+        _make_next_wraparound_vacuum_slow(db, audit)
+        _burn_transaction_ids(db, 101_000)
+        wait_for(lambda: vacuuming(audit), timeout=30)
+        beside_audit = gate()  # the audit table's name starts with the target's: no reason to wait
+        _make_next_wraparound_vacuum_slow(db, target)
+        _burn_transaction_ids(db, 101_000)
+        wait_for(lambda: vacuuming(target), timeout=30)
+        on_target = gate()
+    finally:
+        pg_server_admin.execute("ALTER SYSTEM RESET autovacuum_naptime")
+        pg_server_admin.execute("SELECT pg_reload_conf()")
+        pg_server_admin.close()
+    assert beside_audit.run_now, beside_audit.reason
+    assert not on_target.run_now
+    assert on_target.reason.startswith('an anti-wraparound autovacuum runs on App Data.Vision "KPIs" (pid ')

@@ -149,6 +149,8 @@ def test_validate_now_overrides_a_closed_window() -> None:
 def test_validation_gives_up_after_max_windows() -> None:
     settings = RunSettings(max_windows=2)
     started = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-    decide_window(settings, now=datetime(2026, 1, 2, 12, 0, tzinfo=UTC), run_started_at=started)
+    waiting = decide_window(settings, now=datetime(2026, 1, 2, 12, 0, tzinfo=UTC), run_started_at=started)
+    assert not waiting.run_now and waiting.windows_used == 1
+    assert waiting.retry_at == datetime(2026, 1, 3, 1, 0, tzinfo=UTC)
     with pytest.raises(WindowsExhausted, match="2 window"):
         decide_window(settings, now=datetime(2026, 1, 3, 12, 0, tzinfo=UTC), run_started_at=started)

@@ -3,7 +3,9 @@ conflicting objects, with identifiers that need quoting, and under a role that m
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -11,6 +13,7 @@ from psycopg import errors as pgerrors
 from psycopg import sql
 
 from devkit.app_db import build_app_database
+from devkit.db_state import orphan_count, snapshot
 from devkit.pipeline import run_pipeline
 from fk_maintenance.checks import post_checks
 from fk_maintenance.constraint import add_fk_not_valid, validate_fk
@@ -22,51 +25,6 @@ from fk_maintenance.settings import RunSettings
 from fk_maintenance.spec import ForeignKeySpec
 
 NOW = RunSettings(validate_now=True)
-
-
-def snapshot(db, spec: ForeignKeySpec) -> dict:
-    """Catalog and data of the target, to prove a step changed nothing."""
-    table = sql.Identifier(spec.schema, spec.table)
-    with db.connect() as conn:
-        catalog = conn.execute(
-            """
-            SELECT coalesce(array_agg(conname || ' ' || pg_get_constraintdef(oid) || ' ' || convalidated
-                                      ORDER BY conname), '{}')
-            FROM pg_constraint WHERE conrelid = to_regclass(%(t)s)
-            """,
-            {"t": table.as_string(conn)},
-        ).fetchone()[0]
-        indexes = conn.execute(
-            """
-            SELECT coalesce(array_agg(pg_get_indexdef(indexrelid) || ' ' || indisvalid
-                                      ORDER BY indexrelid::regclass::text), '{}')
-            FROM pg_index WHERE indrelid = to_regclass(%(t)s)
-            """,
-            {"t": table.as_string(conn)},
-        ).fetchone()[0]
-        audit = conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(spec.schema, spec.audit_table).as_string(conn)]
-        ).fetchone()[0]
-        data = conn.execute(
-            sql.SQL(
-                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t.{key}::text), '')) FROM {t} t"
-            ).format(t=table, key=sql.Identifier(spec.row_key))
-        ).fetchone()
-    return {"constraints": catalog, "indexes": indexes, "audit_table": audit, "data": data}
-
-
-def orphan_count(db, spec: ForeignKeySpec) -> int:
-    with db.connect() as conn:
-        return conn.execute(
-            sql.SQL(
-                "SELECT count(*) FROM {t} c WHERE c.{col} IS NOT NULL "
-                "AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.{ref} = c.{col})"
-            ).format(
-                t=sql.Identifier(spec.schema, spec.table),
-                col=sql.Identifier(spec.column),
-                ref=sql.Identifier(spec.ref_column),
-            )
-        ).fetchone()[0]
 
 
 def test_pipeline_on_a_table_with_orphans_nulls_and_audits_each_and_converges(db, spec) -> None:
@@ -387,8 +345,6 @@ def test_validation_re_sweeps_orphans_written_before_the_constraint_arrived(db, 
     with db.connect() as conn:
         create_index_concurrently(conn, spec, NOW)
         add_fk_not_valid(conn, spec, NOW)
-    from datetime import UTC, datetime
-
     with db.connect() as conn:
         result = validate_fk(conn, spec, NOW, "run-1", run_started_at=datetime.now(UTC))
     assert result["outcome"] == "validated" and result["resweep"]["nulled"] == 1
@@ -396,8 +352,6 @@ def test_validation_re_sweeps_orphans_written_before_the_constraint_arrived(db, 
 
 
 def test_validation_outside_the_window_asks_to_be_rescheduled_without_touching_the_table(db, spec) -> None:
-    from datetime import UTC, datetime
-
     db.build(500)
     with db.connect() as conn:
         null_orphans(conn, spec, NOW, "run-1")
@@ -455,28 +409,131 @@ def test_the_report_of_a_run_whose_step_failed_says_incomplete_even_in_a_dry_run
 
 
 def test_each_step_sets_its_own_timeouts_whatever_the_database_defaults_are(db, spec) -> None:
-    from fk_maintenance.session import prepare_session
+    from fk_maintenance.session import step_session
 
     db.build(200)
     db.execute(sql.SQL("ALTER DATABASE {} SET lock_timeout = 0").format(sql.Identifier(db.name)))
     db.execute(sql.SQL("ALTER DATABASE {} SET statement_timeout = 0").format(sql.Identifier(db.name)))
     db.execute(sql.SQL("ALTER DATABASE {} SET max_parallel_workers_per_gather = 1").format(sql.Identifier(db.name)))
-    with db.connect() as conn:
-        prepare_session(conn, "preflight", lock_timeout_ms=1500, statement_timeout_ms=60_000)
+    names = (
+        "'lock_timeout', 'statement_timeout', 'application_name', 'max_parallel_workers_per_gather', "
+        "'idle_in_transaction_session_timeout'"
+    )
+    preflight_settings = replace(NOW, lock_timeout_ms=1500)
+    with db.connect() as conn, step_session(conn, "preflight", preflight_settings, statement_timeout_ms=60_000):
         # -1, the default, keeps the server's (here the database's) choice of parallel workers.
         assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone()[0] == "1"
     with db.connect() as conn:
-        prepare_session(conn, "add_fk_not_valid", lock_timeout_ms=1500, statement_timeout_ms=60_000, parallel_workers=0)
-        settings = dict(
-            conn.execute(
-                "SELECT name, setting FROM pg_settings WHERE name IN ('lock_timeout', 'statement_timeout', "
-                "'application_name', 'max_parallel_workers_per_gather', 'idle_in_transaction_session_timeout')"
-            ).fetchall()
-        )
-    assert settings == {
+        outside = dict(conn.execute(f"SELECT name, setting FROM pg_settings WHERE name IN ({names})").fetchall())
+        settings = replace(NOW, lock_timeout_ms=1500, parallel_workers=0)
+        with step_session(conn, "add_fk_not_valid", settings, statement_timeout_ms=60_000):
+            inside = dict(conn.execute(f"SELECT name, setting FROM pg_settings WHERE name IN ({names})").fetchall())
+        after = dict(conn.execute(f"SELECT name, setting FROM pg_settings WHERE name IN ({names})").fetchall())
+    assert inside == {
         "lock_timeout": "1500",
         "statement_timeout": "60000",
         "application_name": "kpi-fk-maintenance:add_fk_not_valid",
         "max_parallel_workers_per_gather": "0",
         "idle_in_transaction_session_timeout": "60000",
     }
+    assert after == outside  # the step's settings end with the step
+
+
+def _session_settings(conn: psycopg.Connection) -> dict[str, str]:
+    return dict(conn.execute("SELECT name, setting FROM pg_settings WHERE source = 'session'").fetchall())
+
+
+def test_a_step_leaves_the_session_it_was_given_as_it_found_it(db, spec) -> None:
+    db.build(1000)
+    with db.connect() as conn:
+        conn.execute("SELECT set_config('application_name', 'the caller', false)")
+        given = _session_settings(conn)
+        for step, kwargs in [
+            (preflight, {}),
+            (detect_orphans, {}),
+            (null_orphans, {"run_id": "run-1"}),
+            (create_index_concurrently, {}),
+            (add_fk_not_valid, {}),
+            (validate_fk, {"run_id": "run-1", "run_started_at": datetime.now(UTC)}),
+            (post_checks, {}),
+        ]:
+            step(conn, spec, NOW, **kwargs)
+            assert _session_settings(conn) == given, step.__name__
+
+
+def test_an_index_build_in_progress_is_a_concurrent_run_to_retry_not_a_failed_preflight(db, spec) -> None:
+    import threading
+
+    db.build(2000)
+    app = db.connect()
+    app.autocommit = False
+    # An open writing transaction makes CREATE INDEX CONCURRENTLY wait: the build is visibly in progress.
+    app.execute("UPDATE vision_kpis SET title = title WHERE id = (SELECT id FROM vision_kpis LIMIT 1)")
+    builder = db.connect()
+    build = threading.Thread(
+        target=lambda: builder.execute(
+            "CREATE INDEX CONCURRENTLY vision_kpis_parent_kpi_idx ON vision_kpis USING btree (parent_kpi_id)"
+        )
+    )
+    build.start()
+    try:
+        for _ in range(200):
+            if db.scalar("SELECT count(*) FROM pg_stat_progress_create_index"):
+                break
+            time.sleep(0.05)
+        for step, kwargs in [
+            (preflight, {}),
+            (null_orphans, {"run_id": "r"}),
+            (create_index_concurrently, {}),
+            (add_fk_not_valid, {}),
+        ]:
+            with db.connect() as conn, pytest.raises(ConcurrentRun, match="is being built right now by pid"):
+                step(conn, spec, NOW, **kwargs)
+    finally:
+        app.rollback()
+        build.join(timeout=30)
+        app.close()
+        builder.close()
+    assert db.scalar("SELECT to_regclass('vision_kpis_orphan_audit')") is None  # refused before any change
+
+
+def test_validating_a_constraint_that_is_not_there_is_a_final_error_not_a_retry(db, spec) -> None:
+    from fk_maintenance.airflow_tasks import FINAL_ERRORS
+    from fk_maintenance.errors import StepOutOfOrder
+
+    db.build(300)
+    with db.connect() as conn, pytest.raises(StepOutOfOrder, match="add_fk_not_valid must succeed first") as caught:
+        validate_fk(conn, spec, NOW, "run-1", run_started_at=datetime.now(UTC))
+    assert isinstance(caught.value, FINAL_ERRORS)
+
+
+def test_the_missing_parent_probe_of_an_integer_key_uses_a_value_no_sequence_gives(db) -> None:
+    goals = ForeignKeySpec(
+        schema="public",
+        table="goals",
+        column="parent_id",
+        ref_table="goals",
+        ref_column="id",
+        row_key="id",
+        constraint="goals_parent_id_fkey",
+        index="goals_parent_id_idx",
+        audit_table="goals_orphan_audit",
+    )
+    db.execute(
+        "CREATE TABLE goals (id integer GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, parent_id integer, title text)"
+    )
+    db.execute("INSERT INTO goals (title) SELECT 'goal ' || g FROM generate_series(1, 500) g")
+    db.execute("UPDATE goals SET parent_id = id - 1 WHERE id % 5 <> 1")
+    db.execute("UPDATE goals SET parent_id = 100000 + id WHERE id % 50 = 0")  # orphans
+    results = run_pipeline(db.connect, goals, replace(NOW, max_depth=10), "int-1")
+    assert results["report"]["final_state"] == "converged"
+    with db.connect() as app:
+        app.autocommit = False
+        # The app's next insert has taken max(id) + 1, the value the probe must never use: committed between
+        # the probe's two statements it would make a healthy database look like it accepts a missing parent.
+        app.execute("INSERT INTO goals (title) VALUES ('in flight')")
+        with db.connect() as conn:
+            result = post_checks(conn, goals, replace(NOW, max_depth=10))
+        app.rollback()
+    probe = next(c for c in result["checks"] if c["name"].startswith("database rejects a missing parent"))
+    assert probe["ok"] and "-2147483648" in probe["detail"]

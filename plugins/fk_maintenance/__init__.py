@@ -1,34 +1,7 @@
 """Bring a live PostgreSQL table to a declared, validated foreign key and its index, safely.
 
 Each step is a function of a psycopg 3 connection, a ForeignKeySpec and RunSettings, returning a small
-summary dict; the Airflow DAG in dags/ only wires them. Step modules import psycopg, so import them from
-here lazily (this package's top level stays cheap for the DAG parser).
+summary dict; ``steps.STEPS`` lists them in order, and the Airflow DAG in dags/ only wires them. Import the
+modules themselves (``fk_maintenance.orphans``, ...): this top level stays empty so that the DAG parser,
+which imports ``fk_maintenance.settings`` and ``fk_maintenance.steps``, loads nothing else.
 """
-
-from .errors import (
-    ConcurrentRun,
-    InvalidSettings,
-    LockNotAcquired,
-    MaintenanceError,
-    PostChecksFailed,
-    PreflightFailed,
-    TargetUnreachable,
-    WindowsExhausted,
-)
-from .settings import SETTING_DEFS, RunSettings
-from .spec import VISION_KPIS_PARENT_FK, ForeignKeySpec
-
-__all__ = [
-    "SETTING_DEFS",
-    "VISION_KPIS_PARENT_FK",
-    "ConcurrentRun",
-    "ForeignKeySpec",
-    "InvalidSettings",
-    "LockNotAcquired",
-    "MaintenanceError",
-    "PostChecksFailed",
-    "PreflightFailed",
-    "RunSettings",
-    "TargetUnreachable",
-    "WindowsExhausted",
-]

@@ -18,11 +18,13 @@ from .errors import (
     InvalidSettings,
     PostChecksFailed,
     PreflightFailed,
+    StepOutOfOrder,
     TargetUnreachable,
     WindowsExhausted,
 )
 from .settings import RunSettings
 from .spec import ForeignKeySpec
+from .steps import MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEP_BY_NAME, STEPS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ LIBPQ_EXTRAS = frozenset(
     }
 )
 # Steps whose failure no retry can fix: the operator has to act.
-FINAL_ERRORS = (InvalidSettings, PreflightFailed, PostChecksFailed, WindowsExhausted)
+FINAL_ERRORS = (InvalidSettings, PreflightFailed, PostChecksFailed, StepOutOfOrder, WindowsExhausted)
 
 
 def connection_kwargs(conn_id: str) -> tuple[dict[str, Any], str]:
@@ -99,47 +101,38 @@ def settings_from(context: dict[str, Any]) -> RunSettings:
     return RunSettings.from_params(dict(context["params"]))
 
 
-def run_step(
-    step: Callable[..., dict[str, Any]],
-    spec: ForeignKeySpec,
-    conn_id: str,
-    context: dict[str, Any],
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Validate the settings, connect, run one step, and map its errors to Airflow's retry semantics."""
-    from airflow.sdk.exceptions import AirflowFailException
+def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:
+    """Validate the settings, connect, run one step, and map its outcome to Airflow's semantics: a final
+    error fails without retry, a "reschedule" outcome gives the worker slot back until ``retry_at``."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
 
+    step = STEP_BY_NAME[step_name]
     try:
         settings = settings_from(context)  # bad form values stop here, before any connection
         connect = connector(conn_id)
+        dag_run = context.get("dag_run")
+        available = {
+            RUN_ID: context.get("run_id"),
+            RUN_STARTED_AT: dag_run and (dag_run.start_date or dag_run.run_after),
+            MONITOR_CONNECT: connect,
+        }
         with closing(connect()) as conn:
-            return step(conn, spec, settings, **kwargs)
+            result = step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
     except FINAL_ERRORS as exc:
         raise AirflowFailException(str(exc)) from exc
-
-
-def run_validate(spec: ForeignKeySpec, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:
-    """validate_fk; outside the window the task gives its worker slot back until ``retry_at``."""
-    from airflow.sdk.exceptions import AirflowRescheduleException
-
-    from .constraint import validate_fk
-
-    dag_run = context["dag_run"]
-    run_started_at: datetime = dag_run.start_date or dag_run.run_after
-    result = run_step(validate_fk, spec, conn_id, context, run_id=context["run_id"], run_started_at=run_started_at)
-    if result["outcome"] == "reschedule":
+    if result.get("outcome") == "reschedule":
         raise AirflowRescheduleException(reschedule_date=datetime.fromisoformat(result["retry_at"]))
     return result
 
 
-def run_report(spec: ForeignKeySpec, context: dict[str, Any], steps: tuple[str, ...]) -> dict[str, Any]:
+def run_report(spec: ForeignKeySpec, context: dict[str, Any]) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException
 
     from .report import build_report
 
     settings = settings_from(context)
     ti = context["ti"]
-    results = {step: ti.xcom_pull(task_ids=step) for step in steps}
+    results = {step.name: ti.xcom_pull(task_ids=step.name) for step in STEPS}
     report = build_report(spec, settings, context["run_id"], results)
     ti.xcom_push(key="report", value=report)
     if not report["succeeded"]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from .errors import PreflightFailed
+from .errors import ConcurrentRun, PreflightFailed
 from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
 from .sqlfiles import statement
 
@@ -16,7 +16,6 @@ class TableInfo:
     oid: int
     relkind: str
     total_bytes: int
-    heap_bytes: int
     estimated_rows: int
     owner: str
 
@@ -46,7 +45,6 @@ class IndexState:
     valid: bool = False
     definition: str = ""
     mismatches: tuple[str, ...] = ()
-    oid: int | None = None
     on_target_table: bool = False
     build_in_progress_pid: int | None = None
 
@@ -116,7 +114,6 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
         return IndexState(
             exists=True,
             is_index=False,
-            oid=oid,
             mismatches=(f"a relation of kind {relkind!r} (not an index) already has the name {spec.index}",),
         )
     (indrelid, amname, valid, _ready, unique, natts, nkeyatts, indkey, has_exprs, has_pred, definition) = conn.execute(
@@ -141,7 +138,6 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
         valid=bool(valid),
         definition=definition,
         mismatches=tuple(mismatches),
-        oid=oid,
         on_target_table=indrelid == state.table.oid,
         build_in_progress_pid=building[0] if building else None,
     )
@@ -202,17 +198,22 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
             f"index {spec.index} already exists with another definition ({state.index.definition}): "
             f"{'; '.join(state.index.mismatches)}"
         )
-    elif state.index.exists and state.index.build_in_progress_pid is not None:
-        problems.append(
-            f"index {spec.index} is being built right now by pid {state.index.build_in_progress_pid}; "
-            "wait for that build to finish or cancel it"
-        )
     return state
 
 
 def require_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetState:
-    """The target's state, or PreflightFailed naming every way it differs from the spec (nothing changed)."""
+    """The target's state, or PreflightFailed naming every way it differs from the spec (nothing changed), or
+    ConcurrentRun while another session builds our index (that one passes; a retry finds it done)."""
     state = inspect_target(conn, spec)
     if state.problems:
         raise PreflightFailed(state.problems)
+    refuse_while_index_build_runs(state, spec)
     return state
+
+
+def refuse_while_index_build_runs(state: TargetState, spec: ForeignKeySpec) -> None:
+    if state.index.build_in_progress_pid is not None:
+        raise ConcurrentRun(
+            f"index {spec.index} is being built right now by pid {state.index.build_in_progress_pid} (another run, "
+            "or someone by hand); this run changes nothing now and Airflow retries it once that build is done"
+        )

@@ -13,14 +13,22 @@ from psycopg import errors as pgerrors
 
 from .catalog import inspect_target
 from .errors import PostChecksFailed
-from .session import prepare_session, set_local_timeouts
+from .session import set_local_timeouts, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
 
 log = logging.getLogger(__name__)
 
+# The hierarchy walk reads the whole table twice; an hour covers far more than the tables we have measured.
 CHECK_STATEMENT_TIMEOUT_MS = 60 * 60 * 1000
+# The probes touch one row by key: a second of waiting means the app holds that row, and a probe must never
+# make the app wait on us longer than that.
+PROBE_LOCK_TIMEOUT_MS = 1000
+PROBE_STATEMENT_TIMEOUT_MS = 30_000
+# The lowest value of each integer key type: sequences count up from 1, so no insert takes these values
+# while the probe points a row at one.
+INTEGER_TYPE_MINIMUM = {"smallint": -(2**15), "integer": -(2**31), "bigint": -(2**63)}
 
 
 @dataclass(frozen=True)
@@ -32,15 +40,14 @@ class Check:
 
 def post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
     """Evaluate every end-state assertion; raise PostChecksFailed naming all failures (not in a dry run)."""
+    with step_session(
+        conn, "post_checks", settings, statement_timeout_ms=CHECK_STATEMENT_TIMEOUT_MS, read_only=settings.dry_run
+    ):
+        return _post_checks(conn, spec, settings)
+
+
+def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
     started = time.monotonic()
-    prepare_session(
-        conn,
-        "post_checks",
-        lock_timeout_ms=settings.lock_timeout_ms,
-        statement_timeout_ms=CHECK_STATEMENT_TIMEOUT_MS,
-        read_only=settings.dry_run,
-        parallel_workers=settings.parallel_workers,
-    )
     checks: list[Check] = []
     state = inspect_target(conn, spec)
     checks.append(Check("target matches the spec", not state.problems, "; ".join(state.problems) or spec.describe()))
@@ -93,7 +100,7 @@ def post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSet
 def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> Check:
     """Can the planner answer ``WHERE column = $1`` from the index (what ON DELETE SET NULL does)?"""
     with conn.transaction(force_rollback=True):
-        set_local_timeouts(conn, lock_timeout_ms=1000, statement_timeout_ms=30_000)
+        set_local_timeouts(conn, lock_timeout_ms=PROBE_LOCK_TIMEOUT_MS, statement_timeout_ms=PROBE_STATEMENT_TIMEOUT_MS)
         conn.execute(statement("checks", "prefer_index"))
         value = _missing_parent_value(conn, spec, type_name) or "0"
         plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), {"value": value}).fetchone()[0]
@@ -121,15 +128,18 @@ def _index_names(node: Any) -> set[str]:
 def _missing_parent_value(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> str | None:
     if type_name == "uuid":
         return conn.execute(statement("checks", "missing_parent_uuid")).fetchone()[0]
-    if type_name in ("integer", "bigint", "smallint"):
-        return conn.execute(statement("checks", "missing_parent_integer", spec)).fetchone()[0]
+    if type_name in INTEGER_TYPE_MINIMUM:
+        row = conn.execute(
+            statement("checks", "missing_parent_integer", spec), {"type_minimum": INTEGER_TYPE_MINIMUM[type_name]}
+        ).fetchone()
+        return row[0] if row else None
     return None
 
 
 def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> Check:
     name = "database rejects a missing parent (SQLSTATE 23503)"
     with conn.transaction(force_rollback=True):
-        set_local_timeouts(conn, lock_timeout_ms=1000, statement_timeout_ms=30_000)
+        set_local_timeouts(conn, lock_timeout_ms=PROBE_LOCK_TIMEOUT_MS, statement_timeout_ms=PROBE_STATEMENT_TIMEOUT_MS)
         row = conn.execute(statement("checks", "some_row_key", spec)).fetchone()
         if row is None:
             return Check(name, True, "not tried: the table has no unlocked row to try it on")

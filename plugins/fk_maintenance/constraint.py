@@ -12,25 +12,28 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from .catalog import require_target
-from .errors import WindowsExhausted
-from .orphans import null_orphans
+from .errors import StepOutOfOrder, ValidationCutShort, WindowsExhausted
+from .orphans import BATCH_STATEMENT_TIMEOUT_MS, sweep_orphans
 from .session import (
+    CATALOG_STATEMENT_TIMEOUT_MS,
     CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
     LockAttempts,
-    prepare_session,
     run_lock,
     set_local_timeouts,
+    step_session,
     with_lock_retries,
 )
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
-from .window import WindowDecision
+from .window import Window, WindowDecision
 
 log = logging.getLogger(__name__)
 
 # Less than this left in the window is not worth starting a scan that would be cancelled anyway.
 MIN_VALIDATE_SECONDS = 60
+# ADD CONSTRAINT ... NOT VALID does no scan: beyond its lock wait, half a minute only bounds the unexpected.
+ADD_CONSTRAINT_STATEMENT_MARGIN_MS = 30_000
 
 
 def _utcnow() -> datetime:
@@ -49,15 +52,20 @@ def add_fk_not_valid(
     From the moment it commits, every insert and update of the pointer is checked, so no new orphan can
     appear; existing rows are checked later by VALIDATE.
     """
-    started = time.monotonic()
-    prepare_session(
+    with step_session(
         conn,
         "add_fk_not_valid",
-        lock_timeout_ms=settings.lock_timeout_ms,
-        statement_timeout_ms=60_000,
+        settings,
+        statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS,
         read_only=settings.dry_run,
-        parallel_workers=settings.parallel_workers,
-    )
+    ):
+        return _add_fk_not_valid(conn, spec, settings, sleep)
+
+
+def _add_fk_not_valid(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, sleep: Callable[[float], None]
+) -> dict[str, Any]:
+    started = time.monotonic()
     state = require_target(conn, spec)
     if state.constraint.exists:
         log.info("add_fk_not_valid: %s already exists (%s)", spec.constraint, state.constraint.definition)
@@ -75,8 +83,11 @@ def add_fk_not_valid(
 
     def attempt(lock_timeout_ms: int) -> None:
         with conn.transaction():
-            # The ALTER itself does no scan (NOT VALID); the statement_timeout only bounds the unexpected.
-            set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=lock_timeout_ms + 30_000)
+            set_local_timeouts(
+                conn,
+                lock_timeout_ms=lock_timeout_ms,
+                statement_timeout_ms=lock_timeout_ms + ADD_CONSTRAINT_STATEMENT_MARGIN_MS,
+            )
             if require_target(conn, spec).constraint.exists:  # added by another run between our check and the lock
                 return
             conn.execute(statement("constraint", "add_not_valid", spec))
@@ -140,6 +151,99 @@ def decide_window(
     )
 
 
+def validation_gate(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    *,
+    now: datetime,
+    run_started_at: datetime,
+    min_validate_seconds: float = MIN_VALIDATE_SECONDS,
+) -> WindowDecision:
+    """The window, then the database's load and vacuum: whether VALIDATE may start now, or when to look again."""
+    decision = decide_window(
+        settings, now=now, run_started_at=run_started_at, min_validate_seconds=min_validate_seconds
+    )
+    if not decision.run_now:
+        return decision
+    reason = _load_gate(conn, spec, settings, relid=require_target(conn, spec).table.oid)
+    if reason is None:
+        return decision
+    retry_at = now + timedelta(minutes=settings.recheck_minutes)
+    if decision.window_end is not None and retry_at >= decision.window_end:
+        retry_at = _next_window_start(settings.window, decision.window_end)
+    return WindowDecision(False, reason, retry_at=retry_at, windows_used=decision.windows_used)
+
+
+def validate_once(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    record: LockAttempts,
+    *,
+    deadline: datetime | None,
+    now: Callable[[], datetime],
+    sleep: Callable[[float], None],
+    min_validate_seconds: float,
+) -> None:
+    """One VALIDATE CONSTRAINT, with lock retries, under a statement_timeout ending at ``deadline`` (the window's
+    end; None: ``index_timeout_min``). Raises ValidationCutShort when the window has too little left or the
+    timeout ends the scan, and ForeignKeyViolation when the scan meets an orphan."""
+
+    def attempt(lock_timeout_ms: int) -> None:
+        if deadline is None:
+            statement_timeout_ms = settings.index_timeout_ms
+            cut_by = f"its statement_timeout of {settings.index_timeout_min} min (validate_now)"
+        else:
+            statement_timeout_ms = int((deadline - now()).total_seconds() * 1000)
+            cut_by = "the end of the window"
+            if statement_timeout_ms < min_validate_seconds * 1000:
+                raise ValidationCutShort(f"too little of the window left (it ends {deadline.isoformat()})")
+        with conn.transaction():
+            set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=max(1, statement_timeout_ms))
+            try:
+                conn.execute(statement("constraint", "validate", spec))
+            except pgerrors.QueryCanceled as cancelled:
+                if "statement timeout" not in (cancelled.diag.message_primary or ""):
+                    raise  # cancelled by someone else: an error of its own, retried by Airflow
+                raise ValidationCutShort(f"VALIDATE cut short by {cut_by}") from cancelled
+
+    with_lock_retries(
+        conn,
+        spec,
+        "validate_fk",
+        attempt,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        attempts=settings.lock_attempts,
+        record=record,
+        sleep=sleep,
+    )
+
+
+def validate_with_resweep(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str, validate: Callable[[], None]
+) -> dict[str, Any] | None:
+    """``validate()``; if it meets an orphan, sweep (audited, like null_orphans) and validate again. Returns the
+    re-sweep's summary, or None when VALIDATE met no orphan. The caller holds the run lock."""
+    try:
+        validate()
+        return None
+    except pgerrors.ForeignKeyViolation as violation:
+        # New writes are checked by the NOT VALID constraint since it landed, so an orphan here was written
+        # between null_orphans and its arrival (or skipped because the app held the row). Sweeping only when
+        # VALIDATE meets one keeps the usual cost at one scan.
+        log.warning(
+            "validate_fk: VALIDATE met an orphan written before the constraint landed (%s); "
+            "re-sweeping orphans, then validating again",
+            violation.diag.message_detail,
+        )
+    step = "validate_fk re-sweep"
+    with step_session(conn, step, settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS):
+        resweep = sweep_orphans(conn, spec, settings, run_id, step=step)
+    validate()
+    return resweep
+
+
 def validate_fk(
     conn: psycopg.Connection,
     spec: ForeignKeySpec,
@@ -151,110 +255,61 @@ def validate_fk(
     sleep: Callable[[float], None] = time.sleep,
     min_validate_seconds: float = MIN_VALIDATE_SECONDS,
 ) -> dict[str, Any]:
-    """VALIDATE CONSTRAINT inside the window (re-sweeping orphans first only if it meets one); otherwise say
-    when to try again.
+    """VALIDATE CONSTRAINT inside the window (re-sweeping orphans only if it meets one); otherwise say when to
+    try again.
 
     Returns ``outcome`` "validated", "already validated", "dry run" or "reschedule" (with ``retry_at``).
     """
     started = time.monotonic()
-    prepare_session(
-        conn,
-        "validate_fk",
-        lock_timeout_ms=settings.lock_timeout_ms,
-        statement_timeout_ms=60_000,
-        read_only=settings.dry_run,
-        parallel_workers=settings.parallel_workers,
-    )
-    state = require_target(conn, spec)
-    if state.constraint.exists and state.constraint.validated:
-        log.info("validate_fk: %s is already validated", spec.constraint)
-        return {"outcome": "already validated", "seconds": round(time.monotonic() - started, 3)}
-    decision = decide_window(
-        settings, now=now(), run_started_at=run_started_at, min_validate_seconds=min_validate_seconds
-    )
-    if settings.dry_run:
-        log.info(
-            "validate_fk: dry run; a real run would %s (%s)",
-            "validate now" if decision.run_now else "wait",
-            decision.reason,
+    with step_session(
+        conn, "validate_fk", settings, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS, read_only=settings.dry_run
+    ):
+        state = require_target(conn, spec)
+        if state.constraint.exists and state.constraint.validated:
+            log.info("validate_fk: %s is already validated", spec.constraint)
+            return {"outcome": "already validated", "seconds": round(time.monotonic() - started, 3)}
+        decision = validation_gate(
+            conn, spec, settings, now=now(), run_started_at=run_started_at, min_validate_seconds=min_validate_seconds
         )
-        return {"outcome": "dry run", "would_run_now": decision.run_now, "reason": decision.reason, "seconds": 0.0}
-    if not state.constraint.exists:
-        raise RuntimeError(f"validate_fk: {spec.constraint} does not exist; add_fk_not_valid must run first")
-    if not decision.run_now:
-        return _reschedule(decision.retry_at, decision.reason, started)
-    gate = _load_gate(conn, spec, settings)
-    if gate is not None:
-        retry_at = now() + timedelta(minutes=settings.recheck_minutes)
-        if decision.window_end is not None and retry_at >= decision.window_end:
-            retry_at = settings.window.current_or_next(decision.window_end)[0]
-        return _reschedule(retry_at, gate, started)
+        if settings.dry_run:
+            log.info(
+                "validate_fk: dry run; a real run would %s (%s)",
+                "validate now" if decision.run_now else "wait",
+                decision.reason,
+            )
+            return {"outcome": "dry run", "would_run_now": decision.run_now, "reason": decision.reason, "seconds": 0.0}
+        if not state.constraint.exists:
+            raise StepOutOfOrder(
+                f"validate_fk: {spec.constraint} does not exist on {spec.schema}.{spec.table}; add_fk_not_valid must "
+                "succeed first (clear add_fk_not_valid and its downstream tasks, or trigger a new run)"
+            )
+        if not decision.run_now:
+            return _reschedule(decision.retry_at, decision.reason, started)
+        record = LockAttempts()
 
-    record = LockAttempts()
-
-    def attempt(lock_timeout_ms: int) -> None:
-        if decision.window_end is not None:
-            # At least 1 ms: a statement_timeout of 0 would mean no limit at all.
-            statement_timeout_ms = max(1, int((decision.window_end - now()).total_seconds() * 1000))
-            if statement_timeout_ms < min_validate_seconds * 1000:
-                raise pgerrors.QueryCanceled("window ends before VALIDATE could finish")
-        else:
-            statement_timeout_ms = settings.index_timeout_min * 60_000
-        with conn.transaction():
-            set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms)
-            conn.execute(statement("constraint", "validate", spec))
-
-    def validate() -> None:
-        with run_lock(conn, spec):
-            with_lock_retries(
+        def validate() -> None:
+            validate_once(
                 conn,
                 spec,
-                "validate_fk",
-                attempt,
-                lock_timeout_ms=settings.lock_timeout_ms,
-                attempts=settings.lock_attempts,
-                record=record,
+                settings,
+                record,
+                deadline=decision.window_end,
+                now=now,
                 sleep=sleep,
+                min_validate_seconds=min_validate_seconds,
             )
 
-    resweep: dict[str, Any] | None = None
-    try:
         try:
-            validate()
-        except pgerrors.ForeignKeyViolation as violation:
-            # New writes are checked by the NOT VALID constraint since it landed, so an orphan here was
-            # written between null_orphans and its arrival (or skipped because the app held the row). Sweeping
-            # only when VALIDATE meets one keeps the usual cost at one scan; the sweep audits like the first.
-            log.warning(
-                "validate_fk: VALIDATE met an orphan written before the constraint landed (%s); "
-                "re-sweeping orphans, then validating again",
-                violation.diag.message_detail,
-            )
-            resweep = null_orphans(conn, spec, settings, run_id, step="validate_fk re-sweep")
-            prepare_session(
-                conn,
-                "validate_fk",
-                lock_timeout_ms=settings.lock_timeout_ms,
-                statement_timeout_ms=60_000,
-                parallel_workers=settings.parallel_workers,
-            )
-            validate()
-    except pgerrors.QueryCanceled:
-        window = settings.window
-        end = decision.window_end or now()
-        next_start, _ = window.current_or_next(end)
-        cut_by = (
-            "the end of the window"
-            if decision.window_end is not None
-            else f"its statement_timeout of {settings.index_timeout_min} min (validate_now)"
-        )
-        log.warning("validate_fk: VALIDATE was cut short by %s; the constraint stays NOT VALID", cut_by)
-        if decision.windows_used + 1 >= settings.max_windows:
-            raise WindowsExhausted(
-                f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s); "
-                "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
-            ) from None
-        return _reschedule(next_start, f"VALIDATE cut short by {cut_by}", started, resweep=resweep or {})
+            with run_lock(conn, spec):
+                resweep = validate_with_resweep(conn, spec, settings, run_id, validate)
+        except ValidationCutShort as cut:
+            log.warning("validate_fk: %s; the constraint stays NOT VALID", cut)
+            if decision.windows_used + 1 >= settings.max_windows:
+                raise WindowsExhausted(
+                    f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s) ({cut}); "
+                    "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
+                ) from None
+            return _reschedule(_next_window_start(settings.window, now()), str(cut), started)
     seconds = time.monotonic() - started
     log.info("validate_fk: %s validated in %.1f s (%s)", spec.constraint, seconds, decision.reason)
     return {
@@ -267,7 +322,13 @@ def validate_fk(
     }
 
 
-def _reschedule(retry_at: datetime | None, reason: str, started: float, **extra: Any) -> dict[str, Any]:
+def _next_window_start(window: Window, after: datetime) -> datetime:
+    """The start of the first window that opens after ``after`` (not the one already open)."""
+    start, end = window.current_or_next(after)
+    return start if start > after else window.current_or_next(end)[0]
+
+
+def _reschedule(retry_at: datetime | None, reason: str, started: float) -> dict[str, Any]:
     assert retry_at is not None
     log.info("validate_fk: not now (%s); try again at %s", reason, retry_at.isoformat())
     return {
@@ -275,15 +336,12 @@ def _reschedule(retry_at: datetime | None, reason: str, started: float, **extra:
         "retry_at": retry_at.isoformat(),
         "reason": reason,
         "seconds": round(time.monotonic() - started, 3),
-        **extra,
     }
 
 
-def _load_gate(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> str | None:
+def _load_gate(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, *, relid: int) -> str | None:
     """A reason not to start VALIDATE now, even inside the window, or None."""
-    vacuum = conn.execute(
-        statement("catalog", "wraparound_vacuum"), {"qualified": f"{spec.schema}.{spec.table}"}
-    ).fetchone()
+    vacuum = conn.execute(statement("catalog", "wraparound_vacuum"), {"relid": relid}).fetchone()
     if vacuum is not None:
         # VALIDATE would queue behind (or conflict with) a vacuum that does not yield.
         return f"an anti-wraparound autovacuum runs on {spec.schema}.{spec.table} (pid {vacuum[0]})"

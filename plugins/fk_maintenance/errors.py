@@ -35,6 +35,14 @@ class WindowsExhausted(MaintenanceError):
     """Validation waited for (or was cut short in) the configured number of windows."""
 
 
+class StepOutOfOrder(MaintenanceError):
+    """A step found that a step it builds on has not succeeded (for example, VALIDATE with no constraint)."""
+
+
+class ValidationCutShort(MaintenanceError):
+    """VALIDATE did not finish, or was not started, because the window ended or had too little left."""
+
+
 class PostChecksFailed(MaintenanceError):
     """One or more end-state assertions failed; all of them are listed."""
 

@@ -16,7 +16,8 @@ from typing import Any
 import psycopg
 
 from .catalog import inspect_target, require_target
-from .session import prepare_session, run_lock
+from .errors import MaintenanceError
+from .session import run_lock, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
@@ -107,16 +108,28 @@ def create_index_concurrently(
     monitor_connect: Callable[[], psycopg.Connection] | None = None,
     poll_seconds: float = 5.0,
 ) -> dict[str, Any]:
-    started = time.monotonic()
-    timeout_ms = settings.index_timeout_min * 60_000
-    prepare_session(
+    # Long on purpose: the build's SHARE UPDATE EXCLUSIVE never makes app writes queue, and a short
+    # lock_timeout would kill the build whenever any long transaction is open anywhere.
+    timeout_ms = settings.index_timeout_ms
+    with step_session(
         conn,
         "create_index_concurrently",
-        lock_timeout_ms=timeout_ms,
+        settings,
         statement_timeout_ms=timeout_ms,
+        lock_timeout_ms=timeout_ms,
         read_only=settings.dry_run,
-        parallel_workers=settings.parallel_workers,
-    )
+    ):
+        return _create_index(conn, spec, settings, monitor_connect, poll_seconds)
+
+
+def _create_index(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    monitor_connect: Callable[[], psycopg.Connection] | None,
+    poll_seconds: float,
+) -> dict[str, Any]:
+    started = time.monotonic()
     index = require_target(conn, spec).index
     if index.exists and index.valid:
         log.info("create_index_concurrently: %s already exists and is valid; nothing to do", spec.index)
@@ -146,7 +159,10 @@ def create_index_concurrently(
             conn.execute(statement("index", "create_concurrently", spec))
         after = inspect_target(conn, spec).index
         if not (after.exists and after.valid and after.matches):
-            raise RuntimeError(f"create_index_concurrently: {spec.index} is not a valid matching index after the build")
+            raise MaintenanceError(
+                f"create_index_concurrently: {spec.index} is not a valid matching index after the build "
+                f"({after.definition or 'missing'}); the next attempt drops and rebuilds it"
+            )
     seconds = time.monotonic() - started
     log.info("create_index_concurrently: %s built in %.1f s", spec.index, seconds)
     return {

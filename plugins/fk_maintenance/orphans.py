@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 
 from .catalog import TargetState, require_target
-from .session import prepare_session, run_lock, set_local_timeouts
+from .session import run_lock, set_local_timeouts, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
@@ -22,23 +22,20 @@ log = logging.getLogger(__name__)
 BATCH_STATEMENT_TIMEOUT_MS = 60_000
 # The anti-join scans the whole table once; bounded so a pathological plan cannot run for hours.
 SCAN_STATEMENT_TIMEOUT_MS = 2 * 60 * 60 * 1000
+# Creating the audit table locks nothing of the app's; a few seconds of waiting means something else holds
+# its name (a concurrent creation), and a retry is the right answer.
+AUDIT_DDL_LOCK_TIMEOUT_MS = 5000
+AUDIT_DDL_STATEMENT_TIMEOUT_MS = 30_000
 
 
 def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
     """Count orphans and distinct dangling parents, with a sample, in one anti-join scan (read-only)."""
     started = time.monotonic()
-    prepare_session(
-        conn,
-        "detect_orphans",
-        lock_timeout_ms=settings.lock_timeout_ms,
-        statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS,
-        read_only=True,
-        parallel_workers=settings.parallel_workers,
-    )
-    require_target(conn, spec)
-    orphans, dangling, sample = conn.execute(
-        statement("orphans", "summary", spec), {"sample_size": settings.sample_size}
-    ).fetchone()
+    with step_session(conn, "detect_orphans", settings, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS, read_only=True):
+        require_target(conn, spec)
+        orphans, dangling, sample = conn.execute(
+            statement("orphans", "summary", spec), {"sample_size": settings.sample_size}
+        ).fetchone()
     log.info(
         "detect_orphans: %d orphan row(s) pointing at %d missing parent(s) in %s.%s; sample: %s",
         orphans,
@@ -59,7 +56,9 @@ def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: Ta
     """Create the audit table if missing; it shares the key and pointer types of the target."""
     assert state.row_key and state.column
     with conn.transaction():
-        set_local_timeouts(conn, lock_timeout_ms=5000, statement_timeout_ms=30_000)
+        set_local_timeouts(
+            conn, lock_timeout_ms=AUDIT_DDL_LOCK_TIMEOUT_MS, statement_timeout_ms=AUDIT_DDL_STATEMENT_TIMEOUT_MS
+        )
         conn.execute(
             statement(
                 "audit",
@@ -73,79 +72,73 @@ def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: Ta
         conn.execute(statement("audit", "comment_table", spec))
 
 
-def null_orphans(
-    conn: psycopg.Connection,
-    spec: ForeignKeySpec,
-    settings: RunSettings,
-    run_id: str,
-    *,
-    step: str = "null_orphans",
+def null_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str) -> dict[str, Any]:
+    """Null every dangling pointer in batches, auditing each one in the batch's own transaction."""
+    if settings.dry_run:
+        log.info("null_orphans: dry run, nothing nulled")
+        return {"skipped": "dry run", "nulled": 0, "audited": 0, "seconds": 0.0}
+    with step_session(conn, "null_orphans", settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS):
+        state = require_target(conn, spec)
+        with run_lock(conn, spec):
+            ensure_audit_table(conn, spec, state)
+            return sweep_orphans(conn, spec, settings, run_id, step="null_orphans")
+
+
+def sweep_orphans(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str, *, step: str
 ) -> dict[str, Any]:
-    """Null every dangling pointer in batches, auditing each one in the batch's own transaction.
+    """The batches themselves, for a caller that holds the run lock and whose audit table exists.
 
     One anti-join scan collects the orphan keys; each batch then touches only its rows by key, so the total
     work is one scan plus work proportional to the orphans. A batch is all or nothing: killed midway, it
-    rolls back, and the next run finds the same orphans again.
+    rolls back, and the next run finds the same orphans again. Every transaction sets its own timeouts, so
+    this runs the same under any caller's session settings.
     """
     started = time.monotonic()
-    if settings.dry_run:
-        log.info("%s: dry run, nothing nulled", step)
-        return {"skipped": "dry run", "nulled": 0, "audited": 0, "seconds": 0.0}
-    prepare_session(
-        conn,
-        step,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS,
-        parallel_workers=settings.parallel_workers,
-    )
-    state = require_target(conn, spec)
-    with run_lock(conn, spec):
-        ensure_audit_table(conn, spec, state)
+    with conn.transaction():
+        # The scan reads only; its statement_timeout is the scan's, the batches keep the short one.
+        set_local_timeouts(
+            conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS
+        )
+        keys = [row[0] for row in conn.execute(statement("orphans", "keys", spec)).fetchall()]
+    total = len(keys)
+    log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
+    nulled = audited = 0
+    batches = 0
+    last_log = time.monotonic()
+    for offset in range(0, total, settings.batch_size):
+        batch = keys[offset : offset + settings.batch_size]
         with conn.transaction():
-            # The scan reads only; its statement_timeout is the scan's, the batches keep the short one.
             set_local_timeouts(
-                conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS
+                conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
             )
-            keys = [row[0] for row in conn.execute(statement("orphans", "keys", spec)).fetchall()]
-        total = len(keys)
-        log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
-        nulled = audited = 0
-        batches = 0
-        last_log = time.monotonic()
-        for offset in range(0, total, settings.batch_size):
-            batch = keys[offset : offset + settings.batch_size]
-            with conn.transaction():
-                set_local_timeouts(
-                    conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
+            batch_audited, batch_nulled = conn.execute(
+                statement("orphans", "null_batch", spec), {"keys": batch, "run_id": run_id}
+            ).fetchone()
+            if batch_audited != batch_nulled:
+                # Rolling back keeps audit and data in step; this would mean a concurrent change we
+                # did not foresee, so stop rather than guess.
+                raise RuntimeError(
+                    f"{step}: batch at offset {offset} audited {batch_audited} but nulled {batch_nulled}; rolled back"
                 )
-                batch_audited, batch_nulled = conn.execute(
-                    statement("orphans", "null_batch", spec), {"keys": batch, "run_id": run_id}
-                ).fetchone()
-                if batch_audited != batch_nulled:
-                    # Rolling back keeps audit and data in step; this would mean a concurrent change we
-                    # did not foresee, so stop rather than guess.
-                    raise RuntimeError(
-                        f"{step}: batch at offset {offset} audited {batch_audited} but nulled {batch_nulled}; "
-                        "rolled back"
-                    )
-            batches += 1
-            nulled += batch_nulled
-            audited += batch_audited
-            now = time.monotonic()
-            if now - last_log >= 5 or offset + len(batch) >= total:
-                elapsed = now - started
-                log.info(
-                    "%s: %d/%d keys processed (%.0f%%), %d nulled, %.0f rows/s",
-                    step,
-                    offset + len(batch),
-                    total,
-                    100 * (offset + len(batch)) / max(total, 1),
-                    nulled,
-                    (offset + len(batch)) / elapsed if elapsed else 0.0,
-                )
-                last_log = now
-            if settings.batch_pause_ms:
-                time.sleep(settings.batch_pause_ms / 1000)
+        batches += 1
+        nulled += batch_nulled
+        audited += batch_audited
+        now = time.monotonic()
+        if now - last_log >= 5 or offset + len(batch) >= total:
+            elapsed = now - started
+            log.info(
+                "%s: %d/%d keys processed (%.0f%%), %d nulled, %.0f rows/s",
+                step,
+                offset + len(batch),
+                total,
+                100 * (offset + len(batch)) / max(total, 1),
+                nulled,
+                (offset + len(batch)) / elapsed if elapsed else 0.0,
+            )
+            last_log = now
+        if settings.batch_pause_ms:
+            time.sleep(settings.batch_pause_ms / 1000)
     seconds = time.monotonic() - started
     return {
         "candidates": total,
@@ -160,11 +153,11 @@ def null_orphans(
 
 
 def restore_from_audit(
-    conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, *, lock_timeout_ms: int = 2000
+    conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, settings: RunSettings | None = None
 ) -> dict[str, int]:
     """Put back the pointers one run nulled, where the row is still parentless and the parent exists again."""
-    prepare_session(conn, "restore", lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS)
-    with conn.transaction():
+    settings = settings or RunSettings()
+    with step_session(conn, "restore", settings, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS), conn.transaction():
         restored, audited = conn.execute(statement("audit", "restore_run", spec), {"run_id": run_id}).fetchone()
     log.info("restore: %d of %d audited pointer(s) of run %s put back", restored, audited, run_id)
     return {"restored": restored, "audited": audited}

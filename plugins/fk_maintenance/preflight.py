@@ -8,9 +8,9 @@ from typing import Any
 
 import psycopg
 
-from .catalog import TargetState, inspect_target, table_info
+from .catalog import TargetState, inspect_target, refuse_while_index_build_runs, table_info
 from .errors import PreflightFailed
-from .session import prepare_session
+from .session import CATALOG_STATEMENT_TIMEOUT_MS, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
@@ -21,15 +21,12 @@ MIN_SERVER_VERSION_NUM = 130000  # gen_random_uuid() in core, pg_stat_progress_c
 
 
 def preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
+    with step_session(conn, "preflight", settings, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS, read_only=True):
+        return _preflight(conn, spec, settings)
+
+
+def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
     started = time.monotonic()
-    prepare_session(
-        conn,
-        "preflight",
-        lock_timeout_ms=settings.lock_timeout_ms,
-        statement_timeout_ms=60_000,
-        read_only=True,
-        parallel_workers=settings.parallel_workers,
-    )
     version, version_num, database, user = conn.execute(statement("session", "server_facts")).fetchone()
     log.info("preflight: connected to %s as %s, PostgreSQL %s", database, user, version)
     state = inspect_target(conn, spec)
@@ -52,6 +49,7 @@ def preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSetti
         log.warning("preflight: %s", warning)
     if problems:
         raise PreflightFailed(problems)
+    refuse_while_index_build_runs(state, spec)
     assert state.table is not None
     summary = {
         "server_version": version,

@@ -7,20 +7,12 @@ from typing import Any
 
 from .settings import RunSettings
 from .spec import ForeignKeySpec
+from .steps import STEPS
 
 log = logging.getLogger(__name__)
 
 CONVERGED = "converged"
 DRY_RUN_STATE = "dry run: nothing changed"
-STEPS = (
-    "preflight",
-    "detect_orphans",
-    "null_orphans",
-    "create_index_concurrently",
-    "add_fk_not_valid",
-    "validate_fk",
-    "post_checks",
-)
 
 
 def build_report(
@@ -40,9 +32,9 @@ def build_report(
             + (get(step, "deferred_for_long_transactions", 0) or 0),
             "outcome": get(step, "action") or get(step, "outcome") or ("ran" if results.get(step) else "did not run"),
         }
-        for step in STEPS
+        for step in (s.name for s in STEPS)
     }
-    unfinished = [step for step in STEPS if not results.get(step)]
+    unfinished = [step for step in steps if not results.get(step)]
     if unfinished:
         final_state = f"incomplete: {', '.join(unfinished)} did not finish"
     elif settings.dry_run:

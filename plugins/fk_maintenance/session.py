@@ -13,8 +13,10 @@ from typing import TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import sql
 
 from .errors import ConcurrentRun, LockNotAcquired
+from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
 
@@ -24,35 +26,75 @@ T = TypeVar("T")
 APPLICATION_NAME = "kpi-fk-maintenance"
 
 
-def prepare_session(
+# Catalog reads and DDL that does no scan finish in milliseconds; a minute means something is wrong.
+CATALOG_STATEMENT_TIMEOUT_MS = 60_000
+# A worker killed mid-transaction must not leave a session holding row locks for long.
+IDLE_IN_TRANSACTION_TIMEOUT = "60s"
+# PostgreSQL 14+: while a long statement runs, notice within seconds that the worker died and roll back.
+CLIENT_CONNECTION_CHECK_INTERVAL = "2s"
+# Every session setting a step makes, so that all of them are put back when the step ends.
+STEP_SESSION_SETTINGS = (
+    "application_name",
+    "lock_timeout",
+    "statement_timeout",
+    "idle_in_transaction_session_timeout",
+    "default_transaction_read_only",
+    "max_parallel_workers_per_gather",
+    "max_parallel_maintenance_workers",
+    "client_connection_check_interval",
+)
+
+
+@contextmanager
+def step_session(
     conn: psycopg.Connection,
     step: str,
+    settings: RunSettings,
     *,
-    lock_timeout_ms: int,
     statement_timeout_ms: int,
+    lock_timeout_ms: int | None = None,
     read_only: bool = False,
-    parallel_workers: int = -1,
-) -> None:
-    """Set this step's own timeouts on the session, so nothing is inherited from the role or database.
+) -> Iterator[None]:
+    """This step's own timeouts and name on the session for the block, and the previous values again after it.
 
-    ``parallel_workers`` caps the parallel workers of our scans and index build (0: a step uses one core and
-    leaves the others to the app); -1 keeps the server's own setting, which its DBA chose for its cores.
+    Nothing is inherited from the role or database, and nothing of this step outlives it: a step that calls
+    another step's body inside its own block gets its own settings back. ``lock_timeout_ms`` defaults to the
+    run's; ``parallel_workers`` -1 keeps the server's own choice.
     """
     conn.autocommit = True
+    previous = conn.execute(statement("session", "current_settings"), {"names": list(STEP_SESSION_SETTINGS)}).fetchall()
     conn.execute(
         statement("session", "configure"),
         {
             "application_name": f"{APPLICATION_NAME}:{step}",
-            "lock_timeout": f"{lock_timeout_ms}ms",
+            "lock_timeout": f"{settings.lock_timeout_ms if lock_timeout_ms is None else lock_timeout_ms}ms",
             "statement_timeout": f"{statement_timeout_ms}ms",
-            # A worker killed mid-transaction must not leave a session holding row locks for long.
-            "idle_in_transaction_session_timeout": "60s",
+            "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT,
             "read_only": "on" if read_only else "off",
         },
     )
-    if parallel_workers >= 0:
-        conn.execute(statement("session", "limit_parallel_workers"), {"parallel_workers": str(parallel_workers)})
-    conn.execute(statement("session", "check_client_connection"), {"interval": "2s"})
+    if settings.parallel_workers >= 0:
+        conn.execute(
+            statement("session", "limit_parallel_workers"), {"parallel_workers": str(settings.parallel_workers)}
+        )
+    conn.execute(statement("session", "check_client_connection"), {"interval": CLIENT_CONNECTION_CHECK_INTERVAL})
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            _restore(conn, previous)
+
+
+def _restore(conn: psycopg.Connection, previous: list[tuple[str, str, bool]]) -> None:
+    own = [(name, value) for name, value, set_by_session in previous if set_by_session]
+    if own:
+        conn.execute(
+            statement("session", "restore_settings"),
+            {"names": [name for name, _ in own], "values": [value for _, value in own]},
+        )
+    for name, _value, set_by_session in previous:
+        if not set_by_session:
+            conn.execute(statement("session", "reset_setting", setting=sql.Identifier(name)))
 
 
 def set_local_timeouts(conn: psycopg.Connection, *, lock_timeout_ms: int, statement_timeout_ms: int) -> None:

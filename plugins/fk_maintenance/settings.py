@@ -1,21 +1,23 @@
-"""Run settings: one definition feeds the Airflow trigger form (JSON schema) and the library's own checks.
+"""Run settings: one definition per setting (name, type, default, bounds, form text) feeds the Airflow trigger
+form and the library's own checks, which validate against the very JSON schema the form uses.
 
-Imports only the standard library: the DAG file imports this at parse time.
+Imports only the standard library and jsonschema (which Airflow itself imports): the DAG file imports this
+at parse time.
 """
 
 from __future__ import annotations
 
-import re
 import zoneinfo
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import time
 from typing import Any
+
+import jsonschema
 
 from .errors import InvalidSettings
 from .window import Window
 
-_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
-HHMM_PATTERN = _HHMM.pattern
+HHMM_PATTERN = r"^([01]\d|2[0-3]):[0-5]\d$"
 
 SECTION_RUN = "What this run does"
 SECTION_LOCKS = "Locks and batches"
@@ -33,61 +35,63 @@ class SettingDef:
     section: str
 
 
-SETTING_DEFS: tuple[SettingDef, ...] = (
-    SettingDef(
-        "dry_run",
+def _setting(default: Any, schema: dict[str, Any], title: str, description: str, section: str) -> Any:
+    return field(
+        default=default, metadata={"schema": schema, "title": title, "description": description, "section": section}
+    )
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every setting of a run. The field list below is the one home of each name, default, bound and text."""
+
+    dry_run: bool = _setting(
         False,
         {"type": "boolean"},
         "Dry run",
         "Read-only: detect orphans, check the catalog and the window, report what a real run would do. "
         "No writes, no DDL, no lock stronger than ACCESS SHARE.",
         SECTION_RUN,
-    ),
-    SettingDef(
-        "validate_now",
+    )
+    validate_now: bool = _setting(
         False,
         {"type": "boolean"},
         "Validate now (ignore the window)",
         "Operator override: run VALIDATE CONSTRAINT now even outside the low-traffic window. "
         "VALIDATE does not block the app's reads or writes, but it scans the whole table.",
         SECTION_RUN,
-    ),
-    SettingDef(
-        "batch_size",
+    )
+    batch_size: int = _setting(
         5000,
         {"type": "integer", "minimum": 1, "maximum": 100_000},
         "Batch size",
         "Orphan pointers nulled per short transaction (each batch audits and updates its rows together).",
         SECTION_LOCKS,
-    ),
-    SettingDef(
-        "batch_pause_ms",
+    )
+    batch_pause_ms: int = _setting(
         0,
         {"type": "integer", "minimum": 0, "maximum": 60_000},
         "Pause between batches (ms)",
         "Sleep between batches, to leave room for replication and vacuum on a busy primary.",
         SECTION_LOCKS,
-    ),
-    SettingDef(
-        "lock_timeout_ms",
+    )
+    lock_timeout_ms: int = _setting(
         2000,
         {"type": "integer", "minimum": 50, "maximum": 60_000},
         "Lock timeout (ms)",
         "The longest any app statement may wait behind one of our table locks. Every statement that "
         "locks the table runs under this lock_timeout; attempts that time out are retried.",
         SECTION_LOCKS,
-    ),
-    SettingDef(
-        "lock_attempts",
+    )
+    lock_attempts: int = _setting(
         8,
         {"type": "integer", "minimum": 1, "maximum": 50},
         "Lock attempts",
         "How many times adding the constraint (and validating it) tries to take its lock before the task "
         "fails and leaves the retry to Airflow. Waits between attempts grow, with jitter.",
         SECTION_LOCKS,
-    ),
-    SettingDef(
-        "parallel_workers",
+    )
+    parallel_workers: int = _setting(
         -1,
         {"type": "integer", "minimum": -1, "maximum": 16},
         "Parallel workers per query",
@@ -95,172 +99,169 @@ SETTING_DEFS: tuple[SettingDef, ...] = (
         "(max_parallel_workers_per_gather, max_parallel_maintenance_workers); 0 keeps each step on one core "
         "and leaves the others to the app, the choice for a small or CPU-bound primary.",
         SECTION_LOCKS,
-    ),
-    SettingDef(
-        "index_timeout_min",
+    )
+    index_timeout_min: int = _setting(
         240,
         {"type": "integer", "minimum": 1, "maximum": 1440},
         "Index build timeout (min)",
         "statement_timeout and lock_timeout of CREATE INDEX CONCURRENTLY. Its lock (SHARE UPDATE "
         "EXCLUSIVE) never makes app writes queue, so it may wait long for old transactions to end.",
         SECTION_LOCKS,
-    ),
-    SettingDef(
-        "window_start",
+    )
+    window_start: str = _setting(
         "01:00",
         {"type": "string", "pattern": HHMM_PATTERN},
         "Window start (HH:MM)",
         "Start of the daily low-traffic window, local time in the window timezone.",
         SECTION_WINDOW,
-    ),
-    SettingDef(
-        "window_end",
+    )
+    window_end: str = _setting(
         "05:00",
         {"type": "string", "pattern": HHMM_PATTERN},
         "Window end (HH:MM)",
         "End of the window; earlier than the start means the window crosses midnight. VALIDATE runs under a "
         "statement_timeout that ends here.",
         SECTION_WINDOW,
-    ),
-    SettingDef(
-        "window_timezone",
+    )
+    window_timezone: str = _setting(
         "UTC",
         {"type": "string", "minLength": 1, "maxLength": 64},
         "Window timezone",
         "IANA timezone of the window, for example Europe/Berlin; daylight-saving changes are followed.",
         SECTION_WINDOW,
-    ),
-    SettingDef(
-        "max_active_sessions",
+    )
+    max_active_sessions: int = _setting(
         0,
         {"type": "integer", "minimum": 0, "maximum": 10_000},
         "Load threshold (active sessions)",
         "Validate only while pg_stat_activity shows at most this many other active client sessions. "
         "0 turns the check off.",
         SECTION_WINDOW,
-    ),
-    SettingDef(
-        "max_windows",
+    )
+    max_windows: int = _setting(
         7,
         {"type": "integer", "minimum": 1, "maximum": 60},
         "Windows before giving up",
         "How many windows validation may wait for (or be cut short in) before the task fails.",
         SECTION_WINDOW,
-    ),
-    SettingDef(
-        "recheck_minutes",
+    )
+    recheck_minutes: int = _setting(
         10,
         {"type": "integer", "minimum": 1, "maximum": 240},
         "Recheck interval inside the window (min)",
         "When the window is open but the load is too high or an anti-wraparound vacuum runs on the table, "
         "look again after this many minutes.",
         SECTION_WINDOW,
-    ),
-    SettingDef(
-        "max_depth",
+    )
+    max_depth: int = _setting(
         5,
         {"type": "integer", "minimum": 1, "maximum": 100},
         "Maximum hierarchy depth",
         "post_checks fails when any chain of parents is deeper than this (yearly to daily is 5).",
         SECTION_CHECKS,
-    ),
-    SettingDef(
-        "sample_size",
+    )
+    sample_size: int = _setting(
         10,
         {"type": "integer", "minimum": 0, "maximum": 1000},
         "Sample size",
         "How many orphan ids detect_orphans shows in its log and summary.",
         SECTION_CHECKS,
-    ),
-)
-
-_DEFS_BY_NAME = {d.name: d for d in SETTING_DEFS}
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    dry_run: bool = False
-    validate_now: bool = False
-    batch_size: int = 5000
-    batch_pause_ms: int = 0
-    lock_timeout_ms: int = 2000
-    lock_attempts: int = 8
-    parallel_workers: int = -1
-    index_timeout_min: int = 240
-    window_start: str = "01:00"
-    window_end: str = "05:00"
-    window_timezone: str = "UTC"
-    max_active_sessions: int = 0
-    max_windows: int = 7
-    recheck_minutes: int = 10
-    max_depth: int = 5
-    sample_size: int = 10
+    )
 
     def __post_init__(self) -> None:
-        problems = _problems(self)
-        if problems:
-            raise InvalidSettings("invalid run settings: " + "; ".join(problems))
+        _raise_on_problems(asdict(self))
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunSettings:
-        """Build from the DAG run's params, refusing unknown names and wrong types with one message."""
-        unknown = sorted(set(params) - set(_DEFS_BY_NAME))
-        known = {k: v for k, v in params.items() if k in _DEFS_BY_NAME}
-        type_problems = [p for name, value in known.items() if (p := _type_problem(name, value))]
-        if unknown:
-            type_problems.insert(0, f"unknown setting(s) {', '.join(map(repr, unknown))}")
-        if type_problems:
-            raise InvalidSettings("invalid run settings: " + "; ".join(type_problems))
-        return cls(**known)
+        """Build from the DAG run's params, refusing unknown names, wrong types and bounds with one message."""
+        _raise_on_problems(dict(params))
+        return cls(**params)
 
     @property
-    def window_start_time(self) -> time:
-        return time.fromisoformat(self.window_start)
+    def window(self) -> Window:
+        return Window(time.fromisoformat(self.window_start), time.fromisoformat(self.window_end), self.zone)
 
     @property
-    def window_end_time(self) -> time:
-        return time.fromisoformat(self.window_end)
+    def index_timeout_ms(self) -> int:
+        """The long timeout of the steps whose lock the app never waits on (index build, VALIDATE by hand)."""
+        return self.index_timeout_min * 60 * 1000
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.window_timezone)
 
-    @property
-    def window(self) -> Window:
-        return Window(self.window_start_time, self.window_end_time, self.zone)
+
+SETTING_DEFS: tuple[SettingDef, ...] = tuple(
+    SettingDef(name=f.name, default=f.default, **f.metadata) for f in fields(RunSettings)
+)
+# The trigger form's Params carry exactly these per-setting schemas; the library validates a run's values
+# against the same object, so the two can never disagree about what is allowed.
+PARAMS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {d.name: d.schema for d in SETTING_DEFS},
+    "additionalProperties": False,
+}
+_VALIDATOR = jsonschema.validators.validator_for(PARAMS_SCHEMA)(
+    PARAMS_SCHEMA, format_checker=jsonschema.FormatChecker()
+)
 
 
-def _type_problem(name: str, value: Any) -> str | None:
-    expected = _DEFS_BY_NAME[name].schema["type"]
-    python_types = {"boolean": (bool,), "integer": (int,), "string": (str,)}[expected]
-    # bool is an int in Python; a JSON true must not pass for an integer.
-    if not isinstance(value, python_types) or (expected == "integer" and isinstance(value, bool)):
-        return f"{name} must be a{'n' if expected[0] in 'ai' else ''} {expected}, got {value!r}"
-    return None
+def _raise_on_problems(values: dict[str, Any]) -> None:
+    errors = sorted(_VALIDATOR.iter_errors(values), key=lambda e: [str(p) for p in e.path])
+    problems = [_describe(error) for error in errors]
+    if not any(error.validator == "additionalProperties" for error in errors):
+        malformed = {str(error.path[0]) for error in errors if error.path}
+        problems += _cross_field_problems(values, malformed)
+    if problems:
+        raise InvalidSettings("invalid run settings: " + "; ".join(problems))
 
 
-def _problems(settings: RunSettings) -> list[str]:
-    problems: list[str] = []
-    for f in fields(settings):
-        value = getattr(settings, f.name)
-        if (type_problem := _type_problem(f.name, value)) is not None:
-            problems.append(type_problem)
-            continue
-        schema = _DEFS_BY_NAME[f.name].schema
-        if "minimum" in schema and value < schema["minimum"]:
-            problems.append(f"{f.name} must be at least {schema['minimum']}, got {value}")
-        if "maximum" in schema and value > schema["maximum"]:
-            problems.append(f"{f.name} must be at most {schema['maximum']}, got {value}")
-    for name in ("window_start", "window_end"):
-        value = getattr(settings, name)
-        if isinstance(value, str) and not _HHMM.match(value):
-            problems.append(f"{name} must be a time HH:MM between 00:00 and 23:59, got {value!r}")
-    if not problems and settings.window_start == settings.window_end:
-        problems.append(f"window_start and window_end are both {settings.window_start}: the window would be empty")
-    tz = settings.window_timezone
-    if isinstance(tz, str):
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One readable line per schema violation, naming the setting and the value."""
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(PARAMS_SCHEMA["properties"]))
+        return f"unknown setting(s) {', '.join(map(repr, unknown))}"
+    name = str(error.path[0]) if error.path else "settings"
+    value, bound = error.instance, error.validator_value
+    if error.validator == "type":
+        return f"{name} must be a{'n' if bound[0] in 'ai' else ''} {bound}, got {value!r}"
+    if error.validator == "minimum":
+        return f"{name} must be at least {bound}, got {value}"
+    if error.validator == "maximum":
+        return f"{name} must be at most {bound}, got {value}"
+    if error.validator == "pattern" and bound == HHMM_PATTERN:
+        return f"{name} must be a time HH:MM between 00:00 and 23:59, got {value!r}"
+    return f"{name}: {error.message}"
+
+
+def _cross_field_problems(values: dict[str, Any], malformed: set[str]) -> list[str]:
+    """What a per-field JSON schema cannot say: an empty window, a timezone that does not exist. Settings the
+    schema already refused are not judged again."""
+    problems = []
+    start = values.get("window_start", RunSettings.window_start)
+    end = values.get("window_end", RunSettings.window_end)
+    if not malformed & {"window_start", "window_end"} and start == end:
+        problems.append(f"window_start and window_end are both {start}: the window would be empty")
+    zone = values.get("window_timezone", RunSettings.window_timezone)
+    if "window_timezone" not in malformed:
         try:
-            zoneinfo.ZoneInfo(tz)
+            zoneinfo.ZoneInfo(zone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-            problems.append(f"window_timezone {tz!r} is not a known IANA timezone (for example 'Europe/Berlin')")
+            problems.append(f"window_timezone {zone!r} is not a known IANA timezone (for example 'Europe/Berlin')")
     return problems
+
+
+def form_table_markdown() -> str:
+    """The trigger form as a Markdown table (the README's), from the same definitions as the form."""
+    lines = ["| field | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    for d in SETTING_DEFS:
+        default = str(d.default).lower() if isinstance(d.default, bool) else d.default
+        allowed = (
+            f"{d.schema['minimum']} to {d.schema['maximum']}"
+            if "minimum" in d.schema
+            else "HH:MM"
+            if d.schema.get("pattern") == HHMM_PATTERN
+            else d.schema["type"]
+        )
+        lines.append(f"| `{d.name}` | {default} | {allowed} | {d.description} |")
+    return "\n".join(lines)

@@ -7,16 +7,27 @@ bound parameters (``%(name)s``).
 
 from __future__ import annotations
 
-import os
 import re
 from functools import cache
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from psycopg import sql
 
 from .spec import ForeignKeySpec
 
-SQL_DIR = Path(os.environ.get("FK_MAINTENANCE_SQL_DIR", Path(__file__).resolve().parents[2] / "sql"))
+
+def _sql_dir() -> Traversable:
+    """The installed package's own ``fk_maintenance/sql`` (wheel, ``pip install .``), or else, for a plain
+    Airflow folder deployment of ``plugins/``, the repository's ``sql/`` beside it."""
+    packaged = resources.files(__package__) / "sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "sql"
+
+
+SQL_DIR = _sql_dir()
 _NAME_LINE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 

@@ -18,6 +18,12 @@ class Window:
     end: time
     zone: ZoneInfo
 
+    @property
+    def nominal_length(self) -> timedelta:
+        """Length on a day without a daylight-saving change (what a schedule's catch-up allowance should be)."""
+        day = timedelta(days=1)
+        return (datetime.combine(date.min, self.end) - datetime.combine(date.min, self.start)) % day
+
     def _instance(self, local_day: date) -> tuple[datetime, datetime]:
         start = datetime.combine(local_day, self.start, tzinfo=self.zone)
         end_day = local_day + timedelta(days=1) if self.end <= self.start else local_day

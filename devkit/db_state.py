@@ -1,0 +1,59 @@
+"""What a test or benchmark reads back from the target to prove what a run did, or that it changed nothing."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql
+
+from fk_maintenance.spec import ForeignKeySpec
+
+
+class Connects(Protocol):
+    def connect(self) -> psycopg.Connection: ...
+
+
+def snapshot(db: Connects, spec: ForeignKeySpec) -> dict[str, Any]:
+    """Catalog and data of the target, to prove a step changed nothing."""
+    table = sql.Identifier(spec.schema, spec.table)
+    with db.connect() as conn:
+        catalog = conn.execute(
+            """
+            SELECT coalesce(array_agg(conname || ' ' || pg_get_constraintdef(oid) || ' ' || convalidated
+                                      ORDER BY conname), '{}')
+            FROM pg_constraint WHERE conrelid = to_regclass(%(t)s)
+            """,
+            {"t": table.as_string(conn)},
+        ).fetchone()[0]
+        indexes = conn.execute(
+            """
+            SELECT coalesce(array_agg(pg_get_indexdef(indexrelid) || ' ' || indisvalid
+                                      ORDER BY indexrelid::regclass::text), '{}')
+            FROM pg_index WHERE indrelid = to_regclass(%(t)s)
+            """,
+            {"t": table.as_string(conn)},
+        ).fetchone()[0]
+        audit = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(spec.schema, spec.audit_table).as_string(conn)]
+        ).fetchone()[0]
+        data = conn.execute(
+            sql.SQL(
+                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t.{key}::text), '')) FROM {t} t"
+            ).format(t=table, key=sql.Identifier(spec.row_key))
+        ).fetchone()
+    return {"constraints": catalog, "indexes": indexes, "audit_table": audit, "data": data}
+
+
+def orphan_count(db: Connects, spec: ForeignKeySpec) -> int:
+    with db.connect() as conn:
+        return conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {t} c WHERE c.{col} IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.{ref} = c.{col})"
+            ).format(
+                t=sql.Identifier(spec.schema, spec.table),
+                col=sql.Identifier(spec.column),
+                ref=sql.Identifier(spec.ref_column),
+            )
+        ).fetchone()[0]

@@ -1,0 +1,121 @@
+"""The pipeline's steps: the one list of their names, order, functions, what each changes and which locks it
+takes. The DAG wires its tasks from it, the report reads it, devkit runs it without Airflow, and the runbook's
+lock table (in the DAG's docs and the README) is printed from it.
+
+Standard library only: the DAG file imports this at parse time. Step functions are named, not imported, so
+psycopg is loaded only when a task runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Keyword arguments a step may need beyond (conn, spec, settings), supplied by whoever runs it.
+RUN_ID = "run_id"
+RUN_STARTED_AT = "run_started_at"
+MONITOR_CONNECT = "monitor_connect"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    function: str  # "module:function" inside fk_maintenance
+    upstream: tuple[str, ...]
+    changes: str
+    locks: str
+    needs: tuple[str, ...] = ()
+    # A step whose failure a retry cannot fix (post_checks: the end state is what it is) is not retried.
+    retried: bool = True
+
+    def load(self) -> Callable[..., dict[str, Any]]:
+        module, function = self.function.split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)
+
+    @property
+    def doc_md(self) -> str:
+        return f"{self.changes}\n\nLocks: {self.locks}"
+
+
+STEPS: tuple[Step, ...] = (
+    Step(
+        "preflight",
+        "preflight:preflight",
+        (),
+        "nothing: checks table, columns, types, privileges, same-named constraint/index/audit table",
+        "ACCESS SHARE, catalog reads only",
+    ),
+    Step(
+        "detect_orphans",
+        "orphans:detect_orphans",
+        ("preflight",),
+        "nothing: one `NOT EXISTS` anti-join; counts orphans and missing parents, logs a sample",
+        "ACCESS SHARE for one scan; blocks no app statement",
+    ),
+    Step(
+        "null_orphans",
+        "orphans:null_orphans",
+        ("detect_orphans",),
+        "nulls dangling pointers in batches of `batch_size`; each batch audits then nulls its rows in one transaction",
+        "ROW EXCLUSIVE and the batch's row locks for the batch's milliseconds, under `lock_timeout_ms`; rows "
+        "the app holds are skipped (SKIP LOCKED), never waited for",
+        needs=(RUN_ID,),
+    ),
+    Step(
+        "create_index_concurrently",
+        "index:create_index_concurrently",
+        ("preflight",),
+        "`CREATE INDEX CONCURRENTLY` in autocommit (an INVALID leftover of our name is dropped concurrently first)",
+        "SHARE UPDATE EXCLUSIVE, which app reads and writes never wait on; it may itself wait for old "
+        "transactions (logged) up to `index_timeout_min`",
+        needs=(MONITOR_CONNECT,),
+    ),
+    Step(
+        "add_fk_not_valid",
+        "constraint:add_fk_not_valid",
+        ("null_orphans", "create_index_concurrently"),
+        "`ADD CONSTRAINT ... NOT VALID`; from then on every new write is checked",
+        "SHARE ROW EXCLUSIVE for milliseconds; each attempt waits at most `lock_timeout_ms`, so app writes "
+        "queue behind it at most that long, and no attempt is made while a transaction older than the first "
+        "attempt's timeout holds a conflicting lock. After `lock_attempts` the task fails and Airflow retries it",
+    ),
+    Step(
+        "validate_fk",
+        "constraint:validate_fk",
+        ("add_fk_not_valid",),
+        "`VALIDATE CONSTRAINT` inside the window; if it meets an orphan written before the constraint landed, "
+        "re-sweeps (audited) and validates again. Outside the window the task is rescheduled and holds no "
+        "worker slot",
+        "SHARE UPDATE EXCLUSIVE (app reads and writes never wait on it) for one scan, under a "
+        "`statement_timeout` ending at the window's end",
+        needs=(RUN_ID, RUN_STARTED_AT),
+    ),
+    Step(
+        "post_checks",
+        "checks:post_checks",
+        ("validate_fk",),
+        "nothing: every end-state assertion, all reported (its write test is always rolled back)",
+        "ACCESS SHARE; one row lock for an UPDATE that must fail with 23503 and is rolled back",
+        retried=False,
+    ),
+)
+STEP_BY_NAME = {step.name: step for step in STEPS}
+
+REPORT_TASK = "report"
+REPORT_DOC_MD = (
+    "The run's summary in the log and as this task's XCom (also under key `report`). Runs even when a step "
+    "failed, and then fails itself so the run shows as failed.\n\nLocks: none; touches no database."
+)
+
+
+def lock_table_markdown(table: str) -> str:
+    """The runbook's table: what each task changes and which lock on ``table`` it takes, for how long."""
+    lines = [
+        f"| task | what it changes | lock on `{table}`, at most how long |",
+        "| --- | --- | --- |",
+        *(f"| {step.name} | {step.changes} | {step.locks} |" for step in STEPS),
+        f"| {REPORT_TASK} | nothing | none |",
+    ]
+    return "\n".join(lines)
