@@ -47,12 +47,12 @@ names the ids involved; fix the data in the app, then trigger again: every step 
 
 ## Undo the data change
 
-Every nulled pointer is in `public.vision_kpis_orphan_audit` (`run_id`, `kpi_id`, `old_parent_kpi_id`,
-`nulled_at`). To put back one run's pointers whose parent exists again:
+Every nulled pointer is in `fk_maintenance.vision_kpis_orphan_audit`, the pipeline's own schema (`run_id`,
+`kpi_id`, `old_parent_kpi_id`, `nulled_at`). To put back one run's pointers whose parent exists again:
 
 ```sql
 UPDATE public.vision_kpis k SET parent_kpi_id = a.old_parent_kpi_id
-FROM public.vision_kpis_orphan_audit a
+FROM fk_maintenance.vision_kpis_orphan_audit a
 WHERE a.run_id = '<run_id>' AND k.id = a.kpi_id AND k.parent_kpi_id IS NULL
   AND EXISTS (SELECT 1 FROM public.vision_kpis p WHERE p.id = a.old_parent_kpi_id);
 ```

@@ -35,7 +35,7 @@ def snapshot(db: Connects, spec: ForeignKeySpec) -> dict[str, Any]:
             {"t": table.as_string(conn)},
         ).fetchone()[0]
         audit = conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(spec.schema, spec.audit_table).as_string(conn)]
+            "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(spec.audit_schema, spec.audit_table).as_string(conn)]
         ).fetchone()[0]
         data = conn.execute(
             sql.SQL(

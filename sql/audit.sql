@@ -1,4 +1,32 @@
--- The audit table: every pointer we null is written here first, in the same transaction.
+-- The audit table: every pointer we null is written here first, in the same transaction. It lives in the
+-- pipeline's own schema, where the app's schema tool (drizzle-kit push) never looks.
+
+-- name: create_schema
+CREATE SCHEMA IF NOT EXISTS {audit_schema}
+
+-- name: comment_schema
+COMMENT ON SCHEMA {audit_schema} IS 'kpi-fk-maintenance: the pipeline''s own objects (audit tables); not the app''s'
+
+-- name: move_legacy_table
+-- An audit table an earlier version left in the app's schema moves, rows and all, in the catalog only.
+ALTER TABLE {legacy_audit} SET SCHEMA {audit_schema}
+
+-- name: merge_legacy_rows
+-- Both exist (an earlier version ran after a newer one): the rows join the pipeline's table; on the same
+-- (run_id, kpi_id) the pipeline's own row, the newer, is kept.
+WITH moved AS (
+    INSERT INTO {audit} (run_id, kpi_id, old_parent_kpi_id, nulled_at)
+    SELECT run_id, kpi_id, old_parent_kpi_id, nulled_at FROM {legacy_audit}
+    ON CONFLICT (run_id, kpi_id) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM moved
+
+-- name: drop_legacy_table
+DROP TABLE {legacy_audit}
+
+-- name: count_rows
+SELECT count(*) FROM {audit}
 
 -- name: create_table
 CREATE TABLE IF NOT EXISTS {audit} (
@@ -10,7 +38,7 @@ CREATE TABLE IF NOT EXISTS {audit} (
 )
 
 -- name: comment_table
-COMMENT ON TABLE {audit} IS 'kpi-fk-maintenance: dangling parent pointers nulled before adding a foreign key; restore with the README''s UPDATE'
+COMMENT ON TABLE {audit} IS 'kpi-fk-maintenance: dangling parent pointers nulled before adding a foreign key; restore with the restore DAG or the README''s UPDATE'
 
 -- name: restore_run
 -- Puts back pointers nulled by one run, where the row still has no parent and the parent exists now.

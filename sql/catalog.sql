@@ -52,9 +52,20 @@ SELECT pg_has_role(current_user, c.relowner, 'USAGE') AS owns_table,
        has_table_privilege(c.oid, 'SELECT') AS can_select,
        has_table_privilege(c.oid, 'UPDATE') AS can_update,
        has_table_privilege(c.oid, 'REFERENCES') AS can_reference,
-       has_schema_privilege(c.relnamespace, 'CREATE') AS can_create_in_schema,
        has_schema_privilege(c.relnamespace, 'USAGE') AS can_use_schema
 FROM pg_class c WHERE c.oid = %(relid)s
+
+-- name: schema_privileges
+-- Whether the pipeline's schema exists, and what the role may do to create it or create in it.
+SELECT n.oid IS NOT NULL,
+       has_database_privilege(current_database(), 'CREATE'),
+       n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'CREATE'),
+       n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE')
+FROM (SELECT 1) AS one
+LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
+
+-- name: owns_relation
+SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = %(relid)s
 
 -- name: audit_columns
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
@@ -70,7 +81,8 @@ JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 WHERE i.indrelid = %(relid)s AND i.indisprimary
 
 -- name: audit_privileges
-SELECT has_table_privilege(%(relid)s, 'INSERT'), has_table_privilege(%(relid)s, 'UPDATE')
+SELECT has_table_privilege(%(relid)s, 'SELECT'), has_table_privilege(%(relid)s, 'INSERT'),
+       has_table_privilege(%(relid)s, 'UPDATE')
 
 -- name: wraparound_vacuum
 -- The vacuum is found by the oid of the table it works on, never by its text; only its kind comes from the

@@ -75,7 +75,7 @@ def test_airflow_dags_test_converges_an_unseen_table_shape_then_changes_nothing(
 
     pointers_after = dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))
     nulled = {k: v for k, v in pointers_before.items() if pointers_after[k] != v}
-    audit = dict(db.query("SELECT kpi_id, old_parent_kpi_id FROM vision_kpis_orphan_audit"))
+    audit = dict(db.query("SELECT kpi_id, old_parent_kpi_id FROM fk_maintenance.vision_kpis_orphan_audit"))
     assert audit == nulled and len(nulled) == 80
     assert all(pointers_after[k] is None for k in nulled)
     others_after = _rows_except_parent(db)
@@ -92,4 +92,4 @@ def test_airflow_dags_test_converges_an_unseen_table_shape_then_changes_nothing(
     assert (_rows_except_parent(db), dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))) == state
     report = latest_xcom(airflow_home, "report")
     assert report["nulled"] == 0 and report["final_state"] == "converged"
-    assert db.scalar("SELECT count(*) FROM vision_kpis_orphan_audit") == 80
+    assert db.scalar("SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit") == 80

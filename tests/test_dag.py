@@ -187,7 +187,7 @@ def test_whole_dag_converges_from_orphans_then_a_second_run_changes_nothing(
     report = latest_xcom(airflow_home, "report")
     assert report["final_state"] == "converged"
     assert report["orphans_found"] == report["nulled"] == report["audited"] == generated.orphans
-    assert db.scalar("SELECT count(*) FROM vision_kpis_orphan_audit") == generated.orphans
+    assert db.scalar("SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit") == generated.orphans
 
     before = snapshot(db, spec)
     second = _run(dag, monkeypatch, db, {"validate_now": True})

@@ -15,11 +15,12 @@ from psycopg import sql
 from devkit.app_db import build_app_database
 from devkit.db_state import orphan_count, snapshot
 from devkit.pipeline import run_pipeline
+from fk_maintenance.audit import restore_from_audit
 from fk_maintenance.checks import post_checks
 from fk_maintenance.constraint import add_fk_not_valid, validate_fk
 from fk_maintenance.errors import ConcurrentRun, LockNotAcquired, PostChecksFailed, PreflightFailed
 from fk_maintenance.index import create_index_concurrently
-from fk_maintenance.orphans import detect_orphans, null_orphans, restore_from_audit
+from fk_maintenance.orphans import detect_orphans, null_orphans
 from fk_maintenance.preflight import preflight
 from fk_maintenance.settings import RunSettings
 from fk_maintenance.spec import ForeignKeySpec
@@ -37,7 +38,9 @@ def test_pipeline_on_a_table_with_orphans_nulls_and_audits_each_and_converges(db
     assert results["null_orphans"]["nulled"] == generated.orphans
     assert results["null_orphans"]["batches"] == -(-generated.orphans // 17)
     assert results["report"]["final_state"] == "converged"
-    audit = dict(db.query("SELECT kpi_id, old_parent_kpi_id FROM vision_kpis_orphan_audit WHERE run_id = 'run-1'"))
+    audit = dict(
+        db.query("SELECT kpi_id, old_parent_kpi_id FROM fk_maintenance.vision_kpis_orphan_audit WHERE run_id = 'run-1'")
+    )
     after = dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))
     changed = {k: v for k, v in before.items() if after[k] != v}
     assert audit == changed  # every nulled pointer audited with its old value, nothing else changed
@@ -72,7 +75,8 @@ def test_restore_puts_back_pointers_whose_parent_exists_again(db, spec) -> None:
     db.build(3000, orphan_ratio=0.03)
     run_pipeline(db.connect, spec, NOW, "run-1")
     audit = db.query(
-        "SELECT kpi_id, old_parent_kpi_id FROM vision_kpis_orphan_audit WHERE run_id = 'run-1' ORDER BY kpi_id"
+        "SELECT kpi_id, old_parent_kpi_id FROM fk_maintenance.vision_kpis_orphan_audit "
+        "WHERE run_id = 'run-1' ORDER BY kpi_id"
     )
     revived_parent = audit[0][1]
     # The app re-creates one of the missing parents (with its old id).
@@ -88,7 +92,7 @@ def test_restore_puts_back_pointers_whose_parent_exists_again(db, spec) -> None:
     restored = {kpi for (kpi,) in db.query("SELECT id FROM vision_kpis WHERE parent_kpi_id = %s", [revived_parent])}
     assert restored == expected
     still_null = db.scalar(
-        "SELECT count(*) FROM vision_kpis k JOIN vision_kpis_orphan_audit a ON a.kpi_id = k.id "
+        "SELECT count(*) FROM vision_kpis k JOIN fk_maintenance.vision_kpis_orphan_audit a ON a.kpi_id = k.id "
         "WHERE k.parent_kpi_id IS NULL"
     )
     assert still_null == len(audit) - len(expected)
@@ -348,7 +352,9 @@ def test_validation_re_sweeps_orphans_written_before_the_constraint_arrived(db, 
     with db.connect() as conn:
         result = validate_fk(conn, spec, NOW, "run-1", run_started_at=datetime.now(UTC))
     assert result["outcome"] == "validated" and result["resweep"]["nulled"] == 1
-    assert db.scalar("SELECT old_parent_kpi_id IS NOT NULL FROM vision_kpis_orphan_audit WHERE kpi_id = %s", [late])
+    assert db.scalar(
+        "SELECT old_parent_kpi_id IS NOT NULL FROM fk_maintenance.vision_kpis_orphan_audit WHERE kpi_id = %s", [late]
+    )
 
 
 def test_validation_outside_the_window_asks_to_be_rescheduled_without_touching_the_table(db, spec) -> None:
@@ -494,7 +500,9 @@ def test_an_index_build_in_progress_is_a_concurrent_run_to_retry_not_a_failed_pr
         build.join(timeout=30)
         app.close()
         builder.close()
-    assert db.scalar("SELECT to_regclass('vision_kpis_orphan_audit')") is None  # refused before any change
+    assert (
+        db.scalar("SELECT to_regclass('fk_maintenance.vision_kpis_orphan_audit')") is None
+    )  # refused before any change
 
 
 def test_validating_a_constraint_that_is_not_there_is_a_final_error_not_a_retry(db, spec) -> None:
@@ -537,3 +545,105 @@ def test_the_missing_parent_probe_of_an_integer_key_uses_a_value_no_sequence_giv
         app.rollback()
     probe = next(c for c in result["checks"] if c["name"].startswith("database rejects a missing parent"))
     assert probe["ok"] and "-2147483648" in probe["detail"]
+
+
+# The audit table exactly as the versions before the pipeline's own schema created it, in the app's schema.
+LEGACY_AUDIT_DDL = """
+CREATE TABLE public.vision_kpis_orphan_audit (
+    run_id text NOT NULL, kpi_id uuid NOT NULL, old_parent_kpi_id uuid NOT NULL,
+    nulled_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run_id, kpi_id))
+"""
+
+
+def _app_schema_relations(db) -> set[str]:
+    return {
+        name for (name,) in db.query("SELECT relname::text FROM pg_class WHERE relnamespace = 'public'::regnamespace")
+    }
+
+
+def test_the_pipeline_adds_nothing_to_the_apps_schema_but_the_index(db, spec) -> None:
+    db.build(2000)
+    before = _app_schema_relations(db)
+    results = run_pipeline(db.connect, spec, NOW, "run-1")
+    assert _app_schema_relations(db) - before == {spec.index}
+    assert results["null_orphans"]["audited"] == db.scalar(
+        "SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit"
+    )
+    assert db.scalar("SELECT obj_description('fk_maintenance'::regnamespace)").startswith("kpi-fk-maintenance")
+
+
+def test_an_audit_table_left_in_the_apps_schema_moves_with_its_rows_and_its_runs_still_restore(db, spec) -> None:
+    db.build(3000, orphan_ratio=0.02)
+    # An earlier version's run: it nulled some pointers and audited them in public.
+    db.execute(LEGACY_AUDIT_DDL)
+    legacy = db.query(
+        "WITH o AS (SELECT c.id, c.parent_kpi_id FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id) ORDER BY c.id LIMIT 20), "
+        "a AS (INSERT INTO public.vision_kpis_orphan_audit (run_id, kpi_id, old_parent_kpi_id) "
+        "SELECT 'old-run', id, parent_kpi_id FROM o RETURNING kpi_id, old_parent_kpi_id) "
+        "UPDATE vision_kpis k SET parent_kpi_id = NULL FROM a WHERE k.id = a.kpi_id "
+        "RETURNING a.kpi_id, a.old_parent_kpi_id"
+    )
+    with db.connect() as conn:
+        assert "move public.vision_kpis_orphan_audit" in preflight(conn, spec, NOW)["audit_plan"]
+    results = run_pipeline(db.connect, spec, NOW, "run-1")
+    assert db.scalar("SELECT to_regclass('public.vision_kpis_orphan_audit')") is None
+    rows = dict(db.query("SELECT run_id, count(*) FROM fk_maintenance.vision_kpis_orphan_audit GROUP BY run_id"))
+    assert rows == {"old-run": len(legacy), "run-1": results["null_orphans"]["audited"]}
+    # The earlier run's pointers come back once their parent exists again.
+    revived = legacy[0][1]
+    db.execute(
+        "INSERT INTO vision_kpis (id, user_id, vision_id, level, title) "
+        "VALUES (%s, gen_random_uuid(), gen_random_uuid(), 'yearly', 'revived')",
+        [revived],
+    )
+    with db.connect() as conn:
+        restored = restore_from_audit(conn, spec, "old-run")
+    assert restored == {"restored": sum(1 for _, p in legacy if p == revived), "audited": len(legacy)}
+
+
+def test_a_legacy_audit_table_beside_the_pipelines_own_is_merged_into_it_and_dropped(db, spec) -> None:
+    db.build(1000)
+    run_pipeline(db.connect, spec, NOW, "run-1")
+    db.execute(LEGACY_AUDIT_DDL)
+    db.execute(
+        "INSERT INTO public.vision_kpis_orphan_audit (run_id, kpi_id, old_parent_kpi_id) "
+        "SELECT 'old-run', gen_random_uuid(), gen_random_uuid() FROM generate_series(1, 7)"
+    )
+    total = db.scalar("SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit") + 7
+    with db.connect() as conn:
+        null_orphans(conn, spec, NOW, "run-2")
+    assert db.scalar("SELECT to_regclass('public.vision_kpis_orphan_audit')") is None
+    assert db.scalar("SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit") == total
+
+
+def test_preflight_names_what_the_role_lacks_to_create_the_pipelines_schema(db, spec) -> None:
+    db.build(300)
+    db.execute(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'kpi_owner') THEN "
+        "CREATE ROLE kpi_owner LOGIN; END IF; END $$"
+    )
+    db.execute("ALTER TABLE vision_kpis OWNER TO kpi_owner")
+    db.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM PUBLIC, kpi_owner").format(sql.Identifier(db.name)))
+    with psycopg.connect(db.dsn, user="kpi_owner", autocommit=True) as conn, pytest.raises(PreflightFailed) as caught:
+        preflight(conn, spec, NOW)
+    assert (
+        f"role kpi_owner lacks CREATE on database {db.name}, needed to create the pipeline's schema fk_maintenance"
+        in (str(caught.value))
+    )
+    db.execute("CREATE SCHEMA fk_maintenance")  # by the DBA, but without granting anything on it
+    with psycopg.connect(db.dsn, user="kpi_owner", autocommit=True) as conn, pytest.raises(PreflightFailed) as caught:
+        preflight(conn, spec, NOW)
+    assert "role kpi_owner lacks USAGE on schema fk_maintenance" in str(caught.value)
+    db.execute("GRANT USAGE, CREATE ON SCHEMA fk_maintenance TO kpi_owner")
+    with psycopg.connect(db.dsn, user="kpi_owner", autocommit=True) as conn:
+        assert preflight(conn, spec, NOW)["audit_plan"] == "create fk_maintenance.vision_kpis_orphan_audit"
+
+
+def test_a_table_of_the_audit_tables_name_that_is_not_ours_fails_preflight_unchanged(db, spec) -> None:
+    db.build(300)
+    db.execute("CREATE TABLE public.vision_kpis_orphan_audit (id int PRIMARY KEY, note text)")
+    before = snapshot(db, spec)
+    with db.connect() as conn, pytest.raises(PreflightFailed, match="is not an audit table of this pipeline"):
+        preflight(conn, spec, NOW)
+    assert snapshot(db, spec) == before

@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
-from .catalog import TargetState, require_target
+from .audit import ensure_audit_table
+from .catalog import require_target
 from .session import run_lock, set_local_timeouts, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec
@@ -22,10 +22,6 @@ log = logging.getLogger(__name__)
 BATCH_STATEMENT_TIMEOUT_MS = 60_000
 # The anti-join scans the whole table once; bounded so a pathological plan cannot run for hours.
 SCAN_STATEMENT_TIMEOUT_MS = 2 * 60 * 60 * 1000
-# Creating the audit table locks nothing of the app's; a few seconds of waiting means something else holds
-# its name (a concurrent creation), and a retry is the right answer.
-AUDIT_DDL_LOCK_TIMEOUT_MS = 5000
-AUDIT_DDL_STATEMENT_TIMEOUT_MS = 30_000
 
 
 def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
@@ -50,26 +46,6 @@ def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: Run
         "sample": list(sample),
         "seconds": round(time.monotonic() - started, 3),
     }
-
-
-def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> None:
-    """Create the audit table if missing; it shares the key and pointer types of the target."""
-    assert state.row_key and state.column
-    with conn.transaction():
-        set_local_timeouts(
-            conn, lock_timeout_ms=AUDIT_DDL_LOCK_TIMEOUT_MS, statement_timeout_ms=AUDIT_DDL_STATEMENT_TIMEOUT_MS
-        )
-        conn.execute(
-            statement(
-                "audit",
-                "create_table",
-                spec,
-                # format_type() output from the catalog: a type name, not user input.
-                key_type=sql.SQL(state.row_key.type_name),  # type: ignore[arg-type]
-                pointer_type=sql.SQL(state.column.type_name),  # type: ignore[arg-type]
-            )
-        )
-        conn.execute(statement("audit", "comment_table", spec))
 
 
 def null_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str) -> dict[str, Any]:
@@ -150,14 +126,3 @@ def sweep_orphans(
         "rows_per_second": round(nulled / seconds, 1) if seconds else None,
         "seconds": round(seconds, 3),
     }
-
-
-def restore_from_audit(
-    conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, settings: RunSettings | None = None
-) -> dict[str, int]:
-    """Put back the pointers one run nulled, where the row is still parentless and the parent exists again."""
-    settings = settings or RunSettings()
-    with step_session(conn, "restore", settings, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS), conn.transaction():
-        restored, audited = conn.execute(statement("audit", "restore_run", spec), {"run_id": run_id}).fetchone()
-    log.info("restore: %d of %d audited pointer(s) of run %s put back", restored, audited, run_id)
-    return {"restored": restored, "audited": audited}

@@ -8,7 +8,8 @@ from typing import Any
 
 import psycopg
 
-from .catalog import TargetState, inspect_target, refuse_while_index_build_runs, table_info
+from .audit import audit_problems, audit_summary, find_audit_tables
+from .catalog import TargetState, inspect_target, refuse_while_index_build_runs
 from .errors import PreflightFailed
 from .session import CATALOG_STATEMENT_TIMEOUT_MS, step_session
 from .settings import RunSettings
@@ -36,7 +37,7 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
     warnings: list[str] = []
     if state.table is not None and state.column is not None:
         problems.extend(_privilege_problems(conn, spec, settings, state))
-        problems.extend(_audit_table_problems(conn, spec, state))
+        problems.extend(audit_problems(conn, spec, state, writes=not settings.dry_run))
         for name, definition, validated in conn.execute(
             statement("catalog", "other_foreign_keys_on_column"),
             {"relid": state.table.oid, "attnum": state.column.attnum, "name": spec.constraint},
@@ -61,6 +62,7 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
         "estimated_rows": state.table.estimated_rows,
         "constraint": _describe_constraint(state),
         "index": _describe_index(state),
+        **audit_summary(spec, find_audit_tables(conn, spec)),
         "warnings": warnings,
         "dry_run": settings.dry_run,
         "seconds": round(time.monotonic() - started, 3),
@@ -80,7 +82,7 @@ def _privilege_problems(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, state: TargetState
 ) -> list[str]:
     assert state.table is not None
-    owns, can_select, can_update, can_reference, can_create, can_use = conn.execute(
+    owns, can_select, can_update, can_reference, can_use = conn.execute(
         statement("catalog", "privileges"), {"relid": state.table.oid}
     ).fetchone()
     who = conn.info.user
@@ -100,42 +102,6 @@ def _privilege_problems(
         problems.append(f"role {who} lacks UPDATE on {spec.schema}.{spec.table} (needed to null orphan pointers)")
     if not can_reference:
         problems.append(f"role {who} lacks REFERENCES on {spec.schema}.{spec.ref_table}")
-    audit = table_info(conn, spec.schema, spec.audit_table)
-    if audit is None and not can_create:
-        problems.append(
-            f"role {who} lacks CREATE on schema {spec.schema} (needed to create the audit table {spec.audit_table})"
-        )
-    if audit is not None:
-        can_insert, can_update_audit = conn.execute(
-            statement("catalog", "audit_privileges"), {"relid": audit.oid}
-        ).fetchone()
-        if not (can_insert and can_update_audit):
-            problems.append(f"role {who} lacks INSERT or UPDATE on the audit table {spec.schema}.{spec.audit_table}")
-    return problems
-
-
-def _audit_table_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
-    assert state.row_key is not None and state.column is not None
-    audit = table_info(conn, spec.schema, spec.audit_table)
-    if audit is None:
-        return []
-    columns = dict(conn.execute(statement("catalog", "audit_columns"), {"relid": audit.oid}).fetchall())
-    expected = {
-        "run_id": "text",
-        "kpi_id": state.row_key.type_name,
-        "old_parent_kpi_id": state.column.type_name,
-        "nulled_at": "timestamp with time zone",
-    }
-    wrong = [f"{name} {kind}" for name, kind in expected.items() if columns.get(name) != kind]
-    problems = []
-    if wrong:
-        problems.append(
-            f"audit table {spec.schema}.{spec.audit_table} exists but lacks column(s) {', '.join(wrong)} "
-            f"(has {', '.join(f'{k} {v}' for k, v in columns.items())})"
-        )
-    key = conn.execute(statement("catalog", "audit_primary_key"), {"relid": audit.oid}).fetchone()[0]
-    if key != ["run_id", "kpi_id"]:
-        problems.append(f"audit table {spec.schema}.{spec.audit_table} has primary key {key}, not (run_id, kpi_id)")
     return problems
 
 

@@ -63,7 +63,7 @@ def build_report(
         "final_state": final_state,
         "succeeded": final_state in (CONVERGED, DRY_RUN_STATE),
         "restore_hint": (
-            f"pointers nulled by this run are in {spec.schema}.{spec.audit_table} WHERE run_id = '{run_id}'"
+            f"pointers nulled by this run are in {spec.audit_qualified} WHERE run_id = '{run_id}'"
             if audited
             else "no pointer was nulled"
         ),

@@ -19,7 +19,9 @@ class ForeignKeySpec:
     """A foreign key ``schema.table(column) -> schema.ref_table(ref_column)`` and its supporting index.
 
     ``row_key`` identifies a child row (its primary key); the audit table records it beside the
-    pointer that was nulled. For a self-referencing hierarchy it is the referenced column.
+    pointer that was nulled. For a self-referencing hierarchy it is the referenced column. The audit table
+    lives in ``audit_schema``, the pipeline's own, never in the app's ``schema``: the app's schema tool would
+    see it there as drift and drop it.
     """
 
     schema: str
@@ -32,6 +34,7 @@ class ForeignKeySpec:
     index: str
     audit_table: str
     on_delete: str = "SET NULL"
+    audit_schema: str = "fk_maintenance"
 
     def __post_init__(self) -> None:
         for field, value in asdict(self).items():
@@ -42,6 +45,11 @@ class ForeignKeySpec:
                 raise ValueError(f"foreign-key spec: {field} {value!r} is longer than 63 bytes")
             if "\x00" in value:
                 raise ValueError(f"foreign-key spec: {field} contains a NUL character")
+        if self.audit_schema == self.schema:
+            raise ValueError(
+                f"foreign-key spec: audit_schema {self.audit_schema!r} is the app's own schema; the app's schema "
+                "tool would drop the audit table there. Use a schema of the pipeline's, such as 'fk_maintenance'"
+            )
         if self.on_delete not in ON_DELETE_ACTIONS.values():
             raise ValueError(
                 f"foreign-key spec: on_delete {self.on_delete!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}"
@@ -55,6 +63,15 @@ class ForeignKeySpec:
     def advisory_lock_name(self) -> str:
         """Two runs serialise on this name, whichever Airflow deployment they come from."""
         return f"fk_maintenance:{self.schema}.{self.table}.{self.constraint}"
+
+    @property
+    def audit_qualified(self) -> str:
+        return f"{self.audit_schema}.{self.audit_table}"
+
+    @property
+    def legacy_audit_qualified(self) -> str:
+        """Where versions before the pipeline's own schema kept the audit table: beside the app's table."""
+        return f"{self.schema}.{self.audit_table}"
 
     def describe(self) -> str:
         return (

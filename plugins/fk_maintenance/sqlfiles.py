@@ -53,7 +53,10 @@ def identifiers(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
         "constraint": sql.Identifier(spec.constraint),
         "index": sql.Identifier(spec.index),
         "qualified_index": sql.Identifier(spec.schema, spec.index),
-        "audit": sql.Identifier(spec.schema, spec.audit_table),
+        "audit": sql.Identifier(spec.audit_schema, spec.audit_table),
+        "audit_schema": sql.Identifier(spec.audit_schema),
+        # Where an earlier version kept the audit table: in the app's schema.
+        "legacy_audit": sql.Identifier(spec.schema, spec.audit_table),
         "on_delete": sql.SQL(spec.on_delete),  # one of a fixed set of keywords, checked by the spec
     }
 

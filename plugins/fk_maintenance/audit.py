@@ -1,0 +1,183 @@
+"""The audit table: where it lives (the pipeline's own schema), what it must look like, moving the one an earlier
+version left in the app's schema, and putting audited pointers back."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .catalog import TableInfo, TargetState, require_target, table_info
+from .session import run_lock, set_local_timeouts, step_session
+from .settings import RunSettings
+from .spec import ForeignKeySpec
+from .sqlfiles import statement
+
+log = logging.getLogger(__name__)
+
+# The audit DDL locks only the pipeline's own tables, which the app never touches; a few seconds of waiting
+# means another run is creating or moving them, and a retry is the right answer.
+AUDIT_DDL_LOCK_TIMEOUT_MS = 5000
+AUDIT_DDL_STATEMENT_TIMEOUT_MS = 30_000
+# Restoring is one UPDATE joined to the audit rows of one run: bounded like a scan of the table.
+RESTORE_STATEMENT_TIMEOUT_MS = 2 * 60 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class AuditTables:
+    """The audit table where it belongs, and one an earlier version left in the app's schema."""
+
+    current: TableInfo | None
+    legacy: TableInfo | None
+
+    def plan(self, spec: ForeignKeySpec) -> str:
+        if self.legacy and self.current:
+            return f"merge {spec.legacy_audit_qualified} into {spec.audit_qualified}, then drop it"
+        if self.legacy:
+            return f"move {spec.legacy_audit_qualified} to {spec.audit_qualified} with all its rows"
+        return "use it" if self.current else f"create {spec.audit_qualified}"
+
+
+def find_audit_tables(conn: psycopg.Connection, spec: ForeignKeySpec) -> AuditTables:
+    return AuditTables(
+        current=table_info(conn, spec.audit_schema, spec.audit_table),
+        legacy=table_info(conn, spec.schema, spec.audit_table),
+    )
+
+
+def audit_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, *, writes: bool) -> list[str]:
+    """Every reason the audit table cannot be used, created or moved by this role, for preflight."""
+    assert state.row_key is not None and state.column is not None
+    tables = find_audit_tables(conn, spec)
+    problems = [
+        problem
+        for where, table in (
+            (spec.audit_qualified, tables.current),
+            (f"{spec.schema}.{spec.audit_table}", tables.legacy),
+        )
+        if table is not None
+        for problem in _shape_problems(conn, where, table, state)
+    ]
+    if writes:
+        problems += _privilege_problems(conn, spec, tables)
+    return problems
+
+
+def _shape_problems(conn: psycopg.Connection, where: str, table: TableInfo, state: TargetState) -> list[str]:
+    assert state.row_key is not None and state.column is not None
+    columns = dict(conn.execute(statement("catalog", "audit_columns"), {"relid": table.oid}).fetchall())
+    expected = {
+        "run_id": "text",
+        "kpi_id": state.row_key.type_name,
+        "old_parent_kpi_id": state.column.type_name,
+        "nulled_at": "timestamp with time zone",
+    }
+    wrong = [f"{name} {kind}" for name, kind in expected.items() if columns.get(name) != kind]
+    problems = []
+    if wrong:
+        problems.append(
+            f"{where} exists but is not an audit table of this pipeline: it lacks column(s) {', '.join(wrong)} "
+            f"(has {', '.join(f'{k} {v}' for k, v in columns.items())}); rename it or name another audit_table"
+        )
+    key = conn.execute(statement("catalog", "audit_primary_key"), {"relid": table.oid}).fetchone()[0]
+    if key != ["run_id", "kpi_id"]:
+        problems.append(f"{where} has primary key {key}, not (run_id, kpi_id); rename it or name another audit_table")
+    return problems
+
+
+def _privilege_problems(conn: psycopg.Connection, spec: ForeignKeySpec, tables: AuditTables) -> list[str]:
+    who = conn.info.user
+    schema_exists, can_create_schema, can_create_in, can_use = conn.execute(
+        statement("catalog", "schema_privileges"), {"schema": spec.audit_schema}
+    ).fetchone()
+    problems = []
+    if not schema_exists and not can_create_schema:
+        problems.append(
+            f"role {who} lacks CREATE on database {conn.info.dbname}, needed to create the pipeline's schema "
+            f"{spec.audit_schema}: GRANT CREATE ON DATABASE, or create it beforehand "
+            f"(CREATE SCHEMA {spec.audit_schema} AUTHORIZATION {who})"
+        )
+    if schema_exists and not can_use:
+        problems.append(f"role {who} lacks USAGE on schema {spec.audit_schema}")
+    if schema_exists and tables.current is None and not can_create_in:
+        problems.append(
+            f"role {who} lacks CREATE on schema {spec.audit_schema}, needed to create the audit table "
+            f"{spec.audit_table} there"
+        )
+    if tables.current is not None:
+        can_select, can_insert, can_update = conn.execute(
+            statement("catalog", "audit_privileges"), {"relid": tables.current.oid}
+        ).fetchone()
+        if not (can_select and can_insert and can_update):
+            problems.append(f"role {who} lacks SELECT, INSERT or UPDATE on the audit table {spec.audit_qualified}")
+    if tables.legacy is not None:
+        owns = conn.execute(statement("catalog", "owns_relation"), {"relid": tables.legacy.oid}).fetchone()[0]
+        if not owns:
+            problems.append(
+                f"role {who} does not own {spec.legacy_audit_qualified} (an earlier version's audit table), so it "
+                f"cannot move it to {spec.audit_qualified}: run as its owner, or move it by hand"
+            )
+    return problems
+
+
+def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> None:
+    """The audit table in the pipeline's schema, created if missing, and an earlier version's one in the app's
+    schema moved there with all its rows, all in one transaction. The caller holds the run lock."""
+    assert state.row_key and state.column
+    with conn.transaction():
+        set_local_timeouts(
+            conn, lock_timeout_ms=AUDIT_DDL_LOCK_TIMEOUT_MS, statement_timeout_ms=AUDIT_DDL_STATEMENT_TIMEOUT_MS
+        )
+        tables = find_audit_tables(conn, spec)
+        conn.execute(statement("audit", "create_schema", spec))
+        conn.execute(statement("audit", "comment_schema", spec))
+        if tables.legacy is not None and tables.current is None:
+            conn.execute(statement("audit", "move_legacy_table", spec))
+            rows = conn.execute(statement("audit", "count_rows", spec)).fetchone()[0]
+            log.warning(
+                "audit: moved %s.%s to %s with its %d row(s)", spec.schema, spec.audit_table, spec.audit_qualified, rows
+            )
+        elif tables.legacy is not None:
+            moved = conn.execute(statement("audit", "merge_legacy_rows", spec)).fetchone()[0]
+            conn.execute(statement("audit", "drop_legacy_table", spec))
+            log.warning(
+                "audit: merged %d row(s) of %s into %s and dropped it",
+                moved,
+                spec.legacy_audit_qualified,
+                spec.audit_qualified,
+            )
+        else:
+            conn.execute(
+                statement(
+                    "audit",
+                    "create_table",
+                    spec,
+                    # format_type() output from the catalog: a type name, not user input.
+                    key_type=sql.SQL(state.row_key.type_name),  # type: ignore[arg-type]
+                    pointer_type=sql.SQL(state.column.type_name),  # type: ignore[arg-type]
+                )
+            )
+        conn.execute(statement("audit", "comment_table", spec))
+
+
+def restore_from_audit(
+    conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, settings: RunSettings | None = None
+) -> dict[str, int]:
+    """Put back the pointers one run nulled, where the row is still parentless and the parent exists again.
+    An audit table an earlier version left in the app's schema is moved first, so its runs restore too."""
+    settings = settings or RunSettings()
+    with step_session(conn, "restore", settings, statement_timeout_ms=RESTORE_STATEMENT_TIMEOUT_MS):
+        state = require_target(conn, spec)
+        with run_lock(conn, spec):
+            ensure_audit_table(conn, spec, state)
+            with conn.transaction():
+                restored, audited = conn.execute(statement("audit", "restore_run", spec), {"run_id": run_id}).fetchone()
+    log.info("restore: %d of %d audited pointer(s) of run %s put back", restored, audited, run_id)
+    return {"restored": restored, "audited": audited}
+
+
+def audit_summary(spec: ForeignKeySpec, tables: AuditTables) -> dict[str, Any]:
+    return {"audit_table": spec.audit_qualified, "audit_plan": tables.plan(spec)}
