@@ -263,3 +263,38 @@ def _client(config: _ClientConfig, stop: Event, results: Queue) -> None:
         client.run(stop)
     finally:
         results.put((client.ops, client.inserted, client.deleted, client.touched))
+
+
+class HotRowLock:
+    """An app transaction that re-takes a row lock of one yearly KPI (which the workload never touches) for
+    ``hold_s`` out of every ``period_s``: a hot table that is free only in short moments."""
+
+    def __init__(self, dsn: str, *, hold_s: float, period_s: float, table: str = "vision_kpis") -> None:
+        import threading
+
+        self._dsn, self._hold, self._period, self._table = dsn, hold_s, period_s, table
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hot-row-lock", daemon=True)
+        self.cycles = 0
+
+    def __enter__(self) -> HotRowLock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._period + 5)
+
+    def _run(self) -> None:
+        from psycopg import sql
+
+        update = sql.SQL(
+            "UPDATE {t} SET title = title WHERE id = (SELECT id FROM {t} WHERE level = 'yearly' ORDER BY id LIMIT 1)"
+        ).format(t=sql.Identifier(self._table))
+        with psycopg.connect(self._dsn) as conn:
+            while not self._stop.is_set():
+                with conn.transaction():
+                    conn.execute(update)
+                    self._stop.wait(self._hold)
+                self.cycles += 1
+                self._stop.wait(self._period - self._hold)

@@ -51,22 +51,21 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg
 LIMIT 1
 
 -- name: lock_holders
--- Who holds (or waits for) locks on the table, for the operator. With modes and older_than_ms: only granted
--- locks of those modes in transactions already older than that, i.e. sessions that queueing behind would
--- hold every later app write behind us until our timeout fires. Autovacuum is left out of that: it gives
--- up its lock when a conflicting request waits.
+-- Who holds (or waits for) locks on the table, for the operator. With modes: only granted locks of those modes,
+-- the ones an ALTER of ours would queue behind (making every later app write queue behind it). Autovacuum is
+-- left out of that: it gives up its lock when a conflicting request waits. Polled every few tens of
+-- milliseconds while waiting for a free moment, so it reads pg_locks for one relation only.
 SELECT l.pid, l.mode, l.granted, coalesce(a.state, '?'),
-       coalesce(date_trunc('second', now() - a.xact_start)::text, 'no transaction'),
+       extract(epoch FROM now() - a.xact_start) * 1000,
        left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 120)
 FROM pg_locks l
-JOIN pg_class c ON c.oid = l.relation
-JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND l.pid <> pg_backend_pid()
+WHERE l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.relation = (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname = %(schema)s AND c.relname = %(table)s)
+  AND l.pid <> pg_backend_pid()
   AND (%(modes)s::text[] IS NULL OR (
-        l.granted AND l.mode = ANY(%(modes)s::text[])
-        AND a.backend_type <> 'autovacuum worker'
-        AND a.xact_start < now() - make_interval(secs => %(older_than_ms)s::int / 1000.0)))
+        l.granted AND l.mode = ANY(%(modes)s::text[]) AND a.backend_type <> 'autovacuum worker'))
 ORDER BY l.granted DESC, a.xact_start NULLS LAST
 LIMIT %(limit)s
 

@@ -283,30 +283,36 @@ def test_adding_the_constraint_while_the_app_holds_a_lock_fails_clearly_after_it
     with db.connect() as app:
         app.autocommit = False
         app.execute("UPDATE vision_kpis SET title = title || '!' WHERE id = (SELECT id FROM vision_kpis LIMIT 1)")
-        sleeps: list[float] = []
+        settings = replace(NOW, lock_timeout_ms=100, lock_attempts=3, gap_watch_seconds=1)
         with db.connect() as conn, pytest.raises(LockNotAcquired, match="no lock within 3 attempts") as caught:
-            add_fk_not_valid(conn, spec, replace(NOW, lock_timeout_ms=100, lock_attempts=3), sleep=sleeps.append)
+            add_fk_not_valid(conn, spec, settings)
+        # Never queued behind the open transaction: each attempt watched, saw it old, and was not made.
+        assert "3 not tried because of long transactions" in str(caught.value)
         assert "RowExclusiveLock" in str(caught.value)  # names the session in the way
-        assert len(sleeps) == 2
         app.rollback()
     assert db.scalar("SELECT count(*) FROM pg_constraint WHERE conname = %s", [spec.constraint]) == 0
 
 
-def test_adding_the_constraint_succeeds_once_the_app_transaction_ends(db, spec) -> None:
+def test_adding_the_constraint_strikes_the_moment_the_app_transaction_ends(db, spec) -> None:
     db.build(500, orphan_ratio=0)
     app = db.connect()
     app.autocommit = False
     app.execute("UPDATE vision_kpis SET title = title WHERE id = (SELECT id FROM vision_kpis LIMIT 1)")
+    polls: list[float] = []
 
-    def end_app_transaction(_seconds: float) -> None:
-        app.rollback()
+    def end_app_transaction_after_a_few_polls(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 5:
+            app.rollback()
 
     with db.connect() as conn:
-        result = add_fk_not_valid(conn, spec, replace(NOW, lock_timeout_ms=100), sleep=end_app_transaction)
+        result = add_fk_not_valid(
+            conn, spec, replace(NOW, lock_timeout_ms=100), sleep=end_app_transaction_after_a_few_polls
+        )
     app.close()
-    assert result["action"] == "added NOT VALID" and result["attempts"] == 2
-    # The first attempt either waited out its lock_timeout or, seeing the transaction already old, did not queue.
-    assert result["lock_timeouts"] + result["deferred_for_long_transactions"] == 1
+    assert result["action"] == "added NOT VALID"
+    assert result["attempts"] == 1 and result["struck_in_gap"] == 1 and result["lock_timeouts"] == 0
+    assert len(polls) == 5
 
 
 def test_a_second_run_stops_with_a_clear_message_while_another_holds_the_run_lock(db, spec) -> None:

@@ -102,21 +102,26 @@ def _add_fk_not_valid(
             attempts=settings.lock_attempts,
             record=record,
             avoid_queueing_behind=CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
+            watch_seconds=settings.gap_watch_seconds,
             sleep=sleep,
         )
     seconds = time.monotonic() - started
     log.info(
-        "add_fk_not_valid: %s added NOT VALID after %d attempt(s) (%d deferred for long transactions, "
-        "%d lock timeouts), in %.2f s",
+        "add_fk_not_valid: %s added NOT VALID after %d attempt(s) (%d struck in a free moment, %d deferred for "
+        "long transactions, %d lock timeouts; %.2f s watching pg_locks), in %.2f s",
         spec.constraint,
         record.attempts,
+        record.struck_in_gap,
         record.deferred,
         record.lock_timeouts,
+        record.watched_seconds,
         seconds,
     )
     return {
         "action": "added NOT VALID",
         "attempts": record.attempts,
+        "struck_in_gap": record.struck_in_gap,
+        "watched_seconds": round(record.watched_seconds, 3),
         "deferred_for_long_transactions": record.deferred,
         "lock_timeouts": record.lock_timeouts,
         "seconds": round(seconds, 3),

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from .audit import ensure_audit_table
 from .catalog import require_target
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 # One batch touches batch_size rows by primary key; a minute is far beyond what that needs and still bounds
 # a batch that the server cannot finish (for example, a runaway trigger on the app's table).
 BATCH_STATEMENT_TIMEOUT_MS = 60_000
+ORPHAN_KEYS_CURSOR = "fk_maintenance_orphan_keys"
 # The anti-join scans the whole table once; bounded so a pathological plan cannot run for hours.
 SCAN_STATEMENT_TIMEOUT_MS = 2 * 60 * 60 * 1000
 
@@ -60,61 +62,84 @@ def null_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
             return sweep_orphans(conn, spec, settings, run_id, step="null_orphans")
 
 
+def _null_batch(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    batch: list[Any],
+    *,
+    step: str,
+    offset: int,
+) -> tuple[int, int]:
+    """One batch in one short transaction: audit then null the rows still orphaned; (audited, nulled)."""
+    with conn.transaction():
+        set_local_timeouts(
+            conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
+        )
+        audited, nulled = conn.execute(
+            statement("orphans", "null_batch", spec), {"keys": batch, "run_id": run_id}
+        ).fetchone()
+        if audited != nulled:
+            # Rolling back keeps audit and data in step; this would mean a concurrent change we did not foresee,
+            # so stop rather than guess.
+            raise RuntimeError(f"{step}: batch at offset {offset} audited {audited} but nulled {nulled}; rolled back")
+    return audited, nulled
+
+
 def sweep_orphans(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str, *, step: str
 ) -> dict[str, Any]:
     """The batches themselves, for a caller that holds the run lock and whose audit table exists.
 
-    One anti-join scan collects the orphan keys; each batch then touches only its rows by key, so the total
-    work is one scan plus work proportional to the orphans. A batch is all or nothing: killed midway, it
+    One anti-join scan collects the orphan keys (held by the server, streamed to us a batch at a time); each
+    batch then touches only its rows by key, so the total work is one scan plus work proportional to the
+    orphans, and the worker's memory does not grow with them. A batch is all or nothing: killed midway, it
     rolls back, and the next run finds the same orphans again. Every transaction sets its own timeouts, so
     this runs the same under any caller's session settings.
     """
     started = time.monotonic()
     with conn.transaction():
-        # The scan reads only; its statement_timeout is the scan's, the batches keep the short one.
+        # The scan reads only; its statement_timeout is the scan's, the batches keep the short one. A held
+        # cursor is filled when this transaction commits: one scan, sorted by key, kept by the server, so the
+        # worker holds one batch of keys at a time however many orphans there are.
         set_local_timeouts(
             conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS
         )
-        keys = [row[0] for row in conn.execute(statement("orphans", "keys", spec)).fetchall()]
-    total = len(keys)
-    log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
-    nulled = audited = 0
-    batches = 0
-    last_log = time.monotonic()
-    for offset in range(0, total, settings.batch_size):
-        batch = keys[offset : offset + settings.batch_size]
-        with conn.transaction():
-            set_local_timeouts(
-                conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
-            )
-            batch_audited, batch_nulled = conn.execute(
-                statement("orphans", "null_batch", spec), {"keys": batch, "run_id": run_id}
-            ).fetchone()
-            if batch_audited != batch_nulled:
-                # Rolling back keeps audit and data in step; this would mean a concurrent change we
-                # did not foresee, so stop rather than guess.
-                raise RuntimeError(
-                    f"{step}: batch at offset {offset} audited {batch_audited} but nulled {batch_nulled}; rolled back"
+        keys = conn.cursor(ORPHAN_KEYS_CURSOR, withhold=True, scrollable=True)
+        keys.execute(statement("orphans", "keys", spec))
+    try:
+        total = conn.execute(
+            statement("orphans", "count_held_keys", cursor=sql.Identifier(ORPHAN_KEYS_CURSOR))
+        ).rowcount
+        keys.scroll(0, mode="absolute")
+        log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
+        nulled = audited = done = batches = 0
+        last_log = time.monotonic()
+        while batch := [row[0] for row in keys.fetchmany(settings.batch_size)]:
+            batch_audited, batch_nulled = _null_batch(conn, spec, settings, run_id, batch, step=step, offset=done)
+            batches += 1
+            done += len(batch)
+            nulled += batch_nulled
+            audited += batch_audited
+            now = time.monotonic()
+            if now - last_log >= 5 or done >= total:
+                elapsed = now - started
+                log.info(
+                    "%s: %d/%d keys processed (%.0f%%), %d nulled, %.0f rows/s",
+                    step,
+                    done,
+                    total,
+                    100 * done / max(total, 1),
+                    nulled,
+                    done / elapsed if elapsed else 0.0,
                 )
-        batches += 1
-        nulled += batch_nulled
-        audited += batch_audited
-        now = time.monotonic()
-        if now - last_log >= 5 or offset + len(batch) >= total:
-            elapsed = now - started
-            log.info(
-                "%s: %d/%d keys processed (%.0f%%), %d nulled, %.0f rows/s",
-                step,
-                offset + len(batch),
-                total,
-                100 * (offset + len(batch)) / max(total, 1),
-                nulled,
-                (offset + len(batch)) / elapsed if elapsed else 0.0,
-            )
-            last_log = now
-        if settings.batch_pause_ms:
-            time.sleep(settings.batch_pause_ms / 1000)
+                last_log = now
+            if settings.batch_pause_ms:
+                time.sleep(settings.batch_pause_ms / 1000)
+    finally:
+        if not conn.closed and not conn.broken:
+            keys.close()
     seconds = time.monotonic() - started
     return {
         "candidates": total,

@@ -138,6 +138,8 @@ class LockAttempts:
     attempts: int = 0
     lock_timeouts: int = 0
     deferred: int = 0  # attempts not tried because a long transaction held a conflicting lock
+    struck_in_gap: int = 0  # attempts made the moment no conflicting transaction was open
+    watched_seconds: float = 0.0  # time spent watching pg_locks for that moment
 
 
 # Lock modes that conflict with SHARE ROW EXCLUSIVE, which ADD FOREIGN KEY takes on both tables.
@@ -149,6 +151,26 @@ CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE = [
     "ExclusiveLock",
     "AccessExclusiveLock",
 ]
+# Between attempts pg_locks is read this often, so an attempt lands within a few tens of milliseconds of the
+# first moment no conflicting transaction is open (a hot app transaction may free its lock only briefly).
+GAP_POLL_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    pid: int
+    mode: str
+    granted: bool
+    state: str
+    transaction_ms: float | None
+    query: str
+
+    def __str__(self) -> str:
+        age = "no transaction" if self.transaction_ms is None else f"{self.transaction_ms / 1000:.1f} s"
+        return (
+            f"pid {self.pid} {self.mode}{'' if self.granted else ' (waiting)'} {self.state}, "
+            f"transaction open {age}: {self.query}"
+        )
 
 
 def attempt_timeouts(lock_timeout_ms: int, attempts: int) -> list[int]:
@@ -158,6 +180,34 @@ def attempt_timeouts(lock_timeout_ms: int, attempts: int) -> list[int]:
     """
     first = max(50, lock_timeout_ms // 4)
     return [min(lock_timeout_ms, first * 2**i) for i in range(attempts)]
+
+
+def await_lock_gap(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    modes: list[str],
+    *,
+    long_ms: int,
+    watch_seconds: float,
+    record: LockAttempts,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[LockHolder]:
+    """Watch pg_locks until no other transaction holds a lock in ``modes`` on the table (returns []), or for at
+    most ``watch_seconds`` (a busy table may never be entirely free); then return the holders older than
+    ``long_ms``, which an attempt must not queue behind (empty when only young ones are left)."""
+    started = clock()
+    try:
+        while True:
+            holders = lock_holders(conn, spec, modes=modes)
+            if not holders:
+                record.struck_in_gap += 1
+                return []
+            if clock() - started >= watch_seconds:
+                return [h for h in holders if h.transaction_ms is not None and h.transaction_ms >= long_ms]
+            sleep(GAP_POLL_SECONDS)
+    finally:
+        record.watched_seconds += clock() - started
 
 
 def with_lock_retries(
@@ -170,30 +220,40 @@ def with_lock_retries(
     attempts: int,
     record: LockAttempts,
     avoid_queueing_behind: list[str] | None = None,
+    watch_seconds: float = 10.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """Run ``body(lock_timeout_ms_for_this_attempt)`` until it gets its lock, at most ``attempts`` times.
 
     ``body`` runs its own transaction with ``SET LOCAL lock_timeout``. With ``avoid_queueing_behind`` (the lock
-    modes ours conflicts with), an attempt is not even tried while a transaction older than the first attempt's
-    timeout holds one of them: it would only park the app's writes behind us for the whole timeout. Between
-    attempts we sleep with full jitter (so two waiters do not retry in step) and log who holds locks on the table.
+    modes that make app statements queue behind ours), each attempt first watches pg_locks and strikes the
+    moment no conflicting transaction is open; it is not even tried while a transaction older than the first
+    attempt's timeout holds one of those locks, since it would only park the app's writes behind us for the
+    whole timeout. Without it, attempts are spaced by jittered sleeps (so two waiters do not retry in step).
     """
-    holders: list[str] = []
+    holders: list[LockHolder] = []
     timeouts = attempt_timeouts(lock_timeout_ms, attempts)
     for number, timeout_ms in enumerate(timeouts, start=1):
         record.attempts += 1
+        # "Long" is fixed at the first, shortest timeout: a conflicting transaction already open that long is
+        # not an OLTP write about to commit, whatever this attempt's timeout.
         long_holders = (
-            # "Long" is fixed at the first, shortest timeout: a conflicting transaction already open that
-            # long is not an OLTP write about to commit, whatever this attempt's timeout.
-            lock_holders(conn, spec, modes=avoid_queueing_behind, older_than_ms=timeouts[0])
+            await_lock_gap(
+                conn,
+                spec,
+                avoid_queueing_behind,
+                long_ms=timeouts[0],
+                watch_seconds=watch_seconds,
+                record=record,
+                sleep=sleep,
+            )
             if avoid_queueing_behind
             else []
         )
         if long_holders:
             record.deferred += 1
             holders = long_holders
-            outcome = "not tried, so the app does not queue behind us"
+            outcome = f"not tried: no free moment in {watch_seconds:g} s, so the app does not queue behind us"
         else:
             try:
                 return body(timeout_ms)
@@ -209,31 +269,23 @@ def with_lock_retries(
             outcome,
             spec.schema,
             spec.table,
-            "; ".join(holders) or "none now",
+            "; ".join(map(str, holders)) or "none now",
         )
-        if number < attempts:
+        if number < attempts and not avoid_queueing_behind:
             sleep(random.uniform(0, min(30.0, 0.5 * 2**number)))
     raise LockNotAcquired(
         f"{what}: no lock within {attempts} attempts (lock_timeout up to {lock_timeout_ms} ms, "
         f"{record.deferred} not tried because of long transactions); nothing was changed. Sessions holding locks "
-        f"on {spec.schema}.{spec.table}: {'; '.join(holders) or 'none now'}. Airflow retries the task later."
+        f"on {spec.schema}.{spec.table}: {'; '.join(map(str, holders)) or 'none now'}. Airflow retries the task later."
     )
 
 
 def lock_holders(
-    conn: psycopg.Connection,
-    spec: ForeignKeySpec,
-    *,
-    modes: list[str] | None = None,
-    older_than_ms: int | None = None,
-    limit: int = 5,
-) -> list[str]:
-    """Sessions with locks on the table; with ``modes``, only those long transactions holding one of them."""
+    conn: psycopg.Connection, spec: ForeignKeySpec, *, modes: list[str] | None = None, limit: int = 5
+) -> list[LockHolder]:
+    """Sessions with locks on the table; with ``modes``, only other transactions holding one of those (granted)."""
     rows = conn.execute(
         statement("session", "lock_holders"),
-        {"schema": spec.schema, "table": spec.table, "modes": modes, "older_than_ms": older_than_ms, "limit": limit},
+        {"schema": spec.schema, "table": spec.table, "modes": modes, "limit": limit},
     ).fetchall()
-    return [
-        f"pid {pid} {mode}{'' if granted else ' (waiting)'} {state}, transaction open {age}: {query}"
-        for pid, mode, granted, state, age, query in rows
-    ]
+    return [LockHolder(*row) for row in rows]

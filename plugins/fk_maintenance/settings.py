@@ -91,6 +91,15 @@ class RunSettings:
         "fails and leaves the retry to Airflow. Waits between attempts grow, with jitter.",
         SECTION_LOCKS,
     )
+    gap_watch_seconds: int = _setting(
+        10,
+        {"type": "integer", "minimum": 1, "maximum": 300},
+        "Watch for a free moment (s)",
+        "Before each attempt to add the constraint, watch pg_locks (every 20 ms) for up to this long and strike "
+        "the moment no app transaction holds a conflicting lock. If none comes, the attempt is still made when "
+        "only young transactions hold one, and skipped when an older one does.",
+        SECTION_LOCKS,
+    )
     parallel_workers: int = _setting(
         -1,
         {"type": "integer", "minimum": -1, "maximum": 16},
