@@ -280,8 +280,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+SECTIONS = ("impact", "cost", "not_in")
+
+
 def run(
-    sizes: list[int], not_in_cap: int, *, hot_lock_rows: int = 0, memory_orphans: list[int] | None = None
+    sizes: list[int],
+    not_in_cap: int,
+    *,
+    hot_lock_rows: int = 0,
+    memory_orphans: list[int] | None = None,
+    sections: tuple[str, ...] = SECTIONS,
 ) -> dict[str, Any]:
     server = PgServer.embedded()
     home = Path(tempfile.mkdtemp(prefix="kpi-bench-airflow-"))
@@ -299,15 +307,18 @@ def run(
         for rows in sizes:
             print(f"... {rows} rows", file=sys.stderr, flush=True)
             size: dict[str, Any] = {}
-            size["baseline"] = bench.impact_baseline(rows)
-            size["pipeline"] = bench.impact_pipeline(rows)
-            size["naive"] = bench.impact_naive(rows)
-            size["pipeline_blocked"] = bench.impact_with_blocker(rows, naive=False)
-            size["naive_blocked"] = bench.impact_with_blocker(rows, naive=True)
-            size["steps"] = bench.steps(rows)
-            size["floor"] = bench.floor(rows)
-            size["not_in"] = bench.not_in(rows, not_in_cap)
-            size["pipeline"].pop("report")
+            if "impact" in sections:
+                size["baseline"] = bench.impact_baseline(rows)
+                size["pipeline"] = bench.impact_pipeline(rows)
+                size["pipeline"].pop("report")
+                size["naive"] = bench.impact_naive(rows)
+                size["pipeline_blocked"] = bench.impact_with_blocker(rows, naive=False)
+                size["naive_blocked"] = bench.impact_with_blocker(rows, naive=True)
+            if "cost" in sections:
+                size["steps"] = bench.steps(rows)
+                size["floor"] = bench.floor(rows)
+            if "not_in" in sections:
+                size["not_in"] = bench.not_in(rows, not_in_cap)
             results["sizes"][str(rows)] = size
             bench.drop_templates()  # a 10M-row template is 2.7 GB: one size at a time on disk
         if hot_lock_rows or memory_orphans:
@@ -335,6 +346,43 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, PostgreSQL {m['postgresql']}, Python {m['python']}; "
         f"lock_timeout {results['lock_timeout_ms']} ms; ~1% orphans.",
+    ]
+    measured = results["sizes"]
+    impact = {rows: size for rows, size in measured.items() if "pipeline" in size}
+    cost = {rows: size for rows, size in measured.items() if "steps" in size}
+    not_in = {rows: size for rows, size in measured.items() if "not_in" in size}
+    if impact:
+        lines += _impact_lines(impact)
+    if cost:
+        lines += _cost_lines(cost)
+    if not_in:
+        lines += _not_in_lines(not_in)
+    p = results["parse"]
+    lines += [
+        "",
+        f"**Airflow overhead**: DAG file parse {p['dag_file_s'] * 1000:.0f} ms on top of Airflow's own "
+        f"import ({p['airflow_import_s'] * 1000:.0f} ms), fresh interpreter, median of 5.",
+    ]
+    if impact:
+        lines += [
+            "",
+            "| rows | whole run wall s (airflow dags test) | database s | overhead s |",
+            "| ---: | ---: | ---: | ---: |",
+        ]
+        for rows, size in impact.items():
+            pipe = size["pipeline"]
+            lines.append(f"| {int(rows):,} | {pipe['wall_s']} | {pipe['db_s']} | {pipe['wall_s'] - pipe['db_s']:.2f} |")
+    if len(cost) >= 2:
+        lines += _scaling_lines(cost)
+    if "contention" in results:
+        from bench import contention
+
+        lines += contention.markdown(results["contention"])
+    return "\n".join(lines)
+
+
+def _impact_lines(sizes: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "**App impact** (4 app client processes: 3 writing (inserts, parent moves, leaf deletes), 1 reading "
         "children by parent)",
@@ -342,7 +390,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| rows | migration | app writes p50 ms | p99 ms | worst ms | failed app statements |",
         "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
-    for rows, size in results["sizes"].items():
+    for rows, size in sizes.items():
         for key, label in [
             ("baseline", "none (the app alone)"),
             ("pipeline", "this pipeline (airflow dags test)"),
@@ -359,21 +407,25 @@ def markdown(results: dict[str, Any]) -> str:
         "| rows | worst stall, naive / pipeline | with a long transaction open | pipeline / app alone, worst | p99 |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
-    for rows, size in results["sizes"].items():
+    for rows, size in sizes.items():
         plain = size["naive"]["app"]["max_ms"] / max(size["pipeline"]["app"]["max_ms"], 0.001)
         blocked = size["naive_blocked"]["app"]["max_ms"] / max(size["pipeline_blocked"]["app"]["max_ms"], 0.001)
         alone = size["baseline"]["app"]
         worst = size["pipeline"]["app"]["max_ms"] / max(alone["max_ms"], 0.001)
         p99 = size["pipeline"]["app"]["p99_ms"] / max(alone["p99_ms"], 0.001)
         lines.append(f"| {int(rows):,} | {plain:.1f}x | {blocked:.1f}x | {worst:.2f}x | {p99:.2f}x |")
-    lines += [
+    return lines
+
+
+def _cost_lines(sizes: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "**Cost against the floor** (database seconds, no app load)",
         "",
         "| rows | step | pipeline s | floor s | floor | ratio |",
         "| ---: | --- | ---: | ---: | --- | ---: |",
     ]
-    for rows, size in results["sizes"].items():
+    for rows, size in sizes.items():
         total_ours = total_floor = 0.0
         for step, what in FLOOR_OF.items():
             ours, floor = size["steps"][step], size["floor"][step]
@@ -393,35 +445,32 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {int(rows):,} | post_checks, with the hierarchy walk (verification, no floor) | "
             f"{size['steps']['post_checks']:.2f} | | | |"
         )
-    lines += [
+    return lines
+
+
+def _not_in_lines(sizes: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "**Orphan query**: `NOT IN (SELECT id ...)` against the `NOT EXISTS` anti-join",
         "",
         "| rows | anti-join s | NOT IN s | ratio |",
         "| ---: | ---: | ---: | ---: |",
     ]
-    for rows, size in results["sizes"].items():
+    for rows, size in sizes.items():
         n = size["not_in"]
         capped = ">= " if n["capped"] else ""
         lines.append(
             f"| {int(rows):,} | {n['anti_join_s']} | {capped}{n['not_in_s']}"
             f"{' (capped)' if n['capped'] else ''} | {capped}{n['ratio']}x |"
         )
-    p = results["parse"]
-    lines += [
-        "",
-        f"**Airflow overhead**: DAG file parse {p['dag_file_s'] * 1000:.0f} ms on top of Airflow's own "
-        f"import ({p['airflow_import_s'] * 1000:.0f} ms), fresh interpreter, median of 5.",
-        "",
-        "| rows | whole run wall s (airflow dags test) | database s | overhead s |",
-        "| ---: | ---: | ---: | ---: |",
-    ]
-    for rows, size in results["sizes"].items():
-        pipe = size["pipeline"]
-        lines.append(f"| {int(rows):,} | {pipe['wall_s']} | {pipe['db_s']} | {pipe['wall_s'] - pipe['db_s']:.2f} |")
-    keys = list(results["sizes"])
+    return lines
+
+
+def _scaling_lines(sizes: dict[str, Any]) -> list[str]:
+    keys = list(sizes)
+    lines: list[str] = []
     if len(keys) >= 2:
-        small, large = results["sizes"][keys[0]], results["sizes"][keys[1]]
+        small, large = sizes[keys[0]], sizes[keys[1]]
         factor = int(keys[1]) / int(keys[0])
         lines += [
             "",
@@ -433,11 +482,7 @@ def markdown(results: dict[str, Any]) -> str:
         for step in [*FLOOR_OF, "post_checks"]:
             a, b = small["steps"][step], large["steps"][step]
             lines.append(f"| {step} | {b / a if a else float('nan'):.1f}x |")
-    if "contention" in results:
-        from bench import contention
-
-        lines += contention.markdown(results["contention"])
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:
@@ -451,12 +496,16 @@ def main() -> int:
     parser.add_argument(
         "--memory-orphans", default="100000,1000000", help="orphan counts of the worker-memory scenario ('' skips)"
     )
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"which per-size sections to measure ({', '.join(SECTIONS)})"
+    )
     args = parser.parse_args()
     results = run(
         [int(s) for s in args.sizes.split(",") if s],
         args.not_in_cap,
         hot_lock_rows=args.hot_lock_rows,
         memory_orphans=[int(s) for s in args.memory_orphans.split(",") if s],
+        sections=tuple(section for section in args.sections.split(",") if section),
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

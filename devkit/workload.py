@@ -81,6 +81,8 @@ class AppWorkload:
     dangling_share: float = 0.0  # share of inserts pointing at a parent that does not exist
     delete_parent_share: float = 0.0  # share of write operations deleting an existing parent (with children)
     seed: int = 7
+    # Behind a transaction-mode pooler the app must not use server-side prepared statements or session SETs.
+    pooled: bool = False
     result: WorkloadResult | None = None
 
     def __enter__(self) -> AppWorkload:
@@ -109,6 +111,7 @@ class AppWorkload:
                 delete_parent_share=self.delete_parent_share,
                 think_seconds=self.think_seconds,
                 started_at=self._started_at,
+                pooled=self.pooled,
             )
             process = context.Process(target=_client, args=(config, self._stop, self._results), daemon=True)
             process.start()
@@ -154,6 +157,7 @@ class _ClientConfig:
     delete_parent_share: float
     think_seconds: float
     started_at: float
+    pooled: bool = False
 
 
 class _Client:
@@ -174,8 +178,11 @@ class _Client:
         while not stop.is_set():
             try:
                 if conn is None or conn.closed or conn.broken:
-                    conn = psycopg.connect(self.config.dsn, autocommit=True, application_name="app-workload")
-                    conn.execute("SET statement_timeout = '30s'")
+                    if self.config.pooled:
+                        conn = psycopg.connect(self.config.dsn, autocommit=True, prepare_threshold=None)
+                    else:
+                        conn = psycopg.connect(self.config.dsn, autocommit=True, application_name="app-workload")
+                        conn.execute("SET statement_timeout = '30s'")
                 if self.config.role == "read":
                     self.read(conn)
                 else:

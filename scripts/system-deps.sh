@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Debian packages the test suite uses: chromium (the trigger-form browser test, driven by Playwright with
-# executable_path, no browser download) and docker-compose (validating docker-compose.yml; no engine runs).
+# executable_path, no browser download), docker-compose (validating docker-compose.yml; no engine runs),
+# postgresql-15 (the step and DAG tests on PostgreSQL 15) and pgbouncer (the connection-pooler tests).
 # Installs them when missing and running as root; otherwise says what the tests will skip.
 set -euo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+[ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
+[ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "Installing ${missing[*]} from Debian's packages..." >&2

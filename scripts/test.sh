@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Lint and the test suite against a real PostgreSQL (embedded unless KPI_TEST_DSN names a server).
+# Lint and the test suite against real PostgreSQL: everything on the embedded PostgreSQL 18 (or KPI_TEST_DSN),
+# then the step and DAG tests again on PostgreSQL 16 and 15 (fresh clusters, devkit.cluster).
 #   scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 scripts/system-deps.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q "$@"
+if [ $# -eq 0 ] && [ -z "${KPI_TEST_DSN:-}" ]; then
+  for major in 16 15; do
+    echo "--- the step and DAG tests on PostgreSQL $major" >&2
+    KPI_TEST_PG=$major .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_steps.py tests/test_dag.py
+  done
+fi

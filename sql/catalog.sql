@@ -99,3 +99,17 @@ SELECT count(*)
 FROM pg_stat_activity a
 WHERE a.backend_type = 'client backend' AND a.state = 'active' AND a.pid <> pg_backend_pid()
   AND a.datname = current_database()
+
+-- name: replica_lag
+-- Replay lag of each streaming replica, seconds. A replica that has replayed everything lags 0 (replay_lag
+-- keeps its last measure until the next write); one that is behind lags its replay_lag, or, before its
+-- first report, the time since it last answered. NULL where this role may not see it (needs pg_monitor).
+SELECT coalesce(nullif(r.application_name, ''), 'replica') || ' at ' || coalesce(host(r.client_addr), 'local socket'),
+       CASE
+           WHEN r.replay_lsn IS NULL THEN NULL
+           WHEN pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn) <= 0 THEN 0
+           ELSE coalesce(extract(epoch FROM r.replay_lag), extract(epoch FROM now() - r.reply_time), 0)
+       END::float8
+FROM pg_stat_replication r
+WHERE NOT pg_is_in_recovery()
+ORDER BY 2 DESC NULLS FIRST

@@ -20,6 +20,9 @@ WHERE c.{column} IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = c.{column})
 ORDER BY c.{row_key}
 
+-- name: plan_for_all_rows
+SELECT set_config('cursor_tuple_fraction', '1.0', true)
+
 -- name: count_held_keys
 -- How many keys the held cursor of the statement above holds (the command tag of MOVE says it).
 MOVE FORWARD ALL IN {cursor}

@@ -69,6 +69,9 @@ WHERE l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database WHER
 ORDER BY l.granted DESC, a.xact_start NULLS LAST
 LIMIT %(limit)s
 
+-- name: server_pid
+SELECT pg_backend_pid()
+
 -- name: server_facts
 SELECT current_setting('server_version'), current_setting('server_version_num')::int,
        current_database(), current_user

@@ -31,8 +31,10 @@ Connect = Callable[[], psycopg.Connection]
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
+    """KPI_TEST_PG=15|16|18: a fresh cluster of that major; KPI_TEST_DSN: an existing server; else embedded 18."""
     dsn = os.environ.get("KPI_TEST_DSN")
-    server = PgServer(dsn) if dsn else PgServer.embedded()
+    major = os.environ.get("KPI_TEST_PG")
+    server = PgServer.of_major(int(major)) if major else PgServer(dsn) if dsn else PgServer.embedded()
     yield server
     server.stop()
 

@@ -653,3 +653,11 @@ def test_a_table_of_the_audit_tables_name_that_is_not_ours_fails_preflight_uncha
     with db.connect() as conn, pytest.raises(PreflightFailed, match="is not an audit table of this pipeline"):
         preflight(conn, spec, NOW)
     assert snapshot(db, spec) == before
+
+
+def test_the_suite_runs_on_the_postgresql_major_it_was_asked_for(db) -> None:
+    import os
+
+    asked = int(os.environ.get("KPI_TEST_PG", "0")) or (None if os.environ.get("KPI_TEST_DSN") else 18)
+    major = db.scalar("SELECT current_setting('server_version_num')::int / 10000")
+    assert asked is None or major == asked

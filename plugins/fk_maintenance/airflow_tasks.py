@@ -16,6 +16,7 @@ import psycopg
 
 from .errors import (
     InvalidSettings,
+    PoolerNotSupported,
     PostChecksFailed,
     PreflightFailed,
     StepOutOfOrder,
@@ -28,68 +29,49 @@ from .steps import MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEP_BY_NAME, STEPS
 
 log = logging.getLogger(__name__)
 
-# libpq keywords an operator may put in the connection's extra; Airflow-only extras are not passed on.
-LIBPQ_EXTRAS = frozenset(
-    {
-        "sslmode",
-        "sslrootcert",
-        "sslcert",
-        "sslkey",
-        "sslcrl",
-        "sslpassword",
-        "sslnegotiation",
-        "connect_timeout",
-        "options",
-        "target_session_attrs",
-        "keepalives",
-        "keepalives_idle",
-        "keepalives_interval",
-        "keepalives_count",
-        "tcp_user_timeout",
-        "gssencmode",
-        "krbsrvname",
-        "channel_binding",
-        "passfile",
-        "host",
-        "hostaddr",
-        "requiressl",
-        "service",
-    }
-)
+# What every target connection gets unless its extra says otherwise: a dead host fails in seconds, and a
+# connection that goes quiet behind a firewall is noticed.
+LIBPQ_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30}
 # Steps whose failure no retry can fix: the operator has to act.
-FINAL_ERRORS = (InvalidSettings, PreflightFailed, PostChecksFailed, StepOutOfOrder, WindowsExhausted)
-
-
-def connection_kwargs(conn_id: str) -> tuple[dict[str, Any], str]:
-    """libpq keywords for the Airflow connection, and a description of it without the password."""
-    from airflow.sdk import BaseHook
-
-    connection = BaseHook.get_connection(conn_id)
-    kwargs: dict[str, Any] = {
-        "host": connection.host or None,
-        "port": connection.port or None,
-        "user": connection.login or None,
-        "password": connection.password or None,
-        "dbname": connection.schema or None,
-        "connect_timeout": 10,
-        "keepalives": 1,
-        "keepalives_idle": 30,
-    }
-    kwargs.update({k: v for k, v in connection.extra_dejson.items() if k in LIBPQ_EXTRAS})
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    host = kwargs.get("host", "local socket")
-    where = f"{kwargs.get('user', '?')}@{host}:{kwargs.get('port', 5432)}/{kwargs.get('dbname', '?')}"
-    return kwargs, where
+FINAL_ERRORS = (
+    InvalidSettings,
+    PoolerNotSupported,
+    PreflightFailed,
+    PostChecksFailed,
+    StepOutOfOrder,
+    WindowsExhausted,
+)
 
 
 def connector(conn_id: str) -> Callable[[], psycopg.Connection]:
-    kwargs, where = connection_kwargs(conn_id)
+    """Connections to the target through the postgres provider's PostgresHook: IAM tokens (RDS/Aurora,
+    Azure), every libpq keyword of the connection's extra (sslmode, sslrootcert, require_auth, options, ...).
+    A connection that cannot be made is one line naming the Airflow connection, never its password."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    class TargetHook(PostgresHook):
+        def _create_connection(self, conn_args: dict[str, Any]) -> Any:
+            given = {key: value for key, value in conn_args.items() if value is not None}
+            return super()._create_connection({**LIBPQ_DEFAULTS, **given, "autocommit": True})
+
+    hook = TargetHook(postgres_conn_id=conn_id)
 
     def connect() -> psycopg.Connection:
         try:
-            return psycopg.connect(**kwargs, autocommit=True)
-        except psycopg.OperationalError as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            connection = hook.connection
+            where = (
+                f"{connection.login or '?'}@{connection.host or 'local socket'}:{connection.port or 5432}/"
+                f"{connection.schema or '?'}"
+            )
+        except Exception as exc:  # a missing or malformed Airflow connection
+            raise TargetUnreachable(f"Airflow connection '{conn_id}' cannot be read: {exc}") from None
+        try:
+            return hook.get_conn()  # type: ignore[return-value]
+        except psycopg.Error as exc:
+            text = str(exc).strip()
+            reason = text.splitlines()[-1] if text else type(exc).__name__
+            if connection.password:
+                reason = reason.replace(connection.password, "***")
             raise TargetUnreachable(
                 f"cannot connect to the target database (Airflow connection '{conn_id}', {where}): {reason}"
             ) from None

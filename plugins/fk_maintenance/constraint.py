@@ -26,6 +26,7 @@ from .session import (
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
+from .topology import worst_replica_lag
 from .window import Window, WindowDecision
 
 log = logging.getLogger(__name__)
@@ -315,11 +316,13 @@ def validate_fk(
                     "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
                 ) from None
             return _reschedule(_next_window_start(settings.window, now()), str(cut), started)
+        lag = worst_replica_lag(conn)  # VALIDATE cannot be throttled for replicas; its cost to them is reported
     seconds = time.monotonic() - started
     log.info("validate_fk: %s validated in %.1f s (%s)", spec.constraint, seconds, decision.reason)
     return {
         "outcome": "validated",
         "reason": decision.reason,
+        "replica_lag_after_s": lag,
         "resweep": resweep or {"nulled": 0, "audited": 0, "skipped": "VALIDATE met no orphan"},
         "attempts": record.attempts,
         "lock_timeouts": record.lock_timeouts,

@@ -15,6 +15,11 @@ class TargetUnreachable(MaintenanceError):
     """The target database cannot be connected to (host down, wrong password, unknown database)."""
 
 
+class PoolerNotSupported(MaintenanceError):
+    """The connection goes through a pooler whose mode cannot keep the pipeline's guarantees (transaction
+    pooling); refused before any statement that sets anything."""
+
+
 class PreflightFailed(MaintenanceError):
     """The target differs from the spec, or a same-named object has another definition."""
 
@@ -29,6 +34,10 @@ class ConcurrentRun(MaintenanceError):
 
 class LockNotAcquired(MaintenanceError):
     """Every attempt to take a table lock within lock_timeout failed; the task is left to Airflow's retry."""
+
+
+class ReplicaLagging(MaintenanceError):
+    """Replicas stayed behind by more than max_replica_lag_s for longer than a step may wait; retried later."""
 
 
 class WindowsExhausted(MaintenanceError):

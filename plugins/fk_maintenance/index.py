@@ -21,6 +21,7 @@ from .session import run_lock, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
+from .topology import worst_replica_lag
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,17 @@ def _create_index(
                 f"({after.definition or 'missing'}); the next attempt drops and rebuilds it"
             )
     seconds = time.monotonic() - started
-    log.info("create_index_concurrently: %s built in %.1f s", spec.index, seconds)
+    # The build cannot be throttled for replicas; what it cost them is reported instead.
+    lag = worst_replica_lag(conn)
+    log.info(
+        "create_index_concurrently: %s built in %.1f s%s",
+        spec.index,
+        seconds,
+        "" if lag is None else f"; worst replica replay lag right after: {lag:.1f} s",
+    )
     return {
         "action": "rebuilt (dropped INVALID leftover)" if dropped_invalid else "built",
         "waited_on_sessions": [f"pid {pid}: {what}" for pid, what in waited_on.items()],
+        "replica_lag_after_s": lag,
         "seconds": round(seconds, 3),
     }

@@ -22,8 +22,10 @@ MIN_SERVER_VERSION_NUM = 130000  # gen_random_uuid() in core, pg_stat_progress_c
 
 
 def preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
-    with step_session(conn, "preflight", settings, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS, read_only=True):
-        return _preflight(conn, spec, settings)
+    with step_session(
+        conn, "preflight", settings, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS, read_only=True
+    ) as route:
+        return _preflight(conn, spec, settings) | {"connection": f"{route.mode} ({route.detail})"}
 
 
 def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:

@@ -31,6 +31,8 @@ def build_report(
             "lock_retries": (get(step, "lock_timeouts", 0) or 0)
             + (get(step, "deferred_for_long_transactions", 0) or 0),
             "outcome": get(step, "action") or get(step, "outcome") or ("ran" if results.get(step) else "did not run"),
+            "replica_lag_after_s": get(step, "replica_lag_after_s"),
+            "replica_wait_seconds": get(step, "replica_wait_seconds"),
         }
         for step in (s.name for s in STEPS)
     }
@@ -56,6 +58,10 @@ def build_report(
         "audited": audited,
         "resweep_nulled": resweep.get("nulled", 0) or 0,
         "lock_retries": sum(s["lock_retries"] for s in steps.values()),
+        "connection": get("preflight", "connection"),
+        "replica_lag_caused_s": max(
+            (s["replica_lag_after_s"] for s in steps.values() if s["replica_lag_after_s"] is not None), default=None
+        ),
         "steps": steps,
         "checks_passed": checks.get("passed"),
         "checks_failed": checks.get("failed"),
@@ -81,6 +87,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"Orphans found: {report['orphans_found']} (pointing at {report['dangling_parents']} missing parent(s))",
         f"Pointers nulled: {report['nulled']} (re-sweep {report['resweep_nulled']}), audited: {report['audited']}",
         f"Lock retries (timed out, or deferred for a long transaction): {report['lock_retries']}",
+        f"Connection: {report['connection']}",
+        "Replica lag after the index build and VALIDATE (not throttled): "
+        + ("no replica seen" if report["replica_lag_caused_s"] is None else f"{report['replica_lag_caused_s']:.1f} s"),
         f"Checks: {report['checks_passed']} passed, {report['checks_failed']} failed"
         + (f" ({', '.join(report['failed_checks'])})" if report["failed_checks"] else ""),
         "",

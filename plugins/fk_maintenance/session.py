@@ -19,6 +19,7 @@ from .errors import ConcurrentRun, LockNotAcquired
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
+from .topology import Route, require_session_capable_route
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,14 +55,16 @@ def step_session(
     statement_timeout_ms: int,
     lock_timeout_ms: int | None = None,
     read_only: bool = False,
-) -> Iterator[None]:
+) -> Iterator[Route]:
     """This step's own timeouts and name on the session for the block, and the previous values again after it.
 
     Nothing is inherited from the role or database, and nothing of this step outlives it: a step that calls
     another step's body inside its own block gets its own settings back. ``lock_timeout_ms`` defaults to the
-    run's; ``parallel_workers`` -1 keeps the server's own choice.
+    run's; ``parallel_workers`` -1 keeps the server's own choice. Before anything is set, a connection through
+    a transaction-mode pooler is refused (see topology); the block gets the connection's route.
     """
     conn.autocommit = True
+    route = require_session_capable_route(conn)
     previous = conn.execute(statement("session", "current_settings"), {"names": list(STEP_SESSION_SETTINGS)}).fetchall()
     conn.execute(
         statement("session", "configure"),
@@ -79,7 +82,7 @@ def step_session(
         )
     conn.execute(statement("session", "check_client_connection"), {"interval": CLIENT_CONNECTION_CHECK_INTERVAL})
     try:
-        yield
+        yield route
     finally:
         if not conn.closed and not conn.broken:
             _restore(conn, previous)

@@ -100,6 +100,14 @@ class RunSettings:
         "only young transactions hold one, and skipped when an older one does.",
         SECTION_LOCKS,
     )
+    max_replica_lag_s: int = _setting(
+        30,
+        {"type": "integer", "minimum": 0, "maximum": 3600},
+        "Max replica lag (s)",
+        "On a primary with streaming replicas, the batches of null_orphans (and its re-sweep) wait while any "
+        "replica's replay lag is above this many seconds, and go on when it drops. 0 turns the wait off.",
+        SECTION_LOCKS,
+    )
     parallel_workers: int = _setting(
         -1,
         {"type": "integer", "minimum": -1, "maximum": 16},
