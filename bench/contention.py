@@ -32,7 +32,7 @@ HOT_LOCK_TIMEOUT_MS = 1000
 MAX_TASK_ATTEMPTS = 3
 
 STEP_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import psycopg
 from fk_maintenance.settings import RunSettings
 from fk_maintenance.spec import VISION_KPIS_PARENT_FK as spec
@@ -49,8 +49,10 @@ try:
         result, error = function(conn, spec, settings, **kwargs), None
 except Exception as exc:
     result, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
+peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"result": result, "error": error, "seconds": time.monotonic() - started,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, default=str))
+                  "peak_rss_mib": peak_kib / 1024}, default=str))
 """
 
 
@@ -139,7 +141,7 @@ def memory(bench: Any, versions: dict[str, Path], orphans: int) -> dict[str, Any
 def run(bench: Any, *, hot_lock_rows: int, memory_orphans: list[int]) -> dict[str, Any]:
     versions = {CURRENT: REPO / "plugins", PREVIOUS: previous_release_plugins()}
     results: dict[str, Any] = {"previous_release": PREVIOUS_RELEASE, "hot_lock": {}, "memory": {}}
-    for share in (0.5, 0.9, 0.95):
+    for share in (0.5, 0.9, 0.95) if hot_lock_rows else ():
         print(f"... hot row lock held {share:.0%} of the time", file=sys.stderr, flush=True)
         results["hot_lock"][f"{share:.2f}"] = hot_lock(bench, versions, share, hot_lock_rows)
     for orphans in memory_orphans:
@@ -150,6 +152,13 @@ def run(bench: Any, *, hot_lock_rows: int, memory_orphans: list[int]) -> dict[st
 
 
 def markdown(results: dict[str, Any]) -> list[str]:
+    lines = _hot_lock_lines(results["hot_lock"]) if results["hot_lock"] else []
+    if results["memory"]:
+        lines += _memory_lines(results["memory"])
+    return lines
+
+
+def _hot_lock_lines(hot_lock: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"**Landing the constraint under a hot row lock** (an app transaction re-takes a row lock for the given "
@@ -160,20 +169,24 @@ def markdown(results: dict[str, Any]) -> list[str]:
         "| lock held | version | landed | task attempts | seconds in tasks | app worst write ms | app p99 ms |",
         "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for share, versions in results["hot_lock"].items():
+    for share, versions in hot_lock.items():
         for label, f in versions.items():
             lines.append(
                 f"| {float(share):.0%} | {label} | {'yes' if f['landed'] else 'no'} | {f['task_attempts']} | "
                 f"{f['seconds_in_tasks']} | {f['app_worst_write_ms']} | {f['app_p99_write_ms']} |"
             )
-    lines += [
+    return lines
+
+
+def _memory_lines(memory: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "**Worker memory while nulling orphans** (peak RSS of the process running null_orphans, batches of 5 000)",
         "",
         "| orphans | version | peak RSS MiB | seconds |",
         "| ---: | --- | ---: | ---: |",
     ]
-    for orphans, versions in results["memory"].items():
+    for orphans, versions in memory.items():
         for label, f in versions.items():
             lines.append(f"| {int(orphans):,} | {label} | {f['peak_rss_mib']} | {f['seconds']} |")
     return lines

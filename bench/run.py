@@ -320,6 +320,7 @@ def run(
             if "not_in" in sections:
                 size["not_in"] = bench.not_in(rows, not_in_cap)
             results["sizes"][str(rows)] = size
+            print(json.dumps({rows: size}), file=sys.stderr, flush=True)  # kept even if a later section fails
             bench.drop_templates()  # a 10M-row template is 2.7 GB: one size at a time on disk
         if hot_lock_rows or memory_orphans:
             from bench import contention
