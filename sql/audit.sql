@@ -2,6 +2,7 @@
 -- pipeline's own schema, where the app's schema tool (drizzle-kit push) never looks.
 
 -- name: create_schema
+-- IF NOT EXISTS: a concurrent first run of another key may create it between our check and this.
 CREATE SCHEMA IF NOT EXISTS {audit_schema}
 
 -- name: comment_schema

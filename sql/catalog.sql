@@ -64,6 +64,9 @@ SELECT n.oid IS NOT NULL,
 FROM (SELECT 1) AS one
 LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
 
+-- name: schema_exists
+SELECT to_regnamespace(%(schema)s) IS NOT NULL
+
 -- name: owns_relation
 SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = %(relid)s
 

@@ -644,6 +644,8 @@ def test_preflight_names_what_the_role_lacks_to_create_the_pipelines_schema(db, 
     db.execute("GRANT USAGE, CREATE ON SCHEMA fk_maintenance TO kpi_owner")
     with psycopg.connect(db.dsn, user="kpi_owner", autocommit=True) as conn:
         assert preflight(conn, spec, NOW)["audit_plan"] == "create fk_maintenance.vision_kpis_orphan_audit"
+        # A schema it does not own is enough: the step creates its table there and comments only that.
+        assert null_orphans(conn, spec, NOW, "run-1")["audited"] > 0
 
 
 def test_a_table_of_the_audit_tables_name_that_is_not_ours_fails_preflight_unchanged(db, spec) -> None:

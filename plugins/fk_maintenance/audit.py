@@ -132,13 +132,17 @@ def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: Ta
             conn, lock_timeout_ms=AUDIT_DDL_LOCK_TIMEOUT_MS, statement_timeout_ms=AUDIT_DDL_STATEMENT_TIMEOUT_MS
         )
         tables = find_audit_tables(conn, spec)
-        conn.execute(statement("audit", "create_schema", spec))
-        conn.execute(statement("audit", "comment_schema", spec))
+        # Comments only on what this step creates or moves: a schema or table a DBA made for us may not be ours
+        # to comment on (COMMENT needs ownership), and it needs none.
+        if not conn.execute(statement("catalog", "schema_exists"), {"schema": spec.audit_schema}).fetchone()[0]:
+            conn.execute(statement("audit", "create_schema", spec))
+            conn.execute(statement("audit", "comment_schema", spec))
         if tables.legacy is not None and tables.current is None:
             conn.execute(statement("audit", "move_legacy_table", spec))
+            conn.execute(statement("audit", "comment_table", spec))
             rows = conn.execute(statement("audit", "count_rows", spec)).fetchone()[0]
             log.warning(
-                "audit: moved %s.%s to %s with its %d row(s)", spec.schema, spec.audit_table, spec.audit_qualified, rows
+                "audit: moved %s to %s with its %d row(s)", spec.legacy_audit_qualified, spec.audit_qualified, rows
             )
         elif tables.legacy is not None:
             moved = conn.execute(statement("audit", "merge_legacy_rows", spec)).fetchone()[0]
@@ -149,7 +153,7 @@ def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: Ta
                 spec.legacy_audit_qualified,
                 spec.audit_qualified,
             )
-        else:
+        elif tables.current is None:
             conn.execute(
                 statement(
                     "audit",
@@ -160,7 +164,7 @@ def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: Ta
                     pointer_type=sql.SQL(state.column.type_name),  # type: ignore[arg-type]
                 )
             )
-        conn.execute(statement("audit", "comment_table", spec))
+            conn.execute(statement("audit", "comment_table", spec))
 
 
 def restore_from_audit(
