@@ -57,3 +57,13 @@ def orphan_count(db: Connects, spec: ForeignKeySpec) -> int:
                 ref=sql.Identifier(spec.ref_column),
             )
         ).fetchone()[0]
+
+
+def revive_parent(db: Connects, kpi_id: object) -> None:
+    """The app re-creates a missing parent with its old id (as a restore from backup would)."""
+    with db.connect() as conn:
+        conn.execute(
+            "INSERT INTO vision_kpis (id, user_id, vision_id, level, title) "
+            "VALUES (%s, gen_random_uuid(), gen_random_uuid(), 'yearly', 'revived')",
+            [kpi_id],
+        )

@@ -13,7 +13,7 @@ from psycopg import errors as pgerrors
 from psycopg import sql
 
 from devkit.app_db import build_app_database
-from devkit.db_state import orphan_count, snapshot
+from devkit.db_state import orphan_count, revive_parent, snapshot
 from devkit.pipeline import run_pipeline
 from fk_maintenance.audit import restore_from_audit
 from fk_maintenance.checks import post_checks
@@ -79,12 +79,7 @@ def test_restore_puts_back_pointers_whose_parent_exists_again(db, spec) -> None:
         "WHERE run_id = 'run-1' ORDER BY kpi_id"
     )
     revived_parent = audit[0][1]
-    # The app re-creates one of the missing parents (with its old id).
-    db.query(
-        "INSERT INTO vision_kpis (id, user_id, vision_id, level, title) "
-        "VALUES (%s, gen_random_uuid(), gen_random_uuid(), 'yearly', 'revived') RETURNING id",
-        [revived_parent],
-    )
+    revive_parent(db, revived_parent)
     with db.connect() as conn:
         result = restore_from_audit(conn, spec, "run-1")
     expected = {kpi for kpi, parent in audit if parent == revived_parent}
@@ -598,11 +593,7 @@ def test_an_audit_table_left_in_the_apps_schema_moves_with_its_rows_and_its_runs
     assert rows == {"old-run": len(legacy), "run-1": results["null_orphans"]["audited"]}
     # The earlier run's pointers come back once their parent exists again.
     revived = legacy[0][1]
-    db.execute(
-        "INSERT INTO vision_kpis (id, user_id, vision_id, level, title) "
-        "VALUES (%s, gen_random_uuid(), gen_random_uuid(), 'yearly', 'revived')",
-        [revived],
-    )
+    revive_parent(db, revived)
     with db.connect() as conn:
         restored = restore_from_audit(conn, spec, "old-run")
     assert restored == {"restored": sum(1 for _, p in legacy if p == revived), "audited": len(legacy)}
