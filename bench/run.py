@@ -252,7 +252,7 @@ def parse_time() -> dict[str, float]:
         "import time, runpy, sys\n"
         f"sys.path.insert(0, {str(REPO / 'plugins')!r})\n"
         "t0 = time.perf_counter(); import airflow.sdk, airflow.timetables.trigger; t1 = time.perf_counter()\n"
-        f"runpy.run_path({str(REPO / 'dags' / 'vision_kpis_parent_fk.py')!r}); t2 = time.perf_counter()\n"
+        f"runpy.run_path({str(REPO / 'dags' / 'foreign_key_dags.py')!r}); t2 = time.perf_counter()\n"
         "print(t1 - t0, t2 - t1)\n"
     )
     samples = []

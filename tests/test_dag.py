@@ -156,11 +156,11 @@ def test_parsing_the_dag_file_loads_no_step_module_and_opens_no_connection() -> 
         "def refuse(*a, **k): raise AssertionError('network access at parse time')\n"
         "socket.socket.connect = refuse\n"
         f"sys.path.insert(0, {str(REPO / 'plugins')!r})\n"
-        f"runpy.run_path({str(REPO / 'dags' / 'vision_kpis_parent_fk.py')!r})\n"
+        f"runpy.run_path({str(REPO / 'dags' / 'foreign_key_dags.py')!r})\n"
         "loaded = [m for m in sys.modules if m.startswith('fk_maintenance.')]\n"
         # Only the stdlib-only modules (settings and what they use); no step module, which would import psycopg.
         "assert set(loaded) <= {'fk_maintenance.settings', 'fk_maintenance.spec', 'fk_maintenance.errors',"
-        " 'fk_maintenance.window', 'fk_maintenance.steps'}, loaded\n"
+        " 'fk_maintenance.window', 'fk_maintenance.steps', 'fk_maintenance.targets'}, loaded\n"
         "assert 'psycopg' not in sys.modules, 'psycopg imported at parse time'\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)

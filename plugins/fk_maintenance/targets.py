@@ -1,0 +1,126 @@
+"""Declared targets: the foreign keys a deployment maintains, in a YAML file beside the DAGs, validated against a
+JSON schema when the DAG file is parsed (no database access). A bad file is one error naming the file and the
+entry, so no DAG of that file runs half-configured.
+
+Standard library, PyYAML and jsonschema only (all of them imported by Airflow itself).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import MaintenanceError
+from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
+
+# Airflow's own rule for DAG and connection ids.
+AIRFLOW_KEY = r"^[A-Za-z0-9_.-]+$"
+_NAME = {"type": "string", "minLength": 1, "maxLength": 63}
+
+TARGETS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["foreign_keys"],
+    "properties": {
+        "foreign_keys": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": [
+                    "name",
+                    "table",
+                    "column",
+                    "ref_table",
+                    "ref_column",
+                    "constraint",
+                    "index",
+                    "audit_table",
+                    "conn_ids",
+                ],
+                "properties": {
+                    "name": {"type": "string", "pattern": AIRFLOW_KEY, "maxLength": 200},
+                    "schema": _NAME,
+                    "table": _NAME,
+                    "column": _NAME,
+                    "ref_table": _NAME,
+                    "ref_column": _NAME,
+                    "row_key": _NAME,
+                    "on_delete": {"enum": sorted(ON_DELETE_ACTIONS.values())},
+                    "constraint": _NAME,
+                    "index": _NAME,
+                    "audit_schema": _NAME,
+                    "audit_table": _NAME,
+                    "conn_ids": {
+                        "type": "array",
+                        "minItems": 1,
+                        "uniqueItems": True,
+                        "items": {"type": "string", "pattern": AIRFLOW_KEY, "maxLength": 250},
+                    },
+                },
+            },
+        }
+    },
+}
+_VALIDATOR = jsonschema.validators.validator_for(TARGETS_SCHEMA)(TARGETS_SCHEMA)
+
+
+class TargetsFileInvalid(MaintenanceError):
+    """The targets file does not parse, breaks the schema, or declares something the pipeline cannot do."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One declared foreign key: its DAG id, its spec, and the Airflow connections it applies to."""
+
+    name: str
+    spec: ForeignKeySpec
+    conn_ids: tuple[str, ...]
+
+
+def load_targets(path: Path) -> tuple[Target, ...]:
+    """Every target of the file, or TargetsFileInvalid naming the file, the entry and what is wrong with it."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise TargetsFileInvalid(f"{path}: cannot be read as YAML: {exc}") from None
+    errors = sorted(_VALIDATOR.iter_errors(document), key=lambda e: [str(p) for p in e.path])
+    if errors:
+        raise TargetsFileInvalid(f"{path}: " + "; ".join(_describe(error, document) for error in errors))
+    entries = document["foreign_keys"]
+    duplicated = [name for name, count in Counter(e["name"] for e in entries).items() if count > 1]
+    if duplicated:
+        raise TargetsFileInvalid(f"{path}: the name(s) {', '.join(map(repr, duplicated))} are declared more than once")
+    targets = []
+    for number, entry in enumerate(entries):
+        fields = {key: value for key, value in entry.items() if key not in ("name", "conn_ids")}
+        fields.setdefault("schema", "public")
+        fields.setdefault("row_key", fields["ref_column"] if fields["ref_table"] == fields["table"] else "id")
+        try:
+            spec = ForeignKeySpec(**fields)
+        except ValueError as exc:
+            raise TargetsFileInvalid(f"{path}: foreign_keys[{number}] ({entry['name']!r}): {exc}") from None
+        targets.append(Target(entry["name"], spec, tuple(entry["conn_ids"])))
+    return tuple(targets)
+
+
+def _describe(error: jsonschema.ValidationError, document: Any) -> str:
+    where = "the file"
+    path = list(error.path)
+    if len(path) >= 2 and path[0] == "foreign_keys" and isinstance(path[1], int):
+        entry = document["foreign_keys"][path[1]]
+        name = entry.get("name") if isinstance(entry, dict) else None
+        where = f"foreign_keys[{path[1]}]" + (f" ({name!r})" if name else "")
+        path = path[2:]
+    field = ".".join(map(str, path))
+    if error.validator == "additionalProperties":
+        known = set(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - known)
+        return f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})"
+    return f"{where}{': ' + field if field else ''}: {error.message}"
