@@ -2,7 +2,7 @@
 # Debian packages the test suite uses: chromium (the trigger-form browser test, driven by Playwright with
 # executable_path, no browser download), docker-compose (validating docker-compose.yml; no engine runs),
 # postgresql-15 (the step and DAG tests on PostgreSQL 15) and pgbouncer (the connection-pooler tests).
-# Installs them when missing and running as root; otherwise says what the tests will skip.
+# Installs them when missing and running as root; otherwise says which tests will fail for want of them.
 set -euo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
@@ -14,8 +14,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "Installing ${missing[*]} from Debian's packages..." >&2
   export DEBIAN_FRONTEND=noninteractive
   if ! { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }; then
-    echo "WARNING: could not install ${missing[*]}; the tests that need them will be skipped (see pytest's summary)." >&2
+    echo "WARNING: could not install ${missing[*]}; the tests that need them will fail." >&2
   fi
 else
-  echo "Not root: ${missing[*]} missing, the tests that need them will be skipped." >&2
+  echo "Not root: ${missing[*]} missing, the tests that need them will fail." >&2
 fi

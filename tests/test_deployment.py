@@ -35,7 +35,7 @@ def _bind_mount(volume: str | dict) -> tuple[Path | str, str]:
 @pytest.fixture(scope="module")
 def compose() -> dict:
     if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose is not installed (scripts/test.sh installs it when run as root)")
+        pytest.fail("docker-compose is missing: scripts/system-deps.sh installs Debian's docker-compose as root")
     result = subprocess.run(
         ["docker-compose", "--profile", "demo", "config"], cwd=REPO, capture_output=True, text=True, check=False
     )

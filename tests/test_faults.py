@@ -544,6 +544,7 @@ def test_only_an_anti_wraparound_vacuum_of_the_target_table_itself_holds_validat
     from psycopg import sql
 
     from devkit.app_db import create_app_table, populate
+    from fk_maintenance.catalog import require_target
     from fk_maintenance.constraint import validation_gate
 
     quoted = ForeignKeySpec(
@@ -569,7 +570,8 @@ def test_only_an_anti_wraparound_vacuum_of_the_target_table_itself_holds_validat
 
     def gate() -> Any:
         with db.connect() as conn:
-            return validation_gate(conn, quoted, SETTINGS, now=now, run_started_at=now)
+            relid = require_target(conn, quoted).table.oid
+            return validation_gate(conn, quoted, SETTINGS, relid=relid, now=now, run_started_at=now)
 
     def vacuuming(relation: str) -> bool:
         return bool(

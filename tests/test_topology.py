@@ -93,10 +93,13 @@ def _traces_of_ours(bouncer: PgBouncer, db: ClusterDatabase, pool_size: int) -> 
     )
 
 
-needs_pgbouncer = pytest.mark.skipif(not PGBOUNCER.exists(), reason="Debian's pgbouncer is not installed")
+@pytest.fixture
+def pgbouncer_installed() -> None:
+    if not PGBOUNCER.exists():
+        pytest.fail(f"{PGBOUNCER} is missing: scripts/test.sh installs Debian's pgbouncer when run as root")
 
 
-@needs_pgbouncer
+@pytest.mark.usefixtures("pgbouncer_installed")
 def test_through_a_transaction_pool_runs_are_refused_before_any_change_and_the_app_in_the_pool_never_notices(
     cluster,
 ) -> None:
@@ -118,7 +121,7 @@ def test_through_a_transaction_pool_runs_are_refused_before_any_change_and_the_a
         bouncer.stop()
 
 
-@needs_pgbouncer
+@pytest.mark.usefixtures("pgbouncer_installed")
 def test_through_a_session_pool_a_dry_run_and_a_real_run_converge_and_leave_nothing_in_the_pool(cluster) -> None:
     db = ClusterDatabase(cluster, 5000)
     bouncer = PgBouncer(cluster, pool_mode="session", pool_size=8)

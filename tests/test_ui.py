@@ -32,9 +32,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (scripts/system-deps.sh installs it as root)"
-)
+
+@pytest.fixture(autouse=True)
+def chromium_installed() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/system-deps.sh installs Debian's chromium when run as root")
 
 
 def _free_port() -> int:

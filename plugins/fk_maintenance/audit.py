@@ -48,15 +48,16 @@ def find_audit_tables(conn: psycopg.Connection, spec: ForeignKeySpec) -> AuditTa
     )
 
 
-def audit_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, *, writes: bool) -> list[str]:
+def audit_problems(
+    conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, tables: AuditTables, *, writes: bool
+) -> list[str]:
     """Every reason the audit table cannot be used, created or moved by this role, for preflight."""
     assert state.row_key is not None and state.column is not None
-    tables = find_audit_tables(conn, spec)
     problems = [
         problem
         for where, table in (
             (spec.audit_qualified, tables.current),
-            (f"{spec.schema}.{spec.audit_table}", tables.legacy),
+            (spec.legacy_audit_qualified, tables.legacy),
         )
         if table is not None
         for problem in _shape_problems(conn, where, table, state)

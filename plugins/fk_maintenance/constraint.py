@@ -162,17 +162,19 @@ def validation_gate(
     spec: ForeignKeySpec,
     settings: RunSettings,
     *,
+    relid: int,
     now: datetime,
     run_started_at: datetime,
     min_validate_seconds: float = MIN_VALIDATE_SECONDS,
 ) -> WindowDecision:
-    """The window, then the database's load and vacuum: whether VALIDATE may start now, or when to look again."""
+    """The window, then the database's load and vacuum on the table ``relid``: whether VALIDATE may start now, or
+    when to look again."""
     decision = decide_window(
         settings, now=now, run_started_at=run_started_at, min_validate_seconds=min_validate_seconds
     )
     if not decision.run_now:
         return decision
-    reason = _load_gate(conn, spec, settings, relid=require_target(conn, spec).table.oid)
+    reason = _load_gate(conn, spec, settings, relid=relid)
     if reason is None:
         return decision
     retry_at = now + timedelta(minutes=settings.recheck_minutes)
@@ -274,8 +276,15 @@ def validate_fk(
         if state.constraint.exists and state.constraint.validated:
             log.info("validate_fk: %s is already validated", spec.constraint)
             return {"outcome": "already validated", "seconds": round(time.monotonic() - started, 3)}
+        assert state.table is not None
         decision = validation_gate(
-            conn, spec, settings, now=now(), run_started_at=run_started_at, min_validate_seconds=min_validate_seconds
+            conn,
+            spec,
+            settings,
+            relid=state.table.oid,
+            now=now(),
+            run_started_at=run_started_at,
+            min_validate_seconds=min_validate_seconds,
         )
         if settings.dry_run:
             log.info(

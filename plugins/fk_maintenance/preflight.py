@@ -33,13 +33,14 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
     version, version_num, database, user = conn.execute(statement("session", "server_facts")).fetchone()
     log.info("preflight: connected to %s as %s, PostgreSQL %s", database, user, version)
     state = inspect_target(conn, spec)
+    audit_tables = find_audit_tables(conn, spec)
     problems = list(state.problems)
     if version_num < MIN_SERVER_VERSION_NUM:
         problems.append(f"PostgreSQL {version} is too old; 13 or newer is needed")
     warnings: list[str] = []
     if state.table is not None and state.column is not None:
         problems.extend(_privilege_problems(conn, spec, settings, state))
-        problems.extend(audit_problems(conn, spec, state, writes=not settings.dry_run))
+        problems.extend(audit_problems(conn, spec, state, audit_tables, writes=not settings.dry_run))
         for name, definition, validated in conn.execute(
             statement("catalog", "other_foreign_keys_on_column"),
             {"relid": state.table.oid, "attnum": state.column.attnum, "name": spec.constraint},
@@ -64,7 +65,7 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
         "estimated_rows": state.table.estimated_rows,
         "constraint": _describe_constraint(state),
         "index": _describe_index(state),
-        **audit_summary(spec, find_audit_tables(conn, spec)),
+        **audit_summary(spec, audit_tables),
         "warnings": warnings,
         "dry_run": settings.dry_run,
         "seconds": round(time.monotonic() - started, 3),
