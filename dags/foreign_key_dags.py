@@ -10,22 +10,85 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Param, task
+from airflow.sdk import DAG, Param, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
+from fk_maintenance.fleet import (
+    CANARY_GROUP,
+    FLEET_GROUP,
+    FLEET_REPORT_TASK,
+    PLAN_TASK,
+    POOL,
+    RESTORE_RUN_ID_PARAM,
+    RESTORE_TASK,
+    TURN_POKE_INTERVAL,
+    WAIT_TURN_TASK,
+)
 from fk_maintenance.settings import SETTING_DEFS, RunSettings, SettingDef
+from fk_maintenance.spec import ForeignKeySpec
 from fk_maintenance.steps import REPORT_DOC_MD, REPORT_TASK, STEPS, lock_table_markdown
-from fk_maintenance.targets import Target, TargetsFileInvalid, load_targets
+from fk_maintenance.targets import Target, load_targets
 
 TARGETS_FILE = Path(os.environ.get("FK_MAINTENANCE_TARGETS") or Path(__file__).with_name("targets.yaml"))
 DEFAULTS = RunSettings()
+# A target may wait for earlier ones through several validation windows.
+TURN_TIMEOUT = timedelta(days=30)
+# Mapped instances are labelled in the UI by the connection they work on.
+LABEL = "{{ task.op_kwargs['conn_id'] }}"
+
+PLAN_DOC_MD = (
+    "The run's targets in order: the form's `conn_ids`, or the connections the targets file declares. The first "
+    "is the canary.\n\nLocks: none; touches no database."
+)
+WAIT_TURN_DOC_MD = (
+    "Waits (rescheduled, holding no worker slot) until fewer than `max_parallel` earlier targets are unfinished; "
+    "never starts the target once `max_failures` targets have failed.\n\nLocks: none; touches no database."
+)
+FLEET_REPORT_DOC_MD = (
+    "Every target of the run: final state, orphans found and nulled, the error if any; in the log and as XCom. "
+    "Fails when any target failed or did not start.\n\nLocks: none; touches no database."
+)
+SECTION_RESTORE = "What to restore"
+PLAN_RESTORE_DOC_MD = "The connections to restore on: the form's `conn_ids`, else the declared ones.\n\nLocks: none."
+RESTORE_DOC_MD = (
+    "Puts back, in batches of `batch_size`, the audited pointers of `run_id` whose row is still parentless and "
+    "whose parent exists again; records each one in the restore log. A dry run only counts.\n\nLocks: ROW "
+    "EXCLUSIVE and the batch's row locks for the batch's milliseconds, under `lock_timeout_ms`; rows the app "
+    "holds are skipped (SKIP LOCKED) and counted as still missing."
+)
+RESTORE_REPORT_DOC_MD = (
+    "Per connection: audited, put back, still missing, re-pointed by the app, deleted. Fails if any target "
+    "failed.\n\nLocks: none; touches no database."
+)
+RESTORE_RUNBOOK = """
+# Restore for {name}
+
+Every pointer a run of `{name}` nulled is in `{audit}` with its run id. Trigger this DAG with that `run_id`
+to put those pointers back, on the connections of `conn_ids`, where the row still has no parent and the parent
+exists again (a row the app re-pointed or deleted since is newer than the audit and is left alone). It works
+in batches of `batch_size`, each under `lock_timeout_ms`, and skips rows the app holds at that moment (run it
+again for those). Each pointer put back is recorded in `{log}` (`restore_id` = this run's id). `dry_run`
+only counts what would be put back.
+"""
+CANARY_DOC = "The first target, alone: if it fails, no other target is touched."
+FLEET_DOC = "Every other target, at most max_parallel at once, in the pool " + POOL + "."
 
 RUNBOOK = """
 # {name}
 
 Gives `{schema}.{table}` a **validated** foreign key
 `{constraint} ({column}) -> {ref_table}({ref_column}) ON DELETE {on_delete}` and the btree index
-`{index} ({column})`, while the app keeps writing. Target: Airflow connection `{conn_id}`.
+`{index} ({column})`, while the app keeps writing. Declared for the Airflow connections {conn_ids}.
+
+## The fleet
+
+Each run works on the connections of the form's `conn_ids` (default: the declared list), each with the whole
+graph below. The first is the **canary** (group `canary`) and runs alone; if it fails, no other target is
+touched. Then the others (group `fleet`, each instance labelled by its connection) start in order, at most
+`max_parallel` at once; once `max_failures` targets failed (0 = no limit), no new one starts. A failed target
+does not stop the others. Every task that works on a database runs in the pool `{pool}`, whose size caps
+the total over all runs. `fleet_report` lists every target with its final state, counts and error, and fails
+the run if any target failed or did not start.
 
 ## What each task does
 
@@ -48,7 +111,7 @@ step would do, whether the window is open, and every end-state check, and change
 
 Every task first checks how it reaches the server: directly, or through a connection pooler. Through a pool
 in transaction mode (PgBouncer `pool_mode = transaction`) it refuses before it sets anything and says so;
-point `kpi_db` at the server or at a session-mode pool. On a primary with streaming replicas, the batches of
+point the connection at the server or at a session-mode pool. On a primary with streaming replicas, the batches of
 null_orphans wait while a replica lags more than `max_replica_lag_s`; the report gives the lag the index
 build and VALIDATE left behind.
 
@@ -60,20 +123,17 @@ names the ids involved; fix the data in the app, then trigger again: every step 
 ## Undo the data change
 
 Every nulled pointer is in `{audit}`, the pipeline's own schema (`run_id`, `kpi_id` (the row's
-`{row_key}`), `old_parent_kpi_id`, `nulled_at`). To put back one run's pointers whose parent exists again:
-
-```sql
-UPDATE {schema}.{table} k SET {column} = a.old_parent_kpi_id
-FROM {audit} a
-WHERE a.run_id = '<run_id>' AND k.{row_key} = a.kpi_id AND k.{column} IS NULL
-  AND EXISTS (SELECT 1 FROM {schema}.{ref_table} p WHERE p.{ref_column} = a.old_parent_kpi_id);
-```
+`{row_key}`), `old_parent_kpi_id`, `nulled_at`), on each target database. To put back one run's pointers whose
+parent exists again, trigger the DAG `{name}_restore` with that `run_id`: it works in batches under the same
+lock timeouts, leaves rows the app has written since alone, and records each pointer it puts back.
 """
 
 
-def _param(definition: SettingDef) -> Param:
+def _param(definition: SettingDef, target: Target) -> Param:
+    # The form shows the connections this key is declared for; the library's own default (empty) means the same.
+    default = list(target.conn_ids) if definition.name == "conn_ids" else definition.default
     return Param(
-        definition.default,
+        default,
         title=definition.title,
         description=definition.description,
         section=definition.section,
@@ -81,36 +141,94 @@ def _param(definition: SettingDef) -> Param:
     )
 
 
-def build_dag(target: Target) -> DAG:
-    """Today's graph, form, window and runbook for one declared foreign key."""
-    spec = target.spec
-    if len(target.conn_ids) != 1:
-        # Runs over several connections (fleets) are not built yet; refusing keeps a DAG from touching one
-        # database of several while the file says all of them.
-        raise TargetsFileInvalid(
-            f"{TARGETS_FILE}: {target.name!r} lists {len(target.conn_ids)} connections; this version runs one "
-            "connection per foreign key: declare a single conn_id"
-        )
-    (conn_id,) = target.conn_ids
+def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool):
+    """One target's steps, its turn before them and its report after them; the fleet's is mapped over
+    connection ids, each instance labelled by its connection in the UI."""
+    label = {"map_index_template": LABEL} if mapped else {}
 
-    def run_step(step_name: str, **context: Any) -> dict:
+    def run_step(step_name: str, conn_id: str, **context: Any) -> dict:
         from fk_maintenance.airflow_tasks import run_task
 
         return run_task(step_name, spec, conn_id, context)
 
-    def report(**context: Any) -> dict:
+    def wait_turn(conn_id: str, **context: Any) -> bool:
+        from fk_maintenance.airflow_tasks import run_wait_turn
+
+        return run_wait_turn(group_id, conn_id, context)
+
+    def report(conn_id: str, **context: Any) -> dict:
         from fk_maintenance.airflow_tasks import run_report
 
-        return run_report(spec, context)
+        return run_report(spec, group_id, conn_id, context)
+
+    @task_group(group_id=group_id, tooltip=doc)
+    def target(conn_id: str) -> Any:
+        turn = task.sensor(
+            task_id=WAIT_TURN_TASK,
+            doc_md=WAIT_TURN_DOC_MD,
+            mode="reschedule",  # waiting holds no worker slot and no pool slot
+            poke_interval=TURN_POKE_INTERVAL,
+            timeout=TURN_TIMEOUT,
+            **label,
+            # Airflow can mark a rescheduled sensor failed when the executor's event for its previous look arrives
+            # after the next look was queued (apache/airflow#71172); a retry resumes the wait instead of failing
+            # a target that was never touched.
+            retries=3,
+            retry_delay=TURN_POKE_INTERVAL,
+            retry_exponential_backoff=False,
+        )(wait_turn)(conn_id=conn_id)
+        tasks = {}
+        for step in STEPS:
+            overrides = {} if step.retried else {"retries": 0}
+            tasks[step.name] = task(
+                task_id=step.name,
+                doc_md=step.doc_md,
+                multiple_outputs=False,
+                pool=POOL,
+                **label,
+                **overrides,
+            )(run_step)(step_name=step.name, conn_id=conn_id)
+            for upstream in step.upstream:
+                tasks[upstream] >> tasks[step.name]
+        turn >> tasks[STEPS[0].name]
+        # all_done: a target that failed still gets its summary; the report then fails too.
+        summary = task(
+            task_id=REPORT_TASK,
+            doc_md=REPORT_DOC_MD,
+            retries=0,
+            trigger_rule="all_done",
+            multiple_outputs=False,
+            **label,
+        )(report)(conn_id=conn_id)
+        tasks[STEPS[-1].name] >> summary
+        return summary
+
+    return target
+
+
+def build_dag(target: Target) -> DAG:
+    """Today's graph, form, window and runbook for one declared foreign key, run once per target connection."""
+    spec = target.spec
+
+    def plan(**context: Any) -> dict:
+        from fk_maintenance.airflow_tasks import run_plan
+
+        return run_plan(target.conn_ids, context)
+
+    def fleet_report(**context: Any) -> dict:
+        from fk_maintenance.airflow_tasks import run_fleet_report
+
+        return run_fleet_report(context)
 
     with DAG(
         dag_id=target.name,
         description=f"Validated FK {spec.constraint} and index {spec.index} on {spec.table}, without stalling the app",
         doc_md=RUNBOOK.format(
             name=target.name,
-            conn_id=conn_id,
+            conn_ids=", ".join(f"`{conn_id}`" for conn_id in target.conn_ids),
             audit=spec.audit_qualified,
             lock_table=lock_table_markdown(spec.table),
+            pool=POOL,
             **{field: getattr(spec, field) for field in ("schema", "table", "column", "ref_table", "ref_column")},
             **{field: getattr(spec, field) for field in ("row_key", "constraint", "index", "on_delete")},
         ),
@@ -123,7 +241,7 @@ def build_dag(target: Target) -> DAG:
         ),
         catchup=False,
         max_active_runs=1,
-        params={definition.name: _param(definition) for definition in SETTING_DEFS},
+        params={definition.name: _param(definition, target) for definition in SETTING_DEFS},
         default_args={
             # Every step is idempotent, so a retry after a dropped connection or a lock timeout is safe.
             "retries": 3,
@@ -133,22 +251,88 @@ def build_dag(target: Target) -> DAG:
         },
         tags=["postgres", "schema-migration", spec.table],
     ) as dag:
-        tasks = {}
-        for step in STEPS:
-            overrides = {} if step.retried else {"retries": 0}
-            tasks[step.name] = task(task_id=step.name, doc_md=step.doc_md, multiple_outputs=False, **overrides)(
-                run_step
-            )(step.name)
-            for upstream in step.upstream:
-                tasks[upstream] >> tasks[step.name]
-        # all_done: a run that failed still gets its summary; the report then fails too, so the run is failed.
+        # Returns the targets after the canary (what the fleet maps over); the canary under key "canary".
+        planned = task(task_id=PLAN_TASK, doc_md=PLAN_DOC_MD, retries=0, multiple_outputs=False)(plan)()
+        canary = _target_group(CANARY_GROUP, spec, CANARY_DOC, mapped=False)(conn_id=planned["canary"])
+        fleet = _target_group(FLEET_GROUP, spec, FLEET_DOC, mapped=True).expand(conn_id=planned)
         summary = task(
-            task_id=REPORT_TASK, doc_md=REPORT_DOC_MD, retries=0, trigger_rule="all_done", multiple_outputs=False
-        )(report)()
-        tasks[STEPS[-1].name] >> summary
+            task_id=FLEET_REPORT_TASK,
+            doc_md=FLEET_REPORT_DOC_MD,
+            retries=0,
+            trigger_rule="all_done",
+            multiple_outputs=False,
+        )(fleet_report)()
+        # The canary's report fails when the canary did: then no other target is touched.
+        dag.task_group_dict[CANARY_GROUP] >> dag.task_group_dict[FLEET_GROUP]
+        [canary, fleet] >> summary
+    return dag
+
+
+# The restore form: which run to undo, where, and how gently.
+RESTORE_SETTINGS = ("conn_ids", "dry_run", "batch_size", "batch_pause_ms", "lock_timeout_ms", "lock_attempts")
+
+
+def build_restore_dag(target: Target) -> DAG:
+    """Put back, per target connection, the pointers one run nulled whose parent exists again."""
+    spec = target.spec
+
+    def plan(**context: Any) -> list:
+        from fk_maintenance.airflow_tasks import run_restore_plan
+
+        return run_restore_plan(target.conn_ids, context)
+
+    def restore(conn_id: str, **context: Any) -> dict:
+        from fk_maintenance.airflow_tasks import run_restore
+
+        return run_restore(spec, conn_id, context)
+
+    def restore_report(conn_ids: list, **context: Any) -> dict:
+        from fk_maintenance.airflow_tasks import run_restore_report
+
+        return run_restore_report(conn_ids, context)
+
+    definitions = {definition.name: definition for definition in SETTING_DEFS}
+    with DAG(
+        dag_id=f"{target.name}_restore",
+        description=f"Put back the pointers a run of {target.name} nulled, where the parent exists again",
+        doc_md=RESTORE_RUNBOOK.format(name=target.name, audit=spec.audit_qualified, log=spec.restore_log_qualified),
+        schedule=None,
+        catchup=False,
+        max_active_runs=1,
+        params={
+            RESTORE_RUN_ID_PARAM: Param(
+                type="string",
+                minLength=1,
+                maxLength=250,
+                title="Run to undo",
+                description=f"The run id of the {target.name} run whose nulled pointers to put back (its report "
+                f"and {spec.audit_qualified}.run_id name it).",
+                section=SECTION_RESTORE,
+            ),
+            **{name: _param(definitions[name], target) for name in RESTORE_SETTINGS},
+        },
+        default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+        tags=["postgres", "restore", spec.table],
+    ) as dag:
+        planned = task(task_id="plan_restore", retries=0, multiple_outputs=False, doc_md=PLAN_RESTORE_DOC_MD)(plan)()
+        restored = task(
+            task_id=RESTORE_TASK,
+            pool=POOL,
+            map_index_template=LABEL,
+            multiple_outputs=False,
+            doc_md=RESTORE_DOC_MD,
+        )(restore).expand(conn_id=planned)
+        summary = task(
+            task_id="restore_report",
+            retries=0,
+            trigger_rule="all_done",
+            multiple_outputs=False,
+            doc_md=RESTORE_REPORT_DOC_MD,
+        )(restore_report)(conn_ids=planned)
+        restored >> summary
     return dag
 
 
 # Every DAG is built before any is published: a bad entry anywhere leaves the file with none.
-_dags = [build_dag(target) for target in load_targets(TARGETS_FILE)]
+_dags = [build(target) for target in load_targets(TARGETS_FILE) for build in (build_dag, build_restore_dag)]
 globals().update({dag.dag_id: dag for dag in _dags})

@@ -1,7 +1,8 @@
 """The demo: an embedded PostgreSQL with the app's table and generated KPIs, the DAG run end to end with
-``airflow dags test``, and its report.
+``airflow dags test``, and its report. With ``--fleet N``, N more databases (a tenth of the rows each, behind
+the connections kpi_fleet_1..N) run in the same DAG run after kpi_db, the canary, and the fleet report follows.
 
-    python -m devkit.demo [--rows 100000] [--orphan-ratio 0.01]
+    python -m devkit.demo [--rows 100000] [--orphan-ratio 0.01] [--fleet 0]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ sys.path.insert(0, str(REPO / "plugins"))
 from devkit.airflow_env import DAG_ID, airflow_cli, latest_xcom, migrate  # noqa: E402
 from devkit.app_db import build_app_database  # noqa: E402
 from devkit.pg import PgServer  # noqa: E402
+from fk_maintenance.fleet import format_fleet_report  # noqa: E402
 from fk_maintenance.report import format_report  # noqa: E402
 
 
@@ -28,6 +30,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000, help="KPIs to generate (default 100000)")
     parser.add_argument("--orphan-ratio", type=float, default=0.01, help="share of orphans (default 0.01)")
+    parser.add_argument("--fleet", type=int, default=0, help="more target databases after kpi_db (default 0)")
     parser.add_argument("--workdir", type=Path, default=REPO / ".demo", help="Airflow home and logs")
     args = parser.parse_args()
 
@@ -47,7 +50,14 @@ def main() -> int:
             f"pointing at {generated.missing_parents} missing parents ({generated.seconds:.1f} s)",
             flush=True,
         )
-        conf = json.dumps({"validate_now": True})
+        fleet = {}
+        for n in range(1, args.fleet + 1):
+            name = server.create_database(f"kpi_fleet_{n}")
+            with psycopg.connect(server.dsn(name), autocommit=True) as conn:
+                made = build_app_database(conn, max(args.rows // 10, 100), orphan_ratio=args.orphan_ratio, seed=n + 1)
+            fleet[f"kpi_fleet_{n}"] = server.airflow_connection_json(name)
+            print(f"Fleet target kpi_fleet_{n}: {made.rows} KPIs, {made.orphans} orphans", flush=True)
+        conf = json.dumps({"validate_now": True, **({"conn_ids": ["kpi_db", *fleet]} if fleet else {})})
         print(f"Running: airflow dags test {DAG_ID} -c '{conf}'  (log: {workdir / 'dags-test.log'})", flush=True)
         started = time.monotonic()
         result = airflow_cli(
@@ -60,16 +70,21 @@ def main() -> int:
             kpi_db_json=server.airflow_connection_json(database),
             log_path=workdir / "dags-test.log",
             check=False,
+            connections=fleet,
         )
         seconds = time.monotonic() - started
-        report = latest_xcom(home, "report")
+        report = latest_xcom(home, "canary.report")
         if report is None:
             print("\n".join((result.stdout + result.stderr).splitlines()[-80:]))
             print(f"The run produced no report (exit code {result.returncode}); see {workdir / 'dags-test.log'}")
             return 1
-        print(f"\nThe DAG ran in {seconds:.1f} s. Its report:\n")
+        print(f"\nThe DAG ran in {seconds:.1f} s. The report of kpi_db (the canary):\n")
         print(format_report(report))
-        return 0 if result.returncode == 0 and report["final_state"] == "converged" else 1
+        fleet_report = latest_xcom(home, "fleet_report", key="report")
+        if fleet:
+            print("\nThe fleet report:\n")
+            print(format_fleet_report(fleet_report) if fleet_report else "(none: see the log)")
+        return 0 if result.returncode == 0 and fleet_report and fleet_report["succeeded"] else 1
     finally:
         server.stop()
 

@@ -32,8 +32,10 @@ sys.path.insert(0, str(REPO / "plugins"))
 from devkit.airflow_env import airflow_env  # noqa: E402
 from devkit.app_db import build_app_database  # noqa: E402
 from devkit.pg import PgServer  # noqa: E402
+from fk_maintenance.fleet import POOL  # noqa: E402
 
 USER = "admin"
+POOL_SLOTS = 8
 
 
 @dataclass
@@ -44,6 +46,8 @@ class LocalAirflow:
     home: Path
     kpi_dsn: str
     process: subprocess.Popen
+    # Extra target databases, by Airflow connection id (kpi_fleet_1, ...), for trying a fleet run.
+    fleet_dsns: dict[str, str]
 
 
 def _metadata_url(server: PgServer, database: str) -> str:
@@ -70,8 +74,21 @@ def _wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"Airflow at {url} was not healthy within {timeout:.0f} s")
 
 
+def _create_pool(env: dict[str, str]) -> None:
+    """The pool every target task runs in; without it the scheduler never queues them."""
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    subprocess.run(
+        [airflow, "pools", "set", POOL, str(POOL_SLOTS), "kpi-fk-maintenance: tasks that work on a target database"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+
+
 @contextmanager
-def local_airflow(home: Path, *, port: int = 8080, rows: int = 100_000, timeout: float = 180) -> Iterator[LocalAirflow]:
+def local_airflow(
+    home: Path, *, port: int = 8080, rows: int = 100_000, fleet: int = 0, fleet_rows: int = 2000, timeout: float = 180
+) -> Iterator[LocalAirflow]:
     home.mkdir(parents=True, exist_ok=True)
     server = PgServer.embedded()
     process: subprocess.Popen | None = None
@@ -80,6 +97,10 @@ def local_airflow(home: Path, *, port: int = 8080, rows: int = 100_000, timeout:
         kpi_db = server.create_database("kpi_demo")
         with psycopg.connect(server.dsn(kpi_db), autocommit=True) as conn:
             build_app_database(conn, rows)
+        fleet_dbs = {f"kpi_fleet_{n}": server.create_database(f"kpi_fleet_{n}") for n in range(1, fleet + 1)}
+        for n, database in enumerate(fleet_dbs.values(), start=1):
+            with psycopg.connect(server.dsn(database), autocommit=True) as conn:
+                build_app_database(conn, fleet_rows, seed=n)
         password = secrets.token_urlsafe(12)
         passwords_file = home / "simple_auth_manager_passwords.json"
         passwords_file.write_text(json.dumps({USER: password}))
@@ -96,6 +117,12 @@ def local_airflow(home: Path, *, port: int = 8080, rows: int = 100_000, timeout:
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_SEC": "2",
+            # Each look for a fleet turn is a task process: on a small machine, not every 2 s.
+            "FK_MAINTENANCE_TURN_POKE_SECONDS": "5",
+            **{
+                f"AIRFLOW_CONN_{conn_id.upper()}": server.airflow_connection_json(database)
+                for conn_id, database in fleet_dbs.items()
+            },
             # standalone starts its components as `airflow ...` from PATH: make it this interpreter's.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
@@ -110,7 +137,9 @@ def local_airflow(home: Path, *, port: int = 8080, rows: int = 100_000, timeout:
         except (TimeoutError, RuntimeError) as exc:
             tail = "\n".join((home / "standalone.log").read_text(errors="replace").splitlines()[-40:])
             raise RuntimeError(f"{exc}; last lines of {home / 'standalone.log'}:\n{tail}") from None
-        yield LocalAirflow(url, USER, password, home, server.dsn(kpi_db), process)
+        _create_pool(env)
+        fleet_dsns = {conn_id: server.dsn(database) for conn_id, database in fleet_dbs.items()}
+        yield LocalAirflow(url, USER, password, home, server.dsn(kpi_db), process, fleet_dsns)
     finally:
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -126,6 +155,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--fleet", type=int, default=3, help="extra target databases kpi_fleet_1..N (connections)")
     parser.add_argument("--home", type=Path, default=REPO / ".local-airflow")
     args = parser.parse_args()
     stop = {"requested": False}
@@ -136,11 +166,14 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     print(f"Starting Airflow with {args.rows} demo KPIs (about a minute) ...", flush=True)
-    with local_airflow(args.home, port=args.port, rows=args.rows) as airflow:
+    with local_airflow(args.home, port=args.port, rows=args.rows, fleet=args.fleet) as airflow:
         print(
             f"\nAirflow is up: {airflow.url}\nLog in as {airflow.user} / {airflow.password}\n"
             f"DAG: {airflow.url}/dags/vision_kpis_parent_fk  (Trigger opens the form)\n"
-            f"Target database (kpi_db): {airflow.kpi_dsn}\nLogs: {airflow.home}/standalone.log\n"
+            f"Target database (kpi_db): {airflow.kpi_dsn}\n"
+            + "".join(f"Fleet target ({conn_id}): {dsn}\n" for conn_id, dsn in airflow.fleet_dsns.items())
+            + "A fleet run: put kpi_db and the kpi_fleet_* ids in the form's Target connections.\n"
+            f"Logs: {airflow.home}/standalone.log\n"
             "Ctrl-C stops Airflow and PostgreSQL.",
             flush=True,
         )

@@ -23,10 +23,12 @@ WHERE NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = v)
 LIMIT 1
 
 -- name: depth_summary
--- Walk down from the roots. Every row not reached is in a cycle or hangs below one; the walk itself
--- terminates because each row has one parent, so no cycle is reachable from a root.
+-- Walk down from the roots: rows without a parent, and rows whose parent is missing (null_orphans makes those
+-- roots, and until then "zero orphans" reports them). Every row not reached is in a cycle or hangs below one;
+-- the walk itself terminates because each row has one parent, so no cycle is reachable from a root.
 WITH RECURSIVE tree AS (
-    SELECT {row_key} AS row_key, 1 AS depth FROM {table} WHERE {column} IS NULL
+    SELECT c.{row_key} AS row_key, 1 AS depth FROM {table} c
+    WHERE c.{column} IS NULL OR NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = c.{column})
     UNION ALL
     SELECT c.{row_key}, t.depth + 1
     FROM {table} c JOIN tree t ON c.{column} = t.row_key
@@ -49,9 +51,10 @@ WITH RECURSIVE up AS (
 SELECT path, is_cycle FROM up ORDER BY cardinality(path) DESC LIMIT 1
 
 -- name: unreached_example
--- A row that is not reached from any root: walk up from it to find the cycle.
+-- A row that is not reached from any root (roots as in depth_summary): walk up from it to find the cycle.
 WITH RECURSIVE tree AS (
-    SELECT {row_key} AS row_key FROM {table} WHERE {column} IS NULL
+    SELECT c.{row_key} AS row_key FROM {table} c
+    WHERE c.{column} IS NULL OR NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = c.{column})
     UNION ALL
     SELECT c.{row_key} FROM {table} c JOIN tree t ON c.{column} = t.row_key
 )

@@ -68,7 +68,7 @@ def test_airflow_dags_test_converges_an_unseen_table_shape_then_changes_nothing(
 
     first = airflow_cli(airflow_home, "dags", "test", DAG_ID, "-c", conf, kpi_db_json=conn_json, check=False)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    report = latest_xcom(airflow_home, "report")
+    report = latest_xcom(airflow_home, "canary.report")
     assert report["final_state"] == "converged"
     assert report["orphans_found"] == 80 and report["dangling_parents"] == 7
     assert report["steps"]["create_index_concurrently"]["outcome"] == "rebuilt (dropped INVALID leftover)"
@@ -90,6 +90,6 @@ def test_airflow_dags_test_converges_an_unseen_table_shape_then_changes_nothing(
     second = airflow_cli(airflow_home, "dags", "test", DAG_ID, "-c", conf, kpi_db_json=conn_json, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert (_rows_except_parent(db), dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))) == state
-    report = latest_xcom(airflow_home, "report")
+    report = latest_xcom(airflow_home, "canary.report")
     assert report["nulled"] == 0 and report["final_state"] == "converged"
     assert db.scalar("SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit") == 80

@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "vision_kpis_parent_fk"
 
 # The graph of DESIGN.md, written out independently of fk_maintenance.steps so that a change to the step list
-# that breaks the contract fails here.
-EDGES = {
+# that breaks the contract fails here. Each target (the canary, then every other) runs it after its turn.
+TARGET_EDGES = {
+    ("wait_turn", "preflight"),
     ("preflight", "detect_orphans"),
     ("preflight", "create_index_concurrently"),
     ("detect_orphans", "null_orphans"),
@@ -27,6 +28,12 @@ EDGES = {
     ("add_fk_not_valid", "validate_fk"),
     ("validate_fk", "post_checks"),
     ("post_checks", "report"),
+}
+EDGES = {
+    *((f"{group}.{a}", f"{group}.{b}") for group in ("canary", "fleet") for a, b in TARGET_EDGES),
+    ("canary.report", "fleet.wait_turn"),  # a failed canary leaves every other target untouched
+    ("canary.report", "fleet_report"),
+    ("fleet.report", "fleet_report"),
 }
 
 
@@ -44,19 +51,40 @@ def dag(bag):
 
 def test_dag_folder_imports_without_errors_and_holds_the_contract_dag_id(bag) -> None:
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"vision_kpis_parent_fk"}
+    # The key's own DAG, and its restore DAG.
+    assert set(bag.dag_ids) == {"vision_kpis_parent_fk", "vision_kpis_parent_fk_restore"}
 
 
 def test_the_report_and_the_library_know_every_task_of_the_graph(dag) -> None:
+    from fk_maintenance.fleet import FLEET_REPORT_TASK, PLAN_TASK, WAIT_TURN_TASK
     from fk_maintenance.steps import REPORT_TASK, STEPS
 
-    assert {step.name for step in STEPS} | {REPORT_TASK} == set(dag.task_ids)
+    per_target = {step.name for step in STEPS} | {REPORT_TASK, WAIT_TURN_TASK}
+    groups = {f"{group}.{name}" for group in ("canary", "fleet") for name in per_target}
+    assert groups | {PLAN_TASK, FLEET_REPORT_TASK} == set(dag.task_ids)
 
 
 def test_graph_and_order_are_as_designed(dag) -> None:
     edges = {(upstream, task.task_id) for task in dag.tasks for upstream in task.upstream_task_ids}
-    assert edges == EDGES
-    assert {task.task_id for task in dag.tasks} == {name for edge in EDGES for name in edge}
+    # plan_fleet feeds every target task its connection id (the mapping), so it is upstream of all of them.
+    mapped = {task.task_id for task in dag.tasks if task.task_id.startswith(("canary.", "fleet."))}
+    assert {edge for edge in edges if edge[0] == "plan_fleet"} == {("plan_fleet", task_id) for task_id in mapped}
+    assert {edge for edge in edges if edge[0] != "plan_fleet"} == EDGES
+    assert {task.task_id for task in dag.tasks} == {name for edge in EDGES for name in edge} | {"plan_fleet"}
+
+
+def test_fleet_targets_are_mapped_over_connections_in_the_project_pool_and_labelled_by_connection(dag) -> None:
+    from fk_maintenance.fleet import POOL
+    from fk_maintenance.steps import STEPS
+
+    for group in ("canary", "fleet"):
+        for step in STEPS:
+            task = dag.get_task(f"{group}.{step.name}")
+            assert task.pool == POOL
+            if group == "fleet":
+                assert task.map_index_template == "{{ task.op_kwargs['conn_id'] }}"
+        turn = dag.get_task(f"{group}.wait_turn")
+        assert turn.mode == "reschedule" and turn.pool != POOL  # waiting costs no pool slot
 
 
 def test_schedule_is_daily_at_the_window_start_without_catchup_and_one_run_at_a_time(dag) -> None:
@@ -73,10 +101,11 @@ def test_schedule_is_daily_at_the_window_start_without_catchup_and_one_run_at_a_
 
 def test_every_task_documents_its_locks_and_retries_are_set_where_safe(dag) -> None:
     for task in dag.tasks:
-        assert (task.doc_md and "Lock" in task.doc_md) or task.task_id == "report", task.task_id
-    assert dag.get_task("add_fk_not_valid").retries >= 1
-    assert not any(task.multiple_outputs for task in dag.tasks)  # one XCom per step, not one per key
-    assert dag.get_task("post_checks").retries == 0
+        assert task.doc_md and "Lock" in task.doc_md, task.task_id
+    assert dag.get_task("canary.add_fk_not_valid").retries >= 1
+    # one XCom per step, not one per key
+    assert not any(task.multiple_outputs for task in dag.tasks)
+    assert dag.get_task("fleet.post_checks").retries == 0
     assert dag.doc_md and "Undo the data change" in dag.doc_md
 
 
@@ -160,7 +189,7 @@ def test_parsing_the_dag_file_loads_no_step_module_and_opens_no_connection() -> 
         "loaded = [m for m in sys.modules if m.startswith('fk_maintenance.')]\n"
         # Only the stdlib-only modules (settings and what they use); no step module, which would import psycopg.
         "assert set(loaded) <= {'fk_maintenance.settings', 'fk_maintenance.spec', 'fk_maintenance.errors',"
-        " 'fk_maintenance.window', 'fk_maintenance.steps', 'fk_maintenance.targets'}, loaded\n"
+        " 'fk_maintenance.window', 'fk_maintenance.steps', 'fk_maintenance.targets', 'fk_maintenance.fleet'}, loaded\n"
         "assert 'psycopg' not in sys.modules, 'psycopg imported at parse time'\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
@@ -184,7 +213,7 @@ def test_whole_dag_converges_from_orphans_then_a_second_run_changes_nothing(
     generated = db.build(5000)
     first = _run(dag, monkeypatch, db, {"validate_now": True, "batch_size": 100})
     assert str(first.state) == "success", _task_states(first)
-    report = latest_xcom(airflow_home, "report")
+    report = latest_xcom(airflow_home, "canary.report")
     assert report["final_state"] == "converged"
     assert report["orphans_found"] == report["nulled"] == report["audited"] == generated.orphans
     assert db.scalar("SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit") == generated.orphans
@@ -193,7 +222,7 @@ def test_whole_dag_converges_from_orphans_then_a_second_run_changes_nothing(
     second = _run(dag, monkeypatch, db, {"validate_now": True})
     assert str(second.state) == "success", _task_states(second)
     assert snapshot(db, spec) == before
-    report = latest_xcom(airflow_home, "report")
+    report = latest_xcom(airflow_home, "canary.report")
     assert report["nulled"] == 0 and report["final_state"] == "converged"
 
 
@@ -205,7 +234,7 @@ def test_dry_run_through_the_dag_changes_nothing(dag, db, spec, monkeypatch, air
     run = _run(dag, monkeypatch, db, {"dry_run": True})
     assert str(run.state) == "success", _task_states(run)
     assert snapshot(db, spec) == before
-    assert latest_xcom(airflow_home, "report")["final_state"] == "dry run: nothing changed"
+    assert latest_xcom(airflow_home, "canary.report")["final_state"] == "dry run: nothing changed"
 
 
 def test_bad_settings_stop_a_task_before_it_connects(monkeypatch, airflow_home) -> None:
@@ -233,9 +262,9 @@ def test_a_run_whose_preflight_fails_ends_failed_with_an_incomplete_report(
     run = _run(dag, monkeypatch, db, {"validate_now": True})
     states = _task_states(run)
     assert str(run.state) == "failed"
-    assert states["preflight"] == "failed" and states["null_orphans"] == "upstream_failed"
-    assert states["report"] == "failed"  # it ran (all_done) and said why the run is not green
-    report = latest_xcom(airflow_home, "report", key="report")
+    assert states["canary.preflight"] == "failed" and states["canary.null_orphans"] == "upstream_failed"
+    assert states["canary.report"] == "failed"  # it ran (all_done) and said why the run is not green
+    report = latest_xcom(airflow_home, "canary.report", key="report")
     assert report["final_state"].startswith("incomplete: preflight, detect_orphans")
     assert snapshot(db, spec) == before
 
@@ -274,7 +303,7 @@ def test_outside_the_window_validate_fk_is_rescheduled_and_succeeds_once_the_win
     assert str(run.state) == "success", _task_states(run)
     with create_session() as session:
         reschedules = session.scalars(
-            select(TaskReschedule).where(TaskReschedule.ti_id == run.get_task_instance("validate_fk").id)
+            select(TaskReschedule).where(TaskReschedule.ti_id == run.get_task_instance("canary.validate_fk").id)
         ).all()
     assert [r.reschedule_date for r in reschedules] == [opens]  # given back once, until the window opened
     assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [spec.constraint]) is True

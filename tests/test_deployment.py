@@ -50,6 +50,13 @@ def test_compose_file_is_valid_and_has_every_airflow_component(compose) -> None:
         assert "healthcheck" in compose["services"][name], f"{name} has no health check"
 
 
+def test_airflow_init_creates_the_pool_every_target_task_runs_in(compose) -> None:
+    from fk_maintenance.fleet import POOL
+
+    command = " ".join(compose["services"]["airflow-init"]["command"])
+    assert re.search(rf"airflow db migrate && airflow pools set {POOL} \S+ ", command), command
+
+
 def test_airflow_services_use_the_project_image_mounts_and_connection(compose) -> None:
     for name in AIRFLOW_SERVICES | {"airflow-init"}:
         service = compose["services"][name]

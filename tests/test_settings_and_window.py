@@ -17,7 +17,10 @@ from fk_maintenance.window import Window
 def test_defaults_are_valid_and_match_the_form_defaults() -> None:
     defaults = RunSettings()
     for definition in SETTING_DEFS:
-        assert getattr(defaults, definition.name) == definition.default, definition.name
+        value = getattr(defaults, definition.name)
+        assert (list(value) if isinstance(value, tuple) else value) == definition.default, definition.name
+    # What the form sends by default is the default run (a JSON list is the settings' tuple).
+    assert RunSettings.from_params({d.name: d.default for d in SETTING_DEFS}) == defaults
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,13 @@ from psycopg import sql
 from devkit.app_db import build_app_database
 from devkit.db_state import orphan_count, revive_parent, snapshot
 from devkit.pipeline import run_pipeline
-from fk_maintenance.audit import restore_from_audit
 from fk_maintenance.checks import post_checks
 from fk_maintenance.constraint import add_fk_not_valid, validate_fk
 from fk_maintenance.errors import ConcurrentRun, LockNotAcquired, PostChecksFailed, PreflightFailed
 from fk_maintenance.index import create_index_concurrently
 from fk_maintenance.orphans import detect_orphans, null_orphans
 from fk_maintenance.preflight import preflight
+from fk_maintenance.restore import restore_run
 from fk_maintenance.settings import RunSettings
 from fk_maintenance.spec import ForeignKeySpec
 
@@ -81,9 +81,10 @@ def test_restore_puts_back_pointers_whose_parent_exists_again(db, spec) -> None:
     revived_parent = audit[0][1]
     revive_parent(db, revived_parent)
     with db.connect() as conn:
-        result = restore_from_audit(conn, spec, "run-1")
+        result = restore_run(conn, spec, NOW, "run-1", "restore-1")
     expected = {kpi for kpi, parent in audit if parent == revived_parent}
-    assert result == {"restored": len(expected), "audited": len(audit)}
+    assert (result["restored"], result["audited"]) == (len(expected), len(audit))
+    assert result["parent_still_missing"] == result["still_missing"] == len(audit) - len(expected)
     restored = {kpi for (kpi,) in db.query("SELECT id FROM vision_kpis WHERE parent_kpi_id = %s", [revived_parent])}
     assert restored == expected
     still_null = db.scalar(
@@ -233,13 +234,25 @@ def _converged(db, spec, rows: int = 500) -> None:
 
 def test_post_checks_fail_on_a_cycle_and_name_its_ids(db, spec) -> None:
     _converged(db, spec)
-    a, b = (row[0] for row in db.query("SELECT id FROM vision_kpis WHERE level = 'daily' ORDER BY id LIMIT 2"))
-    db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [b, a])
-    db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [a, b])
+    a, b = _make_cycle(db)
     with db.connect() as conn, pytest.raises(PostChecksFailed, match="no cycles in the hierarchy") as caught:
         post_checks(conn, spec, NOW)
     assert str(a) in str(caught.value) and str(b) in str(caught.value)
     assert len(caught.value.failures) == 1
+
+
+def test_preflight_refuses_data_with_a_cycle_before_anything_changes_and_names_its_ids(db, spec) -> None:
+    generated = db.build(800)
+    a, b = _make_cycle(db)
+    before = snapshot(db, spec)
+    with db.connect() as conn, pytest.raises(PreflightFailed, match="no cycles in the hierarchy") as caught:
+        preflight(conn, spec, NOW)
+    assert str(a) in str(caught.value) and str(b) in str(caught.value) and "fix the data" in str(caught.value)
+    assert snapshot(db, spec) == before and orphan_count(db, spec) == generated.orphans
+    # Orphans are not cycles: the chains below them become roots once their pointers are nulled.
+    db.execute("UPDATE vision_kpis SET parent_kpi_id = NULL WHERE id IN (%s, %s)", [a, b])
+    with db.connect() as conn:
+        assert preflight(conn, spec, NOW)["table"] == "public.vision_kpis"
 
 
 def test_post_checks_fail_on_a_chain_deeper_than_max_depth_and_name_it(db, spec) -> None:
@@ -257,8 +270,16 @@ def test_post_checks_fail_on_a_chain_deeper_than_max_depth_and_name_it(db, spec)
         assert post_checks(conn, spec, replace(NOW, max_depth=6))["failed"] == 0
 
 
+def _make_cycle(db) -> tuple:
+    a, b = (row[0] for row in db.query("SELECT id FROM vision_kpis WHERE level = 'daily' ORDER BY id LIMIT 2"))
+    db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [b, a])
+    db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [a, b])
+    return a, b
+
+
 def test_post_checks_report_every_failure_not_just_the_first(db, spec) -> None:
     db.build(500)
+    _make_cycle(db)
     with db.connect() as conn, pytest.raises(PostChecksFailed) as caught:
         post_checks(conn, spec, NOW)
     names = " | ".join(caught.value.failures)
@@ -595,8 +616,8 @@ def test_an_audit_table_left_in_the_apps_schema_moves_with_its_rows_and_its_runs
     revived = legacy[0][1]
     revive_parent(db, revived)
     with db.connect() as conn:
-        restored = restore_from_audit(conn, spec, "old-run")
-    assert restored == {"restored": sum(1 for _, p in legacy if p == revived), "audited": len(legacy)}
+        restored = restore_run(conn, spec, NOW, "old-run", "restore-1")
+    assert (restored["restored"], restored["audited"]) == (sum(1 for _, p in legacy if p == revived), len(legacy))
 
 
 def test_a_legacy_audit_table_beside_the_pipelines_own_is_merged_into_it_and_dropped(db, spec) -> None:

@@ -1,12 +1,15 @@
-"""The trigger form in a real browser: a local Airflow (devkit.local_airflow), headless Debian chromium driven
-by Playwright (executable_path, no browser download), a dry run triggered from the form and its report read
-in the UI; a value the form must refuse creates no run. Screenshots go to .artifacts/screenshots/."""
+"""The trigger form in a real browser: a local Airflow (devkit.local_airflow: the real scheduler, the
+LocalExecutor, the project's pool), headless Debian chromium driven by Playwright (executable_path, no browser
+download). A dry run triggered from the form and its report read in the UI; a value the form must refuse
+creates no run; a fleet run from the form's fleet fields, watched from pg_stat_activity. Screenshots go to
+.artifacts/screenshots/."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from devkit.local_airflow import LocalAirflow, local_airflow
 
@@ -47,7 +51,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAirflow]:
-    with local_airflow(tmp_path_factory.mktemp("ui-airflow"), port=_free_port(), rows=5000) as running:
+    with local_airflow(tmp_path_factory.mktemp("ui-airflow"), port=_free_port(), rows=5000, fleet=4) as running:
         yield running
 
 
@@ -155,7 +159,7 @@ def test_trigger_form_dry_run_succeeds_and_its_report_shows_in_the_ui(page, airf
     assert run["conf"]["dry_run"] is True and run["conf"]["batch_size"] == 250
 
     quoted = urllib.request.quote(run["dag_run_id"], safe="")
-    page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{quoted}/tasks/report")
+    page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{quoted}/tasks/canary.report")
     page.get_by_text("dry run: nothing changed").first.wait_for(timeout=60_000)
     page.get_by_text(f"Orphans found: {orphans} ").first.wait_for()
     page.screenshot(path=str(SHOTS / "finished-run-report.png"), full_page=True)
@@ -178,3 +182,81 @@ def test_trigger_form_clamps_numbers_and_refuses_a_bad_window_without_creating_a
     page.screenshot(path=str(SHOTS / "trigger-form-refused.png"), full_page=True)
     time.sleep(2)
     assert len(_manual_runs(airflow)) == before
+
+
+class SessionWatch:
+    """Samples pg_stat_activity every 50 ms: which target databases have a session of the pipeline at once."""
+
+    def __init__(self, dsn: str, databases: list[str]) -> None:
+        self.dsn, self.databases = dsn, databases
+        self.samples: list[frozenset[str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.is_set():
+                rows = conn.execute(
+                    "SELECT DISTINCT datname FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'kpi-fk-maintenance%%' AND datname = ANY(%s)",
+                    [self.databases],
+                ).fetchall()
+                self.samples.append(frozenset(row[0] for row in rows))
+                time.sleep(0.05)
+
+    def __enter__(self) -> SessionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_fleet_run_from_the_form_works_on_at_most_max_parallel_targets_at_once_after_the_canary(
+    page, airflow
+) -> None:
+    _settled(airflow)
+    fleet = list(airflow.fleet_dsns)
+    conn_ids = ["kpi_db", *fleet]
+    names = {conn_id: conninfo_to_dict(dsn)["dbname"] for conn_id, dsn in airflow.fleet_dsns.items()}
+    canary_db = conninfo_to_dict(airflow.kpi_dsn)["dbname"]
+    before = len(_manual_runs(airflow))
+
+    dialog = _open_trigger_form(page, airflow)
+    _open_section(dialog, "What this run does")
+    dialog.locator('[id="switch:element_validate_now"]').click()
+    _open_section(dialog, "Targets (fleet)")
+    dialog.locator("#element_conn_ids").fill("\n".join(conn_ids))
+    dialog.get_by_role("spinbutton", name="Targets at once").fill("3")
+    _open_section(dialog, "Locks and batches")
+    # Small, paced batches stretch each target's null_orphans over seconds, so overlaps can be seen.
+    dialog.get_by_role("spinbutton", name="Batch size").fill("1")
+    dialog.get_by_role("spinbutton", name="Pause between batches (ms)").fill("250")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SHOTS / "trigger-form-fleet.png"), full_page=True)
+    with SessionWatch(airflow.kpi_dsn, [canary_db, *names.values()]) as watch:
+        page.get_by_test_id("trigger-dag-submit").click()
+        run = _wait_for_run(airflow, before, timeout=420)
+    assert run["state"] == "success", run
+    assert run["conf"]["conn_ids"] == conn_ids and run["conf"]["max_parallel"] == 3
+
+    fleet_dbs = set(names.values())
+    at_once = [len(sample & fleet_dbs) for sample in watch.samples]
+    assert max(at_once) <= 3, max(at_once)
+    assert max(at_once) >= 2, "no two targets were ever worked on at the same moment"
+    assert not any(canary_db in sample and sample & fleet_dbs for sample in watch.samples)  # the canary ran alone
+    print(f"fleet run: {len(watch.samples)} samples, at most {max(at_once)} fleet targets at once")
+
+    quoted = urllib.request.quote(run["dag_run_id"], safe="")
+    mapped = _api(airflow, f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/fleet.preflight/listMapped")
+    assert sorted(ti["rendered_map_index"] for ti in mapped["task_instances"]) == sorted(fleet)
+    for dsn in airflow.fleet_dsns.values():
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute(
+                "SELECT count(*) FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id)"
+            ).fetchone() == (0,)
+            assert conn.execute(
+                "SELECT convalidated FROM pg_constraint WHERE conname = 'vision_kpis_parent_kpi_id_fkey'"
+            ).fetchone() == (True,)

@@ -1,5 +1,6 @@
-"""The Airflow side of each task: settings from the run's params, a connection from ``kpi_db``, the step,
-and the step's outcome turned into Airflow's vocabulary (success, reschedule, retryable or final failure).
+"""The Airflow side of each task: settings from the run's params, a connection to the task's target, the step,
+and the step's outcome turned into Airflow's vocabulary (success, reschedule, retryable or final failure); and
+the fleet's tasks (plan, turn, reports), which read the targets' reports from XCom.
 
 Airflow is imported inside the functions: the DAG file imports this module at parse time.
 """
@@ -23,15 +24,30 @@ from .errors import (
     TargetUnreachable,
     WindowsExhausted,
 )
+from .fleet import (
+    CANARY_GROUP,
+    FLEET_GROUP,
+    PLAN_TASK,
+    RESTORE_RUN_ID_PARAM,
+    RESTORE_TASK,
+    TARGET_REPORT_KEY,
+    WAIT_TURN_TASK,
+    build_fleet_report,
+    plan_fleet,
+    target_summary,
+    turn,
+)
 from .settings import RunSettings
 from .spec import ForeignKeySpec
-from .steps import MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEP_BY_NAME, STEPS
+from .steps import MONITOR_CONNECT, REPORT_TASK, RUN_ID, RUN_STARTED_AT, STEP_BY_NAME, STEPS
 
 log = logging.getLogger(__name__)
 
 # What every target connection gets unless its extra says otherwise: a dead host fails in seconds, and a
 # connection that goes quiet behind a firewall is noticed.
 LIBPQ_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30}
+# The XCom key under which a failed step leaves its error for the target's report.
+ERROR_KEY = "error"
 # Steps whose failure no retry can fix: the operator has to act.
 FINAL_ERRORS = (
     InvalidSettings,
@@ -85,21 +101,27 @@ def settings_from(context: dict[str, Any]) -> RunSettings:
 
 def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:
     """Validate the settings, connect, run one step, and map its outcome to Airflow's semantics: a final
-    error fails without retry, a "reschedule" outcome gives the worker slot back until ``retry_at``."""
+    error fails without retry, a "reschedule" outcome gives the worker slot back until ``retry_at``. A failure
+    leaves its message as XCom ``error`` for the target's report."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
 
     step = STEP_BY_NAME[step_name]
     try:
-        settings = settings_from(context)  # bad form values stop here, before any connection
-        connect = connector(conn_id)
-        dag_run = context.get("dag_run")
-        available = {
-            RUN_ID: context.get("run_id"),
-            RUN_STARTED_AT: dag_run and (dag_run.start_date or dag_run.run_after),
-            MONITOR_CONNECT: connect,
-        }
-        with closing(connect()) as conn:
-            result = step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
+        try:
+            settings = settings_from(context)  # bad form values stop here, before any connection
+            connect = connector(conn_id)
+            dag_run = context.get("dag_run")
+            available = {
+                RUN_ID: context.get("run_id"),
+                RUN_STARTED_AT: dag_run and (dag_run.start_date or dag_run.run_after),
+                MONITOR_CONNECT: connect,
+            }
+            with closing(connect()) as conn:
+                result = step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
+        except Exception as exc:
+            if "ti" in context:
+                context["ti"].xcom_push(key=ERROR_KEY, value=f"{step_name}: {type(exc).__name__}: {exc}")
+            raise
     except FINAL_ERRORS as exc:
         raise AirflowFailException(str(exc)) from exc
     if result.get("outcome") == "reschedule":
@@ -107,17 +129,199 @@ def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[s
     return result
 
 
-def run_report(spec: ForeignKeySpec, context: dict[str, Any]) -> dict[str, Any]:
+def position_of(group: str, map_index: int) -> int:
+    """A target's place in the run's list: the canary is 0, fleet target ``map_index`` is ``map_index + 1``."""
+    return 0 if group == CANARY_GROUP else map_index + 1  # the canary's group is not mapped (index -1)
+
+
+def run_plan(declared: tuple[str, ...], context: dict[str, Any]) -> list[str]:
+    """The targets after the canary (what the fleet group maps over); the canary and the whole list under
+    their own keys."""
     from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        plan = plan_fleet(settings_from(context), declared)
+        _require_defined_connections(plan["conn_ids"])
+    except InvalidSettings as exc:
+        raise AirflowFailException(str(exc)) from exc
+    context["ti"].xcom_push(key="canary", value=plan["canary"][0])
+    context["ti"].xcom_push(key="conn_ids", value=plan["conn_ids"])
+    return plan["fleet"]
+
+
+def _require_defined_connections(conn_ids: list[str]) -> None:
+    """A connection id Airflow does not know is a typo in the form or the file: refused for the whole run, before
+    any target is touched (a known connection whose database is down fails as its own target instead)."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    unknown = []
+    for conn_id in conn_ids:
+        try:
+            BaseHook.get_connection(conn_id)
+        except AirflowNotFoundException:
+            unknown.append(conn_id)
+    if unknown:
+        raise InvalidSettings(
+            f"conn_ids names connection(s) Airflow does not know: {', '.join(unknown)}; define them (Admin > "
+            "Connections, or AIRFLOW_CONN_<ID>) or fix the ids; no target was touched"
+        )
+
+
+def run_wait_turn(group: str, conn_id: str, context: dict[str, Any]) -> bool:
+    """The sensor's poke: True once the target may start; skips the target (its steps with it) once the run
+    reached max_failures, leaving the reason for its report."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    ti = context["ti"]
+    position = position_of(group, ti.map_index)
+    # A list of task ids: always a list back, one entry per finished fleet target.
+    reports = [r for r in ti.xcom_pull(task_ids=[f"{FLEET_GROUP}.{REPORT_TASK}"], key=TARGET_REPORT_KEY) or [] if r]
+    decision = turn(position, reports, settings_from(context))
+    log.info("wait_turn: %s (#%d): %s, %s", conn_id, position, decision.decision, decision.reason)
+    if decision.decision == "stop":
+        ti.xcom_push(key="stopped", value=decision.reason)
+        raise AirflowSkipException(f"not starting {conn_id}: {decision.reason}")
+    return decision.decision == "start"
+
+
+def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:
+    """One target's report from its steps' XComs; pushed also as the fleet's line for it, then failed if the
+    target did not succeed, so that its instance shows red."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from .report import build_report
 
     settings = settings_from(context)
     ti = context["ti"]
-    results = {step.name: ti.xcom_pull(task_ids=step.name) for step in STEPS}
-    report = build_report(spec, settings, context["run_id"], results)
+    # Which of this target's tasks succeeded, failed or were skipped: read only the XComs that exist.
+    states = _group_states(ti, group, context["run_id"])
+
+    def pull(task: str, key: str = "return_value") -> Any:
+        return ti.xcom_pull(task_ids=f"{group}.{task}", key=key, map_indexes=ti.map_index)
+
+    # A target whose turn never came did not start: the run stopped at max_failures (its turn was skipped), or
+    # the canary failed (then the fleet's turns never ran).
+    turn_state = states.get(WAIT_TURN_TASK)
+    if turn_state == "skipped":
+        stopped = pull(WAIT_TURN_TASK, "stopped")
+    elif group == FLEET_GROUP and _canary_failed(ti, context["run_id"]):
+        stopped = "the canary failed"
+    else:
+        stopped = None
+    results = {step.name: pull(step.name) if states.get(step.name) == "success" else None for step in STEPS}
+    failed_step = next((name for name in (WAIT_TURN_TASK, *STEP_BY_NAME) if states.get(name) == "failed"), None)
+    if failed_step == WAIT_TURN_TASK:
+        error = f"{WAIT_TURN_TASK} failed before the target started (see its log); the target was not touched"
+    else:
+        error = pull(failed_step, ERROR_KEY) if failed_step else None
+    report = build_report(spec, settings, context["run_id"], results, conn_id=conn_id)
+    line = target_summary(
+        conn_id, position_of(group, ti.map_index), None if stopped else report, error, stopped, failed_step
+    )
+    ti.xcom_push(key=TARGET_REPORT_KEY, value=line)
     ti.xcom_push(key="report", value=report)
+    if stopped:
+        raise AirflowSkipException(f"{conn_id}: {line['final_state']}")
+    if line["failed"]:
+        # The run's state follows its tasks: a target that failed must not end green.
+        raise AirflowFailException(f"{conn_id}: {line['final_state']}" + (f"; {error}" if error else ""))
+    return report
+
+
+def _group_states(ti: Any, group: str, run_id: str) -> dict[str, str]:
+    """State of each task of this target (by task name without the group), e.g. {"preflight": "failed"}."""
+    by_run = ti.get_task_states(dag_id=ti.dag_id, map_index=ti.map_index, task_group_id=group, run_ids=[run_id])
+    # Mapped instances come back as "<group>.<task>_<map_index>".
+    suffix = f"_{ti.map_index}" if ti.map_index >= 0 else ""
+    return {
+        task_id.removeprefix(f"{group}.").removesuffix(suffix): str(state)
+        for task_id, state in by_run.get(run_id, {}).items()
+    }
+
+
+def _canary_failed(ti: Any, run_id: str) -> bool:
+    by_run = ti.get_task_states(dag_id=ti.dag_id, task_ids=[f"{CANARY_GROUP}.{REPORT_TASK}"], run_ids=[run_id])
+    return any(str(state) == "failed" for state in by_run.get(run_id, {}).values())
+
+
+def run_fleet_report(context: dict[str, Any]) -> dict[str, Any]:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    ti = context["ti"]
+    plan = ti.xcom_pull(task_ids=PLAN_TASK, key="conn_ids")
+    if not plan:
+        raise AirflowFailException("no target was planned: plan_fleet failed (see its log)")
+    reports = [
+        r
+        for r in ti.xcom_pull(
+            task_ids=[f"{CANARY_GROUP}.{REPORT_TASK}", f"{FLEET_GROUP}.{REPORT_TASK}"], key=TARGET_REPORT_KEY
+        )
+        or []
+        if r
+    ]
+    report = build_fleet_report(context["run_id"], plan, reports)
+    ti.xcom_push(key="report", value=report)  # also when it fails below, where no return value is kept
     if not report["succeeded"]:
-        # The run's state follows its last task: a run whose steps failed must not end green.
-        raise AirflowFailException(f"{report['final_state']}; see the report above and the failed task's log")
+        problems = [f"{t['conn_id']}: {t['final_state']}" for t in report["targets"] if not t["succeeded"]]
+        raise AirflowFailException("not every target succeeded: " + "; ".join(problems))
+    return report
+
+
+def restore_settings_from(context: dict[str, Any]) -> tuple[str, RunSettings]:
+    params = dict(context["params"])
+    run_id = params.pop(RESTORE_RUN_ID_PARAM, None)
+    if not isinstance(run_id, str) or not run_id.strip():
+        raise InvalidSettings("run_id is required: the id of the run whose nulled pointers to put back")
+    return run_id, RunSettings.from_params(params)
+
+
+def run_restore_plan(declared: tuple[str, ...], context: dict[str, Any]) -> list[str]:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        _, settings = restore_settings_from(context)
+        conn_ids = plan_fleet(settings, declared)["conn_ids"]
+        _require_defined_connections(conn_ids)
+    except InvalidSettings as exc:
+        raise AirflowFailException(str(exc)) from exc
+    return conn_ids
+
+
+def run_restore(spec: ForeignKeySpec, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:
+    """One target of a restore run; its result (with the connection) is the task's XCom."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from .restore import restore_run
+
+    try:
+        run_id, settings = restore_settings_from(context)
+        with closing(connector(conn_id)()) as conn:
+            result = restore_run(conn, spec, settings, run_id, context["run_id"])
+    except FINAL_ERRORS as exc:
+        raise AirflowFailException(f"{conn_id}: {exc}") from exc
+    return result | {"conn_id": conn_id}
+
+
+def run_restore_report(conn_ids: list[str] | None, context: dict[str, Any]) -> dict[str, Any]:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from .restore import format_restore_report
+
+    results = [r for r in context["ti"].xcom_pull(task_ids=[RESTORE_TASK]) or [] if r]
+    by_conn = {r["conn_id"]: r for r in results}
+    planned = conn_ids or []
+    report = {
+        "targets": [by_conn.get(c, {"conn_id": c, "failed": True}) for c in planned],
+        "restored": sum(r["restored"] for r in results),
+        "still_missing": sum(r["still_missing"] for r in results),
+        "failed": [c for c in planned if c not in by_conn],
+    }
+    for line in format_restore_report(report).splitlines():
+        log.info("restore_report: %s", line)
+    context["ti"].xcom_push(key="report", value=report)
+    if report["failed"] or not planned:
+        raise AirflowFailException(
+            "restore did not finish on: " + (", ".join(report["failed"]) or "any target (see plan_restore)")
+        )
     return report

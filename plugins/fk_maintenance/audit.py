@@ -10,9 +10,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .catalog import TableInfo, TargetState, require_target, table_info
-from .session import run_lock, set_local_timeouts, step_session
-from .settings import RunSettings
+from .catalog import TableInfo, TargetState, table_info
+from .session import set_local_timeouts
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
 
@@ -22,8 +21,6 @@ log = logging.getLogger(__name__)
 # means another run is creating or moving them, and a retry is the right answer.
 AUDIT_DDL_LOCK_TIMEOUT_MS = 5000
 AUDIT_DDL_STATEMENT_TIMEOUT_MS = 30_000
-# Restoring is one UPDATE joined to the audit rows of one run: bounded like a scan of the table.
-RESTORE_STATEMENT_TIMEOUT_MS = 2 * 60 * 60 * 1000
 
 
 @dataclass(frozen=True)
@@ -166,22 +163,6 @@ def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: Ta
                 )
             )
             conn.execute(statement("audit", "comment_table", spec))
-
-
-def restore_from_audit(
-    conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, settings: RunSettings | None = None
-) -> dict[str, int]:
-    """Put back the pointers one run nulled, where the row is still parentless and the parent exists again.
-    An audit table an earlier version left in the app's schema is moved first, so its runs restore too."""
-    settings = settings or RunSettings()
-    with step_session(conn, "restore", settings, statement_timeout_ms=RESTORE_STATEMENT_TIMEOUT_MS):
-        state = require_target(conn, spec)
-        with run_lock(conn, spec):
-            ensure_audit_table(conn, spec, state)
-            with conn.transaction():
-                restored, audited = conn.execute(statement("audit", "restore_run", spec), {"run_id": run_id}).fetchone()
-    log.info("restore: %d of %d audited pointer(s) of run %s put back", restored, audited, run_id)
-    return {"restored": restored, "audited": audited}
 
 
 def audit_summary(spec: ForeignKeySpec, tables: AuditTables) -> dict[str, Any]:

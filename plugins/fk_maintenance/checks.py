@@ -93,7 +93,8 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
 
     orphans = conn.execute(statement("orphans", "count", spec)).fetchone()[0]
     checks.append(Check("zero orphans", orphans == 0, f"{orphans} row(s) point at a missing parent"))
-    checks.extend(_hierarchy_checks(conn, spec, settings))
+    if spec.self_referential:
+        checks.extend(hierarchy_checks(conn, spec, settings))
     return _finish(checks, settings, started)
 
 
@@ -156,8 +157,13 @@ def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, type
     return Check(name, False, f"pointing a row at the missing parent {missing} was accepted (rolled back)")
 
 
-def _hierarchy_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> list[Check]:
+def hierarchy_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> list[Check]:
+    """No cycle and no chain deeper than ``max_depth``, counting a row whose parent is missing as a root (as
+    null_orphans leaves it), so preflight can judge the data before anything changes and post_checks after."""
     with conn.transaction():
+        set_local_timeouts(
+            conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=CHECK_STATEMENT_TIMEOUT_MS
+        )
         conn.execute(statement("checks", "hierarchy_work_mem"))
         unreached, deepest, too_deep = conn.execute(
             statement("checks", "depth_summary", spec), {"max_depth": settings.max_depth}
@@ -166,7 +172,7 @@ def _hierarchy_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: 
     if unreached:
         start = conn.execute(statement("checks", "unreached_example", spec)).fetchone()[0]
         path, is_cycle = conn.execute(statement("checks", "chain_up", spec), {"start": start}).fetchone()
-        example = f"cycle {' -> '.join(path)}" if is_cycle else f"chain {' -> '.join(path)} ends at a missing parent"
+        example = f"cycle {' -> '.join(path)}" if is_cycle else f"chain {' -> '.join(path)} hangs below a cycle"
         detail = f"{unreached} row(s) are not reachable from a root; e.g. {example}"
         checks.append(Check("no cycles in the hierarchy", False, detail))
     else:

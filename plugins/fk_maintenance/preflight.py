@@ -10,6 +10,7 @@ import psycopg
 
 from .audit import audit_problems, audit_summary, find_audit_tables
 from .catalog import TargetState, inspect_target, refuse_while_index_build_runs
+from .checks import hierarchy_checks
 from .errors import PreflightFailed
 from .session import CATALOG_STATEMENT_TIMEOUT_MS, step_session
 from .settings import RunSettings
@@ -51,6 +52,14 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
             )
     for warning in warnings:
         log.warning("preflight: %s", warning)
+    if not problems and spec.self_referential:
+        # Data the end state cannot hold is refused now, while the target is still untouched, rather than by
+        # post_checks after the index and the constraint are in.
+        problems.extend(
+            f"{check.name}: {check.detail}; fix the data in the app, then run again"
+            for check in hierarchy_checks(conn, spec, settings)
+            if not check.ok
+        )
     if problems:
         raise PreflightFailed(problems)
     refuse_while_index_build_runs(state, spec)

@@ -16,7 +16,12 @@ DRY_RUN_STATE = "dry run: nothing changed"
 
 
 def build_report(
-    spec: ForeignKeySpec, settings: RunSettings, run_id: str, results: dict[str, dict[str, Any] | None]
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    results: dict[str, dict[str, Any] | None],
+    *,
+    conn_id: str | None = None,
 ) -> dict[str, Any]:
     def get(step: str, key: str, default: Any = None) -> Any:
         return (results.get(step) or {}).get(key, default)
@@ -48,6 +53,7 @@ def build_report(
     report = {
         "run_id": run_id,
         "target": spec.describe(),
+        "conn_id": conn_id,
         "dry_run": settings.dry_run,
         "server_version": get("preflight", "server_version"),
         "table_size": get("preflight", "table_size"),
@@ -82,7 +88,7 @@ def build_report(
 def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"Run {report['run_id']}: {report['final_state']}",
-        f"Target: {report['target']}",
+        f"Target: {report['target']}" + (f" on connection {report['conn_id']}" if report.get("conn_id") else ""),
         f"Server: PostgreSQL {report['server_version']}, table {report['table_size']}",
         f"Orphans found: {report['orphans_found']} (pointing at {report['dangling_parents']} missing parent(s))",
         f"Pointers nulled: {report['nulled']} (re-sweep {report['resweep_nulled']}), audited: {report['audited']}",

@@ -18,8 +18,12 @@ from .errors import InvalidSettings
 from .window import Window
 
 HHMM_PATTERN = r"^([01]\d|2[0-3]):[0-5]\d$"
+# Airflow's own rule for DAG and connection ids.
+AIRFLOW_KEY = r"^[A-Za-z0-9_.-]+$"
+CONN_ID_SCHEMA: dict[str, Any] = {"type": "string", "pattern": AIRFLOW_KEY, "minLength": 1, "maxLength": 250}
 
 SECTION_RUN = "What this run does"
+SECTION_FLEET = "Targets (fleet)"
 SECTION_LOCKS = "Locks and batches"
 SECTION_WINDOW = "Validation window"
 SECTION_CHECKS = "End-state checks"
@@ -60,6 +64,30 @@ class RunSettings:
         "Operator override: run VALIDATE CONSTRAINT now even outside the low-traffic window. "
         "VALIDATE does not block the app's reads or writes, but it scans the whole table.",
         SECTION_RUN,
+    )
+    conn_ids: tuple[str, ...] = _setting(
+        (),
+        {"type": "array", "items": CONN_ID_SCHEMA, "uniqueItems": True, "maxItems": 1000},
+        "Target connections",
+        "Airflow connection ids to run on, one per line, in order: the first is the canary and runs alone "
+        "first; if it fails, no other target is touched. Empty: the connections the targets file declares.",
+        SECTION_FLEET,
+    )
+    max_parallel: int = _setting(
+        4,
+        {"type": "integer", "minimum": 1, "maximum": 64},
+        "Targets at once",
+        "After the canary, at most this many targets are worked on at the same time (the pool "
+        "fk_maintenance caps the total over all runs).",
+        SECTION_FLEET,
+    )
+    max_failures: int = _setting(
+        0,
+        {"type": "integer", "minimum": 0, "maximum": 1000},
+        "Stop after failures",
+        "Once this many targets have failed, no new target starts (those already running finish). "
+        "0 = no limit: every target is tried.",
+        SECTION_FLEET,
     )
     batch_size: int = _setting(
         5000,
@@ -186,7 +214,8 @@ class RunSettings:
     )
 
     def __post_init__(self) -> None:
-        _raise_on_problems(asdict(self))
+        object.__setattr__(self, "conn_ids", tuple(self.conn_ids))
+        _raise_on_problems({**asdict(self), "conn_ids": list(self.conn_ids)})
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunSettings:
@@ -209,7 +238,9 @@ class RunSettings:
 
 
 SETTING_DEFS: tuple[SettingDef, ...] = tuple(
-    SettingDef(name=f.name, default=f.default, **f.metadata) for f in fields(RunSettings)
+    # Defaults as JSON has them (a tuple is a list), the form's and the run conf's vocabulary.
+    SettingDef(name=f.name, default=list(f.default) if isinstance(f.default, tuple) else f.default, **f.metadata)
+    for f in fields(RunSettings)
 )
 # The trigger form's Params carry exactly these per-setting schemas; the library validates a run's values
 # against the same object, so the two can never disagree about what is allowed.
@@ -248,6 +279,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{name} must be at most {bound}, got {value}"
     if error.validator == "pattern" and bound == HHMM_PATTERN:
         return f"{name} must be a time HH:MM between 00:00 and 23:59, got {value!r}"
+    if error.validator == "pattern" and bound == AIRFLOW_KEY:
+        return f"{name} holds {value!r}, which is not an Airflow connection id (letters, digits, _ . - only)"
+    if error.validator == "uniqueItems":
+        return f"{name} lists a connection more than once: {value!r}"
     return f"{name}: {error.message}"
 
 
@@ -272,12 +307,20 @@ def form_table_markdown() -> str:
     """The trigger form as a Markdown table (the README's), from the same definitions as the form."""
     lines = ["| field | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for d in SETTING_DEFS:
-        default = str(d.default).lower() if isinstance(d.default, bool) else d.default
+        default = (
+            str(d.default).lower()
+            if isinstance(d.default, bool)
+            else "the file's list"
+            if d.name == "conn_ids"
+            else d.default
+        )
         allowed = (
             f"{d.schema['minimum']} to {d.schema['maximum']}"
             if "minimum" in d.schema
             else "HH:MM"
             if d.schema.get("pattern") == HHMM_PATTERN
+            else "connection ids"
+            if d.schema["type"] == "array"
             else d.schema["type"]
         )
         lines.append(f"| `{d.name}` | {default} | {allowed} | {d.description} |")

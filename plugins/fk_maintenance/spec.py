@@ -56,6 +56,11 @@ class ForeignKeySpec:
             )
 
     @property
+    def self_referential(self) -> bool:
+        """A hierarchy (a row points at a row of its own table): then cycles and depth are checked too."""
+        return self.table == self.ref_table
+
+    @property
     def on_delete_code(self) -> str:
         return next(code for code, words in ON_DELETE_ACTIONS.items() if words == self.on_delete)
 
@@ -67,6 +72,15 @@ class ForeignKeySpec:
     @property
     def audit_qualified(self) -> str:
         return f"{self.audit_schema}.{self.audit_table}"
+
+    @property
+    def restore_log_table(self) -> str:
+        """Every pointer a restore run put back, for all keys whose audit lives in ``audit_schema``."""
+        return "restore_log"
+
+    @property
+    def restore_log_qualified(self) -> str:
+        return f"{self.audit_schema}.{self.restore_log_table}"
 
     @property
     def legacy_audit_qualified(self) -> str:

@@ -27,7 +27,8 @@ class Step:
     changes: str
     locks: str
     needs: tuple[str, ...] = ()
-    # A step whose failure a retry cannot fix (post_checks: the end state is what it is) is not retried.
+    # A step whose failure a retry cannot fix (post_checks: the end state is what it is) or that changes nothing
+    # (preflight) is not retried.
     retried: bool = True
 
     def load(self) -> Callable[..., dict[str, Any]]:
@@ -44,8 +45,12 @@ STEPS: tuple[Step, ...] = (
         "preflight",
         "preflight:preflight",
         (),
-        "nothing: checks table, columns, types, privileges, same-named constraint/index/audit table",
-        "ACCESS SHARE, catalog reads only",
+        "nothing: checks table, columns, types, privileges, same-named constraint/index/audit table, and that "
+        "the data has no cycle or too-deep chain",
+        "ACCESS SHARE: catalog reads and one walk of the hierarchy",
+        # It changes nothing: a target it refuses (unreachable, wrong shape, bad data) fails at once, without
+        # holding a fleet slot through retries, and the next run looks again.
+        retried=False,
     ),
     Step(
         "detect_orphans",
@@ -105,8 +110,9 @@ STEP_BY_NAME = {step.name: step for step in STEPS}
 
 REPORT_TASK = "report"
 REPORT_DOC_MD = (
-    "The run's summary in the log and as this task's XCom (also under key `report`). Runs even when a step "
-    "failed, and then fails itself so the run shows as failed.\n\nLocks: none; touches no database."
+    "This target's summary in the log and as this task's XCom (also under key `report`; its line of the fleet "
+    "report under `target_summary`). Runs even when a step failed, and then fails itself so the target shows "
+    "as failed.\n\nLocks: none; touches no database."
 )
 
 

@@ -16,10 +16,9 @@ import jsonschema
 import yaml
 
 from .errors import MaintenanceError
+from .settings import AIRFLOW_KEY, CONN_ID_SCHEMA
 from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
 
-# Airflow's own rule for DAG and connection ids.
-AIRFLOW_KEY = r"^[A-Za-z0-9_.-]+$"
 _NAME = {"type": "string", "minLength": 1, "maxLength": 63}
 
 TARGETS_SCHEMA: dict[str, Any] = {
@@ -61,7 +60,7 @@ TARGETS_SCHEMA: dict[str, Any] = {
                         "type": "array",
                         "minItems": 1,
                         "uniqueItems": True,
-                        "items": {"type": "string", "pattern": AIRFLOW_KEY, "maxLength": 250},
+                        "items": CONN_ID_SCHEMA,
                     },
                 },
             },

@@ -1,0 +1,173 @@
+"""restore: put back the pointers one run nulled, from its audit rows, in short batches under the same lock
+discipline as null_orphans; every pointer put back is recorded in the audit schema's restore log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import psycopg
+
+from .audit import ensure_audit_table, find_audit_tables
+from .catalog import require_target
+from .errors import InvalidSettings
+from .session import LockAttempts, run_lock, set_local_timeouts, step_session, with_lock_retries
+from .settings import RunSettings
+from .spec import ForeignKeySpec
+from .sqlfiles import statement
+
+log = logging.getLogger(__name__)
+
+# A batch touches batch_size rows by key, like a batch of null_orphans.
+BATCH_STATEMENT_TIMEOUT_MS = 60_000
+# What each audited row of the run is now; "restored" is what this restore put back.
+OUTCOMES = ("restored", "already_restored", "repointed_by_app", "row_deleted", "parent_still_missing", "busy")
+
+
+def restore_run(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str, restore_id: str
+) -> dict[str, Any]:
+    """Put back the pointers run ``run_id`` nulled where the row is still parentless and the parent exists
+    again; a dry run only counts. Returns how many audited rows ended in each of OUTCOMES."""
+    if not run_id.strip():
+        raise InvalidSettings("run_id is empty: give the run id whose nulled pointers to put back (see its report)")
+    started = time.monotonic()
+    totals = dict.fromkeys(("audited", *OUTCOMES), 0)
+    with step_session(
+        conn, "restore", settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS, read_only=settings.dry_run
+    ):
+        state = require_target(conn, spec)
+        with run_lock(conn, spec):
+            if settings.dry_run:
+                if find_audit_tables(conn, spec).current is None:
+                    return _finish(spec, settings, run_id, totals, started)
+            else:
+                ensure_audit_table(conn, spec, state)
+                with conn.transaction():
+                    set_local_timeouts(
+                        conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
+                    )
+                    conn.execute(statement("restore", "create_log", spec))
+                    conn.execute(statement("restore", "comment_log", spec))
+            for keys in _audit_batches(conn, spec, run_id, settings.batch_size):
+                counts = _restore_batch(conn, spec, settings, run_id, restore_id, keys)
+                for name, value in counts.items():
+                    totals[name] += value
+                log.info(
+                    "restore: %d audited row(s) of run %s seen, %d put back so far",
+                    totals["audited"],
+                    run_id,
+                    totals["restored"],
+                )
+                if settings.batch_pause_ms:
+                    time.sleep(settings.batch_pause_ms / 1000)
+    return _finish(spec, settings, run_id, totals, started)
+
+
+def _audit_batches(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, size: int):
+    """The run's audited row keys, ``size`` at a time, in key order (the audit's primary key serves it)."""
+    keys = [
+        row[0] for row in conn.execute(statement("restore", "first_batch", spec), {"run_id": run_id, "limit": size})
+    ]
+    while keys:
+        yield keys
+        keys = [
+            row[0]
+            for row in conn.execute(
+                statement("restore", "next_batch", spec), {"run_id": run_id, "after": keys[-1], "limit": size}
+            )
+        ]
+
+
+def _restore_batch(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str, restore_id: str, keys: list
+) -> dict[str, int]:
+    def attempt(lock_timeout_ms: int) -> dict[str, int]:
+        with conn.transaction():
+            set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS)
+            row = conn.execute(
+                statement("restore", "classify_batch", spec), {"run_id": run_id, "keys": keys}
+            ).fetchone()
+            deleted, already, repointed, missing, restorable = row
+            counts = {
+                "row_deleted": deleted,
+                "already_restored": already,
+                "repointed_by_app": repointed,
+                "parent_still_missing": missing,
+            }
+            restored = 0
+            if restorable and not settings.dry_run:
+                # The UPDATE takes ROW EXCLUSIVE and the rows' locks, and the foreign key's check locks each
+                # parent FOR KEY SHARE: all under this transaction's lock_timeout, rows the app holds skipped.
+                restored, recorded = conn.execute(
+                    statement("restore", "restore_batch", spec),
+                    {
+                        "run_id": run_id,
+                        "keys": keys,
+                        "restore_id": restore_id,
+                        "audit_name": spec.audit_qualified,
+                    },
+                ).fetchone()
+                if restored != recorded:
+                    raise RuntimeError(f"restore: a batch put back {restored} but recorded {recorded}; rolled back")
+            busy = 0 if settings.dry_run else restorable - restored
+            return counts | {
+                "restored": restorable if settings.dry_run else restored,
+                "busy": busy,
+                "audited": len(keys),
+            }
+
+    return with_lock_retries(
+        conn,
+        spec,
+        "restore",
+        attempt,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        attempts=settings.lock_attempts,
+        record=LockAttempts(),
+    )
+
+
+def _finish(
+    spec: ForeignKeySpec, settings: RunSettings, run_id: str, totals: dict[str, int], started: float
+) -> dict[str, Any]:
+    verb = "would put back" if settings.dry_run else "put back"
+    log.info(
+        "restore: run %s: %d audited pointer(s) in %s; %s %d; already back %d; re-pointed by the app %d; row deleted "
+        "%d; parent still missing %d; busy (held by the app, try again) %d",
+        run_id,
+        totals["audited"],
+        spec.audit_qualified,
+        verb,
+        totals["restored"],
+        totals["already_restored"],
+        totals["repointed_by_app"],
+        totals["row_deleted"],
+        totals["parent_still_missing"],
+        totals["busy"],
+    )
+    return totals | {
+        "run_id": run_id,
+        "dry_run": settings.dry_run,
+        "still_missing": totals["parent_still_missing"] + totals["busy"],
+        "restore_log": None if settings.dry_run else spec.restore_log_qualified,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def format_restore_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['restored']} pointer(s) put back, {report['still_missing']} still missing "
+        f"(parent still missing, or the row held by the app), {len(report['failed'])} target(s) failed",
+        f"{'connection':<28}{'audited':>9}{'restored':>10}{'missing':>9}{'re-pointed':>12}{'deleted':>9}",
+    ]
+    for t in report["targets"]:
+        if t.get("failed"):
+            lines.append(f"{t['conn_id']:<28}  failed: see its restore task's log")
+            continue
+        lines.append(
+            f"{t['conn_id']:<28}{t['audited']:>9}{t['restored']:>10}{t['still_missing']:>9}"
+            f"{t['repointed_by_app']:>12}{t['row_deleted']:>9}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""Fleet runs: one declared key over many databases. The turn rule on its own, then whole runs through
+``dag.test()`` over a fleet of real databases, some of them broken in different ways."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devkit.db_state import orphan_count, snapshot
+from fk_maintenance.fleet import build_fleet_report, plan_fleet, target_summary, turn
+from fk_maintenance.settings import SETTING_DEFS, RunSettings
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_ID = "vision_kpis_parent_fk"
+DEFAULTS = {d.name: d.default for d in SETTING_DEFS}
+
+
+def _finished(position: int, failed: bool = False) -> dict:
+    return {"conn_id": f"db{position}", "position": position, "failed": failed, "succeeded": not failed}
+
+
+def test_the_plan_is_the_forms_list_else_the_declared_one_with_the_first_as_canary() -> None:
+    assert plan_fleet(RunSettings(), ("a", "b", "c")) == {
+        "conn_ids": ["a", "b", "c"],
+        "canary": ["a"],
+        "fleet": ["b", "c"],
+    }
+    assert plan_fleet(RunSettings(conn_ids=("z",)), ("a", "b")) == {"conn_ids": ["z"], "canary": ["z"], "fleet": []}
+
+
+def test_a_target_starts_only_while_fewer_than_max_parallel_earlier_targets_are_unfinished() -> None:
+    settings = RunSettings(max_parallel=3)
+    assert turn(0, [], settings).decision == "start"  # the canary
+    assert [turn(p, [], settings).decision for p in range(1, 6)] == ["start", "start", "start", "wait", "wait"]
+    assert turn(4, [_finished(2)], settings).decision == "start"
+    assert turn(5, [_finished(2)], settings).decision == "wait"
+    # A later target finishing first frees no turn for an earlier one's successors beyond the window.
+    assert turn(4, [_finished(6)], settings).decision == "wait"
+
+
+def test_no_target_starts_once_max_failures_targets_failed_and_zero_means_no_limit() -> None:
+    reports = [_finished(1, failed=True), _finished(2, failed=True), _finished(3)]
+    stopped = turn(4, reports, RunSettings(max_failures=2))
+    assert stopped.decision == "stop" and "db1, db2" in stopped.reason
+    assert turn(4, reports, RunSettings(max_failures=3)).decision == "start"
+    assert turn(4, reports, RunSettings(max_failures=0)).decision == "start"
+
+
+def test_the_fleet_report_lists_every_target_and_names_those_that_never_started() -> None:
+    canary = {"final_state": "incomplete: preflight did not finish", "succeeded": False}
+    canary |= {"orphans_found": None, "nulled": 0, "audited": 0}
+    line = target_summary("a", 0, canary, "preflight: boom", None, "preflight")
+    assert line["final_state"] == "failed at preflight" and line["failed"]
+    report = build_fleet_report("r1", ["a", "b"], [line])
+    assert report["failed"] == ["a"] and report["not_started"] == ["b"] and not report["succeeded"]
+    assert report["targets"][1]["final_state"] == "not started: the canary failed"
+    assert report["targets"][0]["error"] == "preflight: boom"
+
+
+# Whole runs -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dag(airflow_home):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags")).dags[DAG_ID]
+
+
+class Fleet:
+    """Databases of the test server, each behind its own Airflow connection (``fleet_<n>``)."""
+
+    def __init__(self, pg_server, monkeypatch: pytest.MonkeyPatch) -> None:
+        from conftest import TestDatabase
+
+        self.server = pg_server
+        self.monkeypatch = monkeypatch
+        self.databases: dict[str, TestDatabase] = {}
+        self.unreachable: list[str] = []
+
+    def add(self, kind: str, rows: int = 400, seed: int = 1):
+        from conftest import TestDatabase
+
+        conn_id = f"fleet_{len(self.databases) + len(self.unreachable)}_{kind}"
+        if kind == "unreachable":
+            self.unreachable.append(conn_id)
+            self._connection(conn_id, json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 1}))
+            return conn_id
+        db = TestDatabase(self.server, self.server.create_database())
+        db.build(rows, seed=seed)
+        if kind == "conflict":
+            db.execute(
+                "ALTER TABLE vision_kpis ADD CONSTRAINT vision_kpis_parent_kpi_id_fkey FOREIGN KEY (parent_kpi_id) "
+                "REFERENCES vision_kpis(id) ON DELETE CASCADE NOT VALID"
+            )
+        elif kind == "cycle":
+            a, b = (r[0] for r in db.query("SELECT id FROM vision_kpis WHERE level = 'daily' ORDER BY id LIMIT 2"))
+            db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [b, a])
+            db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [a, b])
+        self.databases[conn_id] = db
+        self._connection(conn_id, self.server.airflow_connection_json(db.name))
+        return conn_id
+
+    def _connection(self, conn_id: str, value: str) -> None:
+        self.monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", value)
+
+    def drop(self) -> None:
+        for db in self.databases.values():
+            self.server.drop_database(db.name)
+
+
+@pytest.fixture
+def fleet(pg_server, monkeypatch) -> Iterator[Fleet]:
+    made = Fleet(pg_server, monkeypatch)
+    yield made
+    made.drop()
+
+
+def _run(dag, conf: dict):
+    return dag.test(run_conf={**DEFAULTS, **conf})
+
+
+def _fleet_report(airflow_home) -> dict:
+    from devkit.airflow_env import latest_xcom
+
+    return latest_xcom(airflow_home, "fleet_report", key="report")
+
+
+def _states(report: dict) -> dict[str, str]:
+    return {t["conn_id"]: t["final_state"] for t in report["targets"]}
+
+
+def test_a_fleet_with_broken_targets_converges_the_healthy_ones_and_fails_each_broken_one_alone_and_unchanged(
+    dag, fleet, spec, airflow_home
+) -> None:
+    kinds = ["healthy", "conflict", "healthy", "unreachable", "healthy", "cycle", "healthy", "healthy"]
+    conn_ids = [fleet.add(kind, seed=n + 1) for n, kind in enumerate(kinds)]
+    healthy = [c for c in conn_ids if c.endswith("_healthy")]
+    broken = {c: fleet.databases[c] for c in conn_ids if c.endswith(("_conflict", "_cycle"))}
+    orphans = {c: orphan_count(fleet.databases[c], spec) for c in healthy}
+    untouched = {c: snapshot(db, spec) for c, db in broken.items()}
+    assert all(orphans.values())
+
+    run = _run(dag, {"conn_ids": conn_ids, "validate_now": True, "max_parallel": 3})
+    assert str(run.state) == "failed"  # some targets failed, so the run did
+    report = _fleet_report(airflow_home)
+    states = _states(report)
+    assert [t["conn_id"] for t in report["targets"]] == conn_ids
+    assert {c: states[c] for c in healthy} == dict.fromkeys(healthy, "converged")
+    assert sorted(report["failed"]) == sorted([*broken, *fleet.unreachable]) and report["not_started"] == []
+    errors = {t["conn_id"]: t["error"] for t in report["targets"]}
+    assert {states[c] for c in [*broken, *fleet.unreachable]} == {"failed at preflight"}
+    assert "already exists with another definition" in errors[conn_ids[1]]
+    assert f"Airflow connection '{conn_ids[3]}'" in errors[conn_ids[3]] and "cannot connect" in errors[conn_ids[3]]
+    assert "no cycles in the hierarchy" in errors[conn_ids[5]]
+    for c in healthy:
+        db = fleet.databases[c]
+        assert orphan_count(db, spec) == 0
+        assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [spec.constraint]) is True
+        assert db.scalar("SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit") == orphans[c]
+        line = next(t for t in report["targets"] if t["conn_id"] == c)
+        assert line["orphans_found"] == line["nulled"] == line["audited"] == orphans[c]
+    assert {c: snapshot(db, spec) for c, db in broken.items()} == untouched
+
+    converged = {c: snapshot(fleet.databases[c], spec) for c in healthy}
+    again = _run(dag, {"conn_ids": healthy, "validate_now": True, "max_parallel": 3})
+    assert str(again.state) == "success"
+    second = _fleet_report(airflow_home)
+    assert second["succeeded"] and second["nulled"] == 0 and set(_states(second).values()) == {"converged"}
+    assert {c: snapshot(fleet.databases[c], spec) for c in healthy} == converged
+
+
+def test_a_failed_canary_leaves_every_other_target_untouched(dag, fleet, spec, airflow_home) -> None:
+    conn_ids = [fleet.add("conflict"), fleet.add("healthy"), fleet.add("healthy", seed=2)]
+    before = {c: snapshot(db, spec) for c, db in fleet.databases.items()}
+    run = _run(dag, {"conn_ids": conn_ids, "validate_now": True})
+    assert str(run.state) == "failed"
+    assert {ti.task_id for ti in run.get_task_instances() if str(ti.state) == "upstream_failed"} >= {
+        "fleet.wait_turn",
+        "fleet.preflight",
+    }
+    report = _fleet_report(airflow_home)
+    assert report["failed"] == [conn_ids[0]] and report["not_started"] == conn_ids[1:]
+    assert _states(report)[conn_ids[1]] == "not started: the canary failed"
+    assert {c: snapshot(db, spec) for c, db in fleet.databases.items()} == before
+
+
+def test_after_max_failures_no_new_target_starts(dag, fleet, spec, airflow_home) -> None:
+    conn_ids = [fleet.add("healthy"), fleet.add("cycle"), fleet.add("healthy", seed=2)]
+    last = fleet.databases[conn_ids[2]]
+    before = snapshot(last, spec)
+    run = _run(dag, {"conn_ids": conn_ids, "validate_now": True, "max_parallel": 1, "max_failures": 1})
+    assert str(run.state) == "failed"
+    report = _fleet_report(airflow_home)
+    assert report["failed"] == [conn_ids[1]] and report["not_started"] == [conn_ids[2]]
+    assert _states(report)[conn_ids[2]].startswith("not started: 1 target(s) failed")
+    assert snapshot(last, spec) == before
+
+
+def test_a_connection_id_airflow_does_not_know_stops_the_run_before_any_target_is_touched(
+    dag, fleet, spec, airflow_home
+) -> None:
+    known = fleet.add("healthy")
+    before = snapshot(fleet.databases[known], spec)
+    run = _run(dag, {"conn_ids": [known, "kpi_db_typo"], "validate_now": True})
+    assert str(run.state) == "failed"
+    states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+    assert states["plan_fleet"] == "failed" and states["canary.preflight"] == "upstream_failed"
+    assert snapshot(fleet.databases[known], spec) == before
