@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 scripts/system-deps.sh
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=12 "$@"
 if [ $# -eq 0 ] && [ -z "${KPI_TEST_DSN:-}" ]; then
   for major in 16 15; do
     echo "--- the step and restore tests and a whole DAG run on PostgreSQL $major" >&2

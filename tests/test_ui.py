@@ -229,12 +229,12 @@ def test_a_fleet_run_from_the_form_works_on_at_most_max_parallel_targets_at_once
     _open_section(dialog, "Targets (fleet)")
     dialog.locator("#element_conn_ids").fill("\n".join(conn_ids))
     dialog.get_by_role("spinbutton", name="Targets at once").fill("3")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SHOTS / "trigger-form-fleet.png"), full_page=True)
     _open_section(dialog, "Locks and batches")
     # Small, paced batches stretch each target's null_orphans over seconds, so overlaps can be seen.
     dialog.get_by_role("spinbutton", name="Batch size").fill("1")
     dialog.get_by_role("spinbutton", name="Pause between batches (ms)").fill("250")
-    page.wait_for_timeout(500)
-    page.screenshot(path=str(SHOTS / "trigger-form-fleet.png"), full_page=True)
     with SessionWatch(airflow.kpi_dsn, [canary_db, *names.values()]) as watch:
         page.get_by_test_id("trigger-dag-submit").click()
         run = _wait_for_run(airflow, before, timeout=420)
