@@ -14,6 +14,8 @@ from airflow.sdk import DAG, Param, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from fk_maintenance.fleet import (
+    AFTER_STEPS,
+    BEFORE_STEPS,
     CANARY_GROUP,
     FLEET_GROUP,
     FLEET_REPORT_TASK,
@@ -23,6 +25,7 @@ from fk_maintenance.fleet import (
     RESTORE_TASK,
     TURN_POKE_INTERVAL,
     WAIT_TURN_TASK,
+    task_doc_md,
 )
 from fk_maintenance.settings import SETTING_DEFS, RunSettings, SettingDef
 from fk_maintenance.spec import ForeignKeySpec
@@ -36,18 +39,7 @@ TURN_TIMEOUT = timedelta(days=30)
 # Mapped instances are labelled in the UI by the connection they work on.
 LABEL = "{{ task.op_kwargs['conn_id'] }}"
 
-PLAN_DOC_MD = (
-    "The run's targets in order: the form's `conn_ids`, or the connections the targets file declares. The first "
-    "is the canary.\n\nLocks: none; touches no database."
-)
-WAIT_TURN_DOC_MD = (
-    "Waits (rescheduled, holding no worker slot) until fewer than `max_parallel` earlier targets are unfinished; "
-    "never starts the target once `max_failures` targets have failed.\n\nLocks: none; touches no database."
-)
-FLEET_REPORT_DOC_MD = (
-    "Every target of the run: final state, orphans found and nulled, the error if any; in the log and as XCom. "
-    "Fails when any target failed or did not start.\n\nLocks: none; touches no database."
-)
+DOC_MD = {name: task_doc_md(does) for name, does in (*BEFORE_STEPS, *AFTER_STEPS)}
 SECTION_RESTORE = "What to restore"
 PLAN_RESTORE_DOC_MD = "The connections to restore on: the form's `conn_ids`, else the declared ones.\n\nLocks: none."
 RESTORE_DOC_MD = (
@@ -165,7 +157,7 @@ def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool
     def target(conn_id: str) -> Any:
         turn = task.sensor(
             task_id=WAIT_TURN_TASK,
-            doc_md=WAIT_TURN_DOC_MD,
+            doc_md=DOC_MD[WAIT_TURN_TASK],
             mode="reschedule",  # waiting holds no worker slot and no pool slot
             poke_interval=TURN_POKE_INTERVAL,
             timeout=TURN_TIMEOUT,
@@ -227,7 +219,7 @@ def build_dag(target: Target) -> DAG:
             name=target.name,
             conn_ids=", ".join(f"`{conn_id}`" for conn_id in target.conn_ids),
             audit=spec.audit_qualified,
-            lock_table=lock_table_markdown(spec.table),
+            lock_table=lock_table_markdown(spec.table, BEFORE_STEPS, AFTER_STEPS),
             pool=POOL,
             **{field: getattr(spec, field) for field in ("schema", "table", "column", "ref_table", "ref_column")},
             **{field: getattr(spec, field) for field in ("row_key", "constraint", "index", "on_delete")},
@@ -252,12 +244,12 @@ def build_dag(target: Target) -> DAG:
         tags=["postgres", "schema-migration", spec.table],
     ) as dag:
         # Returns the targets after the canary (what the fleet maps over); the canary under key "canary".
-        planned = task(task_id=PLAN_TASK, doc_md=PLAN_DOC_MD, retries=0, multiple_outputs=False)(plan)()
+        planned = task(task_id=PLAN_TASK, doc_md=DOC_MD[PLAN_TASK], retries=0, multiple_outputs=False)(plan)()
         canary = _target_group(CANARY_GROUP, spec, CANARY_DOC, mapped=False)(conn_id=planned["canary"])
         fleet = _target_group(FLEET_GROUP, spec, FLEET_DOC, mapped=True).expand(conn_id=planned)
         summary = task(
             task_id=FLEET_REPORT_TASK,
-            doc_md=FLEET_REPORT_DOC_MD,
+            doc_md=DOC_MD[FLEET_REPORT_TASK],
             retries=0,
             trigger_rule="all_done",
             multiple_outputs=False,

@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from fk_maintenance.fleet import AFTER_STEPS, BEFORE_STEPS
 from fk_maintenance.settings import form_table_markdown
 from fk_maintenance.spec import VISION_KPIS_PARENT_FK
 from fk_maintenance.steps import lock_table_markdown
@@ -18,7 +19,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def generated_sections() -> dict[str, str]:
-    return {"lock table": lock_table_markdown(VISION_KPIS_PARENT_FK.table), "trigger form": form_table_markdown()}
+    return {
+        "lock table": lock_table_markdown(VISION_KPIS_PARENT_FK.table, BEFORE_STEPS, AFTER_STEPS),
+        "trigger form": form_table_markdown(),
+    }
 
 
 def render(text: str) -> str:

@@ -35,8 +35,31 @@ TARGET_REPORT_KEY = "target_summary"
 POOL = "fk_maintenance"
 
 NOT_STARTED = "not started"
-# How often a waiting target looks whether its turn came (and a report whether its target finished). Each look is
-# a short task run, so not too often; a deployment (or a test) wanting quicker turns sets the variable.
+# What the fleet's own tasks do; none of them touches a database. The DAG's task docs and the lock table read this.
+BEFORE_STEPS = (
+    (PLAN_TASK, "the run's targets in order (the form's `conn_ids`, else the declared ones); the first is the canary"),
+    (
+        WAIT_TURN_TASK,
+        "waits, rescheduled and holding no worker slot, until fewer than `max_parallel` earlier targets are "
+        "unfinished; never starts its target once `max_failures` targets have failed",
+    ),
+)
+AFTER_STEPS = (
+    (
+        FLEET_REPORT_TASK,
+        "every target of the run (final state, orphans found and nulled, the error) in its log and as XCom; fails "
+        "when any target failed or did not start",
+    ),
+)
+NO_DATABASE = "Locks: none; touches no database."
+
+
+def task_doc_md(does: str) -> str:
+    return f"{does[0].upper()}{does[1:]}.\n\n{NO_DATABASE}"
+
+
+# How often a waiting target looks whether its turn came. Each look is a short task run, so not too often; a
+# deployment (or a test) wanting quicker turns sets the variable.
 TURN_POKE_INTERVAL = timedelta(seconds=int(os.environ.get("FK_MAINTENANCE_TURN_POKE_SECONDS", "30")))
 
 

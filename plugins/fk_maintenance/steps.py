@@ -116,12 +116,17 @@ REPORT_DOC_MD = (
 )
 
 
-def lock_table_markdown(table: str) -> str:
-    """The runbook's table: what each task changes and which lock on ``table`` it takes, for how long."""
+def lock_table_markdown(
+    table: str, before: tuple[tuple[str, str], ...] = (), after: tuple[tuple[str, str], ...] = ()
+) -> str:
+    """The runbook's table: what each task changes and which lock on ``table`` it takes, for how long.
+    ``before`` and ``after``: (task, what it does) of tasks around the steps that touch no database."""
     lines = [
         f"| task | what it changes | lock on `{table}`, at most how long |",
         "| --- | --- | --- |",
+        *(f"| {name} | nothing: {does} | none |" for name, does in before),
         *(f"| {step.name} | {step.changes} | {step.locks} |" for step in STEPS),
         f"| {REPORT_TASK} | nothing | none |",
+        *(f"| {name} | nothing: {does} | none |" for name, does in after),
     ]
     return "\n".join(lines)
