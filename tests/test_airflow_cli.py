@@ -1,5 +1,6 @@
 """The command an operator runs: ``airflow dags test vision_kpis_parent_fk -c '{"validate_now": true}'``,
-in a separate process, on a table of the app's shape that the other tests never build."""
+in a separate process, on a table of the app's shape that the other tests never build; then the same command
+with ``conn_ids`` over that database and two broken ones."""
 
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ def _rows_except_parent(db) -> dict:
     }
 
 
-def test_airflow_dags_test_converges_an_unseen_table_shape_then_changes_nothing(db, airflow_home) -> None:
+def test_airflow_dags_test_converges_an_unseen_table_shape_then_a_fleet_run_changes_it_no_more_and_names_the_broken(
+    db, pg_server, airflow_home
+) -> None:
     db.execute(UNSEEN_SHAPE)
     db.execute("ANALYZE vision_kpis")
     # A concurrent build that failed midway leaves an INVALID index of our name.
@@ -86,10 +89,46 @@ def test_airflow_dags_test_converges_an_unseen_table_shape_then_changes_nothing(
     }
     assert all(others_after[k][:-1] == others_before[k][:-1] for k in nulled)
 
-    state = _rows_except_parent(db), dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))
-    second = airflow_cli(airflow_home, "dags", "test", DAG_ID, "-c", conf, kpi_db_json=conn_json, check=False)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert (_rows_except_parent(db), dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))) == state
-    report = latest_xcom(airflow_home, "canary.report")
-    assert report["nulled"] == 0 and report["final_state"] == "converged"
-    assert db.scalar("SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit") == 80
+    # The same command over a fleet: the converged database first (the canary), then a database whose index of
+    # our name is on another column, and one whose server does not answer.
+    conflicting = pg_server.create_database()
+    try:
+        with psycopg.connect(pg_server.dsn(conflicting), autocommit=True) as conn:
+            conn.execute(UNSEEN_SHAPE)
+            conn.execute("CREATE INDEX vision_kpis_parent_kpi_idx ON vision_kpis (user_id)")
+            conflicting_before = conn.execute("SELECT id, parent_kpi_id FROM vision_kpis ORDER BY id").fetchall()
+        connections = {
+            "tenant_conflict": pg_server.airflow_connection_json(conflicting),
+            "tenant_down": json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 1, "login": "app"}),
+        }
+        state = _rows_except_parent(db), dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))
+        fleet_conf = json.dumps({"conn_ids": ["kpi_db", *connections], "validate_now": True})
+        second = airflow_cli(
+            airflow_home,
+            "dags",
+            "test",
+            DAG_ID,
+            "-c",
+            fleet_conf,
+            kpi_db_json=conn_json,
+            connections=connections,
+            check=False,
+        )
+        assert second.returncode != 0  # two targets failed, so the run did
+        assert (_rows_except_parent(db), dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))) == state
+        report = latest_xcom(airflow_home, "canary.report")
+        assert report["nulled"] == 0 and report["final_state"] == "converged"
+        assert db.scalar("SELECT count(*) FROM fk_maintenance.vision_kpis_orphan_audit") == 80
+        fleet = latest_xcom(airflow_home, "fleet_report", key="report")
+        states = {t["conn_id"]: (t["final_state"], t["error"]) for t in fleet["targets"]}
+        assert states["kpi_db"] == ("converged", None)
+        assert states["tenant_conflict"][0] == "failed at preflight"
+        assert "index vision_kpis_parent_kpi_idx already exists with another definition" in states["tenant_conflict"][1]
+        assert states["tenant_down"][0] == "failed at preflight"
+        assert "cannot connect to the target database (Airflow connection 'tenant_down'" in states["tenant_down"][1]
+        with psycopg.connect(pg_server.dsn(conflicting)) as conn:
+            assert (
+                conn.execute("SELECT id, parent_kpi_id FROM vision_kpis ORDER BY id").fetchall() == conflicting_before
+            )
+    finally:
+        pg_server.drop_database(conflicting)
