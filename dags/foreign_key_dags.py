@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Param, task, task_group
+from airflow.sdk import DAG, BaseSensorOperator, Param, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from fk_maintenance.fleet import (
@@ -133,6 +133,22 @@ def _param(definition: SettingDef, target: Target) -> Param:
     )
 
 
+class WaitTurn(BaseSensorOperator):
+    """A target's turn in its fleet (fk_maintenance.fleet.turn), looked at every poke."""
+
+    template_fields = ("conn_id",)
+
+    def __init__(self, *, group: str, conn_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.group = group
+        self.conn_id = conn_id
+
+    def poke(self, context: Any) -> bool:
+        from fk_maintenance.airflow_tasks import run_wait_turn
+
+        return run_wait_turn(self.group, self.conn_id, context)
+
+
 def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool):
     """One target's steps, its turn before them and its report after them; the fleet's is mapped over
     connection ids, each instance labelled by its connection in the UI."""
@@ -143,11 +159,6 @@ def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool
 
         return run_task(step_name, spec, conn_id, context)
 
-    def wait_turn(conn_id: str, **context: Any) -> bool:
-        from fk_maintenance.airflow_tasks import run_wait_turn
-
-        return run_wait_turn(group_id, conn_id, context)
-
     def report(conn_id: str, **context: Any) -> dict:
         from fk_maintenance.airflow_tasks import run_report
 
@@ -155,20 +166,22 @@ def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool
 
     @task_group(group_id=group_id, tooltip=doc)
     def target(conn_id: str) -> Any:
-        turn = task.sensor(
+        turn = WaitTurn(
             task_id=WAIT_TURN_TASK,
+            group=group_id,
+            conn_id=conn_id,
             doc_md=DOC_MD[WAIT_TURN_TASK],
             mode="reschedule",  # waiting holds no worker slot and no pool slot
             poke_interval=TURN_POKE_INTERVAL,
             timeout=TURN_TIMEOUT,
-            **label,
+            **({"map_index_template": "{{ task.conn_id }}"} if mapped else {}),
             # Airflow can mark a rescheduled sensor failed when the executor's event for its previous look arrives
             # after the next look was queued (apache/airflow#71172); a retry resumes the wait instead of failing
             # a target that was never touched.
             retries=3,
             retry_delay=TURN_POKE_INTERVAL,
             retry_exponential_backoff=False,
-        )(wait_turn)(conn_id=conn_id)
+        )
         tasks = {}
         for step in STEPS:
             overrides = {} if step.retried else {"retries": 0}

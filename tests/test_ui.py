@@ -249,8 +249,9 @@ def test_a_fleet_run_from_the_form_works_on_at_most_max_parallel_targets_at_once
     print(f"fleet run: {len(watch.samples)} samples, at most {max(at_once)} fleet targets at once")
 
     quoted = urllib.request.quote(run["dag_run_id"], safe="")
-    mapped = _api(airflow, f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/fleet.preflight/listMapped")
-    assert sorted(ti["rendered_map_index"] for ti in mapped["task_instances"]) == sorted(fleet)
+    for task_id in ("fleet.wait_turn", "fleet.preflight", "fleet.report"):
+        mapped = _api(airflow, f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/listMapped")
+        assert sorted(ti["rendered_map_index"] for ti in mapped["task_instances"]) == sorted(fleet), task_id
     for dsn in airflow.fleet_dsns.values():
         with psycopg.connect(dsn) as conn:
             assert conn.execute(
