@@ -195,6 +195,20 @@ def test_parsing_the_dag_file_loads_no_step_module_and_opens_no_connection() -> 
     subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
 
 
+def test_parsing_the_dag_file_emits_no_warning_of_its_own() -> None:
+    """Teams run their DAG tests with warnings as errors: what our file imports must not warn (Airflow's own
+    import is done first, its warnings are Airflow's)."""
+    probe = (
+        "import sys, runpy, warnings\n"
+        f"sys.path.insert(0, {str(REPO / 'plugins')!r})\n"
+        "import airflow.sdk, airflow.timetables.trigger\n"
+        "warnings.simplefilter('error')\n"
+        f"runpy.run_path({str(REPO / 'dags' / 'foreign_key_dags.py')!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def _run(dag, monkeypatch, db, conf: dict):
     monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", db.server.airflow_connection_json(db.name))
     # Every setting given: dag.test() keeps the params of an earlier run of the same DAG object otherwise.
