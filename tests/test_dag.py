@@ -262,6 +262,36 @@ def test_bad_settings_stop_a_task_before_it_connects(monkeypatch, airflow_home) 
         run_task("preflight", VISION_KPIS_PARENT_FK, "kpi_db", {"params": {"window_timezone": "Nowhere/Land"}})
 
 
+def test_a_step_that_finds_another_session_at_our_work_waits_rescheduled_and_gives_up_only_after_a_build_could_end(
+    db, spec, monkeypatch, airflow_home
+) -> None:
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowRescheduleException
+
+    from fk_maintenance.airflow_tasks import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, run_task
+    from fk_maintenance.errors import ConcurrentRun
+    from fk_maintenance.session import run_lock
+    from fk_maintenance.settings import RunSettings
+
+    db.build(300)
+    monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", db.server.airflow_connection_json(db.name))
+    params = {d.name: d.default for d in SETTING_DEFS}
+    now = datetime.now(UTC)
+    with db.connect() as other, run_lock(other, spec):  # the index build of this run's other branch, say
+        context = {"params": params, "run_id": "r1", "dag_run": SimpleNamespace(start_date=now, run_after=now)}
+        with pytest.raises(AirflowRescheduleException) as waiting:
+            run_task("null_orphans", spec, "kpi_db", context)
+        looks_again = waiting.value.reschedule_date
+        assert now + CONCURRENT_RUN_RECHECK <= looks_again <= datetime.now(UTC) + CONCURRENT_RUN_RECHECK
+        long_ago = now - timedelta(minutes=RunSettings().index_timeout_min) - CONCURRENT_RUN_GRACE
+        context["dag_run"] = SimpleNamespace(start_date=long_ago, run_after=long_ago)
+        with pytest.raises(ConcurrentRun):  # longer than any build of ours: Airflow's retries take over
+            run_task("null_orphans", spec, "kpi_db", context)
+    assert db.scalar("SELECT to_regclass('fk_maintenance.vision_kpis_orphan_audit')") is None
+
+
 def test_a_run_whose_preflight_fails_ends_failed_with_an_incomplete_report(
     dag, db, spec, monkeypatch, airflow_home
 ) -> None:

@@ -517,6 +517,9 @@ def test_an_index_build_in_progress_is_a_concurrent_run_to_retry_not_a_failed_pr
         ]:
             with db.connect() as conn, pytest.raises(ConcurrentRun, match="is being built right now by pid"):
                 step(conn, spec, NOW, **kwargs)
+        # Counting reads only: it runs beside the build (this run's own, in the graph's other branch).
+        with db.connect() as conn:
+            assert detect_orphans(conn, spec, NOW)["orphans"] > 0
     finally:
         app.rollback()
         build.join(timeout=30)

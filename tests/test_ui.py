@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from devkit.db_state import revive_parent
 from devkit.local_airflow import LocalAirflow, local_airflow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,13 +94,13 @@ def _api(airflow: LocalAirflow, path: str) -> dict:
         return json.load(response)
 
 
-def _manual_runs(airflow: LocalAirflow) -> list[dict]:
-    runs = _api(airflow, f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
+def _manual_runs(airflow: LocalAirflow, dag_id: str = DAG_ID) -> list[dict]:
+    runs = _api(airflow, f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
     return [run for run in runs if run["run_type"] == "manual"]
 
 
-def _open_trigger_form(page, airflow: LocalAirflow):
-    page.goto(f"{airflow.url}/dags/{DAG_ID}")
+def _open_trigger_form(page, airflow: LocalAirflow, dag_id: str = DAG_ID):
+    page.goto(f"{airflow.url}/dags/{dag_id}")
     page.get_by_test_id("trigger-dag-button").click()
     dialog = page.locator("[role=dialog][data-state=open]")
     dialog.get_by_text("What this run does").wait_for()
@@ -111,10 +112,10 @@ def _open_section(dialog, title: str) -> None:
     dialog.get_by_text(title, exact=True).click()
 
 
-def _wait_for_run(airflow: LocalAirflow, known: int, timeout: float = 240) -> dict:
+def _wait_for_run(airflow: LocalAirflow, known: int, timeout: float = 240, dag_id: str = DAG_ID) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = _manual_runs(airflow)
+        runs = _manual_runs(airflow, dag_id)
         if len(runs) > known and runs[-1]["state"] in ("success", "failed"):
             return runs[-1]
         time.sleep(2)
@@ -261,3 +262,53 @@ def test_a_fleet_run_from_the_form_works_on_at_most_max_parallel_targets_at_once
             assert conn.execute(
                 "SELECT convalidated FROM pg_constraint WHERE conname = 'vision_kpis_parent_kpi_id_fkey'"
             ).fetchone() == (True,)
+
+
+class _Database:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+
+def test_the_restore_form_puts_back_what_a_fleet_run_nulled_where_the_parent_exists_again(page, airflow) -> None:
+    """After the fleet run above: one missing parent comes back in kpi_fleet_1, and the restore DAG, triggered
+    from its form with that run's id, puts its children's pointers back and records each one."""
+    fleet_run = next(
+        run
+        for run in reversed(_manual_runs(airflow))
+        if (run["conf"] or {}).get("conn_ids") and run["state"] == "success"
+    )
+    database = _Database(airflow.fleet_dsns["kpi_fleet_1"])
+    with database.connect() as conn:
+        audit = conn.execute(
+            "SELECT kpi_id, old_parent_kpi_id FROM fk_maintenance.vision_kpis_orphan_audit WHERE run_id = %s",
+            [fleet_run["dag_run_id"]],
+        ).fetchall()
+    parent = audit[0][1]
+    revive_parent(database, parent)
+    children = sorted(kpi for kpi, old_parent in audit if old_parent == parent)
+    restore_dag = f"{DAG_ID}_restore"
+    before = len(_manual_runs(airflow, restore_dag))
+
+    dialog = _open_trigger_form(page, airflow, restore_dag)
+    _open_section(dialog, "What to restore")
+    dialog.locator("#element_run_id").fill(fleet_run["dag_run_id"])
+    _open_section(dialog, "Targets (fleet)")
+    dialog.locator("#element_conn_ids").fill("kpi_fleet_1")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SHOTS / "restore-form.png"), full_page=True)
+    page.get_by_test_id("trigger-dag-submit").click()
+    run = _wait_for_run(airflow, before, dag_id=restore_dag)
+    assert run["state"] == "success", run
+    assert run["conf"]["conn_ids"] == ["kpi_fleet_1"]
+
+    with database.connect() as conn:
+        back = conn.execute("SELECT id FROM vision_kpis WHERE parent_kpi_id = %s ORDER BY id", [parent]).fetchall()
+        logged = conn.execute(
+            "SELECT row_key FROM fk_maintenance.restore_log WHERE restore_id = %s AND run_id = %s ORDER BY row_key",
+            [run["dag_run_id"], fleet_run["dag_run_id"]],
+        ).fetchall()
+    assert [row[0] for row in back] == children
+    assert [row[0] for row in logged] == sorted(str(kpi) for kpi in children)

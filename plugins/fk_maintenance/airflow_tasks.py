@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import closing
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 
 from .errors import (
+    ConcurrentRun,
     InvalidSettings,
     PoolerNotSupported,
     PostChecksFailed,
@@ -46,6 +47,11 @@ log = logging.getLogger(__name__)
 # What every target connection gets unless its extra says otherwise: a dead host fails in seconds, and a
 # connection that goes quiet behind a firewall is noticed.
 LIBPQ_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30}
+# A step that finds another session at our work waits this long between looks, and at most as long as our own
+# index build may take (index_timeout_min) plus this grace, counted from the run's start; then it fails and
+# Airflow's retries take over.
+CONCURRENT_RUN_RECHECK = timedelta(seconds=15)
+CONCURRENT_RUN_GRACE = timedelta(hours=1)
 # The XCom key under which a failed step leaves its error for the target's report.
 ERROR_KEY = "error"
 # Steps whose failure no retry can fix: the operator has to act.
@@ -101,23 +107,29 @@ def settings_from(context: dict[str, Any]) -> RunSettings:
 
 def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:
     """Validate the settings, connect, run one step, and map its outcome to Airflow's semantics: a final
-    error fails without retry, a "reschedule" outcome gives the worker slot back until ``retry_at``. A failure
-    leaves its message as XCom ``error`` for the target's report."""
+    error fails without retry, a "reschedule" outcome gives the worker slot back until ``retry_at``, and so does
+    finding another session at our work (ConcurrentRun). A failure leaves its message as XCom ``error`` for the
+    target's report."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
 
     step = STEP_BY_NAME[step_name]
+    dag_run = context.get("dag_run")
+    run_started_at = dag_run and (dag_run.start_date or dag_run.run_after)
     try:
         try:
             settings = settings_from(context)  # bad form values stop here, before any connection
             connect = connector(conn_id)
-            dag_run = context.get("dag_run")
-            available = {
-                RUN_ID: context.get("run_id"),
-                RUN_STARTED_AT: dag_run and (dag_run.start_date or dag_run.run_after),
-                MONITOR_CONNECT: connect,
-            }
+            available = {RUN_ID: context.get("run_id"), RUN_STARTED_AT: run_started_at, MONITOR_CONNECT: connect}
             with closing(connect()) as conn:
                 result = step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
+        except ConcurrentRun as exc:
+            waited = datetime.now(UTC) - run_started_at if run_started_at else timedelta(0)
+            if waited < timedelta(minutes=settings.index_timeout_min) + CONCURRENT_RUN_GRACE:
+                # The other session (this run's index build in the parallel branch, or another run) finishes on
+                # its own; waiting for it costs no retry and no worker slot.
+                log.info("%s: %s; looking again in %s", step_name, exc, CONCURRENT_RUN_RECHECK)
+                raise AirflowRescheduleException(reschedule_date=datetime.now(UTC) + CONCURRENT_RUN_RECHECK) from exc
+            raise
         except Exception as exc:
             if "ti" in context:
                 context["ti"].xcom_push(key=ERROR_KEY, value=f"{step_name}: {type(exc).__name__}: {exc}")

@@ -201,13 +201,15 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
     return state
 
 
-def require_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetState:
+def require_target(conn: psycopg.Connection, spec: ForeignKeySpec, *, reads_only: bool = False) -> TargetState:
     """The target's state, or PreflightFailed naming every way it differs from the spec (nothing changed), or
-    ConcurrentRun while another session builds our index (that one passes; a retry finds it done)."""
+    ConcurrentRun while another session builds our index (that one passes; a later look finds it done). A step
+    that ``reads_only`` does not mind the build."""
     state = inspect_target(conn, spec)
     if state.problems:
         raise PreflightFailed(state.problems)
-    refuse_while_index_build_runs(state, spec)
+    if not reads_only:
+        refuse_while_index_build_runs(state, spec)
     return state
 
 

@@ -31,7 +31,8 @@ def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: Run
     """Count orphans and distinct dangling parents, with a sample, in one anti-join scan (read-only)."""
     started = time.monotonic()
     with step_session(conn, "detect_orphans", settings, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS, read_only=True):
-        require_target(conn, spec)
+        # It runs beside this run's own index build (the graph's other branch), which a count does not mind.
+        require_target(conn, spec, reads_only=True)
         orphans, dangling, sample = conn.execute(
             statement("orphans", "summary", spec), {"sample_size": settings.sample_size}
         ).fetchone()
