@@ -11,88 +11,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugins"))
 
+from devkit.cluster import free_port  # noqa: E402
+from devkit.db_state import SessionWatch  # noqa: E402
 from devkit.local_airflow import LocalAirflow, local_airflow  # noqa: E402
 
 DAG_ID = "vision_kpis_parent_fk"
 RESULTS = REPO / "bench" / "results" / "fleet.json"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _api(airflow: LocalAirflow, path: str, body: dict | None = None) -> dict:
-    login = urllib.request.Request(
-        f"{airflow.url}/auth/token",
-        data=json.dumps({"username": airflow.user, "password": airflow.password}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(login, timeout=10) as response:
-        token = json.load(response)["access_token"]
-    request = urllib.request.Request(
-        f"{airflow.url}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
-
-
-def _sessions_at_once(dsn: str, databases: list[str], stop: threading.Event, samples: list[int]) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        while not stop.is_set():
-            row = conn.execute(
-                "SELECT count(DISTINCT datname) FROM pg_stat_activity "
-                "WHERE application_name LIKE 'kpi-fk-maintenance%%' AND datname = ANY(%s)",
-                [databases],
-            ).fetchone()
-            samples.append(row[0])
-            time.sleep(0.05)
-
-
 def fleet_run(airflow: LocalAirflow, conn_ids: list[str], max_parallel: int) -> dict[str, Any]:
     """Trigger one run over ``conn_ids`` and wait for it; its wall time and the most targets at once."""
     databases = [conninfo_to_dict(airflow.fleet_dsns[c])["dbname"] for c in conn_ids]
-    samples: list[int] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=_sessions_at_once, args=(airflow.kpi_dsn, databases, stop, samples))
-    watcher.start()
     started = time.monotonic()
     conf = {"conn_ids": conn_ids, "max_parallel": max_parallel, "validate_now": True}
-    run = _api(airflow, f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
-    quoted = urllib.request.quote(run["dag_run_id"], safe="")
-    try:
-        while True:
-            state = _api(airflow, f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}")["state"]
-            if state in ("success", "failed"):
-                break
+    with SessionWatch(airflow.kpi_dsn, databases) as watch:
+        run = airflow.api(f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
+        quoted = urllib.request.quote(run["dag_run_id"], safe="")
+        while (state := airflow.api(f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}")["state"]) not in ("success", "failed"):
             time.sleep(1)
-    finally:
-        stop.set()
-        watcher.join()
     return {
         "targets": len(conn_ids),
         "max_parallel": max_parallel,
         "state": state,
         "wall_s": round(time.monotonic() - started, 1),
-        "most_at_once": max(samples, default=0),
+        "most_at_once": max((len(sample) for sample in watch.samples), default=0),
     }
 
 
@@ -107,7 +61,7 @@ def main() -> int:
     print(f"Starting a local Airflow with {args.targets * len(parallels)} databases ...", file=sys.stderr, flush=True)
     results = []
     with local_airflow(
-        home, port=_free_port(), rows=1000, fleet=args.targets * len(parallels), fleet_rows=args.rows
+        home, port=free_port(), rows=1000, fleet=args.targets * len(parallels), fleet_rows=args.rows
     ) as airflow:
         fleet = list(airflow.fleet_dsns)
         for number, max_parallel in enumerate(parallels):

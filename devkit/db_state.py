@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, Protocol
 
 import psycopg
@@ -67,3 +69,33 @@ def revive_parent(db: Connects, kpi_id: object) -> None:
             "VALUES (%s, gen_random_uuid(), gen_random_uuid(), 'yearly', 'revived')",
             [kpi_id],
         )
+
+
+class SessionWatch:
+    """Samples pg_stat_activity every 50 ms: which of ``databases`` have a session of the pipeline at the same moment
+    (its sessions carry application_name kpi-fk-maintenance:<step>)."""
+
+    def __init__(self, dsn: str, databases: list[str]) -> None:
+        self.dsn, self.databases = dsn, databases
+        self.samples: list[frozenset[str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.is_set():
+                rows = conn.execute(
+                    "SELECT DISTINCT datname FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'kpi-fk-maintenance%%' AND datname = ANY(%s)",
+                    [self.databases],
+                ).fetchall()
+                self.samples.append(frozenset(row[0] for row in rows))
+                time.sleep(0.05)
+
+    def __enter__(self) -> SessionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -49,6 +49,23 @@ class LocalAirflow:
     # Extra target databases, by Airflow connection id (kpi_fleet_1, ...), for trying a fleet run.
     fleet_dsns: dict[str, str]
 
+    def api(self, path: str, body: dict | None = None) -> dict:
+        """A call of Airflow's REST API as the admin user (a POST when ``body`` is given)."""
+        login = urllib.request.Request(
+            f"{self.url}/auth/token",
+            data=json.dumps({"username": self.user, "password": self.password}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(login, timeout=10) as response:
+            token = json.load(response)["access_token"]
+        request = urllib.request.Request(
+            f"{self.url}{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
 
 def _metadata_url(server: PgServer, database: str) -> str:
     params = conninfo_to_dict(server.dsn(database))

@@ -6,10 +6,7 @@ creates no run; a fleet run from the form's fleet fields, watched from pg_stat_a
 
 from __future__ import annotations
 
-import json
 import shutil
-import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +16,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from devkit.db_state import revive_parent
+from devkit.cluster import free_port
+from devkit.db_state import SessionWatch, revive_parent
 from devkit.local_airflow import LocalAirflow, local_airflow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,15 +42,9 @@ def chromium_installed() -> None:
         pytest.fail(f"{CHROMIUM} is missing: scripts/system-deps.sh installs Debian's chromium when run as root")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAirflow]:
-    with local_airflow(tmp_path_factory.mktemp("ui-airflow"), port=_free_port(), rows=5000, fleet=4) as running:
+    with local_airflow(tmp_path_factory.mktemp("ui-airflow"), port=free_port(), rows=5000, fleet=4) as running:
         yield running
 
 
@@ -81,21 +73,8 @@ def page(browser, airflow):
     context.close()
 
 
-def _api(airflow: LocalAirflow, path: str) -> dict:
-    request = urllib.request.Request(
-        f"{airflow.url}/auth/token",
-        data=json.dumps({"username": airflow.user, "password": airflow.password}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        token = json.load(response)["access_token"]
-    request = urllib.request.Request(f"{airflow.url}{path}", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
-
-
 def _manual_runs(airflow: LocalAirflow, dag_id: str = DAG_ID) -> list[dict]:
-    runs = _api(airflow, f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
+    runs = airflow.api(f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
     return [run for run in runs if run["run_type"] == "manual"]
 
 
@@ -134,7 +113,7 @@ def _settled(airflow: LocalAirflow) -> None:
     """Wait until no run is active: a deployment inside the window starts its scheduled run at once."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        runs = _api(airflow, f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
+        runs = airflow.api(f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
         if all(run["state"] in ("success", "failed") for run in runs):
             return
         time.sleep(2)
@@ -185,35 +164,6 @@ def test_trigger_form_clamps_numbers_and_refuses_a_bad_window_without_creating_a
     assert len(_manual_runs(airflow)) == before
 
 
-class SessionWatch:
-    """Samples pg_stat_activity every 50 ms: which target databases have a session of the pipeline at once."""
-
-    def __init__(self, dsn: str, databases: list[str]) -> None:
-        self.dsn, self.databases = dsn, databases
-        self.samples: list[frozenset[str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while not self._stop.is_set():
-                rows = conn.execute(
-                    "SELECT DISTINCT datname FROM pg_stat_activity "
-                    "WHERE application_name LIKE 'kpi-fk-maintenance%%' AND datname = ANY(%s)",
-                    [self.databases],
-                ).fetchall()
-                self.samples.append(frozenset(row[0] for row in rows))
-                time.sleep(0.05)
-
-    def __enter__(self) -> SessionWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def test_a_fleet_run_from_the_form_works_on_at_most_max_parallel_targets_at_once_after_the_canary(
     page, airflow
 ) -> None:
@@ -251,7 +201,7 @@ def test_a_fleet_run_from_the_form_works_on_at_most_max_parallel_targets_at_once
 
     quoted = urllib.request.quote(run["dag_run_id"], safe="")
     for task_id in ("fleet.wait_turn", "fleet.preflight", "fleet.report"):
-        mapped = _api(airflow, f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/listMapped")
+        mapped = airflow.api(f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/listMapped")
         assert sorted(ti["rendered_map_index"] for ti in mapped["task_instances"]) == sorted(fleet), task_id
     for dsn in airflow.fleet_dsns.values():
         with psycopg.connect(dsn) as conn:
