@@ -149,16 +149,24 @@ def position_of(group: str, map_index: int) -> int:
 def run_plan(declared: tuple[str, ...], context: dict[str, Any]) -> list[str]:
     """The targets after the canary (what the fleet group maps over); the canary and the whole list under
     their own keys."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    try:
-        plan = plan_fleet(settings_from(context), declared)
-        _require_defined_connections(plan["conn_ids"])
-    except InvalidSettings as exc:
-        raise AirflowFailException(str(exc)) from exc
+    plan = _checked_plan(settings_from, declared, context)
     context["ti"].xcom_push(key="canary", value=plan["canary"][0])
     context["ti"].xcom_push(key="conn_ids", value=plan["conn_ids"])
     return plan["fleet"]
+
+
+def _checked_plan(
+    read_settings: Callable[[dict[str, Any]], RunSettings], declared: tuple[str, ...], context: dict[str, Any]
+) -> dict[str, list[str]]:
+    """The run's plan, or a final failure naming bad settings or unknown connections before any target."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        plan = plan_fleet(read_settings(context), declared)
+        _require_defined_connections(plan["conn_ids"])
+    except InvalidSettings as exc:
+        raise AirflowFailException(str(exc)) from exc
+    return plan
 
 
 def _require_defined_connections(conn_ids: list[str]) -> None:
@@ -180,6 +188,12 @@ def _require_defined_connections(conn_ids: list[str]) -> None:
         )
 
 
+def _pushed(ti: Any, task_ids: list[str], key: str = "return_value") -> list[Any]:
+    """Every value of ``key`` the tasks pushed so far, over all their map indexes (a list of task ids always
+    gets a list back)."""
+    return [value for value in ti.xcom_pull(task_ids=task_ids, key=key) or [] if value]
+
+
 def run_wait_turn(group: str, conn_id: str, context: dict[str, Any]) -> bool:
     """The sensor's poke: True once the target may start; skips the target (its steps with it) once the run
     reached max_failures, leaving the reason for its report."""
@@ -187,8 +201,7 @@ def run_wait_turn(group: str, conn_id: str, context: dict[str, Any]) -> bool:
 
     ti = context["ti"]
     position = position_of(group, ti.map_index)
-    # A list of task ids: always a list back, one entry per finished fleet target.
-    reports = [r for r in ti.xcom_pull(task_ids=[f"{FLEET_GROUP}.{REPORT_TASK}"], key=TARGET_REPORT_KEY) or [] if r]
+    reports = _pushed(ti, [f"{FLEET_GROUP}.{REPORT_TASK}"], TARGET_REPORT_KEY)  # one per finished fleet target
     decision = turn(position, reports, settings_from(context))
     log.info("wait_turn: %s (#%d): %s, %s", conn_id, position, decision.decision, decision.reason)
     if decision.decision == "stop":
@@ -264,14 +277,7 @@ def run_fleet_report(context: dict[str, Any]) -> dict[str, Any]:
     plan = ti.xcom_pull(task_ids=PLAN_TASK, key="conn_ids")
     if not plan:
         raise AirflowFailException("no target was planned: plan_fleet failed (see its log)")
-    reports = [
-        r
-        for r in ti.xcom_pull(
-            task_ids=[f"{CANARY_GROUP}.{REPORT_TASK}", f"{FLEET_GROUP}.{REPORT_TASK}"], key=TARGET_REPORT_KEY
-        )
-        or []
-        if r
-    ]
+    reports = _pushed(ti, [f"{CANARY_GROUP}.{REPORT_TASK}", f"{FLEET_GROUP}.{REPORT_TASK}"], TARGET_REPORT_KEY)
     report = build_fleet_report(context["run_id"], plan, reports)
     ti.xcom_push(key="report", value=report)  # also when it fails below, where no return value is kept
     if not report["succeeded"]:
@@ -289,15 +295,7 @@ def restore_settings_from(context: dict[str, Any]) -> tuple[str, RunSettings]:
 
 
 def run_restore_plan(declared: tuple[str, ...], context: dict[str, Any]) -> list[str]:
-    from airflow.sdk.exceptions import AirflowFailException
-
-    try:
-        _, settings = restore_settings_from(context)
-        conn_ids = plan_fleet(settings, declared)["conn_ids"]
-        _require_defined_connections(conn_ids)
-    except InvalidSettings as exc:
-        raise AirflowFailException(str(exc)) from exc
-    return conn_ids
+    return _checked_plan(lambda ctx: restore_settings_from(ctx)[1], declared, context)["conn_ids"]
 
 
 def run_restore(spec: ForeignKeySpec, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +318,7 @@ def run_restore_report(conn_ids: list[str] | None, context: dict[str, Any]) -> d
 
     from .restore import format_restore_report
 
-    results = [r for r in context["ti"].xcom_pull(task_ids=[RESTORE_TASK]) or [] if r]
+    results = _pushed(context["ti"], [RESTORE_TASK])
     by_conn = {r["conn_id"]: r for r in results}
     planned = conn_ids or []
     report = {
