@@ -40,3 +40,17 @@ CREATE TABLE IF NOT EXISTS {audit} (
 
 -- name: comment_table
 COMMENT ON TABLE {audit} IS 'kpi-fk-maintenance: dangling parent pointers nulled before adding a foreign key; restore with the restore DAG or the README''s UPDATE'
+
+-- name: create_nulling_transactions
+-- The transactions that nulled each run's pointers (one row per batch), shared by every audit table of the
+-- schema like the restore log. xid8 never wraps around; a row's xmin is its low 32 bits.
+CREATE TABLE IF NOT EXISTS {nulling_transactions} (
+    audit_table text        NOT NULL,
+    run_id      text        NOT NULL,
+    xact        xid8        NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (audit_table, run_id, xact)
+)
+
+-- name: comment_nulling_transactions
+COMMENT ON TABLE {nulling_transactions} IS 'kpi-fk-maintenance: the transactions that nulled each run''s pointers; restore puts a pointer back only where the row is still the version one of them wrote'

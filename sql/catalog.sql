@@ -12,7 +12,8 @@ FROM pg_attribute a
 WHERE a.attrelid = %(relid)s AND a.attname = %(column)s AND a.attnum > 0 AND NOT a.attisdropped
 
 -- name: unique_on_column
--- A foreign key needs a unique, non-partial index on exactly the referenced column.
+-- A foreign key needs a unique, non-partial index on exactly the referenced column; the audit identifies a row
+-- by its row key, which needs the same.
 SELECT count(*) > 0
 FROM pg_index i
 WHERE i.indrelid = %(relid)s AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
@@ -29,6 +30,16 @@ SELECT con.conname, pg_get_constraintdef(con.oid), con.convalidated
 FROM pg_constraint con
 WHERE con.conrelid = %(relid)s AND con.contype = 'f' AND con.conkey = ARRAY[%(attnum)s]::int2[]
   AND con.conname <> %(name)s
+
+-- name: same_columns_indexes
+-- Other valid btree indexes on exactly the key's column: one of them could be adopted instead of building ours.
+SELECT ci.relname::text, pg_get_indexdef(i.indexrelid)
+FROM pg_index i
+JOIN pg_class ci ON ci.oid = i.indexrelid
+JOIN pg_am am ON am.oid = ci.relam
+WHERE i.indrelid = %(relid)s AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND i.indnkeyatts = 1 AND i.indkey[0] = %(attnum)s AND ci.relname <> %(name)s
+ORDER BY ci.relname
 
 -- name: relation_by_name
 -- Index names share one namespace with tables, sequences and views.
@@ -48,12 +59,19 @@ WHERE i.indexrelid = %(oid)s
 SELECT p.pid, p.phase FROM pg_stat_progress_create_index p WHERE p.index_relid = %(oid)s
 
 -- name: privileges
+-- What the run needs on the two tables (the referencing c, the referenced r) and the referencing table's
+-- schema: ALTER TABLE and CREATE INDEX need the owner's rights, CREATE INDEX also CREATE on the schema (even for
+-- the owner), ADD FOREIGN KEY needs REFERENCES on the referenced table, the anti-join SELECT on both.
 SELECT pg_has_role(current_user, c.relowner, 'USAGE') AS owns_table,
        has_table_privilege(c.oid, 'SELECT') AS can_select,
        has_table_privilege(c.oid, 'UPDATE') AS can_update,
-       has_table_privilege(c.oid, 'REFERENCES') AS can_reference,
-       has_schema_privilege(c.relnamespace, 'USAGE') AS can_use_schema
-FROM pg_class c WHERE c.oid = %(relid)s
+       has_schema_privilege(c.relnamespace, 'USAGE') AS can_use_schema,
+       has_schema_privilege(c.relnamespace, 'CREATE') AS can_create_in_schema,
+       has_table_privilege(r.oid, 'SELECT') AS can_select_referenced,
+       has_table_privilege(r.oid, 'REFERENCES') AS can_reference,
+       has_schema_privilege(r.relnamespace, 'USAGE') AS can_use_referenced_schema
+FROM pg_class c, pg_class r
+WHERE c.oid = %(relid)s AND r.oid = %(ref_relid)s
 
 -- name: schema_privileges
 -- Whether the pipeline's schema exists, and what the role may do to create it or create in it.
@@ -65,7 +83,8 @@ FROM (SELECT 1) AS one
 LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
 
 -- name: schema_exists
-SELECT to_regnamespace(%(schema)s) IS NOT NULL
+-- By its exact name: to_regnamespace() would parse the text as an identifier (case-folded, quotes and all).
+SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s)
 
 -- name: owns_relation
 SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = %(relid)s
@@ -116,3 +135,7 @@ SELECT coalesce(nullif(r.application_name, ''), 'replica') || ' at ' || coalesce
 FROM pg_stat_replication r
 WHERE NOT pg_is_in_recovery()
 ORDER BY 2 DESC NULLS FIRST
+
+-- name: quote_idents
+-- Names as SQL would need them written (quoted only where needed), for messages that show a statement to run.
+SELECT array_agg(quote_ident(x.name) ORDER BY x.i) FROM unnest(%(names)s::text[]) WITH ORDINALITY AS x(name, i)

@@ -55,5 +55,15 @@ WITH still_orphaned AS (
     FROM audited a
     WHERE t.{row_key} = a.kpi_id AND t.{column} = a.old_parent_kpi_id
     RETURNING t.{row_key}
+), recorded AS (
+    -- This transaction wrote the rows' new versions (their xmin): a restore puts a pointer back only where the
+    -- row is still that version, so whatever anyone wrote to the row since is left alone.
+    INSERT INTO {nulling_transactions} (audit_table, run_id, xact)
+    SELECT %(audit_name)s, %(run_id)s, pg_current_xact_id() WHERE EXISTS (SELECT 1 FROM nulled)
+    ON CONFLICT DO NOTHING
 )
 SELECT (SELECT count(*) FROM audited), (SELECT count(*) FROM nulled)
+
+-- name: audited_for_run
+-- What a run nulled, from the audit itself: whatever a retried or killed try of a step reported.
+SELECT count(*) FROM {audit} WHERE run_id = %(run_id)s

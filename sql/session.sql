@@ -51,18 +51,22 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg
 LIMIT 1
 
 -- name: lock_holders
--- Who holds (or waits for) locks on the table, for the operator. With modes: only granted locks of those modes,
--- the ones an ALTER of ours would queue behind (making every later app write queue behind it). Autovacuum is
--- left out of that: it gives up its lock when a conflicting request waits. Polled every few tens of
--- milliseconds while waiting for a free moment, so it reads pg_locks for one relation only.
+-- Who holds (or waits for) locks on the key's tables (the referencing and the referenced one: ADD FOREIGN KEY
+-- locks both), for the operator. With modes: only granted locks of those modes, the ones an ALTER of ours would
+-- queue behind (making every later app statement on that table queue behind it). Autovacuum is left out of
+-- that: it gives up its lock when a conflicting request waits. Polled every few tens of milliseconds while
+-- waiting for a free moment, so it reads pg_locks for these relations only. Names are matched exactly.
 SELECT l.pid, l.mode, l.granted, coalesce(a.state, '?'),
        extract(epoch FROM now() - a.xact_start) * 1000,
-       left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 120)
+       left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 120),
+       t.schema_name || '.' || t.table_name
 FROM pg_locks l
+JOIN (SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS table_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN unnest(%(schemas)s::text[], %(tables)s::text[]) AS want(schema_name, table_name)
+        ON want.schema_name = n.nspname AND want.table_name = c.relname) t ON t.oid = l.relation
 LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.relation = (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                    WHERE n.nspname = %(schema)s AND c.relname = %(table)s)
   AND l.pid <> pg_backend_pid()
   AND (%(modes)s::text[] IS NULL OR (
         l.granted AND l.mode = ANY(%(modes)s::text[]) AND a.backend_type <> 'autovacuum worker'))

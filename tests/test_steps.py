@@ -355,7 +355,7 @@ def test_preflight_names_the_missing_privilege(db, spec) -> None:
     with psycopg.connect(db.dsn, user="kpi_app", autocommit=True) as conn, pytest.raises(PreflightFailed) as caught:
         preflight(conn, spec, NOW)
     message = str(caught.value)
-    assert "does not own public.vision_kpis (owner: postgres)" in message
+    assert "lacks ownership of public.vision_kpis (owner: postgres;" in message
     assert "lacks UPDATE on public.vision_kpis" in message
     assert "lacks REFERENCES" in message
 
@@ -531,13 +531,12 @@ def test_an_index_build_in_progress_is_a_concurrent_run_to_retry_not_a_failed_pr
 
 
 def test_validating_a_constraint_that_is_not_there_is_a_final_error_not_a_retry(db, spec) -> None:
-    from fk_maintenance.airflow_tasks import FINAL_ERRORS
-    from fk_maintenance.errors import StepOutOfOrder
+    from fk_maintenance.errors import StepOutOfOrder, is_final
 
     db.build(300)
     with db.connect() as conn, pytest.raises(StepOutOfOrder, match="add_fk_not_valid must succeed first") as caught:
         validate_fk(conn, spec, NOW, "run-1", run_started_at=datetime.now(UTC))
-    assert isinstance(caught.value, FINAL_ERRORS)
+    assert is_final(caught.value)
 
 
 def test_the_missing_parent_probe_of_an_integer_key_uses_a_value_no_sequence_gives(db) -> None:
@@ -652,6 +651,9 @@ def test_preflight_names_what_the_role_lacks_to_create_the_pipelines_schema(db, 
         f"role kpi_owner lacks CREATE on database {db.name}, needed to create the pipeline's schema fk_maintenance"
         in (str(caught.value))
     )
+    # PostgreSQL 15+ grants no CREATE on public to PUBLIC: CREATE INDEX needs it even for the table's owner.
+    assert "lacks CREATE on schema public (CREATE INDEX needs it" in str(caught.value)
+    db.execute("GRANT CREATE ON SCHEMA public TO kpi_owner")
     db.execute("CREATE SCHEMA fk_maintenance")  # by the DBA, but without granting anything on it
     with psycopg.connect(db.dsn, user="kpi_owner", autocommit=True) as conn, pytest.raises(PreflightFailed) as caught:
         preflight(conn, spec, NOW)

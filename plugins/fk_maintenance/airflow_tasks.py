@@ -15,16 +15,7 @@ from typing import Any
 
 import psycopg
 
-from .errors import (
-    ConcurrentRun,
-    InvalidSettings,
-    PoolerNotSupported,
-    PostChecksFailed,
-    PreflightFailed,
-    StepOutOfOrder,
-    TargetUnreachable,
-    WindowsExhausted,
-)
+from .errors import ConcurrentRun, InvalidSettings, PostChecksFailed, TargetUnreachable, is_final
 from .fleet import (
     CANARY_GROUP,
     FLEET_GROUP,
@@ -54,15 +45,9 @@ CONCURRENT_RUN_RECHECK = timedelta(seconds=15)
 CONCURRENT_RUN_GRACE = timedelta(hours=1)
 # The XCom key under which a failed step leaves its error for the target's report.
 ERROR_KEY = "error"
-# Steps whose failure no retry can fix: the operator has to act.
-FINAL_ERRORS = (
-    InvalidSettings,
-    PoolerNotSupported,
-    PreflightFailed,
-    PostChecksFailed,
-    StepOutOfOrder,
-    WindowsExhausted,
-)
+# The XCom key under which post_checks leaves every check's outcome when some failed (it raises, so it has no
+# return value).
+FAILED_CHECKS_KEY = "failed_checks"
 
 
 def connector(conn_id: str) -> Callable[[], psycopg.Connection]:
@@ -133,9 +118,13 @@ def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[s
         except Exception as exc:
             if "ti" in context:
                 context["ti"].xcom_push(key=ERROR_KEY, value=f"{step_name}: {type(exc).__name__}: {exc}")
+                if isinstance(exc, PostChecksFailed) and exc.summary:
+                    context["ti"].xcom_push(key=FAILED_CHECKS_KEY, value=exc.summary)
             raise
-    except FINAL_ERRORS as exc:
-        raise AirflowFailException(str(exc)) from exc
+    except Exception as exc:
+        if is_final(exc):
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        raise
     if result.get("outcome") == "reschedule":
         raise AirflowRescheduleException(reschedule_date=datetime.fromisoformat(result["retry_at"]))
     return result
@@ -215,7 +204,7 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     target did not succeed, so that its instance shows red."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from .report import build_report
+    from .report import build_report, read_audited
 
     settings = settings_from(context)
     ti = context["ti"]
@@ -235,12 +224,17 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     else:
         stopped = None
     results = {step.name: pull(step.name) if states.get(step.name) == "success" else None for step in STEPS}
+    if states.get("post_checks") == "failed":
+        results["post_checks"] = pull("post_checks", FAILED_CHECKS_KEY)
     failed_step = next((name for name in (WAIT_TURN_TASK, *STEP_BY_NAME) if states.get(name) == "failed"), None)
     if failed_step == WAIT_TURN_TASK:
         error = f"{WAIT_TURN_TASK} failed before the target started (see its log); the target was not touched"
     else:
         error = pull(failed_step, ERROR_KEY) if failed_step else None
-    report = build_report(spec, settings, context["run_id"], results, conn_id=conn_id)
+    # A target that never started has nothing in the audit; one that did may have committed batches in a try
+    # that died before it could report them, which only the audit knows.
+    audited = None if stopped else read_audited(connector(conn_id), spec, settings, context["run_id"])
+    report = build_report(spec, settings, context["run_id"], results, conn_id=conn_id, audited=audited)
     line = target_summary(
         conn_id, position_of(group, ti.map_index), None if stopped else report, error, stopped, failed_step
     )
@@ -308,8 +302,10 @@ def run_restore(spec: ForeignKeySpec, conn_id: str, context: dict[str, Any]) -> 
         run_id, settings = restore_settings_from(context)
         with closing(connector(conn_id)()) as conn:
             result = restore_run(conn, spec, settings, run_id, context["run_id"])
-    except FINAL_ERRORS as exc:
-        raise AirflowFailException(f"{conn_id}: {exc}") from exc
+    except Exception as exc:
+        if is_final(exc):
+            raise AirflowFailException(f"{conn_id}: {type(exc).__name__}: {exc}") from exc
+        raise
     return result | {"conn_id": conn_id}
 
 

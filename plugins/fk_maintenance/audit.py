@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .catalog import TableInfo, TargetState, table_info
+from .catalog import TableInfo, TargetState, as_written, table_info
 from .session import set_local_timeouts
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
@@ -29,6 +29,7 @@ class AuditTables:
 
     current: TableInfo | None
     legacy: TableInfo | None
+    nulling_transactions: TableInfo | None = None
 
     def plan(self, spec: ForeignKeySpec) -> str:
         if self.legacy and self.current:
@@ -42,6 +43,7 @@ def find_audit_tables(conn: psycopg.Connection, spec: ForeignKeySpec) -> AuditTa
     return AuditTables(
         current=table_info(conn, spec.audit_schema, spec.audit_table),
         legacy=table_info(conn, spec.schema, spec.audit_table),
+        nulling_transactions=table_info(conn, spec.audit_schema, spec.nulling_transactions_table),
     )
 
 
@@ -87,7 +89,14 @@ def _shape_problems(conn: psycopg.Connection, where: str, table: TableInfo, stat
 
 
 def _privilege_problems(conn: psycopg.Connection, spec: ForeignKeySpec, tables: AuditTables) -> list[str]:
-    who = conn.info.user
+    who, schema, database, audit, nulling = as_written(
+        conn,
+        conn.info.user,
+        spec.audit_schema,
+        conn.info.dbname,
+        (spec.audit_schema, spec.audit_table),
+        (spec.audit_schema, spec.nulling_transactions_table),
+    )
     schema_exists, can_create_schema, can_create_in, can_use = conn.execute(
         statement("catalog", "schema_privileges"), {"schema": spec.audit_schema}
     ).fetchone()
@@ -95,22 +104,28 @@ def _privilege_problems(conn: psycopg.Connection, spec: ForeignKeySpec, tables: 
     if not schema_exists and not can_create_schema:
         problems.append(
             f"role {who} lacks CREATE on database {conn.info.dbname}, needed to create the pipeline's schema "
-            f"{spec.audit_schema}: GRANT CREATE ON DATABASE, or create it beforehand "
-            f"(CREATE SCHEMA {spec.audit_schema} AUTHORIZATION {who})"
+            f"{schema}: GRANT CREATE ON DATABASE {database} TO {who}, or "
+            f"create it beforehand: CREATE SCHEMA {schema} AUTHORIZATION {who}"
         )
     if schema_exists and not can_use:
-        problems.append(f"role {who} lacks USAGE on schema {spec.audit_schema}")
-    if schema_exists and tables.current is None and not can_create_in:
+        problems.append(f"role {who} lacks USAGE on schema {schema}: GRANT USAGE ON SCHEMA {schema} TO {who}")
+    ours = {audit: tables.current, nulling: tables.nulling_transactions}
+    to_create = [name for name, table in ours.items() if table is None]
+    if schema_exists and to_create and not can_create_in:
         problems.append(
-            f"role {who} lacks CREATE on schema {spec.audit_schema}, needed to create the audit table "
-            f"{spec.audit_table} there"
+            f"role {who} lacks CREATE on schema {schema}, needed to create {' and '.join(to_create)} there: "
+            f"GRANT CREATE ON SCHEMA {schema} TO {who}"
         )
-    if tables.current is not None:
+    for name, table in ours.items():
+        if table is None:
+            continue
         can_select, can_insert, can_update = conn.execute(
-            statement("catalog", "audit_privileges"), {"relid": tables.current.oid}
+            statement("catalog", "audit_privileges"), {"relid": table.oid}
         ).fetchone()
         if not (can_select and can_insert and can_update):
-            problems.append(f"role {who} lacks SELECT, INSERT or UPDATE on the audit table {spec.audit_qualified}")
+            problems.append(
+                f"role {who} lacks SELECT, INSERT or UPDATE on {name}: GRANT SELECT, INSERT, UPDATE ON {name} TO {who}"
+            )
     if tables.legacy is not None:
         owns = conn.execute(statement("catalog", "owns_relation"), {"relid": tables.legacy.oid}).fetchone()[0]
         if not owns:
@@ -163,6 +178,9 @@ def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: Ta
                 )
             )
             conn.execute(statement("audit", "comment_table", spec))
+        if tables.nulling_transactions is None:
+            conn.execute(statement("audit", "create_nulling_transactions", spec))
+            conn.execute(statement("audit", "comment_nulling_transactions", spec))
 
 
 def audit_summary(spec: ForeignKeySpec, tables: AuditTables) -> dict[str, Any]:

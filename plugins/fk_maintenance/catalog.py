@@ -143,32 +143,78 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
     )
 
 
+# Kinds of relation a key can live on: an ordinary table, or (referenced only, for now) a partitioned one.
+TABLE_KINDS = {"r": "table", "p": "partitioned table"}
+RELKIND_NAMES = {"v": "view", "m": "materialized view", "f": "foreign table", "S": "sequence", "i": "index"}
+
+
 def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetState:
-    """Everything the steps need to know about the target, and every way it differs from the spec."""
+    """Everything the steps need to know about the target, and every way it differs from the spec or is a shape
+    this version cannot converge (each named with what would make it work)."""
     state = TargetState()
-    problems = state.problems
     state.table = table_info(conn, spec.schema, spec.table)
-    if state.table is None:
-        problems.append(f"table {spec.schema}.{spec.table} does not exist")
-        return state
-    if state.table.relkind not in ("r", "p"):
-        problems.append(f"{spec.schema}.{spec.table} is not a table (relkind {state.table.relkind!r})")
-        return state
     state.ref_table = state.table if spec.ref_table == spec.table else table_info(conn, spec.schema, spec.ref_table)
-    if state.ref_table is None:
-        problems.append(f"referenced table {spec.schema}.{spec.ref_table} does not exist")
+    state.problems.extend(_table_problems(spec, state))
+    if state.problems:
         return state
+    assert state.table is not None and state.ref_table is not None
     state.column = column_info(conn, state.table.oid, spec.column)
     state.ref_column = column_info(conn, state.ref_table.oid, spec.ref_column)
     state.row_key = column_info(conn, state.table.oid, spec.row_key)
-    if state.column is None:
-        problems.append(f"column {spec.table}.{spec.column} does not exist")
-    if state.ref_column is None:
-        problems.append(f"referenced column {spec.ref_table}.{spec.ref_column} does not exist")
-    if state.row_key is None:
-        problems.append(f"row key column {spec.table}.{spec.row_key} does not exist")
+    state.problems.extend(_column_problems(conn, spec, state))
     if state.column is None or state.ref_column is None or state.row_key is None:
         return state
+    state.constraint = constraint_state(conn, spec, state)
+    if state.constraint.exists and not state.constraint.matches:
+        state.problems.append(
+            f"constraint {spec.constraint} already exists with another definition "
+            f"({state.constraint.definition}): {'; '.join(state.constraint.mismatches)}"
+        )
+    state.index = index_state(conn, spec, state)
+    if state.index.exists and not state.index.is_index:
+        state.problems.extend(state.index.mismatches)
+    elif state.index.exists and (state.index.valid or not state.index.on_target_table) and not state.index.matches:
+        # An INVALID index on our table is a failed build of ours and gets rebuilt; anything else is not ours.
+        state.problems.append(
+            f"index {spec.index} already exists with another definition ({state.index.definition}): "
+            f"{'; '.join(state.index.mismatches)}"
+        )
+    return state
+
+
+def _table_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:
+    problems = []
+    for role, name, info, kinds in (
+        ("table", spec.table, state.table, ("r",)),
+        ("referenced table", spec.ref_table, state.ref_table, ("r", "p")),
+    ):
+        where = f"{spec.schema}.{name}"
+        if info is None:
+            problems.append(f"{role} {where} does not exist")
+        elif info.relkind == "p" and "p" not in kinds:
+            problems.append(
+                f"{where} is a partitioned table, which this version cannot give the key: CREATE INDEX CONCURRENTLY "
+                "cannot build on a partitioned table, and before PostgreSQL 18 it cannot take a NOT VALID foreign "
+                "key. Declare the key on each partition instead (every partition is a table of its own)"
+            )
+        elif info.relkind not in kinds:
+            kind = RELKIND_NAMES.get(info.relkind, f"relkind {info.relkind!r}")
+            problems.append(f"{role} {where} is a {kind}, not a table")
+    return problems
+
+
+def _column_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
+    assert state.table is not None and state.ref_table is not None
+    problems = []
+    for role, table, column, info in (
+        ("column", spec.table, spec.column, state.column),
+        ("referenced column", spec.ref_table, spec.ref_column, state.ref_column),
+        ("row key column", spec.table, spec.row_key, state.row_key),
+    ):
+        if info is None:
+            problems.append(f"{role} {spec.schema}.{table}.{column} does not exist")
+    if state.column is None or state.ref_column is None or state.row_key is None:
+        return problems
     if state.column.type_oid != state.ref_column.type_oid:
         problems.append(
             f"type mismatch: {spec.table}.{spec.column} is {state.column.type_name} but "
@@ -176,29 +222,40 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
         )
     if state.column.not_null and spec.on_delete == "SET NULL":
         problems.append(f"{spec.table}.{spec.column} is NOT NULL, so ON DELETE SET NULL could never apply")
-    unique = conn.execute(
-        statement("catalog", "unique_on_column"), {"relid": state.ref_table.oid, "attnum": state.ref_column.attnum}
-    ).fetchone()[0]
-    if not unique:
+    if not _unique(conn, state.ref_table.oid, state.ref_column.attnum):
         problems.append(
             f"{spec.ref_table}.{spec.ref_column} has no primary key or unique index, so it cannot be referenced"
         )
-    state.constraint = constraint_state(conn, spec, state)
-    if state.constraint.exists and not state.constraint.matches:
+    if not _unique(conn, state.table.oid, state.row_key.attnum):
         problems.append(
-            f"constraint {spec.constraint} already exists with another definition "
-            f"({state.constraint.definition}): {'; '.join(state.constraint.mismatches)}"
+            f"row_key {spec.table}.{spec.row_key} is not unique (no primary key or unique index on exactly that "
+            "column), so the audit could not tell its rows apart: declare as row_key a column with one, such as "
+            "the table's single-column primary key"
         )
-    state.index = index_state(conn, spec, state)
-    if state.index.exists and not state.index.is_index:
-        problems.extend(state.index.mismatches)
-    elif state.index.exists and (state.index.valid or not state.index.on_target_table) and not state.index.matches:
-        # An INVALID index on our table is a failed build of ours and gets rebuilt; anything else is not ours.
-        problems.append(
-            f"index {spec.index} already exists with another definition ({state.index.definition}): "
-            f"{'; '.join(state.index.mismatches)}"
-        )
-    return state
+    return problems
+
+
+def _unique(conn: psycopg.Connection, relid: int, attnum: int) -> bool:
+    return bool(
+        conn.execute(statement("catalog", "unique_on_column"), {"relid": relid, "attnum": attnum}).fetchone()[0]
+    )
+
+
+def as_written(conn: psycopg.Connection, *names: str | tuple[str, ...]) -> list[str]:
+    """Each name (a tuple: a qualified one) as SQL would need it written, quoted only where needed, for a
+    message that shows the statement to run."""
+    parts = [part for name in names for part in ((name,) if isinstance(name, str) else name)]
+    quoted = iter(conn.execute(statement("catalog", "quote_idents"), {"names": parts}).fetchone()[0] or [])
+    return [".".join(next(quoted) for _ in ((name,) if isinstance(name, str) else name)) for name in names]
+
+
+def same_columns_indexes(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[tuple[str, str]]:
+    """Valid indexes of other names that already serve the key exactly: (name, definition)."""
+    assert state.table is not None and state.column is not None
+    return conn.execute(
+        statement("catalog", "same_columns_indexes"),
+        {"relid": state.table.oid, "attnum": state.column.attnum, "name": spec.index},
+    ).fetchall()
 
 
 def require_target(conn: psycopg.Connection, spec: ForeignKeySpec, *, reads_only: bool = False) -> TargetState:

@@ -31,11 +31,22 @@ PROBE_STATEMENT_TIMEOUT_MS = 30_000
 INTEGER_TYPE_MINIMUM = {"smallint": -(2**15), "integer": -(2**31), "bigint": -(2**63)}
 
 
+# Type names (format_type) of keys whose missing value is a random text, looked up to be absent.
+TEXT_TYPES = ("text", "character varying", "citext")
+
+
 @dataclass(frozen=True)
 class Check:
+    """One end-state assertion: ``ok`` True (passed), False (failed) or None (could not be tried here, so it
+    proves nothing and is never counted as passed)."""
+
     name: str
-    ok: bool
+    ok: bool | None
     detail: str
+
+    @property
+    def outcome(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "NOT TRIED"}[self.ok]
 
 
 def post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
@@ -87,7 +98,7 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
         checks.append(_planner_uses_index(conn, spec, state.column.type_name))
 
     if settings.dry_run:
-        checks.append(Check("database rejects a missing parent", True, "not tried in a dry run (it needs a write)"))
+        checks.append(Check("database rejects a missing parent", None, "not tried in a dry run (it needs a write)"))
     else:
         checks.append(_rejects_missing_parent(conn, spec, state.column.type_name))
 
@@ -129,6 +140,9 @@ def _index_names(node: Any) -> set[str]:
 def _missing_parent_value(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> str | None:
     if type_name == "uuid":
         return conn.execute(statement("checks", "missing_parent_uuid")).fetchone()[0]
+    if type_name in TEXT_TYPES or type_name.startswith("character varying("):
+        row = conn.execute(statement("checks", "missing_parent_text", spec)).fetchone()
+        return row[0] if row else None
     if type_name in INTEGER_TYPE_MINIMUM:
         row = conn.execute(
             statement("checks", "missing_parent_integer", spec), {"type_minimum": INTEGER_TYPE_MINIMUM[type_name]}
@@ -143,10 +157,10 @@ def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, type
         set_local_timeouts(conn, lock_timeout_ms=PROBE_LOCK_TIMEOUT_MS, statement_timeout_ms=PROBE_STATEMENT_TIMEOUT_MS)
         row = conn.execute(statement("checks", "some_row_key", spec)).fetchone()
         if row is None:
-            return Check(name, True, "not tried: the table has no unlocked row to try it on")
+            return Check(name, None, "not tried: the table has no unlocked row to try it on")
         missing = _missing_parent_value(conn, spec, type_name)
         if missing is None:
-            return Check(name, True, f"not tried: no way to make a missing {type_name} value")
+            return Check(name, None, f"not tried: no way to make a missing {type_name} value")
         try:
             with conn.transaction():  # a savepoint, so the outer rollback stays clean
                 conn.execute(
@@ -196,19 +210,16 @@ def hierarchy_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: R
 
 def _finish(checks: list[Check], settings: RunSettings, started: float) -> dict[str, Any]:
     for check in checks:
-        log.log(
-            logging.INFO if check.ok else logging.ERROR,
-            "post_checks: [%s] %s: %s",
-            "PASS" if check.ok else "FAIL",
-            check.name,
-            check.detail,
-        )
-    failures = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
-    if failures and not settings.dry_run:
-        raise PostChecksFailed(failures)
-    return {
-        "passed": sum(c.ok for c in checks),
+        level = logging.ERROR if check.ok is False else logging.WARNING if check.ok is None else logging.INFO
+        log.log(level, "post_checks: [%s] %s: %s", check.outcome, check.name, check.detail)
+    failures = [f"{c.name}: {c.detail}" for c in checks if c.ok is False]
+    summary = {
+        "passed": sum(c.ok is True for c in checks),
         "failed": len(failures),
+        "not_tried": sum(c.ok is None for c in checks),
         "checks": [asdict(c) for c in checks],
         "seconds": round(time.monotonic() - started, 3),
     }
+    if failures and not settings.dry_run:
+        raise PostChecksFailed(failures, summary)
+    return summary

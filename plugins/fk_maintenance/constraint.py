@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerrors
 
-from .catalog import require_target
+from .catalog import TargetState, require_target
 from .errors import StepOutOfOrder, ValidationCutShort, WindowsExhausted
 from .orphans import BATCH_STATEMENT_TIMEOUT_MS, sweep_orphans
 from .session import (
@@ -229,7 +229,12 @@ def validate_once(
 
 
 def validate_with_resweep(
-    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str, validate: Callable[[], None]
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    state: TargetState,
+    validate: Callable[[], None],
 ) -> dict[str, Any] | None:
     """``validate()``; if it meets an orphan, sweep (audited, like null_orphans) and validate again. Returns the
     re-sweep's summary, or None when VALIDATE met no orphan. The caller holds the run lock."""
@@ -247,7 +252,7 @@ def validate_with_resweep(
         )
     step = "validate_fk re-sweep"
     with step_session(conn, step, settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS):
-        resweep = sweep_orphans(conn, spec, settings, run_id, step=step)
+        resweep = sweep_orphans(conn, spec, settings, run_id, state, step=step)
     validate()
     return resweep
 
@@ -264,7 +269,7 @@ def validate_fk(
     min_validate_seconds: float = MIN_VALIDATE_SECONDS,
 ) -> dict[str, Any]:
     """VALIDATE CONSTRAINT inside the window (re-sweeping orphans only if it meets one); otherwise say when to
-    try again.
+    try again. ``run_started_at``: when this target's validation began waiting, from which windows are counted.
 
     Returns ``outcome`` "validated", "already validated", "dry run" or "reschedule" (with ``retry_at``).
     """
@@ -300,32 +305,61 @@ def validate_fk(
             )
         if not decision.run_now:
             return _reschedule(decision.retry_at, decision.reason, started)
-        record = LockAttempts()
+        return _validate_in_window(
+            conn,
+            spec,
+            settings,
+            run_id,
+            state,
+            decision,
+            now=now,
+            sleep=sleep,
+            min_validate_seconds=min_validate_seconds,
+            started=started,
+        )
 
-        def validate() -> None:
-            validate_once(
-                conn,
-                spec,
-                settings,
-                record,
-                deadline=decision.window_end,
-                now=now,
-                sleep=sleep,
-                min_validate_seconds=min_validate_seconds,
-            )
 
-        try:
-            with run_lock(conn, spec):
-                resweep = validate_with_resweep(conn, spec, settings, run_id, validate)
-        except ValidationCutShort as cut:
-            log.warning("validate_fk: %s; the constraint stays NOT VALID", cut)
-            if decision.windows_used + 1 >= settings.max_windows:
-                raise WindowsExhausted(
-                    f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s) ({cut}); "
-                    "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
-                ) from None
-            return _reschedule(_next_window_start(settings.window, now()), str(cut), started)
-        lag = worst_replica_lag(conn)  # VALIDATE cannot be throttled for replicas; its cost to them is reported
+def _validate_in_window(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    state: TargetState,
+    decision: WindowDecision,
+    *,
+    now: Callable[[], datetime],
+    sleep: Callable[[float], None],
+    min_validate_seconds: float,
+    started: float,
+) -> dict[str, Any]:
+    """VALIDATE (and the re-sweep it may need) under the run lock, ending by the window's end; a cut-short scan
+    is rescheduled for the next window, or ends the run when it was the last one allowed."""
+    record = LockAttempts()
+
+    def validate() -> None:
+        validate_once(
+            conn,
+            spec,
+            settings,
+            record,
+            deadline=decision.window_end,
+            now=now,
+            sleep=sleep,
+            min_validate_seconds=min_validate_seconds,
+        )
+
+    try:
+        with run_lock(conn, spec):
+            resweep = validate_with_resweep(conn, spec, settings, run_id, state, validate)
+    except ValidationCutShort as cut:
+        log.warning("validate_fk: %s; the constraint stays NOT VALID", cut)
+        if decision.windows_used + 1 >= settings.max_windows:
+            raise WindowsExhausted(
+                f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s) ({cut}); "
+                "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
+            ) from None
+        return _reschedule(_next_window_start(settings.window, now()), str(cut), started)
+    lag = worst_replica_lag(conn)  # VALIDATE cannot be throttled for replicas; its cost to them is reported
     seconds = time.monotonic() - started
     log.info("validate_fk: %s validated in %.1f s (%s)", spec.constraint, seconds, decision.reason)
     return {

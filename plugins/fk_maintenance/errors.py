@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MaintenanceError(Exception):
     """Base class: a condition the operator must see, raised before or instead of a change."""
@@ -55,6 +57,40 @@ class ValidationCutShort(MaintenanceError):
 class PostChecksFailed(MaintenanceError):
     """One or more end-state assertions failed; all of them are listed."""
 
-    def __init__(self, failures: list[str]) -> None:
+    def __init__(self, failures: list[str], summary: dict[str, Any] | None = None) -> None:
         self.failures = failures
+        # Every check with its outcome, so the report can show what failed though the step raised.
+        self.summary = summary
         super().__init__(f"{len(failures)} post-check(s) failed:\n- " + "\n- ".join(failures))
+
+
+class OrphansCannotBeNulled(MaintenanceError):
+    """Orphans of a NOT NULL key appeared after preflight: nulling them would fail, and nothing was changed."""
+
+
+# The library's errors that no retry can fix: the operator has to act.
+FINAL_ERRORS: tuple[type[MaintenanceError], ...] = (
+    InvalidSettings,
+    PoolerNotSupported,
+    PreflightFailed,
+    PostChecksFailed,
+    StepOutOfOrder,
+    WindowsExhausted,
+    OrphansCannotBeNulled,
+)
+# SQLSTATE classes of server errors that a retry meets again until someone changes the schema, the data, the
+# privileges or the declaration: feature not supported (0A), cardinality (21), data exception (22), integrity
+# constraint violation (23, but for 23503, which a re-sweep after rows the app held clears), syntax error or
+# access rule violation (42: undefined objects, missing privileges). Lock
+# timeouts (55P03), deadlocks and serialization failures (40), cancellations and shutdowns (57), resources
+# (53) and lost connections (08) pass with time.
+FINAL_SQLSTATE_CLASSES = ("0A", "21", "22", "23", "42")
+RETRYABLE_SQLSTATES = ("23503",)
+
+
+def is_final(exc: BaseException) -> bool:
+    """Whether retrying the step that raised ``exc`` is pointless."""
+    if isinstance(exc, FINAL_ERRORS):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)  # psycopg.Error's, without importing psycopg here
+    return bool(sqlstate) and sqlstate[:2] in FINAL_SQLSTATE_CLASSES and sqlstate not in RETRYABLE_SQLSTATES

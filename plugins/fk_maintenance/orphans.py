@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from .audit import ensure_audit_table
-from .catalog import require_target
+from .audit import ensure_audit_table, find_audit_tables
+from .catalog import TargetState, require_target
+from .errors import OrphansCannotBeNulled
 from .session import run_lock, set_local_timeouts, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec
@@ -60,8 +62,125 @@ def null_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
     with step_session(conn, "null_orphans", settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS):
         state = require_target(conn, spec)
         with run_lock(conn, spec):
-            ensure_audit_table(conn, spec, state)
-            return sweep_orphans(conn, spec, settings, run_id, step="null_orphans")
+            return sweep_orphans(conn, spec, settings, run_id, state, step="null_orphans")
+
+
+def audited_for_run(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> int:
+    """How many pointers run ``run_id`` nulled, read from the audit (0 when there is no audit table yet)."""
+    if find_audit_tables(conn, spec).current is None:
+        return 0
+    return conn.execute(statement("orphans", "audited_for_run", spec), {"run_id": run_id}).fetchone()[0]
+
+
+@dataclass
+class SweepProgress:
+    """What the batches of one sweep did so far, logged every few seconds and returned at the end."""
+
+    step: str
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+    nulled: int = 0
+    audited: int = 0
+    batches: int = 0
+    last_log: float = field(default_factory=time.monotonic)
+
+    def add(self, keys: int, audited: int, nulled: int) -> None:
+        self.batches += 1
+        self.done += keys
+        self.audited += audited
+        self.nulled += nulled
+        now = time.monotonic()
+        if now - self.last_log >= 5 or self.done >= self.total:
+            elapsed = now - self.started
+            log.info(
+                "%s: %d/%d keys processed (%.0f%%), %d nulled, %.0f rows/s",
+                self.step,
+                self.done,
+                self.total,
+                100 * self.done / max(self.total, 1),
+                self.nulled,
+                self.done / elapsed if elapsed else 0.0,
+            )
+            self.last_log = now
+
+    def summary(self, replicas: ReplicaGate) -> dict[str, Any]:
+        seconds = time.monotonic() - self.started
+        return {
+            "candidates": self.total,
+            "nulled": self.nulled,
+            "audited": self.audited,
+            # Parent created meanwhile, row deleted, or row locked by the app (left for the re-sweep).
+            "left_alone": self.total - self.nulled,
+            "batches": self.batches,
+            "replica_waits": replicas.waits,
+            "replica_wait_seconds": round(replicas.waited_seconds, 3),
+            "rows_per_second": round(self.nulled / seconds, 1) if seconds else None,
+            "seconds": round(seconds, 3),
+        }
+
+
+def sweep_orphans(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    state: TargetState,
+    *,
+    step: str,
+) -> dict[str, Any]:
+    """The batches themselves, for a caller that holds the run lock.
+
+    One anti-join scan collects the orphan keys (held by the server, streamed to us a batch at a time); each
+    batch then touches only its rows by key, so the total work is one scan plus work proportional to the
+    orphans, and the worker's memory does not grow with them. A batch is all or nothing: killed midway, it
+    rolls back, and the next run finds the same orphans again. Every transaction sets its own timeouts, so
+    this runs the same under any caller's session settings.
+    """
+    keys, total = _hold_orphan_keys(conn, spec, settings)
+    try:
+        assert state.column is not None
+        if total and state.column.not_null:
+            raise OrphansCannotBeNulled(
+                f"{step}: {total} row(s) of {spec.schema}.{spec.table} point at a missing parent, and "
+                f"{spec.column} is NOT NULL, so they cannot be nulled (written since preflight?); nothing was "
+                "changed. Delete them or point them at an existing parent in the app, then run again"
+            )
+        ensure_audit_table(conn, spec, state)
+        log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
+        progress = SweepProgress(step, total)
+        replicas = ReplicaGate(conn, settings.max_replica_lag_s, step=step)
+        while batch := [row[0] for row in keys.fetchmany(settings.batch_size)]:
+            replicas.wait()
+            audited, nulled = _null_batch(conn, spec, settings, run_id, batch, step=step, offset=progress.done)
+            progress.add(len(batch), audited, nulled)
+            if settings.batch_pause_ms:
+                time.sleep(settings.batch_pause_ms / 1000)
+    finally:
+        if not conn.closed and not conn.broken:
+            keys.close()
+    return progress.summary(replicas)
+
+
+def _hold_orphan_keys(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings
+) -> tuple[psycopg.Cursor[Any], int]:
+    """A held server-side cursor over every orphan's row key, in key order, and how many it holds."""
+    with conn.transaction():
+        # The scan reads only; its statement_timeout is the scan's, the batches keep the short one. A held
+        # cursor is filled when this transaction commits: one scan, sorted by key, kept by the server, so the
+        # worker holds one batch of keys at a time however many orphans there are.
+        set_local_timeouts(
+            conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS
+        )
+        # A cursor is planned for its first rows (cursor_tuple_fraction 0.1): an index-ordered walk with a
+        # probe per row, ten times slower than the hashed anti-join at 10M rows. This one is read to the end.
+        conn.execute(statement("orphans", "plan_for_all_rows"))
+        keys = conn.cursor(ORPHAN_KEYS_CURSOR, withhold=True, scrollable=True)
+        keys.execute(statement("orphans", "keys", spec))
+    total = conn.execute(statement("orphans", "count_held_keys", cursor=sql.Identifier(ORPHAN_KEYS_CURSOR))).rowcount
+    keys.scroll(0, mode="absolute")
+    return keys, total
 
 
 def _null_batch(
@@ -80,83 +199,11 @@ def _null_batch(
             conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
         )
         audited, nulled = conn.execute(
-            statement("orphans", "null_batch", spec), {"keys": batch, "run_id": run_id}
+            statement("orphans", "null_batch", spec),
+            {"keys": batch, "run_id": run_id, "audit_name": spec.audit_qualified},
         ).fetchone()
         if audited != nulled:
             # Rolling back keeps audit and data in step; this would mean a concurrent change we did not foresee,
             # so stop rather than guess.
             raise RuntimeError(f"{step}: batch at offset {offset} audited {audited} but nulled {nulled}; rolled back")
     return audited, nulled
-
-
-def sweep_orphans(
-    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str, *, step: str
-) -> dict[str, Any]:
-    """The batches themselves, for a caller that holds the run lock and whose audit table exists.
-
-    One anti-join scan collects the orphan keys (held by the server, streamed to us a batch at a time); each
-    batch then touches only its rows by key, so the total work is one scan plus work proportional to the
-    orphans, and the worker's memory does not grow with them. A batch is all or nothing: killed midway, it
-    rolls back, and the next run finds the same orphans again. Every transaction sets its own timeouts, so
-    this runs the same under any caller's session settings.
-    """
-    started = time.monotonic()
-    with conn.transaction():
-        # The scan reads only; its statement_timeout is the scan's, the batches keep the short one. A held
-        # cursor is filled when this transaction commits: one scan, sorted by key, kept by the server, so the
-        # worker holds one batch of keys at a time however many orphans there are.
-        set_local_timeouts(
-            conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS
-        )
-        # A cursor is planned for its first rows (cursor_tuple_fraction 0.1): an index-ordered walk with a
-        # probe per row, ten times slower than the hashed anti-join at 10M rows. This one is read to the end.
-        conn.execute(statement("orphans", "plan_for_all_rows"))
-        keys = conn.cursor(ORPHAN_KEYS_CURSOR, withhold=True, scrollable=True)
-        keys.execute(statement("orphans", "keys", spec))
-    try:
-        total = conn.execute(
-            statement("orphans", "count_held_keys", cursor=sql.Identifier(ORPHAN_KEYS_CURSOR))
-        ).rowcount
-        keys.scroll(0, mode="absolute")
-        log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
-        nulled = audited = done = batches = 0
-        last_log = time.monotonic()
-        replicas = ReplicaGate(conn, settings.max_replica_lag_s, step=step)
-        while batch := [row[0] for row in keys.fetchmany(settings.batch_size)]:
-            replicas.wait()
-            batch_audited, batch_nulled = _null_batch(conn, spec, settings, run_id, batch, step=step, offset=done)
-            batches += 1
-            done += len(batch)
-            nulled += batch_nulled
-            audited += batch_audited
-            now = time.monotonic()
-            if now - last_log >= 5 or done >= total:
-                elapsed = now - started
-                log.info(
-                    "%s: %d/%d keys processed (%.0f%%), %d nulled, %.0f rows/s",
-                    step,
-                    done,
-                    total,
-                    100 * done / max(total, 1),
-                    nulled,
-                    done / elapsed if elapsed else 0.0,
-                )
-                last_log = now
-            if settings.batch_pause_ms:
-                time.sleep(settings.batch_pause_ms / 1000)
-    finally:
-        if not conn.closed and not conn.broken:
-            keys.close()
-    seconds = time.monotonic() - started
-    return {
-        "candidates": total,
-        "nulled": nulled,
-        "audited": audited,
-        # Parent created meanwhile, row deleted, or row locked by the app (left for the re-sweep).
-        "left_alone": total - nulled,
-        "batches": batches,
-        "replica_waits": replicas.waits,
-        "replica_wait_seconds": round(replicas.waited_seconds, 3),
-        "rows_per_second": round(nulled / seconds, 1) if seconds else None,
-        "seconds": round(seconds, 3),
-    }

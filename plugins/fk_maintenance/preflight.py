@@ -9,10 +9,11 @@ from typing import Any
 import psycopg
 
 from .audit import audit_problems, audit_summary, find_audit_tables
-from .catalog import TargetState, inspect_target, refuse_while_index_build_runs
+from .catalog import TargetState, as_written, inspect_target, refuse_while_index_build_runs, same_columns_indexes
 from .checks import hierarchy_checks
 from .errors import PreflightFailed
-from .session import CATALOG_STATEMENT_TIMEOUT_MS, step_session
+from .orphans import SCAN_STATEMENT_TIMEOUT_MS
+from .session import CATALOG_STATEMENT_TIMEOUT_MS, set_local_timeouts, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
@@ -39,27 +40,16 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
     if version_num < MIN_SERVER_VERSION_NUM:
         problems.append(f"PostgreSQL {version} is too old; 13 or newer is needed")
     warnings: list[str] = []
-    if state.table is not None and state.column is not None:
+    if state.column is not None and state.ref_column is not None and state.row_key is not None:
         problems.extend(_privilege_problems(conn, spec, settings, state))
         problems.extend(audit_problems(conn, spec, state, audit_tables, writes=not settings.dry_run))
-        for name, definition, validated in conn.execute(
-            statement("catalog", "other_foreign_keys_on_column"),
-            {"relid": state.table.oid, "attnum": state.column.attnum, "name": spec.constraint},
-        ).fetchall():
-            warnings.append(
-                f"another foreign key on {spec.column} exists: {name} {definition}"
-                f"{'' if validated else ' NOT VALID'}; the app will have two"
-            )
+        warnings.extend(_warnings(conn, spec, state))
     for warning in warnings:
         log.warning("preflight: %s", warning)
-    if not problems and spec.self_referential:
-        # Data the end state cannot hold is refused now, while the target is still untouched, rather than by
-        # post_checks after the index and the constraint are in.
-        problems.extend(
-            f"{check.name}: {check.detail}; fix the data in the app, then run again"
-            for check in hierarchy_checks(conn, spec, settings)
-            if not check.ok
-        )
+    if not problems:
+        # Data the end state cannot hold is refused now, while the target is still untouched, rather than by a
+        # step that fails after others changed things.
+        problems.extend(_data_problems(conn, spec, settings, state))
     if problems:
         raise PreflightFailed(problems)
     refuse_while_index_build_runs(state, spec)
@@ -90,31 +80,92 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
     return summary
 
 
+def _warnings(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
+    assert state.table is not None and state.column is not None
+    warnings = [
+        f"another foreign key on {spec.column} exists: {name} {definition}{'' if validated else ' NOT VALID'}; "
+        "the app will have two"
+        for name, definition, validated in conn.execute(
+            statement("catalog", "other_foreign_keys_on_column"),
+            {"relid": state.table.oid, "attnum": state.column.attnum, "name": spec.constraint},
+        ).fetchall()
+    ]
+    if not (state.index.exists and state.index.valid):
+        warnings += [
+            f"index {name} ({definition}) already serves ({spec.column}), and this run builds {spec.index} beside "
+            f"it, a second index the same: to adopt {name} instead, declare index: {name} for this key"
+            for name, definition in same_columns_indexes(conn, spec, state)
+        ]
+    return warnings
+
+
+def _data_problems(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, state: TargetState
+) -> list[str]:
+    assert state.column is not None
+    problems = []
+    if state.column.not_null:
+        # Nulling is the only thing this pipeline does to an orphan, and a NOT NULL column cannot take it.
+        with conn.transaction():
+            set_local_timeouts(
+                conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS
+            )
+            orphans = conn.execute(statement("orphans", "count", spec)).fetchone()[0]
+        if orphans:
+            problems.append(
+                f"{spec.table}.{spec.column} is NOT NULL and {orphans} row(s) point at a missing parent: they cannot "
+                "be nulled, and the key cannot be validated while they exist. Delete them or point them at an "
+                "existing parent in the app, then run again"
+            )
+    if spec.self_referential:
+        problems.extend(
+            f"{check.name}: {check.detail}; fix the data in the app, then run again"
+            for check in hierarchy_checks(conn, spec, settings)
+            if check.ok is False
+        )
+    return problems
+
+
 def _privilege_problems(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, state: TargetState
 ) -> list[str]:
-    assert state.table is not None
-    owns, can_select, can_update, can_reference, can_use = conn.execute(
-        statement("catalog", "privileges"), {"relid": state.table.oid}
+    """Every privilege the run will need that the role it connects as lacks, each with the statement that grants
+    it; a dry run needs only to read."""
+    assert state.table is not None and state.ref_table is not None
+    row = conn.execute(
+        statement("catalog", "privileges"), {"relid": state.table.oid, "ref_relid": state.ref_table.oid}
     ).fetchone()
-    who = conn.info.user
-    problems = []
-    if not can_use:
-        problems.append(f"role {who} lacks USAGE on schema {spec.schema}")
-    if not can_select:
-        problems.append(f"role {who} lacks SELECT on {spec.schema}.{spec.table}")
-    if settings.dry_run:
-        return problems
-    if not owns:
-        problems.append(
-            f"role {who} does not own {spec.schema}.{spec.table} (owner: {state.table.owner}); ALTER TABLE and "
-            "CREATE INDEX need the owner's rights: run as the owner or a member of its role"
-        )
-    if not can_update:
-        problems.append(f"role {who} lacks UPDATE on {spec.schema}.{spec.table} (needed to null orphan pointers)")
-    if not can_reference:
-        problems.append(f"role {who} lacks REFERENCES on {spec.schema}.{spec.ref_table}")
-    return problems
+    (owns, can_select, can_update, can_use, can_create_in, can_select_ref, can_reference, can_use_ref) = row
+    who, table, ref_table, schema, owner = as_written(
+        conn, conn.info.user, (spec.schema, spec.table), (spec.schema, spec.ref_table), spec.schema, state.table.owner
+    )
+    needed = [
+        (can_use, f"USAGE on schema {schema}", f"GRANT USAGE ON SCHEMA {schema} TO {who}"),
+        (can_select, f"SELECT on {table}", f"GRANT SELECT ON {table} TO {who}"),
+        (can_use_ref or can_use, f"USAGE on schema {schema}", f"GRANT USAGE ON SCHEMA {schema} TO {who}"),
+        (can_select_ref, f"SELECT on {ref_table}", f"GRANT SELECT ON {ref_table} TO {who}"),
+    ]
+    if not settings.dry_run:
+        needed += [
+            (
+                owns,
+                f"ownership of {table} (owner: {owner}; ALTER TABLE and CREATE INDEX need the owner's rights)",
+                f"GRANT {owner} TO {who}, or run as {owner}",
+            ),
+            (
+                can_create_in,
+                f"CREATE on schema {schema} (CREATE INDEX needs it, even for the table's owner)",
+                f"GRANT CREATE ON SCHEMA {schema} TO {who}",
+            ),
+            (can_update, f"UPDATE on {table} (to null orphan pointers)", f"GRANT UPDATE ON {table} TO {who}"),
+            (
+                can_reference,
+                f"REFERENCES on {ref_table} (ADD FOREIGN KEY needs it on the referenced table)",
+                f"GRANT REFERENCES ON {ref_table} TO {who}",
+            ),
+        ]
+    missing = dict.fromkeys((what, grant) for ok, what, grant in needed if not ok)
+    return [f"role {who} lacks {what}: {grant}" for what, grant in missing]
 
 
 def _describe_constraint(state: TargetState) -> str:

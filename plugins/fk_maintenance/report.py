@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import closing
 from typing import Any
+
+import psycopg
 
 from .settings import RunSettings
 from .spec import ForeignKeySpec
@@ -15,6 +19,27 @@ CONVERGED = "converged"
 DRY_RUN_STATE = "dry run: nothing changed"
 
 
+def read_audited(
+    connect: Callable[[], psycopg.Connection], spec: ForeignKeySpec, settings: RunSettings, run_id: str
+) -> int | None:
+    """How many pointers the run nulled, from the audit table (every try of every step, also one killed before
+    it could report); None, and a warning, when the database cannot be read now."""
+    from .orphans import audited_for_run
+    from .session import CATALOG_STATEMENT_TIMEOUT_MS, step_session
+
+    try:
+        with (
+            closing(connect()) as conn,
+            step_session(conn, "report", settings, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS, read_only=True),
+        ):
+            return audited_for_run(conn, spec, run_id)
+    except Exception as exc:  # the report must be written whatever the database's state
+        log.warning(
+            "report: could not read the audit of run %s (%s); counts come from the steps' own results", run_id, exc
+        )
+        return None
+
+
 def build_report(
     spec: ForeignKeySpec,
     settings: RunSettings,
@@ -22,61 +47,48 @@ def build_report(
     results: dict[str, dict[str, Any] | None],
     *,
     conn_id: str | None = None,
+    audited: int | None = None,
 ) -> dict[str, Any]:
-    def get(step: str, key: str, default: Any = None) -> Any:
-        return (results.get(step) or {}).get(key, default)
-
-    resweep = get("validate_fk", "resweep") or {}
-    nulled = (get("null_orphans", "nulled", 0) or 0) + (resweep.get("nulled", 0) or 0)
-    audited = (get("null_orphans", "audited", 0) or 0) + (resweep.get("audited", 0) or 0)
+    """The run's summary from each step's result (None: did not finish) and ``audited``, the pointers the audit
+    holds for the run (None: not read, then the steps' own counts stand in, which miss a killed try's)."""
+    steps = _step_lines(results)
+    resweep = (results.get("validate_fk") or {}).get("resweep") or {}
     checks = results.get("post_checks") or {}
-    steps = {
-        step: {
-            "seconds": get(step, "seconds"),
-            "lock_retries": (get(step, "lock_timeouts", 0) or 0)
-            + (get(step, "deferred_for_long_transactions", 0) or 0),
-            "outcome": get(step, "action") or get(step, "outcome") or ("ran" if results.get(step) else "did not run"),
-            "replica_lag_after_s": get(step, "replica_lag_after_s"),
-            "replica_wait_seconds": get(step, "replica_wait_seconds"),
-        }
-        for step in (s.name for s in STEPS)
-    }
-    unfinished = [step for step in steps if not results.get(step)]
-    if unfinished:
-        final_state = f"incomplete: {', '.join(unfinished)} did not finish"
-    elif settings.dry_run:
-        final_state = DRY_RUN_STATE
-    elif checks.get("failed") == 0:
-        final_state = CONVERGED
-    else:
-        final_state = "not converged: post-checks failed"
+    from_steps = (_get(results, "null_orphans", "audited") or 0) + (resweep.get("audited") or 0)
+    final_state = _final_state(steps, settings, checks)
+    nulled = from_steps if audited is None else audited
     report = {
         "run_id": run_id,
         "target": spec.describe(),
         "conn_id": conn_id,
         "dry_run": settings.dry_run,
-        "server_version": get("preflight", "server_version"),
-        "table_size": get("preflight", "table_size"),
-        "orphans_found": get("detect_orphans", "orphans"),
-        "dangling_parents": get("detect_orphans", "dangling_parents"),
-        "orphan_sample": get("detect_orphans", "sample", []),
+        "server_version": _get(results, "preflight", "server_version"),
+        "table_size": _get(results, "preflight", "table_size"),
+        "warnings": _get(results, "preflight", "warnings") or [],
+        "orphans_found": _get(results, "detect_orphans", "orphans"),
+        "dangling_parents": _get(results, "detect_orphans", "dangling_parents"),
+        "orphan_sample": _get(results, "detect_orphans", "sample") or [],
+        # Each pointer is audited and nulled in one transaction, so the audit's count is the nulled count.
         "nulled": nulled,
-        "audited": audited,
+        "audited": nulled,
+        "counted_from": "the steps' results (the audit was not read)" if audited is None else "the audit table",
         "resweep_nulled": resweep.get("nulled", 0) or 0,
         "lock_retries": sum(s["lock_retries"] for s in steps.values()),
-        "connection": get("preflight", "connection"),
+        "connection": _get(results, "preflight", "connection"),
         "replica_lag_caused_s": max(
             (s["replica_lag_after_s"] for s in steps.values() if s["replica_lag_after_s"] is not None), default=None
         ),
         "steps": steps,
         "checks_passed": checks.get("passed"),
         "checks_failed": checks.get("failed"),
-        "failed_checks": [c["name"] for c in checks.get("checks", []) if not c["ok"]],
+        "checks_not_tried": checks.get("not_tried"),
+        "failed_checks": [c["name"] for c in checks.get("checks", []) if c["ok"] is False],
+        "not_tried_checks": [c["name"] for c in checks.get("checks", []) if c["ok"] is None],
         "final_state": final_state,
         "succeeded": final_state in (CONVERGED, DRY_RUN_STATE),
         "restore_hint": (
             f"pointers nulled by this run are in {spec.audit_qualified} WHERE run_id = '{run_id}'"
-            if audited
+            if nulled
             else "no pointer was nulled"
         ),
     }
@@ -85,19 +97,54 @@ def build_report(
     return report
 
 
+def _get(results: dict[str, dict[str, Any] | None], step: str, key: str) -> Any:
+    return (results.get(step) or {}).get(key)
+
+
+def _step_lines(results: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    def get(step: str, key: str) -> Any:
+        return _get(results, step, key)
+
+    return {
+        step: {
+            "seconds": get(step, "seconds"),
+            "lock_retries": (get(step, "lock_timeouts") or 0) + (get(step, "deferred_for_long_transactions") or 0),
+            "outcome": get(step, "action") or get(step, "outcome") or ("ran" if results.get(step) else "did not run"),
+            "replica_lag_after_s": get(step, "replica_lag_after_s"),
+            "replica_wait_seconds": get(step, "replica_wait_seconds"),
+        }
+        for step in (s.name for s in STEPS)
+    }
+
+
+def _final_state(steps: dict[str, dict[str, Any]], settings: RunSettings, checks: dict[str, Any]) -> str:
+    unfinished = [step for step, line in steps.items() if line["outcome"] == "did not run"]
+    if settings.dry_run and not unfinished:
+        return DRY_RUN_STATE  # its checks describe the database as it is, which the run was not to change
+    if checks.get("failed"):  # post_checks ran and failed (it has no return value then): its checks say why
+        return "not converged: post-checks failed"
+    if unfinished:
+        return f"incomplete: {', '.join(unfinished)} did not finish"
+    return CONVERGED
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"Run {report['run_id']}: {report['final_state']}",
         f"Target: {report['target']}" + (f" on connection {report['conn_id']}" if report.get("conn_id") else ""),
         f"Server: PostgreSQL {report['server_version']}, table {report['table_size']}",
         f"Orphans found: {report['orphans_found']} (pointing at {report['dangling_parents']} missing parent(s))",
-        f"Pointers nulled: {report['nulled']} (re-sweep {report['resweep_nulled']}), audited: {report['audited']}",
+        f"Pointers nulled and audited: {report['nulled']} (re-sweep {report['resweep_nulled']}; counted from "
+        f"{report.get('counted_from', 'the audit table')})",
         f"Lock retries (timed out, or deferred for a long transaction): {report['lock_retries']}",
         f"Connection: {report['connection']}",
         "Replica lag after the index build and VALIDATE (not throttled): "
         + ("no replica seen" if report["replica_lag_caused_s"] is None else f"{report['replica_lag_caused_s']:.1f} s"),
         f"Checks: {report['checks_passed']} passed, {report['checks_failed']} failed"
-        + (f" ({', '.join(report['failed_checks'])})" if report["failed_checks"] else ""),
+        + (f" ({', '.join(report['failed_checks'])})" if report["failed_checks"] else "")
+        + f", {report.get('checks_not_tried') or 0} not tried"
+        + (f" ({', '.join(report['not_tried_checks'])})" if report.get("not_tried_checks") else ""),
+        *(f"Warning: {warning}" for warning in report.get("warnings") or []),
         "",
         f"{'step':<28}{'seconds':>10}{'lock retries':>14}  outcome",
     ]

@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 # A batch touches batch_size rows by key, like a batch of null_orphans.
 BATCH_STATEMENT_TIMEOUT_MS = 60_000
 # What each audited row of the run is now; "restored" is what this restore put back.
-OUTCOMES = ("restored", "already_restored", "repointed_by_app", "row_deleted", "parent_still_missing", "busy")
+OUTCOMES = (
+    "restored",
+    "already_restored",
+    "repointed_by_app",
+    "changed_since",  # still parentless, but written by someone since the run (for example made a root on purpose)
+    "row_deleted",
+    "parent_still_missing",
+    "busy",
+)
 
 
 def restore_run(
@@ -50,8 +58,9 @@ def restore_run(
                     )
                     conn.execute(statement("restore", "create_log", spec))
                     conn.execute(statement("restore", "comment_log", spec))
+            versions = _our_versions(conn, spec, run_id)
             for keys in _audit_batches(conn, spec, run_id, settings.batch_size):
-                counts = _restore_batch(conn, spec, settings, run_id, restore_id, keys)
+                counts = _restore_batch(conn, spec, settings, run_id, restore_id, keys, versions)
                 for name, value in counts.items():
                     totals[name] += value
                 log.info(
@@ -63,6 +72,29 @@ def restore_run(
                 if settings.batch_pause_ms:
                     time.sleep(settings.batch_pause_ms / 1000)
     return _finish(spec, settings, run_id, totals, started)
+
+
+def _our_versions(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> dict[str, Any]:
+    """How to tell a row the run wrote from one written since: the xmin values of the run's nulling
+    transactions; a run from before they were recorded takes any version of a parentless row as its own."""
+    tables = find_audit_tables(conn, spec)
+    xids = (
+        [
+            row[0]
+            for row in conn.execute(
+                statement("restore", "run_transactions", spec), {"run_id": run_id, "audit_name": spec.audit_qualified}
+            )
+        ]
+        if tables.nulling_transactions is not None
+        else []
+    )
+    if not xids:
+        log.warning(
+            "restore: run %s has no recorded nulling transactions (it predates them, or nulled nothing): a row "
+            "that is still parentless is taken to be as the run left it",
+            run_id,
+        )
+    return {"xids": xids, "any_version": not xids}
 
 
 def _audit_batches(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, size: int):
@@ -81,19 +113,26 @@ def _audit_batches(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, 
 
 
 def _restore_batch(
-    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str, restore_id: str, keys: list
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    restore_id: str,
+    keys: list,
+    versions: dict[str, Any],
 ) -> dict[str, int]:
     def attempt(lock_timeout_ms: int) -> dict[str, int]:
         with conn.transaction():
             set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS)
             row = conn.execute(
-                statement("restore", "classify_batch", spec), {"run_id": run_id, "keys": keys}
+                statement("restore", "classify_batch", spec), {"run_id": run_id, "keys": keys, **versions}
             ).fetchone()
-            deleted, already, repointed, missing, restorable = row
+            deleted, already, repointed, changed, missing, restorable = row
             counts = {
                 "row_deleted": deleted,
                 "already_restored": already,
                 "repointed_by_app": repointed,
+                "changed_since": changed,
                 "parent_still_missing": missing,
             }
             restored = 0
@@ -107,6 +146,7 @@ def _restore_batch(
                         "keys": keys,
                         "restore_id": restore_id,
                         "audit_name": spec.audit_qualified,
+                        **versions,
                     },
                 ).fetchone()
                 if restored != recorded:
@@ -134,8 +174,8 @@ def _finish(
 ) -> dict[str, Any]:
     verb = "would put back" if settings.dry_run else "put back"
     log.info(
-        "restore: run %s: %d audited pointer(s) in %s; %s %d; already back %d; re-pointed by the app %d; row deleted "
-        "%d; parent still missing %d; busy (held by the app, try again) %d",
+        "restore: run %s: %d audited pointer(s) in %s; %s %d; already back %d; re-pointed by the app %d; written "
+        "since the run (left alone) %d; row deleted %d; parent still missing %d; busy (held by the app, try again) %d",
         run_id,
         totals["audited"],
         spec.audit_qualified,
@@ -143,6 +183,7 @@ def _finish(
         totals["restored"],
         totals["already_restored"],
         totals["repointed_by_app"],
+        totals["changed_since"],
         totals["row_deleted"],
         totals["parent_still_missing"],
         totals["busy"],
@@ -160,7 +201,8 @@ def format_restore_report(report: dict[str, Any]) -> str:
     lines = [
         f"{report['restored']} pointer(s) put back, {report['still_missing']} still missing "
         f"(parent still missing, or the row held by the app), {len(report['failed'])} target(s) failed",
-        f"{'connection':<28}{'audited':>9}{'restored':>10}{'missing':>9}{'re-pointed':>12}{'deleted':>9}",
+        f"{'connection':<28}{'audited':>9}{'restored':>10}{'missing':>9}{'re-pointed':>12}{'written since':>15}"
+        f"{'deleted':>9}",
     ]
     for t in report["targets"]:
         if t.get("failed"):
@@ -168,6 +210,6 @@ def format_restore_report(report: dict[str, Any]) -> str:
             continue
         lines.append(
             f"{t['conn_id']:<28}{t['audited']:>9}{t['restored']:>10}{t['still_missing']:>9}"
-            f"{t['repointed_by_app']:>12}{t['row_deleted']:>9}"
+            f"{t['repointed_by_app']:>12}{t['changed_since']:>15}{t['row_deleted']:>9}"
         )
     return "\n".join(lines)

@@ -167,11 +167,12 @@ class LockHolder:
     state: str
     transaction_ms: float | None
     query: str
+    table: str
 
     def __str__(self) -> str:
         age = "no transaction" if self.transaction_ms is None else f"{self.transaction_ms / 1000:.1f} s"
         return (
-            f"pid {self.pid} {self.mode}{'' if self.granted else ' (waiting)'} {self.state}, "
+            f"pid {self.pid} {self.mode}{'' if self.granted else ' (waiting)'} on {self.table} {self.state}, "
             f"transaction open {age}: {self.query}"
         )
 
@@ -196,7 +197,7 @@ def await_lock_gap(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[LockHolder]:
-    """Watch pg_locks until no other transaction holds a lock in ``modes`` on the table (returns []), or for at
+    """Watch pg_locks until no other transaction holds a lock in ``modes`` on the key's tables (returns []), or for at
     most ``watch_seconds`` (a busy table may never be entirely free); then return the holders older than
     ``long_ms``, which an attempt must not queue behind (empty when only young ones are left)."""
     started = clock()
@@ -229,10 +230,11 @@ def with_lock_retries(
     """Run ``body(lock_timeout_ms_for_this_attempt)`` until it gets its lock, at most ``attempts`` times.
 
     ``body`` runs its own transaction with ``SET LOCAL lock_timeout``. With ``avoid_queueing_behind`` (the lock
-    modes that make app statements queue behind ours), each attempt first watches pg_locks and strikes the
-    moment no conflicting transaction is open; it is not even tried while a transaction older than the first
-    attempt's timeout holds one of those locks, since it would only park the app's writes behind us for the
-    whole timeout. Without it, attempts are spaced by jittered sleeps (so two waiters do not retry in step).
+    modes that make app statements queue behind ours), each attempt first watches pg_locks on both of the key's
+    tables and strikes the moment no conflicting transaction is open; it is not even tried while a transaction
+    older than the first attempt's timeout holds one of those locks, since it would only park the app's
+    statements behind us for the whole timeout. Without it, attempts are spaced by jittered sleeps (so two
+    waiters do not retry in step).
     """
     holders: list[LockHolder] = []
     timeouts = attempt_timeouts(lock_timeout_ms, attempts)
@@ -240,7 +242,7 @@ def with_lock_retries(
         record.attempts += 1
         # "Long" is fixed at the first, shortest timeout: a conflicting transaction already open that long is
         # not an OLTP write about to commit, whatever this attempt's timeout.
-        long_holders = (
+        holders = (
             await_lock_gap(
                 conn,
                 spec,
@@ -253,9 +255,8 @@ def with_lock_retries(
             if avoid_queueing_behind
             else []
         )
-        if long_holders:
+        if holders:
             record.deferred += 1
-            holders = long_holders
             outcome = f"not tried: no free moment in {watch_seconds:g} s, so the app does not queue behind us"
         else:
             try:
@@ -265,13 +266,12 @@ def with_lock_retries(
                 holders = lock_holders(conn, spec)
                 outcome = f"did not get its lock within {timeout_ms} ms ({exc.sqlstate})"
         log.warning(
-            "%s: attempt %d/%d %s; sessions holding locks on %s.%s: %s",
+            "%s: attempt %d/%d %s; sessions holding locks on %s: %s",
             what,
             number,
             attempts,
             outcome,
-            spec.schema,
-            spec.table,
+            spec.tables_described,
             "; ".join(map(str, holders)) or "none now",
         )
         if number < attempts and not avoid_queueing_behind:
@@ -279,16 +279,18 @@ def with_lock_retries(
     raise LockNotAcquired(
         f"{what}: no lock within {attempts} attempts (lock_timeout up to {lock_timeout_ms} ms, "
         f"{record.deferred} not tried because of long transactions); nothing was changed. Sessions holding locks "
-        f"on {spec.schema}.{spec.table}: {'; '.join(map(str, holders)) or 'none now'}. Airflow retries the task later."
+        f"on {spec.tables_described}: {'; '.join(map(str, holders)) or 'none now'}. Airflow retries the task later."
     )
 
 
 def lock_holders(
     conn: psycopg.Connection, spec: ForeignKeySpec, *, modes: list[str] | None = None, limit: int = 5
 ) -> list[LockHolder]:
-    """Sessions with locks on the table; with ``modes``, only other transactions holding one of those (granted)."""
+    """Sessions with locks on the key's tables; with ``modes``, only other transactions holding one of those
+    (granted)."""
+    schemas, tables = zip(*spec.tables, strict=True)
     rows = conn.execute(
         statement("session", "lock_holders"),
-        {"schema": spec.schema, "table": spec.table, "modes": modes, "limit": limit},
+        {"schemas": list(schemas), "tables": list(tables), "modes": modes, "limit": limit},
     ).fetchall()
     return [LockHolder(*row) for row in rows]

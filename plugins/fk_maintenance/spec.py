@@ -74,6 +74,21 @@ class ForeignKeySpec:
         return f"{self.audit_schema}.{self.audit_table}"
 
     @property
+    def tables(self) -> tuple[tuple[str, str], ...]:
+        """The (schema, table) pairs ADD FOREIGN KEY locks: the referencing and the referenced table."""
+        return tuple(dict.fromkeys(((self.schema, self.table), (self.schema, self.ref_table))))
+
+    @property
+    def tables_described(self) -> str:
+        return " and ".join(f"{schema}.{table}" for schema, table in self.tables)
+
+    @property
+    def nulling_transactions_table(self) -> str:
+        """The transactions that nulled each run's pointers, for all keys whose audit lives in ``audit_schema``:
+        a restore puts a pointer back only where the row is still the version one of them wrote."""
+        return "nulling_transactions"
+
+    @property
     def restore_log_table(self) -> str:
         """Every pointer a restore run put back, for all keys whose audit lives in ``audit_schema``."""
         return "restore_log"

@@ -56,6 +56,7 @@ def identifiers(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
         "audit": sql.Identifier(spec.audit_schema, spec.audit_table),
         "audit_schema": sql.Identifier(spec.audit_schema),
         "restore_log": sql.Identifier(spec.audit_schema, spec.restore_log_table),
+        "nulling_transactions": sql.Identifier(spec.audit_schema, spec.nulling_transactions_table),
         # Where an earlier version kept the audit table: in the app's schema.
         "legacy_audit": sql.Identifier(spec.schema, spec.audit_table),
         "on_delete": sql.SQL(spec.on_delete),  # one of a fixed set of keywords, checked by the spec

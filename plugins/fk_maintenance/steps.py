@@ -112,7 +112,9 @@ REPORT_TASK = "report"
 REPORT_DOC_MD = (
     "This target's summary in the log and as this task's XCom (also under key `report`; its line of the fleet "
     "report under `target_summary`). Runs even when a step failed, and then fails itself so the target shows "
-    "as failed.\n\nLocks: none; touches no database."
+    "as failed. The nulled count is read from the audit table, so a try that died before reporting is counted."
+    "\n\nLocks: ACCESS SHARE on the audit table in the pipeline's own schema, for one count; none on the app's "
+    "tables."
 )
 
 
@@ -126,7 +128,8 @@ def lock_table_markdown(
         "| --- | --- | --- |",
         *(f"| {name} | nothing: {does} | none |" for name, does in before),
         *(f"| {step.name} | {step.changes} | {step.locks} |" for step in STEPS),
-        f"| {REPORT_TASK} | nothing | none |",
+        f"| {REPORT_TASK} | nothing: counts the run's audited pointers | ACCESS SHARE on the audit table in the "
+        "pipeline's own schema only |",
         *(f"| {name} | nothing: {does} | none |" for name, does in after),
     ]
     return "\n".join(lines)
