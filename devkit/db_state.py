@@ -52,9 +52,10 @@ def orphan_count(db: Connects, spec: ForeignKeySpec) -> int:
         return conn.execute(
             sql.SQL(
                 "SELECT count(*) FROM {t} c WHERE c.{col} IS NOT NULL "
-                "AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.{ref} = c.{col})"
+                "AND NOT EXISTS (SELECT 1 FROM {r} p WHERE p.{ref} = c.{col})"
             ).format(
                 t=sql.Identifier(spec.schema, spec.table),
+                r=sql.Identifier(spec.schema, spec.ref_table),
                 col=sql.Identifier(spec.column),
                 ref=sql.Identifier(spec.ref_column),
             )

@@ -15,8 +15,8 @@ UPDATE {table} SET {column} = %(missing)s WHERE {row_key} = %(row_key)s
 SELECT gen_random_uuid()::text
 
 -- name: missing_parent_text
--- A random text no referenced row has (looked up, not assumed).
-SELECT v FROM (SELECT 'fk-maintenance-probe-' || gen_random_uuid()::text AS v) s
+-- A random text no referenced row has (looked up, not assumed), no longer than the column takes.
+SELECT v FROM (SELECT left(md5(random()::text) || md5(random()::text), %(max_length)s) AS v) s
 WHERE NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column}::text = s.v)
 
 -- name: missing_parent_integer

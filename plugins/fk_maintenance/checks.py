@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -140,8 +141,10 @@ def _index_names(node: Any) -> set[str]:
 def _missing_parent_value(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> str | None:
     if type_name == "uuid":
         return conn.execute(statement("checks", "missing_parent_uuid")).fetchone()[0]
-    if type_name in TEXT_TYPES or type_name.startswith("character varying("):
-        row = conn.execute(statement("checks", "missing_parent_text", spec)).fetchone()
+    varchar = re.fullmatch(r"character varying\((\d+)\)", type_name)
+    if type_name in TEXT_TYPES or varchar:
+        max_length = min(int(varchar.group(1)), 64) if varchar else 64
+        row = conn.execute(statement("checks", "missing_parent_text", spec), {"max_length": max_length}).fetchone()
         return row[0] if row else None
     if type_name in INTEGER_TYPE_MINIMUM:
         row = conn.execute(

@@ -1,0 +1,434 @@
+"""Keys of shapes the shipped one was not written for, declared in a targets file as a user would and run through
+their DAGs: each converges (validated, zero orphans, every nulled pointer audited, a second run changes nothing)
+or fails at preflight naming every reason, with catalog and data snapshots proving nothing changed.
+
+The test command runs this module again on PostgreSQL 16 and 15 (KPI_TEST_PG); there each key runs through the
+same steps in the DAG's order without Airflow (devkit.pipeline), since what differs between majors is the SQL,
+not the Airflow wiring, and a DAG run per key and major would cost minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from devkit.db_state import orphan_count, snapshot
+from devkit.pipeline import run_pipeline
+from fk_maintenance.errors import PreflightFailed
+from fk_maintenance.preflight import preflight
+from fk_maintenance.settings import SETTING_DEFS, RunSettings
+from fk_maintenance.spec import ForeignKeySpec
+from fk_maintenance.targets import Target, load_targets
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Each declared key, as a user writes it in targets.yaml, and the schema (with data) it is declared for.
+TARGETS_YAML = """\
+foreign_keys:
+  - name: orders_customer_fk
+    table: orders
+    column: customer_id
+    ref_table: customers
+    ref_column: id
+    constraint: orders_customer_id_fkey
+    index: orders_customer_id_idx
+    audit_table: orders_orphan_audit
+    conn_ids: [kpi_db]
+  - name: quoted_names_fk
+    schema: Sales Ops
+    table: Order Lines
+    column: Parent Line
+    ref_table: Order Lines
+    ref_column: Line Id
+    row_key: Line Id
+    constraint: Order Lines "Parent" FK
+    index: Order Lines Parent Idx
+    audit_schema: FK Maint
+    audit_table: Orphan "Audit"
+    conn_ids: [kpi_db]
+  - name: employees_manager_fk
+    table: employees
+    column: manager_badge
+    ref_table: employees
+    ref_column: badge
+    row_key: id
+    constraint: employees_manager_badge_fkey
+    index: employees_manager_badge_idx
+    audit_table: employees_orphan_audit
+    conn_ids: [kpi_db]
+  - name: posts_tag_fk
+    table: posts
+    column: tag_slug
+    ref_table: tags
+    ref_column: slug
+    constraint: posts_tag_slug_fkey
+    index: posts_tag_slug_idx
+    audit_table: posts_orphan_audit
+    conn_ids: [kpi_db]
+  - name: order_items_order_fk
+    table: order_items
+    column: order_id
+    ref_table: orders
+    ref_column: id
+    on_delete: CASCADE
+    constraint: order_items_order_id_fkey
+    index: order_items_order_id_idx
+    audit_table: order_items_orphan_audit
+    conn_ids: [kpi_db]
+  - name: readings_device_fk
+    table: readings
+    column: device_id
+    ref_table: devices
+    ref_column: id
+    row_key: id
+    constraint: readings_device_id_fkey
+    index: readings_device_id_idx
+    audit_table: readings_orphan_audit
+    conn_ids: [kpi_db]
+  - name: line_items_product_fk
+    table: line_items
+    column: product_id
+    ref_table: products
+    ref_column: id
+    row_key: order_no
+    constraint: line_items_product_id_fkey
+    index: line_items_product_id_idx
+    audit_table: line_items_orphan_audit
+    conn_ids: [kpi_db]
+"""
+
+SCHEMAS = {
+    "orders_customer_fk": """
+        CREATE TABLE customers (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text NOT NULL);
+        CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, customer_id bigint, total numeric);
+        INSERT INTO customers (name) SELECT 'customer ' || g FROM generate_series(1, 200) g;
+        INSERT INTO orders (customer_id, total)
+        SELECT CASE WHEN g % 25 = 0 THEN 1000000 + g % 7 WHEN g % 9 = 0 THEN NULL ELSE 1 + g % 200 END, g
+        FROM generate_series(1, 3000) g;
+        -- An index the app already has on the key's column, under its own name.
+        CREATE INDEX orders_by_customer ON orders (customer_id);
+    """,
+    "quoted_names_fk": """
+        CREATE SCHEMA "Sales Ops";
+        CREATE TABLE "Sales Ops"."Order Lines" ("Line Id" uuid PRIMARY KEY, "Parent Line" uuid, "Note" text);
+        INSERT INTO "Sales Ops"."Order Lines"
+        SELECT md5(g::text)::uuid,
+               CASE WHEN g % 11 = 0 THEN gen_random_uuid() WHEN g > 100 THEN md5((1 + g % 100)::text)::uuid END,
+               'line ' || g
+        FROM generate_series(1, 1500) g;
+    """,
+    "employees_manager_fk": """
+        CREATE TABLE employees (id serial PRIMARY KEY, badge text NOT NULL UNIQUE, manager_badge text, name text);
+        -- Two levels below the boss; row ids and badges differ, so a walk that joins on the row key goes wrong.
+        INSERT INTO employees (id, badge, manager_badge, name) VALUES (1000, 'B-0', NULL, 'boss');
+        INSERT INTO employees (id, badge, manager_badge, name)
+        SELECT 2000 + g, 'M-' || g, 'B-0', 'manager ' || g FROM generate_series(1, 20) g;
+        INSERT INTO employees (id, badge, manager_badge, name)
+        SELECT 5000 + g, 'W-' || g, CASE WHEN g % 13 = 0 THEN 'GONE-' || g ELSE 'M-' || (1 + g % 20) END,
+               'worker ' || g
+        FROM generate_series(1, 600) g;
+    """,
+    "posts_tag_fk": """
+        CREATE TABLE tags (slug varchar(40) PRIMARY KEY, label text);
+        CREATE TABLE posts (id bigserial PRIMARY KEY, tag_slug varchar(40), body text);
+        INSERT INTO tags SELECT 'tag-' || g, 'Tag ' || g FROM generate_series(1, 50) g;
+        INSERT INTO posts (tag_slug, body)
+        SELECT CASE WHEN g % 17 = 0 THEN 'retired-' || g % 3 ELSE 'tag-' || (1 + g % 50) END, 'post ' || g
+        FROM generate_series(1, 2000) g;
+    """,
+    "order_items_order_fk": """
+        CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, placed_at timestamptz DEFAULT now());
+        CREATE TABLE order_items (id bigserial PRIMARY KEY, order_id bigint NOT NULL, sku text);
+        INSERT INTO orders SELECT FROM generate_series(1, 300);
+        INSERT INTO order_items (order_id, sku) SELECT 1 + g % 300, 'sku-' || g FROM generate_series(1, 2000) g;
+    """,
+    "readings_device_fk": """
+        CREATE TABLE devices (id int PRIMARY KEY);
+        CREATE TABLE readings (id bigint, taken_on date NOT NULL, device_id int, value float8,
+                               PRIMARY KEY (id, taken_on)) PARTITION BY RANGE (taken_on);
+        CREATE TABLE readings_2026 PARTITION OF readings FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+        CREATE TABLE readings_other PARTITION OF readings DEFAULT;
+        INSERT INTO devices SELECT generate_series(1, 20);
+        INSERT INTO readings SELECT g, date '2025-12-01' + g % 90, CASE WHEN g % 10 = 0 THEN 999 ELSE 1 + g % 20 END,
+                                    g FROM generate_series(1, 1000) g;
+    """,
+    "line_items_product_fk": """
+        CREATE TABLE products (id int PRIMARY KEY);
+        CREATE TABLE line_items (order_no int, line_no int, product_id int, PRIMARY KEY (order_no, line_no));
+        INSERT INTO products SELECT generate_series(1, 30);
+        INSERT INTO line_items SELECT g / 4, g % 4, CASE WHEN g % 8 = 0 THEN 404 ELSE 1 + g % 30 END
+        FROM generate_series(1, 800) g;
+    """,
+}
+
+
+@pytest.fixture(scope="module")
+def declared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Target]:
+    path = tmp_path_factory.mktemp("targets") / "targets.yaml"
+    path.write_text(TARGETS_YAML)
+    return {target.name: target for target in load_targets(path)}
+
+
+@pytest.fixture(scope="module")
+def bag(airflow_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The project's DAG file, parsed for this targets file: one DAG per declared key."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    path = tmp_path_factory.mktemp("targets-bag") / "targets.yaml"
+    path.write_text(TARGETS_YAML)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FK_MAINTENANCE_TARGETS", str(path))
+        bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    bag.airflow_home = airflow_home
+    bag.targets_file = path
+    yield bag
+
+
+def create(db, name: str) -> None:
+    with db.connect() as conn:
+        conn.execute(textwrap.dedent(SCHEMAS[name]))
+        conn.execute("ANALYZE")
+
+
+THROUGH_THE_DAG = not os.environ.get("KPI_TEST_PG")
+
+
+def run_key(bag, db, monkeypatch, target: Target, **conf: Any) -> tuple[str, dict[str, Any] | None]:
+    """One run of the key on ``db``, through its DAG (or, on the other majors, its steps in the DAG's order): the
+    run's state and the target's report."""
+    if THROUGH_THE_DAG:
+        return run_dag(bag, db, monkeypatch, target.name, **conf)
+    login = conf.pop("conn", {}).get("login")
+    settings = RunSettings.from_params({"validate_now": True, **conf})
+    try:
+        results = run_pipeline(
+            lambda: psycopg.connect(db.dsn, user=login, autocommit=True), target.spec, settings, "run"
+        )
+    except PreflightFailed as refused:
+        return "failed", {"final_state": f"incomplete: preflight failed: {refused}"}
+    return "success", results["report"]
+
+
+def run_dag(bag, db, monkeypatch, name: str, **conf: Any) -> tuple[str, dict[str, Any] | None]:
+    """One run of the key's DAG on ``db``: the run's state and the target's report."""
+    from devkit.airflow_env import latest_xcom
+
+    # dag.test() parses the DAG folder again to serialize the DAG: it must see the same targets file.
+    monkeypatch.setenv("FK_MAINTENANCE_TARGETS", str(bag.targets_file))
+    monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", db.server.airflow_connection_json(db.name, **conf.pop("conn", {})))
+    run = bag.dags[name].test(run_conf={**{d.name: d.default for d in SETTING_DEFS}, "validate_now": True, **conf})
+    return str(run.state), latest_xcom(bag.airflow_home, "canary.report", "report", dag_id=name)
+
+
+def pointers(db, spec: ForeignKeySpec) -> dict[str, Any]:
+    """Every row's key and pointer, as text."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT {key}::text, {col}::text FROM {t}").format(
+                key=sql.Identifier(spec.row_key),
+                col=sql.Identifier(spec.column),
+                t=sql.Identifier(spec.schema, spec.table),
+            )
+        ).fetchall()
+    return dict(rows)
+
+
+def audit_rows(db, spec: ForeignKeySpec) -> dict[str, str]:
+    with db.connect() as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT kpi_id::text, old_parent_kpi_id::text FROM {}").format(
+                sql.Identifier(spec.audit_schema, spec.audit_table)
+            )
+        ).fetchall()
+    return dict(rows)
+
+
+def assert_converged(db, spec: ForeignKeySpec, before: dict[str, Any], report: dict[str, Any] | None) -> None:
+    """Validated, zero orphans, and every pointer that changed is one the audit holds with its old value."""
+    assert report is not None and report["final_state"] == "converged", report
+    validated = db.scalar(
+        "SELECT convalidated FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace "
+        "WHERE n.nspname = %s AND c.conname = %s",
+        [spec.schema, spec.constraint],
+    )
+    assert validated is True
+    assert orphan_count(db, spec) == 0
+    after = pointers(db, spec)
+    assert set(after) == set(before), "rows lost or invented"
+    changed = {key: old for key, old in before.items() if after[key] != old}
+    assert all(after[key] is None for key in changed), "a pointer was changed to something else than NULL"
+    assert audit_rows(db, spec) == changed
+    assert report["nulled"] == report["audited"] == len(changed)
+    assert report["checks_failed"] == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["orders_customer_fk", "quoted_names_fk", "employees_manager_fk", "posts_tag_fk", "order_items_order_fk"]
+)
+def test_a_declared_key_converges_through_its_dag_and_a_second_run_changes_nothing(
+    name, declared, bag, db, monkeypatch
+) -> None:
+    spec = declared[name].spec
+    create(db, name)
+    before = pointers(db, spec)
+    orphans = orphan_count(db, spec)
+    assert (orphans > 0) == (name != "order_items_order_fk")  # the NOT NULL key is declared without orphans
+    state, report = run_key(bag, db, monkeypatch, declared[name])
+    assert state == "success", report
+    assert report["orphans_found"] == orphans
+    assert_converged(db, spec, before, report)
+
+    settled = snapshot(db, spec)
+    again = run_pipeline(db.connect, spec, RunSettings(validate_now=True), "second")["report"]
+    assert again["nulled"] == 0 and again["final_state"] == "converged"
+    assert snapshot(db, spec) == settled
+
+
+def test_an_index_that_already_serves_the_key_under_another_name_is_named_with_how_to_adopt_it(
+    declared, bag, db, monkeypatch
+) -> None:
+    spec = declared["orders_customer_fk"].spec
+    create(db, "orders_customer_fk")
+    with db.connect() as conn:
+        warnings = preflight(conn, spec, RunSettings())["warnings"]
+    assert any(
+        "index orders_by_customer (CREATE INDEX orders_by_customer ON public.orders USING btree (customer_id)) "
+        "already serves (customer_id)"
+        in w
+        and "declare index: orders_by_customer" in w
+        for w in warnings
+    ), warnings
+    adopted = ForeignKeySpec(**{**spec.__dict__, "index": "orders_by_customer"})
+    with db.connect() as conn:
+        summary = preflight(conn, adopted, RunSettings())
+    assert summary["warnings"] == [] and summary["index"] == "present and valid"
+
+
+@pytest.mark.parametrize(
+    ("name", "setup", "reasons"),
+    [
+        pytest.param(
+            "order_items_order_fk",
+            "INSERT INTO order_items (order_id, sku) SELECT 5000 + g, 'lost' FROM generate_series(1, 40) g",
+            ["order_items.order_id is NOT NULL and 40 row(s) point at a missing parent"],
+            id="not-null-with-orphans",
+        ),
+        pytest.param(
+            "readings_device_fk",
+            "",
+            ["public.readings is a partitioned table, which this version cannot give the key"],
+            id="partitioned-child",
+        ),
+        pytest.param(
+            "line_items_product_fk",
+            "",
+            ["row_key line_items.order_no is not unique"],
+            id="row-key-not-unique",
+        ),
+    ],
+)
+def test_a_key_this_version_cannot_converge_fails_at_preflight_with_nothing_changed(
+    name, setup, reasons, declared, bag, db, monkeypatch
+) -> None:
+    spec = declared[name].spec
+    create(db, name)
+    if setup:
+        db.execute(setup)
+    before = snapshot(db, spec)
+    schemas_before = db.query("SELECT nspname FROM pg_namespace ORDER BY 1")
+    state, report = run_key(bag, db, monkeypatch, declared[name])
+    assert state == "failed"
+    assert report["final_state"].startswith("incomplete: preflight")
+    with db.connect() as conn, pytest.raises(PreflightFailed) as caught:
+        preflight(conn, spec, RunSettings())
+    for reason in reasons:
+        assert reason in str(caught.value)
+    assert snapshot(db, spec) == before
+    assert db.query("SELECT nspname FROM pg_namespace ORDER BY 1") == schemas_before  # no audit schema either
+
+
+# What the role the run connects as needs, each taken away in turn from a role that has everything, with the
+# words preflight must name it by and the GRANT it must offer.
+PRIVILEGES = {
+    "ownership": (
+        "ALTER TABLE orders OWNER TO CURRENT_USER; GRANT SELECT, UPDATE ON orders TO {role}",
+        "lacks ownership of public.orders (owner: ",
+        "GRANT {owner} TO {role}",
+    ),
+    "references": (
+        "REVOKE REFERENCES ON customers FROM {role}",
+        "lacks REFERENCES on public.customers",
+        "GRANT REFERENCES ON public.customers TO {role}",
+    ),
+    "select on the referenced table": (
+        "REVOKE SELECT ON customers FROM {role}",
+        "lacks SELECT on public.customers",
+        "GRANT SELECT ON public.customers TO {role}",
+    ),
+    "create on the schema": (
+        "REVOKE CREATE ON SCHEMA public FROM {role}",
+        "lacks CREATE on schema public (CREATE INDEX needs it",
+        "GRANT CREATE ON SCHEMA public TO {role}",
+    ),
+    "update": (
+        "SET ROLE {role}; REVOKE UPDATE ON orders FROM {role}; RESET ROLE",
+        "lacks UPDATE on public.orders",
+        "GRANT UPDATE ON public.orders TO {role}",
+    ),
+    "create on the database": (
+        "REVOKE CREATE ON DATABASE {database} FROM PUBLIC, {role}",
+        "lacks CREATE on database",
+        "CREATE SCHEMA fk_maintenance AUTHORIZATION {role}",
+    ),
+}
+ROLE = "fk runner"
+
+
+def grant_everything(db) -> str:
+    role = sql.Identifier(ROLE).as_string(None)
+    db.execute(
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN "
+        f"CREATE ROLE {role} LOGIN; END IF; END $$"
+    )
+    database = sql.Identifier(db.name).as_string(None)
+    db.execute(
+        f"ALTER TABLE orders OWNER TO {role}; GRANT SELECT, REFERENCES ON customers TO {role}; "
+        f"GRANT USAGE, CREATE ON SCHEMA public TO {role}; GRANT CREATE ON DATABASE {database} TO {role}"
+    )
+    return role
+
+
+@pytest.mark.parametrize("lacking", list(PRIVILEGES))
+def test_a_role_missing_a_privilege_the_run_needs_is_refused_naming_it_and_its_grant(lacking, declared, db) -> None:
+    spec = declared["orders_customer_fk"].spec
+    create(db, "orders_customer_fk")
+    role = grant_everything(db)
+    take_away, named, grant = PRIVILEGES[lacking]
+    database = sql.Identifier(db.name).as_string(None)
+    db.execute(take_away.format(role=role, database=database))
+    owner = db.scalar("SELECT current_user")
+    before = snapshot(db, spec)
+    with psycopg.connect(db.dsn, user=ROLE, autocommit=True) as conn, pytest.raises(PreflightFailed) as caught:
+        preflight(conn, spec, RunSettings())
+    message = str(caught.value)
+    assert named in message and grant.format(role=role, owner=owner) in message, message
+    assert len(caught.value.problems) == 1, caught.value.problems  # the one taken away, and nothing else
+    assert snapshot(db, spec) == before
+
+
+def test_a_role_with_every_privilege_and_nothing_more_converges_the_key(declared, bag, db, monkeypatch) -> None:
+    spec = declared["orders_customer_fk"].spec
+    create(db, "orders_customer_fk")
+    grant_everything(db)
+    before = pointers(db, spec)
+    state, report = run_key(bag, db, monkeypatch, declared["orders_customer_fk"], conn={"login": ROLE})
+    assert state == "success", report
+    assert_converged(db, spec, before, report)
