@@ -276,10 +276,13 @@ class HotRowLock:
     """An app transaction that re-takes a row lock of one yearly KPI (which the workload never touches) for
     ``hold_s`` out of every ``period_s``: a hot table that is free only in short moments."""
 
-    def __init__(self, dsn: str, *, hold_s: float, period_s: float, table: str = "vision_kpis") -> None:
+    def __init__(
+        self, dsn: str, *, hold_s: float, period_s: float, table: str = "vision_kpis", update: str | None = None
+    ) -> None:
+        """``update``: the app's statement that takes the lock, instead of one on a yearly KPI of ``table``."""
         import threading
 
-        self._dsn, self._hold, self._period, self._table = dsn, hold_s, period_s, table
+        self._dsn, self._hold, self._period, self._table, self._update = dsn, hold_s, period_s, table, update
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hot-row-lock", daemon=True)
         self.cycles = 0
@@ -295,9 +298,10 @@ class HotRowLock:
     def _run(self) -> None:
         from psycopg import sql
 
-        update = sql.SQL(
+        yearly = (
             "UPDATE {t} SET title = title WHERE id = (SELECT id FROM {t} WHERE level = 'yearly' ORDER BY id LIMIT 1)"
-        ).format(t=sql.Identifier(self._table))
+        )
+        update = sql.SQL(self._update or yearly).format(t=sql.Identifier(self._table))  # type: ignore[arg-type]
         with psycopg.connect(self._dsn) as conn:
             while not self._stop.is_set():
                 with conn.transaction():

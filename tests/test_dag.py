@@ -313,6 +313,25 @@ def test_a_run_whose_preflight_fails_ends_failed_with_an_incomplete_report(
     assert snapshot(db, spec) == before
 
 
+def test_a_run_whose_post_checks_fail_reports_each_failed_check(dag, db, spec, monkeypatch, airflow_home) -> None:
+    from devkit.airflow_env import latest_xcom
+
+    db.build(500, orphan_ratio=0)
+    # An app trigger that silently skips every update: the probe's UPDATE to a missing parent does nothing, so
+    # the database never says 23503, and that check must fail, visibly.
+    db.execute(
+        "CREATE FUNCTION skip_updates() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;"
+        "CREATE TRIGGER skip_updates BEFORE UPDATE ON vision_kpis FOR EACH ROW EXECUTE FUNCTION skip_updates()"
+    )
+    run = _run(dag, monkeypatch, db, {"validate_now": True})
+    states = _task_states(run)
+    assert str(run.state) == "failed" and states["canary.post_checks"] == "failed", states
+    report = latest_xcom(airflow_home, "canary.report", key="report")
+    assert report["final_state"] == "not converged: post-checks failed"
+    assert report["failed_checks"] == ["database rejects a missing parent (SQLSTATE 23503)"]
+    assert report["checks_passed"] >= 8
+
+
 def test_the_readme_tables_are_the_ones_the_library_generates() -> None:
     from devkit.readme_tables import README, render
 

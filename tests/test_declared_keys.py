@@ -432,3 +432,46 @@ def test_a_role_with_every_privilege_and_nothing_more_converges_the_key(declared
     state, report = run_key(bag, db, monkeypatch, declared["orders_customer_fk"], conn={"login": ROLE})
     assert state == "success", report
     assert_converged(db, spec, before, report)
+
+
+def test_the_lock_gap_watch_covers_the_referenced_table_so_app_writes_never_queue_behind_the_alter(
+    declared, db, figures
+) -> None:
+    """ADD FOREIGN KEY locks both tables: striking while the app holds a conflicting lock on the referenced one
+    would make the app's writes to the referencing one queue behind the ALTER for its whole lock_timeout."""
+    import threading
+    import time
+
+    from devkit.workload import HotRowLock
+    from fk_maintenance.constraint import add_fk_not_valid
+
+    spec = declared["orders_customer_fk"].spec
+    create(db, "orders_customer_fk")
+    settings = RunSettings(lock_timeout_ms=1000, lock_attempts=3)
+    waits_ms: list[float] = []
+    stop = threading.Event()
+
+    def app_inserts_orders() -> None:
+        with db.connect() as conn:
+            while not stop.is_set():
+                started = time.monotonic()
+                conn.execute("INSERT INTO orders (customer_id, total) VALUES (2, 1)")
+                waits_ms.append((time.monotonic() - started) * 1000)
+                time.sleep(0.01)
+
+    inserter = threading.Thread(target=app_inserts_orders, daemon=True)
+    # The app updates a customer in transactions that hold its ROW EXCLUSIVE lock 0.95 s of every second.
+    with HotRowLock(db.dsn, hold_s=0.95, period_s=1.0, update="UPDATE customers SET name = name WHERE id = 1") as hot:
+        inserter.start()
+        time.sleep(0.5)
+        with db.connect() as conn:
+            result = add_fk_not_valid(conn, spec, settings)
+        time.sleep(0.3)
+        stop.set()
+        inserter.join()
+    assert result["action"] == "added NOT VALID" and hot.cycles >= 1
+    assert result["lock_timeouts"] == 0 and result["struck_in_gap"] == 1, result
+    figures(
+        f"customers locked 0.95 s of every 1 s: added after watching {result['watched_seconds']} s; app inserts "
+        f"into orders: {len(waits_ms)}, worst {max(waits_ms):.0f} ms"
+    )

@@ -300,8 +300,17 @@ def test_parents_deleted_during_nulling_and_after_the_constraint_leave_children_
 def test_two_runs_at_once_change_the_database_one_at_a_time(db, spec, figures) -> None:
     db.build(ROWS)
     before = capture(db)
+    # Small batches with pauses stretch each run's nulling over about a second, so two runs that were not kept
+    # apart by the run lock would be seen nulling at the same time.
+    settings = replace(SETTINGS, batch_size=20, batch_pause_ms=100)
+    start = threading.Barrier(2)
+
+    def run(run_id: str) -> dict[str, Any]:
+        start.wait()
+        return run_pipeline(db.connect, spec, settings, run_id)
+
     with AppWorkload(db.dsn) as app:
-        threads = [in_thread(run_pipeline, db.connect, spec, SETTINGS, f"run-{i}") for i in (1, 2)]
+        threads = [in_thread(run, f"run-{i}") for i in (1, 2)]
         for thread, _ in threads:
             thread.join(timeout=120)
         outcomes = [outcome for _, outcome in threads]
@@ -311,11 +320,18 @@ def test_two_runs_at_once_change_the_database_one_at_a_time(db, spec, figures) -
         final = run_pipeline(db.connect, spec, SETTINGS, "run-3")
     assert final["post_checks"]["failed"] == 0
     stopped = sum("error" in outcome for outcome in outcomes)
+    spans = db.query(
+        "SELECT run_id, min(nulled_at), max(nulled_at) FROM fk_maintenance.vision_kpis_orphan_audit "
+        "WHERE run_id IN ('run-1', 'run-2') GROUP BY run_id ORDER BY 2"
+    )
+    assert spans, "neither run nulled anything"
+    if len(spans) == 2:  # both nulled: one after the other, never at once
+        assert spans[0][2] < spans[1][1], f"the two runs nulled at the same time: {spans}"
     assert app.result.errors() == []
     counts = assert_invariants(db, before, app.result)
     # This workload writes no dangling pointer and deletes no parent: every audit row is one the runs nulled.
     assert counts["audit_rows"] == counts["nulled_and_audited"]
-    figures(f"{stopped} of 2 concurrent runs stopped on the run lock; {app.result.summary()}")
+    figures(f"{stopped} of 2 concurrent runs stopped on the run lock; nulling spans {spans}; {app.result.summary()}")
 
 
 def test_sql_in_the_run_id_is_stored_as_data(db, spec) -> None:

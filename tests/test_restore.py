@@ -80,6 +80,37 @@ def test_restore_leaves_the_apps_newer_writes_alone_and_a_dry_run_changes_nothin
     assert db.scalar("SELECT parent_kpi_id FROM vision_kpis WHERE id = %s", [repointed]) == other_parent
 
 
+def test_restore_leaves_alone_a_row_the_app_made_a_root_or_edited_since_the_run(db, spec) -> None:
+    audit, revived = _converged_with_revived_parents(db, spec)
+    restorable = [kpi for kpi, parent in audit if parent in revived]
+    made_root, edited = restorable[0], restorable[1]
+    # The app writes each row after the run: its pointer is NULL as the run left it, but the row is not the
+    # version the run wrote, so putting the old parent back would undo the app's own decision.
+    db.execute("UPDATE vision_kpis SET parent_kpi_id = NULL WHERE id = %s", [made_root])
+    db.execute("UPDATE vision_kpis SET title = 'renamed by its owner' WHERE id = %s", [edited])
+    with db.connect() as conn:
+        result = restore_run(conn, spec, NOW, "run-1", "restore-a")
+    assert result["changed_since"] == 2 and result["restored"] == len(restorable) - 2
+    assert db.query("SELECT parent_kpi_id FROM vision_kpis WHERE id = ANY(%s)", [[made_root, edited]]) == [
+        (None,),
+        (None,),
+    ]
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM fk_maintenance.restore_log WHERE row_key = ANY(%s)", [[str(made_root), str(edited)]]
+        )
+        == 0
+    )
+
+
+def test_a_run_nulled_before_transactions_were_recorded_is_restored_where_still_parentless(db, spec) -> None:
+    audit, revived = _converged_with_revived_parents(db, spec)
+    db.execute("DELETE FROM fk_maintenance.nulling_transactions")  # as an earlier version left it
+    with db.connect() as conn:
+        result = restore_run(conn, spec, NOW, "run-1", "restore-a")
+    assert result["restored"] == sum(parent in revived for _, parent in audit) and result["changed_since"] == 0
+
+
 def test_restore_skips_a_row_the_app_holds_without_waiting_and_a_second_restore_puts_it_back(db, spec) -> None:
     audit, revived = _converged_with_revived_parents(db, spec)
     held = next(kpi for kpi, parent in audit if parent in revived)

@@ -80,12 +80,13 @@ FINAL_ERRORS: tuple[type[MaintenanceError], ...] = (
 )
 # SQLSTATE classes of server errors that a retry meets again until someone changes the schema, the data, the
 # privileges or the declaration: feature not supported (0A), cardinality (21), data exception (22), integrity
-# constraint violation (23, but for 23503, which a re-sweep after rows the app held clears), syntax error or
+# constraint violation (23, but for 23503, which a re-sweep after rows the app held clears, and 23505, which two
+# first runs meet creating the pipeline's schema or tables at once), syntax error or
 # access rule violation (42: undefined objects, missing privileges). Lock
 # timeouts (55P03), deadlocks and serialization failures (40), cancellations and shutdowns (57), resources
 # (53) and lost connections (08) pass with time.
 FINAL_SQLSTATE_CLASSES = ("0A", "21", "22", "23", "42")
-RETRYABLE_SQLSTATES = ("23503",)
+RETRYABLE_SQLSTATES = ("23503", "23505")
 
 
 def is_final(exc: BaseException) -> bool:
