@@ -92,6 +92,15 @@ foreign_keys:
     index: readings_device_id_idx
     audit_table: readings_orphan_audit
     conn_ids: [kpi_db]
+  - name: events_sensor_fk
+    table: events
+    column: sensor_id
+    ref_table: sensors
+    ref_column: id
+    constraint: events_sensor_id_fkey
+    index: events_sensor_id_idx
+    audit_table: events_orphan_audit
+    conn_ids: [kpi_db]
   - name: line_items_product_fk
     table: line_items
     column: product_id
@@ -158,6 +167,16 @@ SCHEMAS = {
         INSERT INTO devices SELECT generate_series(1, 20);
         INSERT INTO readings SELECT g, date '2025-12-01' + g % 90, CASE WHEN g % 10 = 0 THEN 999 ELSE 1 + g % 20 END,
                                     g FROM generate_series(1, 1000) g;
+    """,
+    "events_sensor_fk": """
+        -- The referenced table is partitioned (the referencing one is not).
+        CREATE TABLE sensors (id int PRIMARY KEY, label text) PARTITION BY HASH (id);
+        CREATE TABLE sensors_0 PARTITION OF sensors FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+        CREATE TABLE sensors_1 PARTITION OF sensors FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+        CREATE TABLE events (id bigserial PRIMARY KEY, sensor_id int, payload text);
+        INSERT INTO sensors SELECT g, 'sensor ' || g FROM generate_series(1, 40) g;
+        INSERT INTO events (sensor_id, payload)
+        SELECT CASE WHEN g % 12 = 0 THEN 500 + g % 5 ELSE 1 + g % 40 END, 'event ' || g FROM generate_series(1, 1500) g;
     """,
     "line_items_product_fk": """
         CREATE TABLE products (id int PRIMARY KEY);
@@ -271,7 +290,15 @@ def assert_converged(db, spec: ForeignKeySpec, before: dict[str, Any], report: d
 
 
 @pytest.mark.parametrize(
-    "name", ["orders_customer_fk", "quoted_names_fk", "employees_manager_fk", "posts_tag_fk", "order_items_order_fk"]
+    "name",
+    [
+        "orders_customer_fk",
+        "quoted_names_fk",
+        "employees_manager_fk",
+        "posts_tag_fk",
+        "order_items_order_fk",
+        "events_sensor_fk",
+    ],
 )
 def test_a_declared_key_converges_through_its_dag_and_a_second_run_changes_nothing(
     name, declared, bag, db, monkeypatch

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import psycopg
@@ -236,25 +237,23 @@ def with_lock_retries(
     statements behind us for the whole timeout. Without it, attempts are spaced by jittered sleeps (so two
     waiters do not retry in step).
     """
-    holders: list[LockHolder] = []
     timeouts = attempt_timeouts(lock_timeout_ms, attempts)
+    # "Long" is fixed at the first, shortest timeout: a conflicting transaction already open that long is not
+    # an OLTP write about to commit, whatever an attempt's timeout.
+    watch = partial(
+        await_lock_gap,
+        conn,
+        spec,
+        avoid_queueing_behind or [],
+        long_ms=timeouts[0],
+        watch_seconds=watch_seconds,
+        record=record,
+        sleep=sleep,
+    )
+    holders: list[LockHolder] = []
     for number, timeout_ms in enumerate(timeouts, start=1):
         record.attempts += 1
-        # "Long" is fixed at the first, shortest timeout: a conflicting transaction already open that long is
-        # not an OLTP write about to commit, whatever this attempt's timeout.
-        holders = (
-            await_lock_gap(
-                conn,
-                spec,
-                avoid_queueing_behind,
-                long_ms=timeouts[0],
-                watch_seconds=watch_seconds,
-                record=record,
-                sleep=sleep,
-            )
-            if avoid_queueing_behind
-            else []
-        )
+        holders = watch() if avoid_queueing_behind else []
         if holders:
             record.deferred += 1
             outcome = f"not tried: no free moment in {watch_seconds:g} s, so the app does not queue behind us"

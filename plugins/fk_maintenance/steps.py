@@ -45,9 +45,11 @@ STEPS: tuple[Step, ...] = (
         "preflight",
         "preflight:preflight",
         (),
-        "nothing: checks table, columns, types, privileges, same-named constraint/index/audit table, and that "
-        "the data has no cycle or too-deep chain",
-        "ACCESS SHARE: catalog reads and one walk of the hierarchy",
+        "nothing: checks tables, columns, types, the key's shape, every privilege the run needs, same-named "
+        "constraint/index/audit table, and that the data can take the key (no orphans of a NOT NULL key, no "
+        "cycle or too-deep chain)",
+        "ACCESS SHARE: catalog reads, one walk of a self-referencing hierarchy and one orphan count of a NOT "
+        "NULL key",
         # It changes nothing: a target it refuses (unreachable, wrong shape, bad data) fails at once, without
         # holding a fleet slot through retries, and the next run looks again.
         retried=False,
@@ -82,9 +84,10 @@ STEPS: tuple[Step, ...] = (
         "constraint:add_fk_not_valid",
         ("null_orphans", "create_index_concurrently"),
         "`ADD CONSTRAINT ... NOT VALID`; from then on every new write is checked",
-        "SHARE ROW EXCLUSIVE for milliseconds; each attempt waits at most `lock_timeout_ms`, so app writes "
-        "queue behind it at most that long, and no attempt is made while a transaction older than the first "
-        "attempt's timeout holds a conflicting lock. After `lock_attempts` the task fails and Airflow retries it",
+        "SHARE ROW EXCLUSIVE on this table and the referenced one, for milliseconds; each attempt waits at most "
+        "`lock_timeout_ms`, so app writes queue behind it at most that long, and no attempt is made while a "
+        "transaction older than the first attempt's timeout holds a conflicting lock on either. After "
+        "`lock_attempts` the task fails and Airflow retries it",
     ),
     Step(
         "validate_fk",
