@@ -12,11 +12,11 @@ FROM pg_attribute a
 WHERE a.attrelid = %(relid)s AND a.attname = %(column)s AND a.attnum > 0 AND NOT a.attisdropped
 
 -- name: unique_on_column
--- A foreign key needs a unique, non-partial index on exactly the referenced column; the audit identifies a row
--- by its row key, which needs the same.
+-- A foreign key needs a unique, non-partial, immediate (not DEFERRABLE) index on exactly the referenced
+-- column; the audit identifies a row by its row key, which needs the same.
 SELECT count(*) > 0
 FROM pg_index i
-WHERE i.indrelid = %(relid)s AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+WHERE i.indrelid = %(relid)s AND i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL
   AND i.indnkeyatts = 1 AND i.indkey[0] = %(attnum)s
 
 -- name: constraint_by_name
@@ -32,13 +32,15 @@ WHERE con.conrelid = %(relid)s AND con.contype = 'f' AND con.conkey = ARRAY[%(at
   AND con.conname <> %(name)s
 
 -- name: same_columns_indexes
--- Other valid btree indexes on exactly the key's column: one of them could be adopted instead of building ours.
+-- Other valid btree indexes on exactly the key's column, as ours would be (not unique, nothing included): one
+-- of them could be adopted instead of building ours.
 SELECT ci.relname::text, pg_get_indexdef(i.indexrelid)
 FROM pg_index i
 JOIN pg_class ci ON ci.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ci.relam
 WHERE i.indrelid = %(relid)s AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL
-  AND i.indexprs IS NULL AND i.indnkeyatts = 1 AND i.indkey[0] = %(attnum)s AND ci.relname <> %(name)s
+  AND i.indexprs IS NULL AND NOT i.indisunique AND i.indnatts = 1 AND i.indkey[0] = %(attnum)s
+  AND ci.relname <> %(name)s
 ORDER BY ci.relname
 
 -- name: relation_by_name
@@ -69,7 +71,9 @@ SELECT pg_has_role(current_user, c.relowner, 'USAGE') AS owns_table,
        has_schema_privilege(c.relnamespace, 'CREATE') AS can_create_in_schema,
        has_table_privilege(r.oid, 'SELECT') AS can_select_referenced,
        has_table_privilege(r.oid, 'REFERENCES') AS can_reference,
-       has_schema_privilege(r.relnamespace, 'USAGE') AS can_use_referenced_schema
+       has_schema_privilege(r.relnamespace, 'USAGE') AS can_use_referenced_schema,
+       (SELECT o.rolsuper FROM pg_roles o WHERE o.oid = c.relowner) AS owner_is_superuser,
+       pg_has_role(current_user, c.relowner, 'MEMBER') AS member_of_owner
 FROM pg_class c, pg_class r
 WHERE c.oid = %(relid)s AND r.oid = %(ref_relid)s
 

@@ -4,6 +4,10 @@
 -- name: plan_for_children_lookup
 EXPLAIN (FORMAT JSON) SELECT {row_key} FROM {table} WHERE {column} = %(value)s
 
+-- name: some_pointer
+-- A value the column holds (as text, bound back as the column's type): the lookup to plan, whatever the type.
+SELECT {column}::text FROM {table} WHERE {column} IS NOT NULL LIMIT 1
+
 -- name: some_row_key
 SELECT {row_key} FROM {table} LIMIT 1 FOR UPDATE SKIP LOCKED
 

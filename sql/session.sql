@@ -53,23 +53,29 @@ LIMIT 1
 -- name: lock_holders
 -- Who holds (or waits for) locks on the key's tables (the referencing and the referenced one: ADD FOREIGN KEY
 -- locks both), for the operator. With modes: only granted locks of those modes, the ones an ALTER of ours would
--- queue behind (making every later app statement on that table queue behind it). Autovacuum is left out of
--- that: it gives up its lock when a conflicting request waits. Polled every few tens of milliseconds while
--- waiting for a free moment, so it reads pg_locks for these relations only. Names are matched exactly.
+-- queue behind (making every later app statement on that table queue behind it). Polled every few tens of
+-- milliseconds while waiting for a free moment, so it reads pg_locks for these relations (and their partitions)
+-- only. Names are matched exactly.
 SELECT l.pid, l.mode, l.granted, coalesce(a.state, '?'),
        extract(epoch FROM now() - a.xact_start) * 1000,
        left(regexp_replace(coalesce(a.query, ''), '\s+', ' ', 'g'), 120),
-       t.schema_name || '.' || t.table_name
+       l.relation::regclass::text
 FROM pg_locks l
-JOIN (SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS table_name
+JOIN (SELECT part.relid AS oid
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN unnest(%(schemas)s::text[], %(tables)s::text[]) AS want(schema_name, table_name)
-        ON want.schema_name = n.nspname AND want.table_name = c.relname) t ON t.oid = l.relation
+        ON want.schema_name = n.nspname AND want.table_name = c.relname
+      -- A partitioned table's partitions are locked with it: an app transaction on one of them conflicts too.
+      CROSS JOIN LATERAL pg_partition_tree(c.oid) AS part) t ON t.oid = l.relation
 LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.pid <> pg_backend_pid()
+  AND l.pid IS DISTINCT FROM pg_backend_pid()
+  -- An autovacuum yields to a waiting lock request, but not one that prevents wraparound; a prepared
+  -- transaction (no pid, no backend) never yields.
   AND (%(modes)s::text[] IS NULL OR (
-        l.granted AND l.mode = ANY(%(modes)s::text[]) AND a.backend_type <> 'autovacuum worker'))
+        l.granted AND l.mode = ANY(%(modes)s::text[])
+        AND NOT (a.backend_type IS NOT DISTINCT FROM 'autovacuum worker'
+                 AND a.query NOT LIKE '%%(to prevent wraparound)%%')))
 ORDER BY l.granted DESC, a.xact_start NULLS LAST
 LIMIT %(limit)s
 
@@ -78,4 +84,4 @@ SELECT pg_backend_pid()
 
 -- name: server_facts
 SELECT current_setting('server_version'), current_setting('server_version_num')::int,
-       current_database(), current_user
+       current_database(), current_user, pg_is_in_recovery()

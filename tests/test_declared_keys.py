@@ -52,6 +52,7 @@ foreign_keys:
     index: Order Lines Parent Idx
     audit_schema: FK Maint
     audit_table: Orphan "Audit"
+    hierarchy_checks: true
     conn_ids: [kpi_db]
   - name: employees_manager_fk
     table: employees
@@ -62,6 +63,7 @@ foreign_keys:
     constraint: employees_manager_badge_fkey
     index: employees_manager_badge_idx
     audit_table: employees_orphan_audit
+    hierarchy_checks: true
     conn_ids: [kpi_db]
   - name: posts_tag_fk
     table: posts
@@ -100,6 +102,25 @@ foreign_keys:
     constraint: events_sensor_id_fkey
     index: events_sensor_id_idx
     audit_table: events_orphan_audit
+    conn_ids: [kpi_db]
+  - name: shipments_carrier_fk
+    table: shipments
+    column: carrier_code
+    ref_table: carriers
+    ref_column: code
+    constraint: shipments_carrier_code_fkey
+    index: shipments_carrier_code_idx
+    audit_table: shipments_orphan_audit
+    conn_ids: [kpi_db]
+  - name: visits_ticket_fk
+    table: visits
+    column: ticket_id
+    ref_table: tickets
+    ref_column: id
+    row_key: visit_no
+    constraint: visits_ticket_id_fkey
+    index: visits_ticket_id_idx
+    audit_table: visits_orphan_audit
     conn_ids: [kpi_db]
   - name: line_items_product_fk
     table: line_items
@@ -177,6 +198,20 @@ SCHEMAS = {
         INSERT INTO sensors SELECT g, 'sensor ' || g FROM generate_series(1, 40) g;
         INSERT INTO events (sensor_id, payload)
         SELECT CASE WHEN g % 12 = 0 THEN 500 + g % 5 ELSE 1 + g % 40 END, 'event ' || g FROM generate_series(1, 1500) g;
+    """,
+    "shipments_carrier_fk": """
+        -- The referenced column is unique, but DEFERRABLE: PostgreSQL refuses a foreign key onto it.
+        CREATE TABLE carriers (id int PRIMARY KEY, code int UNIQUE DEFERRABLE);
+        CREATE TABLE shipments (id int PRIMARY KEY, carrier_code int);
+        INSERT INTO carriers VALUES (1, 1), (2, 2);
+        INSERT INTO shipments VALUES (1, 1), (2, 5), (3, 2);
+    """,
+    "visits_ticket_fk": """
+        -- The row key is unique but nullable: rows without one could not be audited.
+        CREATE TABLE tickets (id int PRIMARY KEY);
+        CREATE TABLE visits (visit_no int UNIQUE, ticket_id int);
+        INSERT INTO tickets VALUES (1);
+        INSERT INTO visits VALUES (1, 1), (NULL, 5), (NULL, 6);
     """,
     "line_items_product_fk": """
         CREATE TABLE products (id int PRIMARY KEY);
@@ -357,8 +392,20 @@ def test_an_index_that_already_serves_the_key_under_another_name_is_named_with_h
         pytest.param(
             "line_items_product_fk",
             "",
-            ["row_key line_items.order_no is not unique"],
+            ["row_key line_items.order_no is not unique and NOT NULL"],
             id="row-key-not-unique",
+        ),
+        pytest.param(
+            "visits_ticket_fk",
+            "",
+            ["row_key visits.visit_no is not unique and NOT NULL"],
+            id="row-key-nullable",
+        ),
+        pytest.param(
+            "shipments_carrier_fk",
+            "",
+            ["carriers.code has no primary key or unique index that is not DEFERRABLE"],
+            id="referenced-column-deferrable",
         ),
     ],
 )
@@ -386,9 +433,21 @@ def test_a_key_this_version_cannot_converge_fails_at_preflight_with_nothing_chan
 # words preflight must name it by and the GRANT it must offer.
 PRIVILEGES = {
     "ownership": (
+        'CREATE ROLE "app owner"; ALTER TABLE orders OWNER TO "app owner"; GRANT SELECT, UPDATE ON orders TO {role}',
+        'lacks ownership of public.orders (owner: "app owner";',
+        'GRANT "app owner" TO {role}, or run as "app owner"',
+    ),
+    "ownership, through a membership that does not inherit": (
+        'CREATE ROLE "app owner"; ALTER TABLE orders OWNER TO "app owner"; GRANT SELECT, UPDATE ON orders TO {role};'
+        # (on 16+ a membership's INHERIT defaults to the member's attribute at the time of the GRANT)
+        'ALTER ROLE {role} NOINHERIT; GRANT "app owner" TO {role}',
+        'lacks ownership of public.orders (owner: "app owner";',
+        "{inherit}",
+    ),
+    "ownership, of a table a superuser owns": (
         "ALTER TABLE orders OWNER TO CURRENT_USER; GRANT SELECT, UPDATE ON orders TO {role}",
         "lacks ownership of public.orders (owner: ",
-        "GRANT {owner} TO {role}",
+        "ALTER TABLE public.orders OWNER TO a role that is not a superuser and that {role} is a member of",
     ),
     "references": (
         "REVOKE REFERENCES ON customers FROM {role}",
@@ -420,11 +479,16 @@ ROLE = "fk runner"
 
 
 def grant_everything(db) -> str:
+    """The role the run connects as, with every privilege it needs (roles are the server's, shared by the
+    tests' databases: made afresh each time)."""
     role = sql.Identifier(ROLE).as_string(None)
-    db.execute(
-        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN "
-        f"CREATE ROLE {role} LOGIN; END IF; END $$"
-    )
+    for name in (ROLE, "app owner"):
+        db.execute(
+            f"DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') THEN "
+            f"EXECUTE 'DROP OWNED BY ' || quote_ident('{name}') || ' CASCADE'; "
+            f"EXECUTE 'DROP ROLE ' || quote_ident('{name}'); END IF; END $$"
+        )
+    db.execute(f"CREATE ROLE {role} LOGIN")
     database = sql.Identifier(db.name).as_string(None)
     db.execute(
         f"ALTER TABLE orders OWNER TO {role}; GRANT SELECT, REFERENCES ON customers TO {role}; "
@@ -441,12 +505,13 @@ def test_a_role_missing_a_privilege_the_run_needs_is_refused_naming_it_and_its_g
     take_away, named, grant = PRIVILEGES[lacking]
     database = sql.Identifier(db.name).as_string(None)
     db.execute(take_away.format(role=role, database=database))
-    owner = db.scalar("SELECT current_user")
+    major = db.scalar("SELECT current_setting('server_version_num')::int / 10000")
+    inherit = f'GRANT "app owner" TO {role} WITH INHERIT TRUE' if major >= 16 else f"ALTER ROLE {role} INHERIT"
     before = snapshot(db, spec)
     with psycopg.connect(db.dsn, user=ROLE, autocommit=True) as conn, pytest.raises(PreflightFailed) as caught:
         preflight(conn, spec, RunSettings())
     message = str(caught.value)
-    assert named in message and grant.format(role=role, owner=owner) in message, message
+    assert named in message and grant.format(role=role, inherit=inherit) in message, message
     assert len(caught.value.problems) == 1, caught.value.problems  # the one taken away, and nothing else
     assert snapshot(db, spec) == before
 
@@ -502,3 +567,60 @@ def test_the_lock_gap_watch_covers_the_referenced_table_so_app_writes_never_queu
         f"customers locked 0.95 s of every 1 s: added after watching {result['watched_seconds']} s; app inserts "
         f"into orders: {len(waits_ms)}, worst {max(waits_ms):.0f} ms"
     )
+
+
+@pytest.mark.parametrize(
+    ("column_type", "first", "why"),
+    [
+        ("date", "date '2026-01-01'", "no missing date value is made"),
+        ("int CHECK (day > 0)", "1", "a CHECK refuses the probe's value first"),
+    ],
+)
+def test_a_key_the_missing_parent_probe_cannot_try_converges_with_the_probe_reported_not_tried(
+    column_type, first, why, db
+) -> None:
+    spec = ForeignKeySpec(
+        schema="public",
+        table="visits_by_day",
+        column="day",
+        ref_table="days",
+        ref_column="d",
+        row_key="id",
+        constraint="visits_by_day_day_fkey",
+        index="visits_by_day_day_idx",
+        audit_table="visits_by_day_orphan_audit",
+    )
+    base_type = column_type.split()[0]
+    # Ten parents; children point at twelve values, so those at the last two are orphans.
+    db.execute(
+        f"CREATE TABLE days (d {base_type} PRIMARY KEY);"
+        f"INSERT INTO days SELECT {first} + g FROM generate_series(0, 9) g;"
+        f"CREATE TABLE visits_by_day (id int PRIMARY KEY, day {column_type});"
+        f"INSERT INTO visits_by_day SELECT g, {first} + g % 12 FROM generate_series(1, 200) g"
+    )
+    orphans = orphan_count(db, spec)
+    report = run_pipeline(db.connect, spec, RunSettings(validate_now=True), "run-1")["report"]
+    assert report["final_state"] == "converged", why
+    assert report["nulled"] == orphans > 0
+    assert report["not_tried_checks"] == ["database rejects a missing parent (SQLSTATE 23503)"], why
+    assert report["checks_failed"] == 0
+
+
+def test_the_lock_gap_watch_covers_the_partitions_of_a_partitioned_referenced_table(declared, db, figures) -> None:
+    import time
+
+    from devkit.workload import HotRowLock
+    from fk_maintenance.constraint import add_fk_not_valid
+
+    spec = declared["events_sensor_fk"].spec
+    create(db, "events_sensor_fk")
+    settings = RunSettings(lock_timeout_ms=1000, lock_attempts=2)
+    # The app updates a sensor through its partition, which locks only the partition.
+    hot = HotRowLock(db.dsn, hold_s=0.95, period_s=1.0, update="UPDATE sensors_0 SET label = label WHERE true")
+    with hot:
+        time.sleep(0.5)
+        with db.connect() as conn:
+            result = add_fk_not_valid(conn, spec, settings)
+    assert result["action"] == "added NOT VALID" and hot.cycles >= 1
+    assert result["lock_timeouts"] == 0 and result["struck_in_gap"] == 1, result
+    figures(f"a partition of sensors locked 0.95 s of every 1 s: added after watching {result['watched_seconds']} s")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import errors as pgerrors
 from psycopg import sql
 
 from .catalog import TableInfo, TargetState, as_written, table_info
@@ -116,16 +117,19 @@ def _privilege_problems(conn: psycopg.Connection, spec: ForeignKeySpec, tables: 
             f"role {who} lacks CREATE on schema {schema}, needed to create {' and '.join(to_create)} there: "
             f"GRANT CREATE ON SCHEMA {schema} TO {who}"
         )
-    for name, table in ours.items():
+    # The audit's rows are updated when a run meets a row twice; the nulling transactions are only added to.
+    for (name, table), needs in zip(ours.items(), ("SELECT, INSERT, UPDATE", "SELECT, INSERT"), strict=True):
         if table is None:
             continue
-        can_select, can_insert, can_update = conn.execute(
-            statement("catalog", "audit_privileges"), {"relid": table.oid}
-        ).fetchone()
-        if not (can_select and can_insert and can_update):
-            problems.append(
-                f"role {who} lacks SELECT, INSERT or UPDATE on {name}: GRANT SELECT, INSERT, UPDATE ON {name} TO {who}"
+        granted = dict(
+            zip(
+                ("SELECT", "INSERT", "UPDATE"),
+                conn.execute(statement("catalog", "audit_privileges"), {"relid": table.oid}).fetchone(),
+                strict=True,
             )
+        )
+        if not all(granted[privilege] for privilege in needs.split(", ")):
+            problems.append(f"role {who} lacks {needs} on {name}: GRANT {needs} ON {name} TO {who}")
     if tables.legacy is not None:
         owns = conn.execute(statement("catalog", "owns_relation"), {"relid": tables.legacy.oid}).fetchone()[0]
         if not owns:
@@ -139,6 +143,15 @@ def _privilege_problems(conn: psycopg.Connection, spec: ForeignKeySpec, tables: 
 def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> None:
     """The audit table in the pipeline's schema, created if missing, and an earlier version's one in the app's
     schema moved there with all its rows, all in one transaction. The caller holds the run lock."""
+    try:
+        _ensure_audit_table(conn, spec, state)
+    except pgerrors.UniqueViolation:
+        # Another key's first run created the shared schema or table between our look and our CREATE ... IF NOT
+        # EXISTS (which only skips what it sees): it exists now, and a second look finds it.
+        _ensure_audit_table(conn, spec, state)
+
+
+def _ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> None:
     assert state.row_key and state.column
     with conn.transaction():
         set_local_timeouts(

@@ -224,13 +224,14 @@ def _column_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targ
         problems.append(f"{spec.table}.{spec.column} is NOT NULL, so ON DELETE SET NULL could never apply")
     if not _unique(conn, state.ref_table.oid, state.ref_column.attnum):
         problems.append(
-            f"{spec.ref_table}.{spec.ref_column} has no primary key or unique index, so it cannot be referenced"
+            f"{spec.ref_table}.{spec.ref_column} has no primary key or unique index that is not DEFERRABLE, so it "
+            "cannot be referenced"
         )
-    if not _unique(conn, state.table.oid, state.row_key.attnum):
+    if not _unique(conn, state.table.oid, state.row_key.attnum) or not state.row_key.not_null:
         problems.append(
-            f"row_key {spec.table}.{spec.row_key} is not unique (no primary key or unique index on exactly that "
-            "column), so the audit could not tell its rows apart: declare as row_key a column with one, such as "
-            "the table's single-column primary key"
+            f"row_key {spec.table}.{spec.row_key} is not unique and NOT NULL (no primary key, or unique index and "
+            "NOT NULL, on exactly that column), so the audit could not tell its rows apart: declare as row_key a "
+            "column that is, such as the table's single-column primary key"
         )
     return problems
 

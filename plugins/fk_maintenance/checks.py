@@ -96,7 +96,7 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
         )
     )
     if idx.exists and idx.valid:
-        checks.append(_planner_uses_index(conn, spec, state.column.type_name))
+        checks.append(_planner_uses_index(conn, spec))
 
     if settings.dry_run:
         checks.append(Check("database rejects a missing parent", None, "not tried in a dry run (it needs a write)"))
@@ -105,24 +105,24 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
 
     orphans = conn.execute(statement("orphans", "count", spec)).fetchone()[0]
     checks.append(Check("zero orphans", orphans == 0, f"{orphans} row(s) point at a missing parent"))
-    if spec.self_referential:
+    if spec.hierarchy_checks:
         checks.extend(hierarchy_checks(conn, spec, settings))
     return _finish(checks, settings, started)
 
 
-def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> Check:
+def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec) -> Check:
     """Can the planner answer ``WHERE column = $1`` from the index (what ON DELETE SET NULL does)?"""
+    name = f"planner can use {spec.index} for WHERE {spec.column} = $1"
     with conn.transaction(force_rollback=True):
         set_local_timeouts(conn, lock_timeout_ms=PROBE_LOCK_TIMEOUT_MS, statement_timeout_ms=PROBE_STATEMENT_TIMEOUT_MS)
         conn.execute(statement("checks", "prefer_index"))
-        value = _missing_parent_value(conn, spec, type_name) or "0"
-        plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), {"value": value}).fetchone()[0]
+        # A value the column holds is a valid literal of its type, whatever the type (date, enum, domain...).
+        row = conn.execute(statement("checks", "some_pointer", spec)).fetchone()
+        if row is None:
+            return Check(name, None, "not tried: no row has a pointer to look up")
+        plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), {"value": row[0]}).fetchone()[0]
     used = _index_names(plan if isinstance(plan, list | dict) else json.loads(plan))
-    return Check(
-        f"planner can use {spec.index} for WHERE {spec.column} = $1",
-        spec.index in used,
-        f"plan uses {', '.join(sorted(used)) or 'no index'}",
-    )
+    return Check(name, spec.index in used, f"plan uses {', '.join(sorted(used)) or 'no index'}")
 
 
 def _index_names(node: Any) -> set[str]:
@@ -171,6 +171,15 @@ def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, type
                 )
         except pgerrors.ForeignKeyViolation:
             return Check(name, True, f"pointing a row at {missing} raised 23503; rolled back")
+        except (pgerrors.IntegrityError, pgerrors.DataError, pgerrors.RaiseException) as other:
+            # A CHECK constraint or an app trigger refused the probe's value before the key could: that says
+            # nothing about the key.
+            return Check(
+                name,
+                None,
+                f"not tried: the probe's value {missing} was refused first ({other.sqlstate}: "
+                f"{(other.diag.message_primary or '').strip()})",
+            )
     return Check(name, False, f"pointing a row at the missing parent {missing} was accepted (rolled back)")
 
 

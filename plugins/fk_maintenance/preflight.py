@@ -32,13 +32,18 @@ def preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSetti
 
 def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> dict[str, Any]:
     started = time.monotonic()
-    version, version_num, database, user = conn.execute(statement("session", "server_facts")).fetchone()
+    version, version_num, database, user, standby = conn.execute(statement("session", "server_facts")).fetchone()
     log.info("preflight: connected to %s as %s, PostgreSQL %s", database, user, version)
     state = inspect_target(conn, spec)
     audit_tables = find_audit_tables(conn, spec)
     problems = list(state.problems)
     if version_num < MIN_SERVER_VERSION_NUM:
         problems.append(f"PostgreSQL {version} is too old; 13 or newer is needed")
+    if standby and not settings.dry_run:
+        problems.append(
+            f"the connection reaches a standby (pg_is_in_recovery() is true): {database} there is read-only. Point "
+            "the connection at the primary (a dry run may read a standby)"
+        )
     warnings: list[str] = []
     if state.column is not None and state.ref_column is not None and state.row_key is not None:
         problems.extend(_privilege_problems(conn, spec, settings, state))
@@ -117,7 +122,7 @@ def _data_problems(
                 "be nulled, and the key cannot be validated while they exist. Delete them or point them at an "
                 "existing parent in the app, then run again"
             )
-    if spec.self_referential:
+    if spec.hierarchy_checks:
         problems.extend(
             f"{check.name}: {check.detail}; fix the data in the app, then run again"
             for check in hierarchy_checks(conn, spec, settings)
@@ -135,7 +140,7 @@ def _privilege_problems(
     row = conn.execute(
         statement("catalog", "privileges"), {"relid": state.table.oid, "ref_relid": state.ref_table.oid}
     ).fetchone()
-    (owns, can_select, can_update, can_use, can_create_in, can_select_ref, can_reference, can_use_ref) = row
+    (owns, can_select, can_update, can_use, can_create_in, can_select_ref, can_reference, can_use_ref) = row[:8]
     who, table, ref_table, schema, owner = as_written(
         conn, conn.info.user, (spec.schema, spec.table), (spec.schema, spec.ref_table), spec.schema, state.table.owner
     )
@@ -150,7 +155,7 @@ def _privilege_problems(
             (
                 owns,
                 f"ownership of {table} (owner: {owner}; ALTER TABLE and CREATE INDEX need the owner's rights)",
-                f"GRANT {owner} TO {who}, or run as {owner}",
+                _ownership_fix(conn, table, who, owner, owner_is_superuser=row[8], member_of_owner=row[9]),
             ),
             (
                 can_create_in,
@@ -166,6 +171,22 @@ def _privilege_problems(
         ]
     missing = dict.fromkeys((what, grant) for ok, what, grant in needed if not ok)
     return [f"role {who} lacks {what}: {grant}" for what, grant in missing]
+
+
+def _ownership_fix(
+    conn: psycopg.Connection, table: str, who: str, owner: str, *, owner_is_superuser: bool, member_of_owner: bool
+) -> str:
+    if owner_is_superuser:
+        # Membership in a superuser role would make the pipeline's role a superuser.
+        return (
+            f"ALTER TABLE {table} OWNER TO a role that is not a superuser and that {who} is a member of "
+            f"(never GRANT {owner} TO {who})"
+        )
+    if member_of_owner:  # a member that does not inherit the owner's rights (NOINHERIT)
+        if conn.info.server_version >= 160000:
+            return f"GRANT {owner} TO {who} WITH INHERIT TRUE"
+        return f"ALTER ROLE {who} INHERIT"
+    return f"GRANT {owner} TO {who}, or run as {owner}"
 
 
 def _describe_constraint(state: TargetState) -> str:

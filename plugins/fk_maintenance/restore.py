@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 
 from .audit import ensure_audit_table, find_audit_tables
-from .catalog import require_target
+from .catalog import require_target, table_info
 from .errors import InvalidSettings
 from .session import LockAttempts, run_lock, set_local_timeouts, step_session, with_lock_retries
 from .settings import RunSettings
@@ -52,12 +52,7 @@ def restore_run(
                     return _finish(spec, settings, run_id, totals, started)
             else:
                 ensure_audit_table(conn, spec, state)
-                with conn.transaction():
-                    set_local_timeouts(
-                        conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
-                    )
-                    conn.execute(statement("restore", "create_log", spec))
-                    conn.execute(statement("restore", "comment_log", spec))
+                _ensure_restore_log(conn, spec, settings)
             versions = _our_versions(conn, spec, run_id)
             for keys in _audit_batches(conn, spec, run_id, settings.batch_size):
                 counts = _restore_batch(conn, spec, settings, run_id, restore_id, keys, versions)
@@ -72,6 +67,19 @@ def restore_run(
                 if settings.batch_pause_ms:
                     time.sleep(settings.batch_pause_ms / 1000)
     return _finish(spec, settings, run_id, totals, started)
+
+
+def _ensure_restore_log(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> None:
+    """The restore log, created (and commented) only when missing: a role that restores another key's run needs
+    only INSERT on a log it does not own, and no CREATE on a schema a DBA made."""
+    if table_info(conn, spec.audit_schema, spec.restore_log_table) is not None:
+        return
+    with conn.transaction():
+        set_local_timeouts(
+            conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
+        )
+        conn.execute(statement("restore", "create_log", spec))
+        conn.execute(statement("restore", "comment_log", spec))
 
 
 def _our_versions(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> dict[str, Any]:

@@ -35,9 +35,17 @@ class ForeignKeySpec:
     audit_table: str
     on_delete: str = "SET NULL"
     audit_schema: str = "fk_maintenance"
+    # The data's own rules for a self-referencing hierarchy, which a foreign key does not need: no cycle (a row
+    # is not its own ancestor) and no chain deeper than the run's max_depth. Checked by preflight before any
+    # change and again by post_checks; off unless declared.
+    hierarchy_checks: bool = False
 
     def __post_init__(self) -> None:
         for field, value in asdict(self).items():
+            if field == "hierarchy_checks":
+                if not isinstance(value, bool):
+                    raise ValueError("foreign-key spec: hierarchy_checks must be true or false")
+                continue
             if not isinstance(value, str) or not value:
                 raise ValueError(f"foreign-key spec: {field} must be a non-empty string")
             if len(value.encode()) > 63:
@@ -49,6 +57,11 @@ class ForeignKeySpec:
             raise ValueError(
                 f"foreign-key spec: audit_schema {self.audit_schema!r} is the app's own schema; the app's schema "
                 "tool would drop the audit table there. Use a schema of the pipeline's, such as 'fk_maintenance'"
+            )
+        if self.hierarchy_checks and not self.self_referential:
+            raise ValueError(
+                f"foreign-key spec: hierarchy_checks needs a self-referencing key, and {self.table} references "
+                f"{self.ref_table}"
             )
         if self.on_delete not in ON_DELETE_ACTIONS.values():
             raise ValueError(
@@ -119,4 +132,5 @@ VISION_KPIS_PARENT_FK = ForeignKeySpec(
     constraint="vision_kpis_parent_kpi_id_fkey",
     index="vision_kpis_parent_kpi_idx",
     audit_table="vision_kpis_orphan_audit",
+    hierarchy_checks=True,
 )

@@ -48,8 +48,7 @@ STEPS: tuple[Step, ...] = (
         "nothing: checks tables, columns, types, the key's shape, every privilege the run needs, same-named "
         "constraint/index/audit table, and that the data can take the key (no orphans of a NOT NULL key, no "
         "cycle or too-deep chain)",
-        "ACCESS SHARE: catalog reads, one walk of a self-referencing hierarchy and one orphan count of a NOT "
-        "NULL key",
+        "ACCESS SHARE: catalog reads, one walk of a self-referencing hierarchy and one orphan count of a NOT NULL key",
         # It changes nothing: a target it refuses (unreachable, wrong shape, bad data) fails at once, without
         # holding a fleet slot through retries, and the next run looks again.
         retried=False,

@@ -56,6 +56,7 @@ TARGETS_SCHEMA: dict[str, Any] = {
                     "index": _NAME,
                     "audit_schema": _NAME,
                     "audit_table": _NAME,
+                    "hierarchy_checks": {"type": "boolean"},
                     "conn_ids": {
                         "type": "array",
                         "minItems": 1,
@@ -106,7 +107,29 @@ def load_targets(path: Path) -> tuple[Target, ...]:
         except ValueError as exc:
             raise TargetsFileInvalid(f"{path}: foreign_keys[{number}] ({entry['name']!r}): {exc}") from None
         targets.append(Target(entry["name"], spec, tuple(entry["conn_ids"])))
+    _refuse_shared_objects(path, targets)
     return tuple(targets)
+
+
+def _refuse_shared_objects(path: Path, targets: list[Target]) -> None:
+    """Two keys must not share an audit table (the second's rows would overwrite the first's under the same
+    run id, and restore and reports would mix them), nor an index or a constraint name on one table."""
+    owners: dict[tuple[str, ...], list[str]] = {}
+    for target in targets:
+        spec = target.spec
+        for what in (
+            ("audit table", spec.audit_schema, spec.audit_table),
+            ("index", spec.schema, spec.index),
+            ("constraint", spec.schema, spec.table, spec.constraint),
+        ):
+            owners.setdefault(what, []).append(target.name)
+    shared = [
+        f"{what[0]} {'.'.join(what[1:])} is declared by {', '.join(map(repr, names))}"
+        for what, names in owners.items()
+        if len(names) > 1
+    ]
+    if shared:
+        raise TargetsFileInvalid(f"{path}: each key needs its own: " + "; ".join(shared))
 
 
 def _describe(error: jsonschema.ValidationError, document: Any) -> str:
