@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from devkit.db_state import revive_parent, snapshot
@@ -109,6 +110,27 @@ def test_a_run_nulled_before_transactions_were_recorded_is_restored_where_still_
     with db.connect() as conn:
         result = restore_run(conn, spec, NOW, "run-1", "restore-a")
     assert result["restored"] == sum(parent in revived for _, parent in audit) and result["changed_since"] == 0
+
+
+def test_a_role_with_only_row_privileges_on_the_pipelines_tables_restores(db, spec) -> None:
+    """The DBA made the pipeline's schema and tables and granted rows, not CREATE or ownership: restore needs no
+    more (it creates and comments only what is missing)."""
+    audit, revived = _converged_with_revived_parents(db, spec)
+    with db.connect() as conn:
+        restore_run(conn, spec, replace(NOW, dry_run=False), "no-such-run", "make-the-log")  # the log exists now
+    db.execute(
+        "DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'kpi_restorer') THEN "
+        "EXECUTE 'DROP OWNED BY kpi_restorer'; DROP ROLE kpi_restorer; END IF; END $$;"
+        "CREATE ROLE kpi_restorer LOGIN; GRANT USAGE ON SCHEMA fk_maintenance TO kpi_restorer;"
+        "REVOKE CREATE ON SCHEMA fk_maintenance FROM PUBLIC;"
+        "GRANT SELECT, UPDATE ON vision_kpis TO kpi_restorer;"
+        "GRANT SELECT, INSERT, UPDATE ON fk_maintenance.vision_kpis_orphan_audit TO kpi_restorer;"
+        "GRANT SELECT ON fk_maintenance.nulling_transactions TO kpi_restorer;"
+        "GRANT SELECT, INSERT ON fk_maintenance.restore_log TO kpi_restorer"
+    )
+    with psycopg.connect(db.dsn, user="kpi_restorer", autocommit=True) as conn:
+        result = restore_run(conn, spec, NOW, "run-1", "restore-a")
+    assert result["restored"] == sum(parent in revived for _, parent in audit) > 0
 
 
 def test_restore_skips_a_row_the_app_holds_without_waiting_and_a_second_restore_puts_it_back(db, spec) -> None:

@@ -30,6 +30,22 @@ def test_the_shipped_file_declares_exactly_todays_key():
         (lambda t: t.replace("constraint: vision_kpis_parent_kpi_id_fkey", "constraint: " + "x" * 70), "is too long"),
         (lambda t: t.replace("on_delete: SET NULL", "on_delete: DROP"), "'DROP' is not one of"),
         (lambda t: t.replace("name: vision_kpis_parent_fk", "name: bad name"), "does not match"),
+        (
+            # A second key of another table that reuses the first one's audit table (and its index name).
+            lambda t: (
+                t
+                + t.split("foreign_keys:\n")[1]
+                .replace("name: vision_kpis_parent_fk", "name: goals_fk")
+                .replace("table: vision_kpis\n", "table: goals\n")
+                .replace("ref_table: vision_kpis", "ref_table: goals")
+            ),
+            "each key needs its own: audit table fk_maintenance.vision_kpis_orphan_audit is declared by "
+            "'vision_kpis_parent_fk', 'goals_fk'; index public.vision_kpis_parent_kpi_idx is declared by",
+        ),
+        (
+            lambda t: t.replace("ref_table: vision_kpis", "ref_table: goals"),
+            "hierarchy_checks needs a self-referencing key",
+        ),
     ],
 )
 def test_a_bad_file_is_one_error_naming_the_file_and_the_entry(tmp_path, edit, message):

@@ -143,8 +143,8 @@ def sweep_orphans(
         if total and state.column.not_null:
             raise OrphansCannotBeNulled(
                 f"{step}: {total} row(s) of {spec.schema}.{spec.table} point at a missing parent, and "
-                f"{spec.column} is NOT NULL, so they cannot be nulled (written since preflight?); nothing was "
-                "changed. Delete them or point them at an existing parent in the app, then run again"
+                f"{spec.column} is NOT NULL, so they cannot be nulled (written since preflight?); this step changed "
+                "nothing. Delete them or point them at an existing parent in the app, then run again"
             )
         ensure_audit_table(conn, spec, state)
         log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)

@@ -8,6 +8,7 @@ from contextlib import closing
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from .settings import RunSettings
 from .spec import ForeignKeySpec
@@ -87,7 +88,9 @@ def build_report(
         "final_state": final_state,
         "succeeded": final_state in (CONVERGED, DRY_RUN_STATE),
         "restore_hint": (
-            f"pointers nulled by this run are in {spec.audit_qualified} WHERE run_id = '{run_id}'"
+            f"pointers nulled by this run: SELECT * FROM "
+            f"{sql.Identifier(spec.audit_schema, spec.audit_table).as_string(None)} "
+            f"WHERE run_id = {sql.Literal(run_id).as_string(None)}"
             if nulled
             else "no pointer was nulled"
         ),
