@@ -24,8 +24,9 @@ from devkit.db_state import snapshot
 from devkit.pipeline import run_pipeline
 from devkit.pooler import PGBOUNCER, PgBouncer
 from devkit.workload import AppWorkload
-from fk_maintenance.errors import PoolerNotSupported, TargetUnreachable
+from fk_maintenance.errors import PoolerNotSupported, PreflightFailed, TargetUnreachable
 from fk_maintenance.orphans import null_orphans
+from fk_maintenance.preflight import preflight
 from fk_maintenance.settings import RunSettings
 from fk_maintenance.spec import VISION_KPIS_PARENT_FK
 
@@ -163,6 +164,11 @@ def test_batches_wait_while_a_replica_lags_and_none_commits_while_the_lag_is_ove
                 with db.connect() as conn:
                     result = null_orphans(conn, VISION_KPIS_PARENT_FK, settings, "lag-1")
                 resumer.join()
+            # The same database on the standby: a run pointed there is refused before it tries to write.
+            with psycopg.connect(replica.dsn(db.name), autocommit=True) as conn:
+                with pytest.raises(PreflightFailed, match=r"reaches a standby \(pg_is_in_recovery\(\) is true\)"):
+                    preflight(conn, VISION_KPIS_PARENT_FK, RunSettings())
+                assert preflight(conn, VISION_KPIS_PARENT_FK, RunSettings(dry_run=True))["dry_run"] is True
         finally:
             replica.stop()
         with db.connect() as conn:
