@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import sqlite3
 import subprocess
 import sys
@@ -48,6 +49,27 @@ def cli(command: Path, *args: str, cwd: Path | None = None) -> subprocess.Comple
     """The command with an environment that holds nothing of this checkout (no PYTHONPATH, no Airflow)."""
     env = {"PATH": f"{command.parent}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
     return subprocess.run([str(command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def cli_on_terminal(command: Path, *args: str) -> tuple[int, str, str]:
+    """The command with its stderr on a pseudo-terminal, as a person runs it: (exit code, stdout, what the
+    terminal received)."""
+    controller, terminal = pty.openpty()
+    env = {"PATH": f"{command.parent}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+    process = subprocess.Popen([str(command), *args], env=env, stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    received = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the command closed the terminal
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(controller)
+    stdout, _ = process.communicate(timeout=600)
+    return process.returncode, stdout, received.decode()
 
 
 def on(db) -> list[str]:
@@ -175,15 +197,17 @@ def test_run_waits_for_the_window_then_converges_and_restore_puts_back_what_it_n
     assert fleet.returncode == 2 and "fleet setting" in fleet.stderr
     assert db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'fk_maintenance'") == 0
 
-    first = cli(command, "run", *on(db), "--key", KEY, "--set", "batch_size=25", *_closed_window())
-    assert first.returncode == 3, first.stdout + first.stderr
-    run_id = first.stdout.splitlines()[0].removeprefix("Run id: ")
+    code, first, terminal = cli_on_terminal(
+        command, "run", *on(db), "--key", KEY, "--set", "batch_size=25", *_closed_window()
+    )
+    assert code == 3, first + terminal
+    run_id = first.splitlines()[0].removeprefix("Run id: ")
     assert run_id.startswith("cli__")
-    assert f"Run {run_id}: incomplete: post_checks did not finish" in first.stdout
-    assert "validate_fk waits for the low-traffic window" in first.stdout
-    # Progress of the batches, as plain lines when not on a terminal.
-    assert f"null_orphans: {generated.orphans}/{generated.orphans} (100%) rows" in first.stderr
-    assert f"fk-maintenance restore --key {KEY} --run-id '{run_id}'" in first.stdout
+    assert f"Run {run_id}: incomplete: post_checks did not finish" in first
+    assert "validate_fk waits for the low-traffic window" in first
+    # On a terminal, the batches' progress is a bar redrawn in place.
+    assert f"\r\x1b[Knull_orphans [{'#' * 30}] {generated.orphans}/{generated.orphans} (100%) rows" in terminal
+    assert f"fk-maintenance restore --key {KEY} --run-id '{run_id}'" in first
     audited = dict(db.query(f"SELECT kpi_id, old_parent_kpi_id FROM {AUDIT} WHERE run_id = %s", [run_id]))
     assert len(audited) == generated.orphans and all(pointers[k] == v for k, v in audited.items())
 
@@ -208,6 +232,9 @@ def test_run_waits_for_the_window_then_converges_and_restore_puts_back_what_it_n
     restored = cli(command, "restore", *on(db), "--key", KEY, "--run-id", run_id, "--set", "batch_size=10")
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert f"{len(expected)} pointer(s) put back, {generated.orphans - len(expected)} still missing" in restored.stdout
+    # Not on a terminal, progress is plain lines (a CI log, a file).
+    assert f"restore: {generated.orphans} rows, {len(expected)} changed" in restored.stderr
+    assert "\r" not in restored.stderr
     after = dict(db.query("SELECT id, parent_kpi_id FROM vision_kpis"))
     assert {k for k in audited if after[k] is not None} == expected
     assert all(after[k] == pointers[k] for k in expected)
