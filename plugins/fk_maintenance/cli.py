@@ -314,7 +314,10 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
     )
     results = outcome.results
     refused = outcome.problems or ([outcome.error] if outcome.error else [])
-    sections = [PlanSection("steps", [f"{name}: {_would(name, result)}" for name, result in results.items()])]
+    steps = [f"{name}: {_would(name, result, results)}" for name, result in results.items() if result is not None]
+    if outcome.failed_step:
+        steps.append(f"{outcome.failed_step}: refused (below); no later step would run")
+    sections = [PlanSection("steps", steps)]
     if results.get("detect_orphans"):
         found = results["detect_orphans"]
         sample = ", ".join(found["sample"][:PLAN_SAMPLE]) or "none"
@@ -357,13 +360,13 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
     }
 
 
-def _would(step: str, result: dict[str, Any] | None) -> str:
-    if result is None:
-        return "not reached"
+def _would(step: str, result: dict[str, Any], results: dict[str, dict[str, Any] | None]) -> str:
+    """What a real run's ``step`` would do, from its dry run's ``result`` (and the steps before it)."""
     if step == "validate_fk" and "would_run_now" in result:
         return f"would validate {'now' if result['would_run_now'] else 'later'} ({result['reason']})"
     if step == "null_orphans":
-        return "would null every orphan pointer in audited batches"
+        orphans = (results.get("detect_orphans") or {}).get("orphans")
+        return "nothing to null" if orphans == 0 else f"would null {orphans} pointer(s) in audited batches"
     if step == "post_checks":
         checks = result.get("checks", [])
         holding = sum(1 for check in checks if check["ok"])
@@ -483,7 +486,9 @@ def cmd_restore(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         "failed": [],
     }
     out("")
-    out(format_restore_report(report))
+    table = format_restore_report(report).splitlines()
+    # Its first line says what was put back; a dry run put back nothing, and says what it would below.
+    out("\n".join(table[1:] if settings.dry_run else table))
     if settings.dry_run:
         out(f"Dry run: {result['restored']} pointer(s) would be put back; nothing was changed")
     elif result["restore_log"]:
