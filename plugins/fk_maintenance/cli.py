@@ -316,7 +316,8 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
     refused = outcome.problems or ([outcome.error] if outcome.error else [])
     steps = [f"{name}: {_would(name, result, results)}" for name, result in results.items() if result is not None]
     if outcome.failed_step:
-        steps.append(f"{outcome.failed_step}: refused (below); no later step would run")
+        stopped = "could not connect" if outcome.unreachable else "refused (below)"
+        steps.append(f"{outcome.failed_step}: {stopped}; no later step would run")
     sections = [PlanSection("steps", steps)]
     if results.get("detect_orphans"):
         found = results["detect_orphans"]
@@ -385,7 +386,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"  {section['title']}:")
         lines += [f"    {line}" for line in section["lines"]]
     if plan["refused"]:
-        lines.append(f"  refused at {plan['failed_step']}:")
+        lines.append(f"  {'stopped' if plan['unreachable'] else 'refused'} at {plan['failed_step']}:")
         for reason in plan["refused"]:
             first, *rest = reason.splitlines()
             lines += [f"    - {first}", *(f"      {line}" for line in rest)]
