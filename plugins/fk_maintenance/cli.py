@@ -43,6 +43,7 @@ EXIT_OK = 0  # check: the file is valid; plan: every key would converge; run: co
 EXIT_REFUSED = 1  # check: the file has problems; plan: a key would be refused; run/restore: did not finish
 EXIT_USAGE = 2  # bad arguments or settings, a targets file that cannot be used, an unreachable database
 EXIT_WAITING = 3  # run: everything up to validation is done; VALIDATE waits for the low-traffic window
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
 
 TARGETS_ENV = "FK_MAINTENANCE_TARGETS"  # the variable the DAG file reads too
 DEFAULT_TARGETS = Path("dags") / "targets.yaml"
@@ -635,6 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MaintenanceError as exc:
         print(f"{PROG} {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:
+        # A batch in flight rolls back with its connection; every step is idempotent, so the next run converges.
+        print(f"{PROG} {args.command}: interrupted; run it again to carry on", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         handler.close()
         package_log.removeHandler(handler)
