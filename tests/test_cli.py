@@ -213,7 +213,7 @@ def test_run_waits_for_the_window_then_converges_and_restore_puts_back_what_it_n
 
     second = cli(command, "run", *on(db), "--key", KEY, "--set", "validate_now=true")
     assert second.returncode == 0, second.stdout + second.stderr
-    assert ": converged" in second.stdout and "Pointers nulled: 0" in second.stdout  # nothing done twice
+    assert ": converged" in second.stdout and "Pointers nulled and audited: 0" in second.stdout  # nothing done twice
     assert db.scalar(f"SELECT count(*) FROM {AUDIT}") == generated.orphans
 
     # The app brings three of the missing parents back; the restore puts back the pointers to them.
@@ -294,7 +294,7 @@ def test_a_run_and_a_dag_run_started_at_the_same_moment_never_work_at_once_and_d
     cli_text, dag_text = cli_log.read_text(), dag_log.read_text()
     assert codes == {"dag": 0, "cli": 0}, cli_text + dag_text[-5000:]
     dag_report = latest_xcom(airflow_home, "canary.report")
-    cli_nulled = int(cli_text.split("Pointers nulled: ", 1)[1].split(" ", 1)[0])
+    cli_nulled = int(cli_text.split("Pointers nulled and audited: ", 1)[1].split(" ", 1)[0])
     assert {dag_report["final_state"], "converged"} == {"converged"} and ": converged" in cli_text
     # Every orphan was nulled and audited exactly once, by one of the two runs; one index, one constraint.
     assert cli_nulled + dag_report["nulled"] == generated.orphans

@@ -103,4 +103,4 @@ def test_plan_and_run_on_an_airflow_connection_go_through_the_dags_postgres_hook
     assert "s3cret-pw" not in down.stdout + down.stderr
     ran = command("run", "--conn-id", "kpi_db", "--key", "vision_kpis_parent_fk", "--set", "validate_now=true")
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert f"Pointers nulled: {generated.orphans} " in ran.stdout
+    assert f"Pointers nulled and audited: {generated.orphans} " in ran.stdout

@@ -30,7 +30,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .airflow_tasks import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, LIBPQ_DEFAULTS
-from .errors import ConcurrentRun, InvalidSettings, MaintenanceError, PreflightFailed, TargetUnreachable
+from .errors import (
+    ConcurrentRun,
+    InvalidSettings,
+    MaintenanceError,
+    PostChecksFailed,
+    PreflightFailed,
+    TargetUnreachable,
+)
 from .progress import ProgressHandler
 from .settings import SECTION_FLEET, SETTING_DEFS, RunSettings
 from .spec import ForeignKeySpec
@@ -207,6 +214,10 @@ def run_steps(
             outcome.failed_step, outcome.error, outcome.unreachable = step.name, str(exc), True
         except PreflightFailed as exc:
             outcome.failed_step, outcome.error, outcome.problems = step.name, str(exc), list(exc.problems)
+        except PostChecksFailed as exc:
+            # Every check with its outcome, for the report, as the DAG's report task reads it.
+            outcome.results[step.name] = exc.summary
+            outcome.failed_step, outcome.error = step.name, f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # any error of a step ends the run here, as a failed task ends its target
             outcome.failed_step, outcome.error = step.name, f"{type(exc).__name__}: {exc}"
         if outcome.failed_step:
@@ -371,10 +382,17 @@ def _would(step: str, result: dict[str, Any], results: dict[str, dict[str, Any] 
         return "nothing to null" if orphans == 0 else f"would null {orphans} pointer(s) in audited batches"
     if step == "post_checks":
         checks = result.get("checks", [])
-        holding = sum(1 for check in checks if check["ok"])
-        if holding == len(checks):
-            return f"all {len(checks)} end-state checks already pass"
-        return f"would verify the end state ({holding} of {len(checks)} checks pass before the run)"
+        passing = sum(1 for check in checks if check["ok"] is True)
+        failing = sum(1 for check in checks if check["ok"] is False)
+        # A dry run leaves out the checks that need a write (ok None).
+        untried = (
+            f"; {len(checks) - passing - failing} need a write and are left to the run"
+            if passing + failing < len(checks)
+            else ""
+        )
+        if not failing:
+            return f"the end state already holds: {passing} check(s) pass{untried}"
+        return f"would verify the end state: {passing} check(s) pass before the run, {failing} not yet{untried}"
     return _summary(result)
 
 
@@ -418,7 +436,7 @@ def cmd_plan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
-    from .report import build_report, format_report
+    from .report import build_report, format_report, read_audited
 
     path = targets_path(args)
     (target,) = select(load(path), args.key, path)
@@ -434,7 +452,9 @@ def cmd_run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     outcome = run_steps(database, target.spec, settings, run_id, echo=echo)
     # build_report logs its lines too; the command prints the report itself, once.
     logging.getLogger("fk_maintenance.report").disabled = True
-    report = build_report(target.spec, settings, run_id, outcome.results)
+    # Counted from the audit, as under Airflow: a step that failed after committing batches reported none of them.
+    audited = None if settings.dry_run else read_audited(database.connect, target.spec, settings, run_id)
+    report = build_report(target.spec, settings, run_id, outcome.results, audited=audited)
     out("")
     out(format_report(report))
     if outcome.error:
