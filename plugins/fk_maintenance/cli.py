@@ -186,7 +186,6 @@ class StepsOutcome:
     error: str | None = None
     unreachable: bool = False
     waiting_for_window: str | None = None
-    waited_for_other_run_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
 
@@ -240,18 +239,30 @@ def _step_waiting_for_other_runs(
     started_at: datetime,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
-    """One step; while another session holds the run lock or builds our index, look again every
+    def call() -> dict[str, Any]:
+        with closing(database.connect()) as conn:
+            return step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
+
+    return waiting_for_other_runs(step.name, call, settings, started_at, echo)
+
+
+def waiting_for_other_runs(
+    what: str,
+    call: Callable[[], dict[str, Any]],
+    settings: RunSettings,
+    started_at: datetime,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """``call()``; while another session holds the run lock or builds our index (ConcurrentRun), look again every
     CONCURRENT_RUN_RECHECK, for as long as a DAG task would wait (index_timeout_min plus CONCURRENT_RUN_GRACE
     from the run's start), then fail naming the holder."""
     while True:
         try:
-            with closing(database.connect()) as conn:
-                return step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
+            return call()
         except ConcurrentRun as exc:
-            waited = datetime.now(UTC) - started_at
-            if waited >= timedelta(minutes=settings.index_timeout_min) + CONCURRENT_RUN_GRACE:
+            if datetime.now(UTC) - started_at >= timedelta(minutes=settings.index_timeout_min) + CONCURRENT_RUN_GRACE:
                 raise
-            echo(f"{step.name}: waiting: {exc}; looking again in {CONCURRENT_RUN_RECHECK.total_seconds():.0f} s")
+            echo(f"{what}: waiting: {exc}; looking again in {CONCURRENT_RUN_RECHECK.total_seconds():.0f} s")
             time.sleep(CONCURRENT_RUN_RECHECK.total_seconds())
 
 
@@ -271,6 +282,11 @@ def _summary(result: dict[str, Any]) -> str:
     if "table_size" in result:
         return f"{result['table']} {result['table_size']}, constraint {result['constraint']}, index {result['index']}"
     return "done"
+
+
+def echo_step(line: str) -> None:
+    """A step's line as it finishes: on stderr, so that stdout holds only the plan, the report or the JSON."""
+    print(f"  {line}", file=sys.stderr, flush=True)
 
 
 def _now_id(prefix: str) -> str:
@@ -416,7 +432,7 @@ def cmd_plan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     path = targets_path(args)
     targets = select(load(path), args.key, path)
     database = database_from(args)
-    echo = (lambda _line: None) if args.json else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    echo = (lambda _line: None) if args.json else echo_step
     plans = []
     for target in targets:
         if not args.json:
@@ -446,10 +462,7 @@ def cmd_run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     out(f"Run id: {run_id}")
     out(f"{target.name} on {database.label}{' (dry run)' if settings.dry_run else ''}")
 
-    def echo(line: str) -> None:
-        print(f"  {line}", file=sys.stderr, flush=True)
-
-    outcome = run_steps(database, target.spec, settings, run_id, echo=echo)
+    outcome = run_steps(database, target.spec, settings, run_id, echo=echo_step)
     # build_report logs its lines too; the command prints the report itself, once.
     logging.getLogger("fk_maintenance.report").disabled = True
     # Counted from the audit, as under Airflow: a step that failed after committing batches reported none of them.
@@ -490,17 +503,12 @@ def cmd_restore(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         f"{'Dry run: counting' if settings.dry_run else 'Putting back'} the pointers run {args.run_id!r} nulled, "
         f"{target.name} on {database.label}"
     )
-    started_at = datetime.now(UTC)
-    while True:
-        try:
-            with closing(database.connect()) as conn:
-                result = restore_run(conn, target.spec, settings, args.run_id, restore_id)
-            break
-        except ConcurrentRun as exc:
-            if datetime.now(UTC) - started_at >= timedelta(minutes=settings.index_timeout_min) + CONCURRENT_RUN_GRACE:
-                raise
-            print(f"  restore: waiting: {exc}", file=sys.stderr, flush=True)
-            time.sleep(CONCURRENT_RUN_RECHECK.total_seconds())
+
+    def call() -> dict[str, Any]:
+        with closing(database.connect()) as conn:
+            return restore_run(conn, target.spec, settings, args.run_id, restore_id)
+
+    result = waiting_for_other_runs("restore", call, settings, datetime.now(UTC), echo_step)
     report = {
         "targets": [result | {"conn_id": database.label}],
         "restored": result["restored"],
@@ -655,6 +663,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except MaintenanceError as exc:
         print(f"{PROG} {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except psycopg.Error as exc:  # a server error no step turned into one of ours (restore's, for example)
+        print(f"{PROG} {args.command}: {type(exc).__name__}: {exc}".rstrip(), file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         # A batch in flight rolls back with its connection; every step is idempotent, so the next run converges.
