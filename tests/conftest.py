@@ -108,6 +108,17 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """The app's pinned node_modules (drizzle-kit), installed once into a cache (devkit.drizzle)."""
+    from devkit.drizzle import NodeToolingMissing, install_node_modules
+
+    try:
+        return install_node_modules()
+    except NodeToolingMissing as missing:
+        pytest.fail(str(missing))  # a failure, never a silent skip: CI must run these
+
+
 FIGURES: list[str] = []
 
 

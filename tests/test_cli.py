@@ -18,7 +18,7 @@ import pytest
 
 from devkit.airflow_env import DAG_ID, airflow_env, latest_xcom
 from devkit.db_state import snapshot
-from devkit.drizzle import NodeToolingMissing, app_copy, drizzle_kit, install_node_modules
+from devkit.drizzle import app_copy, drizzle_kit
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = REPO / "dags" / "targets.yaml"
@@ -37,26 +37,25 @@ def command(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin" / "fk-maintenance"
 
 
-@pytest.fixture(scope="session")
-def node_modules() -> Path:
-    try:
-        return install_node_modules()
-    except NodeToolingMissing as missing:
-        pytest.fail(str(missing))
+def clean_env(command: Path) -> dict[str, str]:
+    """An environment that holds nothing of this checkout (no PYTHONPATH, no Airflow): the command's virtualenv
+    and the system's tools only."""
+    return {"PATH": f"{command.parent}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
 
 
 def cli(command: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The command with an environment that holds nothing of this checkout (no PYTHONPATH, no Airflow)."""
-    env = {"PATH": f"{command.parent}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
-    return subprocess.run([str(command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(command), *args], cwd=cwd, env=clean_env(command), capture_output=True, text=True, timeout=600
+    )
 
 
 def cli_on_terminal(command: Path, *args: str) -> tuple[int, str, str]:
     """The command with its stderr on a pseudo-terminal, as a person runs it: (exit code, stdout, what the
     terminal received)."""
     controller, terminal = pty.openpty()
-    env = {"PATH": f"{command.parent}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
-    process = subprocess.Popen([str(command), *args], env=env, stdout=subprocess.PIPE, stderr=terminal, text=True)
+    process = subprocess.Popen(
+        [str(command), *args], env=clean_env(command), stdout=subprocess.PIPE, stderr=terminal, text=True
+    )
     os.close(terminal)
     received = b""
     while True:
@@ -274,7 +273,7 @@ def test_a_run_and_a_dag_run_started_at_the_same_moment_never_work_at_once_and_d
             ),
             "cli": subprocess.Popen(
                 [str(command), "run", *on(db), "--key", KEY, "--set", "validate_now=true"],
-                env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")},
+                env=clean_env(command),
                 stdout=cli_out,
                 stderr=subprocess.STDOUT,
                 text=True,
