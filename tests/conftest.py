@@ -4,6 +4,8 @@ throw-away Airflow home with SQLite metadata for the DAG tests."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -85,6 +87,36 @@ def airflow_home() -> Path:
 
     migrate(AIRFLOW_HOME)
     return AIRFLOW_HOME
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package's wheel, built once per session (the package tests and the command's tests install it)."""
+    # Built from a copy holding only what the build reads, so the checkout gets no build/ folder.
+    source = tmp_path_factory.mktemp("source")
+    shutil.copy(REPO / "pyproject.toml", source)
+    shutil.copytree(REPO / "plugins" / "fk_maintenance", source / "plugins" / "fk_maintenance")
+    shutil.copytree(REPO / "sql", source / "sql")
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), "."],
+        cwd=source,
+        check=True,
+        capture_output=True,
+    )
+    (built,) = out.glob("kpi_fk_maintenance-*.whl")
+    return built
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """The app's pinned node_modules (drizzle-kit), installed once into a cache (devkit.drizzle)."""
+    from devkit.drizzle import NodeToolingMissing, install_node_modules
+
+    try:
+        return install_node_modules()
+    except NodeToolingMissing as missing:
+        pytest.fail(str(missing))  # a failure, never a silent skip: CI must run these
 
 
 FIGURES: list[str] = []

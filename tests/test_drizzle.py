@@ -3,27 +3,17 @@ app/package-lock.json by the test set-up) against real databases, with the app f
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import psycopg
 import pytest
 
 from devkit.app_db import populate
 from devkit.db_state import snapshot
-from devkit.drizzle import NodeToolingMissing, app_copy, drizzle_kit, install_node_modules
+from devkit.drizzle import app_copy, drizzle_kit
 from devkit.pipeline import run_pipeline
 from fk_maintenance.catalog import inspect_target
 from fk_maintenance.settings import RunSettings
 
 NOW = RunSettings(validate_now=True)
-
-
-@pytest.fixture(scope="session")
-def node_modules() -> Path:
-    try:
-        return install_node_modules()
-    except NodeToolingMissing as missing:
-        pytest.fail(str(missing))  # a failure, never a silent skip: CI must run these
 
 
 def _ok(result) -> str:

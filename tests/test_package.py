@@ -3,33 +3,12 @@ it needs no sql/ folder beside it."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Built from a copy holding only what the build reads, so the checkout gets no build/ folder.
-    source = tmp_path_factory.mktemp("source")
-    shutil.copy(REPO / "pyproject.toml", source)
-    shutil.copytree(REPO / "plugins" / "fk_maintenance", source / "plugins" / "fk_maintenance")
-    shutil.copytree(REPO / "sql", source / "sql")
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), "."],
-        cwd=source,
-        check=True,
-        capture_output=True,
-    )
-    (built,) = out.glob("kpi_fk_maintenance-*.whl")
-    return built
 
 
 def test_the_wheel_carries_every_module_and_the_sql_exactly_as_written_in_sql(wheel: Path) -> None:
