@@ -115,9 +115,14 @@ def test_a_run_nulled_before_transactions_were_recorded_is_restored_where_still_
 def test_a_role_with_only_row_privileges_on_the_pipelines_tables_restores(db, spec) -> None:
     """The DBA made the pipeline's schema and tables and granted rows, not CREATE or ownership: restore needs no
     more (it creates and comments only what is missing)."""
-    audit, revived = _converged_with_revived_parents(db, spec)
-    with db.connect() as conn:
-        restore_run(conn, spec, replace(NOW, dry_run=False), "no-such-run", "make-the-log")  # the log exists now
+    db.build(3000, orphan_ratio=0.03)
+    run_pipeline(db.connect, spec, NOW, "run-1")
+    with db.connect() as conn:  # no parent is back yet: this restore puts nothing back, but makes the log
+        assert restore_run(conn, spec, NOW, "run-1", "make-the-log")["restored"] == 0
+    audit = _nulled_by(db, "run-1")
+    revived = set(sorted({parent for _, parent in audit})[::2])
+    for parent in revived:
+        revive_parent(db, parent)
     db.execute(
         "DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'kpi_restorer') THEN "
         "EXECUTE 'DROP OWNED BY kpi_restorer'; DROP ROLE kpi_restorer; END IF; END $$;"
@@ -158,6 +163,18 @@ def test_restore_refuses_an_empty_run_id(db, spec) -> None:
     db.build(100)
     with db.connect() as conn, pytest.raises(InvalidSettings, match="run_id is empty"):
         restore_run(conn, spec, NOW, " ", "restore-a")
+
+
+def test_restore_of_a_run_id_the_audit_does_not_hold_is_refused_and_writes_nothing(db, spec) -> None:
+    from fk_maintenance.errors import InvalidSettings
+
+    db.build(1000)
+    before = snapshot(db, spec)
+    for settings in (NOW, replace(NOW, dry_run=True)):
+        with db.connect() as conn, pytest.raises(InvalidSettings, match="holds no pointer of run 'typo'"):
+            restore_run(conn, spec, settings, "typo", "restore-a")
+    assert snapshot(db, spec) == before
+    assert db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'fk_maintenance'") == 0
 
 
 # The restore DAG ---------------------------------------------------------------------------------------------

@@ -157,3 +157,11 @@ def test_validation_gives_up_after_max_windows() -> None:
     assert waiting.retry_at == datetime(2026, 1, 3, 1, 0, tzinfo=UTC)
     with pytest.raises(WindowsExhausted, match="2 window"):
         decide_window(settings, now=datetime(2026, 1, 3, 12, 0, tzinfo=UTC), run_started_at=started)
+
+
+def test_a_whole_number_given_as_a_float_is_taken_as_the_integer_json_schema_says_it_is() -> None:
+    settings = RunSettings.from_params({"batch_size": 1e3, "lock_timeout_ms": 1500.0})
+    assert (settings.batch_size, settings.lock_timeout_ms) == (1000, 1500)
+    assert isinstance(settings.batch_size, int) and isinstance(settings.lock_timeout_ms, int)
+    with pytest.raises(InvalidSettings, match="batch_size"):
+        RunSettings.from_params({"batch_size": 1000.5})

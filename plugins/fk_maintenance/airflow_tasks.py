@@ -76,7 +76,8 @@ def connector(conn_id: str) -> Callable[[], psycopg.Connection]:
             return hook.get_conn()  # type: ignore[return-value]
         except psycopg.Error as exc:
             text = str(exc).strip()
-            reason = text.splitlines()[-1] if text else type(exc).__name__
+            # libpq's message is the failure, then hints; all of it, on one line.
+            reason = "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
             if connection.password:
                 reason = reason.replace(connection.password, "***")
             raise TargetUnreachable(

@@ -89,10 +89,12 @@ def dsn_database(dsn: str) -> Database:
         # libpq's message may quote part of the string, which may be the password.
         raise UsageError("--dsn is not a libpq connection string (key=value pairs or a postgresql:// URI)") from None
     password = params.get("password")
-    label = (
-        f"{params.get('user') or os.environ.get('PGUSER') or '?'}@{params.get('host') or 'local socket'}:"
-        f"{params.get('port') or 5432}/{params.get('dbname') or '?'}"
-    )
+    # What libpq will use where the string is silent: its environment variables, then its defaults.
+    user = params.get("user") or os.environ.get("PGUSER") or "?"
+    host = params.get("host") or os.environ.get("PGHOST") or "local socket"
+    port = params.get("port") or os.environ.get("PGPORT") or 5432
+    dbname = params.get("dbname") or os.environ.get("PGDATABASE") or user
+    label = f"{user}@{host}:{port}/{dbname}"
     conninfo = make_conninfo("", **{**{k: str(v) for k, v in LIBPQ_DEFAULTS.items()}, **params})
 
     def connect() -> psycopg.Connection:
@@ -100,7 +102,8 @@ def dsn_database(dsn: str) -> Database:
             return psycopg.connect(conninfo, autocommit=True)
         except psycopg.Error as exc:
             text = str(exc).strip()
-            reason = text.splitlines()[-1] if text else type(exc).__name__
+            # libpq's message is the failure, then hints; all of it, on one line.
+            reason = "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
             if password:
                 reason = reason.replace(str(password), "***")
             raise TargetUnreachable(f"cannot connect to the target database ({label}): {reason}") from None
@@ -666,6 +669,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except psycopg.Error as exc:  # a server error no step turned into one of ours (restore's, for example)
         print(f"{PROG} {args.command}: {type(exc).__name__}: {exc}".rstrip(), file=sys.stderr)
+        return EXIT_REFUSED
+    except BrokenPipeError:
+        # The reader went away (``| head``): no traceback, and nothing more is written to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_REFUSED
     except KeyboardInterrupt:
         # A batch in flight rolls back with its connection; every step is idempotent, so the next run converges.

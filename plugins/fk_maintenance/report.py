@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 CONVERGED = "converged"
 DRY_RUN_STATE = "dry run: nothing changed"
+# A step with no result: refused, failed, or never reached.
+DID_NOT_FINISH = "did not finish"
 
 
 def read_audited(
@@ -112,7 +114,7 @@ def _step_lines(results: dict[str, dict[str, Any] | None]) -> dict[str, dict[str
         step: {
             "seconds": get(step, "seconds"),
             "lock_retries": (get(step, "lock_timeouts") or 0) + (get(step, "deferred_for_long_transactions") or 0),
-            "outcome": get(step, "action") or get(step, "outcome") or ("ran" if results.get(step) else "did not run"),
+            "outcome": get(step, "action") or get(step, "outcome") or ("ran" if results.get(step) else DID_NOT_FINISH),
             "replica_lag_after_s": get(step, "replica_lag_after_s"),
             "replica_wait_seconds": get(step, "replica_wait_seconds"),
         }
@@ -121,7 +123,7 @@ def _step_lines(results: dict[str, dict[str, Any] | None]) -> dict[str, dict[str
 
 
 def _final_state(steps: dict[str, dict[str, Any]], settings: RunSettings, checks: dict[str, Any]) -> str:
-    unfinished = [step for step, line in steps.items() if line["outcome"] == "did not run"]
+    unfinished = [step for step, line in steps.items() if line["outcome"] == DID_NOT_FINISH]
     if settings.dry_run and not unfinished:
         return DRY_RUN_STATE  # its checks describe the database as it is, which the run was not to change
     if checks.get("failed"):  # post_checks ran and failed (it has no return value then): its checks say why
@@ -132,9 +134,12 @@ def _final_state(steps: dict[str, dict[str, Any]], settings: RunSettings, checks
 
 
 def format_report(report: dict[str, Any]) -> str:
+    lag, conn_id = report["replica_lag_caused_s"], report.get("conn_id")
+    # What a step that did not finish never measured is unknown, not Python's None.
+    report = {key: "unknown" if value is None else value for key, value in report.items()}
     lines = [
         f"Run {report['run_id']}: {report['final_state']}",
-        f"Target: {report['target']}" + (f" on connection {report['conn_id']}" if report.get("conn_id") else ""),
+        f"Target: {report['target']}" + (f" on connection {conn_id}" if conn_id else ""),
         f"Server: PostgreSQL {report['server_version']}, table {report['table_size']}",
         f"Orphans found: {report['orphans_found']} (pointing at {report['dangling_parents']} missing parent(s))",
         f"Pointers nulled and audited: {report['nulled']} (re-sweep {report['resweep_nulled']}; counted from "
@@ -142,7 +147,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"Lock retries (timed out, or deferred for a long transaction): {report['lock_retries']}",
         f"Connection: {report['connection']}",
         "Replica lag after the index build and VALIDATE (not throttled): "
-        + ("no replica seen" if report["replica_lag_caused_s"] is None else f"{report['replica_lag_caused_s']:.1f} s"),
+        + ("no replica seen" if lag is None else f"{lag:.1f} s"),
         f"Checks: {report['checks_passed']} passed, {report['checks_failed']} failed"
         + (f" ({', '.join(report['failed_checks'])})" if report["failed_checks"] else "")
         + f", {report.get('checks_not_tried') or 0} not tried"

@@ -46,6 +46,7 @@ def restore_run(
         conn, "restore", settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS, read_only=settings.dry_run
     ):
         state = require_target(conn, spec)
+        _require_audited_run(conn, spec, run_id)
         with run_lock(conn, spec):
             if settings.dry_run:
                 if find_audit_tables(conn, spec).current is None:
@@ -67,6 +68,17 @@ def restore_run(
                 if settings.batch_pause_ms:
                     time.sleep(settings.batch_pause_ms / 1000)
     return _finish(spec, settings, run_id, totals, started)
+
+
+def _require_audited_run(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> None:
+    """A run id the audit does not know is a typo (or another key's run): refused before anything is written."""
+    from .orphans import audited_for_run
+
+    if not audited_for_run(conn, spec, run_id):
+        raise InvalidSettings(
+            f"the audit table {spec.audit_qualified} holds no pointer of run {run_id!r}: check the run id (the run's "
+            "report names it, and only a run that nulled pointers has something to restore); nothing was changed"
+        )
 
 
 def _ensure_restore_log(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> None:

@@ -221,7 +221,9 @@ class RunSettings:
     def from_params(cls, params: dict[str, Any]) -> RunSettings:
         """Build from the DAG run's params, refusing unknown names, wrong types and bounds with one message."""
         _raise_on_problems(dict(params))
-        return cls(**params)
+        # JSON Schema counts 1000.0 (and 1e3) as an integer; the settings are Python ints from here on.
+        integers = {d.name for d in SETTING_DEFS if d.schema.get("type") == "integer"}
+        return cls(**{k: int(v) if k in integers and isinstance(v, float) else v for k, v in params.items()})
 
     @property
     def window(self) -> Window:

@@ -88,7 +88,7 @@ def load_targets(path: Path) -> tuple[Target, ...]:
     """Every target of the file, or TargetsFileInvalid naming the file, the entry and what is wrong with it."""
     try:
         document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise TargetsFileInvalid(f"{path}: cannot be read as YAML: {exc}") from None
     errors = sorted(_VALIDATOR.iter_errors(document), key=lambda e: [str(p) for p in e.path])
     if errors:
