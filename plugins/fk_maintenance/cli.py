@@ -559,6 +559,16 @@ def _settings_help() -> str:
     return f"a run setting of the DAG's trigger form, checked by the same schema; repeatable. Settings: {names}"
 
 
+class _SubcommandsWithVerbose:
+    """``add_parser`` of argparse's subparsers, each subcommand also taking ``-v``."""
+
+    def __init__(self, subparsers: Any, verbose: argparse.ArgumentParser) -> None:
+        self._subparsers, self._verbose = subparsers, verbose
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self._subparsers.add_parser(name, parents=[self._verbose], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -566,10 +576,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the same steps, settings, run lock, timeouts, audit and report as the DAGs.",
         epilog=f"Exit codes: {EXIT_OK} success; {EXIT_REFUSED} problems found (check), a key would be refused (plan), "
         f"the run did not converge or failed (run, restore); {EXIT_USAGE} a usage error, bad settings or an "
-        f"unreachable database; {EXIT_WAITING} (run) done up to validate_fk, which waits for the window.",
+        f"unreachable database; {EXIT_WAITING} (run) done up to validate_fk, which waits for the window; "
+        f"{EXIT_INTERRUPTED} interrupted (Ctrl-C): run it again to carry on.",
+    )
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show the steps' own log lines (INFO)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the steps' own log lines (INFO)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # -v also after the subcommand, where a user types it.
+    commands = _SubcommandsWithVerbose(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), verbose)
 
     check = commands.add_parser(
         "check",
@@ -628,8 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         metavar="NAME=VALUE",
         action="append",
-        help="a setting of the restore DAG's form (batch_size, batch_pause_ms, lock_timeout_ms, lock_attempts); "
-        "repeatable",
+        help="a run setting, as for run (the restore uses batch_size, batch_pause_ms, lock_timeout_ms and "
+        "lock_attempts); repeatable",
     )
     return parser
 
@@ -651,7 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_log = logging.getLogger(__package__)
     # A plan's own text carries what the steps found; their warnings (a dry run's failing end-state checks
     # among them) would only repeat it.
-    quiet = logging.CRITICAL if args.command == "plan" else logging.WARNING
+    # So would a dry run's: its end state is the database as it was, so its checks fail by design.
+    dry_run = args.command == "run" and any(a.replace(" ", "").lower() == "dry_run=true" for a in args.set or [])
+    quiet = logging.CRITICAL if args.command == "plan" or dry_run else logging.WARNING
     handler = ProgressHandler(sys.stderr, level=logging.INFO if args.verbose else quiet)
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)

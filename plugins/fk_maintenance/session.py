@@ -126,7 +126,7 @@ def run_lock(conn: psycopg.Connection, spec: ForeignKeySpec) -> Iterator[None]:
         )
         raise ConcurrentRun(
             f"another run is changing {spec.constraint} on {spec.schema}.{spec.table}: {who} holds the run lock "
-            f"{spec.advisory_lock_name!r}; this run stops here and changes nothing"
+            f"{spec.advisory_lock_name!r}; this step changes nothing while it is held"
         )
     try:
         yield
