@@ -134,7 +134,9 @@ def _param(definition: SettingDef, target: Target) -> Param:
 
 
 class WaitTurn(BaseSensorOperator):
-    """A target's turn in its fleet (fk_maintenance.fleet.turn), looked at every poke."""
+    """A target's turn in its fleet (fk_maintenance.fleet.turn). Under a scheduler it waits deferred: the triggerer
+    looks, the task holds no worker slot and cannot be failed by apache/airflow#71172 as a rescheduled sensor can.
+    Under ``airflow dags test`` (triggers run inline there) it pokes, rescheduled."""
 
     template_fields = ("conn_id",)
 
@@ -142,6 +144,21 @@ class WaitTurn(BaseSensorOperator):
         super().__init__(**kwargs)
         self.group = group
         self.conn_id = conn_id
+
+    def execute(self, context: Any) -> None:
+        from fk_maintenance.airflow_tasks import triggers_run_inline
+
+        if triggers_run_inline():
+            super().execute(context)
+        else:
+            self.execute_complete(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
+        """Decide from the targets' reports (the trigger saw only task states); still waiting: defer again."""
+        from fk_maintenance.airflow_tasks import run_wait_turn, turn_trigger
+
+        if not run_wait_turn(self.group, self.conn_id, context):
+            self.defer(trigger=turn_trigger(self.group, context), method_name="execute_complete", timeout=self.timeout)
 
     def poke(self, context: Any) -> bool:
         from fk_maintenance.airflow_tasks import run_wait_turn
@@ -171,14 +188,13 @@ def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool
             group=group_id,
             conn_id=conn_id,
             doc_md=DOC_MD[WAIT_TURN_TASK],
-            mode="reschedule",  # waiting holds no worker slot and no pool slot
+            mode="reschedule",  # only under `airflow dags test`; elsewhere it defers
             poke_interval=TURN_POKE_INTERVAL,
             timeout=TURN_TIMEOUT,
             **({"map_index_template": "{{ task.conn_id }}"} if mapped else {}),
-            # Airflow can mark a rescheduled sensor failed when the executor's event for its previous look arrives
-            # after the next look was queued (apache/airflow#71172); a retry resumes the wait instead of failing
-            # a target that was never touched.
-            retries=3,
+            # Waiting is deferred, so the executor race of rescheduled sensors (apache/airflow#71172) cannot fail it;
+            # retries are for what can still go wrong (a worker or the triggerer lost mid-look).
+            retries=2,
             retry_delay=TURN_POKE_INTERVAL,
             retry_exponential_backoff=False,
         )

@@ -104,7 +104,14 @@ def _create_pool(env: dict[str, str]) -> None:
 
 @contextmanager
 def local_airflow(
-    home: Path, *, port: int = 8080, rows: int = 100_000, fleet: int = 0, fleet_rows: int = 2000, timeout: float = 180
+    home: Path,
+    *,
+    port: int = 8080,
+    rows: int = 100_000,
+    fleet: int = 0,
+    fleet_rows: int = 2000,
+    timeout: float = 180,
+    turn_poke_seconds: int = 5,
 ) -> Iterator[LocalAirflow]:
     home.mkdir(parents=True, exist_ok=True)
     server = PgServer.embedded()
@@ -134,8 +141,8 @@ def local_airflow(
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_SEC": "2",
-            # Each look for a fleet turn is a task process: on a small machine, not every 2 s.
-            "FK_MAINTENANCE_TURN_POKE_SECONDS": "5",
+            # Waiting fleet targets look for their turn this often (the triggerer's looks, each one query).
+            "FK_MAINTENANCE_TURN_POKE_SECONDS": str(turn_poke_seconds),
             **{
                 f"AIRFLOW_CONN_{conn_id.upper()}": server.airflow_connection_json(database)
                 for conn_id, database in fleet_dbs.items()

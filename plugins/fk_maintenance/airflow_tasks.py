@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +33,8 @@ from .fleet import (
     RESTORE_RUN_ID_PARAM,
     RESTORE_TASK,
     TARGET_REPORT_KEY,
+    TARGET_STARTED_KEY,
+    TURN_POKE_INTERVAL,
     WAIT_TURN_TASK,
     build_fleet_report,
     plan_fleet,
@@ -48,12 +51,16 @@ log = logging.getLogger(__name__)
 # connection that goes quiet behind a firewall is noticed.
 LIBPQ_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30}
 # A step that finds another session at our work waits this long between looks, and at most as long as our own
-# index build may take (index_timeout_min) plus this grace, counted from the run's start; then it fails and
-# Airflow's retries take over.
+# index build may take (index_timeout_min) plus this grace, counted from its target's start (in a fleet, a target
+# may start hours into the run); then it fails and Airflow's retries take over.
 CONCURRENT_RUN_RECHECK = timedelta(seconds=15)
 CONCURRENT_RUN_GRACE = timedelta(hours=1)
 # The XCom key under which a failed step leaves its error for the target's report.
 ERROR_KEY = "error"
+# Every step's result carries the moment it finished: validate_fk counts its windows from its first attempt,
+# which is when add_fk_not_valid finished (a value that survives validate_fk's own reschedules and retries).
+FINISHED_AT = "finished_at"
+VALIDATION_CLOCK_STEP = "add_fk_not_valid"
 # Steps whose failure no retry can fix: the operator has to act.
 FINAL_ERRORS = (
     InvalidSettings,
@@ -113,17 +120,21 @@ def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[s
     from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
 
     step = STEP_BY_NAME[step_name]
-    dag_run = context.get("dag_run")
-    run_started_at = dag_run and (dag_run.start_date or dag_run.run_after)
+    clocks = target_clocks(context)
     try:
         try:
             settings = settings_from(context)  # bad form values stop here, before any connection
             connect = connector(conn_id)
-            available = {RUN_ID: context.get("run_id"), RUN_STARTED_AT: run_started_at, MONITOR_CONNECT: connect}
+            available = {
+                RUN_ID: context.get("run_id"),
+                # validate_fk counts its windows from here: its own first attempt, not the run's start.
+                RUN_STARTED_AT: clocks.validation_started_at,
+                MONITOR_CONNECT: connect,
+            }
             with closing(connect()) as conn:
                 result = step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
         except ConcurrentRun as exc:
-            waited = datetime.now(UTC) - run_started_at if run_started_at else timedelta(0)
+            waited = datetime.now(UTC) - clocks.target_started_at if clocks.target_started_at else timedelta(0)
             if waited < timedelta(minutes=settings.index_timeout_min) + CONCURRENT_RUN_GRACE:
                 # The other session (this run's index build in the parallel branch, or another run) finishes on
                 # its own; waiting for it costs no retry and no worker slot.
@@ -138,7 +149,51 @@ def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[s
         raise AirflowFailException(str(exc)) from exc
     if result.get("outcome") == "reschedule":
         raise AirflowRescheduleException(reschedule_date=datetime.fromisoformat(result["retry_at"]))
-    return result
+    return {**result, FINISHED_AT: datetime.now(UTC).isoformat()}
+
+
+@dataclass(frozen=True)
+class TargetClocks:
+    """Where a target's limits are counted from. In a fleet, a target may start hours or days into the run."""
+
+    target_started_at: datetime | None  # its turn came (wait_turn); bounds waiting for another session at our work
+    validation_started_at: datetime | None  # validate_fk's first attempt; its windows are counted from here
+
+
+def target_clocks(context: dict[str, Any]) -> TargetClocks:
+    """This target's clocks, from its own tasks' XComs (see clocks_from)."""
+    dag_run = context.get("dag_run")
+    run_started_at = dag_run and (dag_run.start_date or dag_run.run_after)
+    ti = context.get("ti")
+    if ti is None:
+        return clocks_from(run_started_at, None, None)
+    group = ti.task_id.rpartition(".")[0]
+
+    def pulled(task: str, key: str = "return_value") -> Any:
+        map_indexes = ti.map_index if ti.map_index >= 0 else None
+        return ti.xcom_pull(task_ids=f"{group}.{task}", key=key, map_indexes=map_indexes)
+
+    is_validate = ti.task_id.endswith(".validate_fk")
+    return clocks_from(
+        run_started_at,
+        pulled(WAIT_TURN_TASK, TARGET_STARTED_KEY),
+        pulled(VALIDATION_CLOCK_STEP) if is_validate else None,
+    )
+
+
+def clocks_from(
+    run_started_at: datetime | None, turn_came_at: str | None, validation_upstream: dict[str, Any] | None
+) -> TargetClocks:
+    """A target starts when its turn came (wait_turn's stamp); validate_fk's first attempt is when its upstream
+    add_fk_not_valid finished. The run's start stands in where a task left no stamp (a run from before targets
+    stamped their start, or a step run outside a fleet)."""
+    started = _parsed(turn_came_at) or run_started_at
+    upstream_finished = _parsed((validation_upstream or {}).get(FINISHED_AT))
+    return TargetClocks(started, upstream_finished or started)
+
+
+def _parsed(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
 def position_of(group: str, map_index: int) -> int:
@@ -195,8 +250,8 @@ def _pushed(ti: Any, task_ids: list[str], key: str = "return_value") -> list[Any
 
 
 def run_wait_turn(group: str, conn_id: str, context: dict[str, Any]) -> bool:
-    """The sensor's poke: True once the target may start; skips the target (its steps with it) once the run
-    reached max_failures, leaving the reason for its report."""
+    """One look at the target's turn: True once the target may start (its clock starts then); skips the target
+    (its steps with it) once the run reached max_failures, leaving the reason for its report."""
     from airflow.sdk.exceptions import AirflowSkipException
 
     ti = context["ti"]
@@ -207,7 +262,35 @@ def run_wait_turn(group: str, conn_id: str, context: dict[str, Any]) -> bool:
     if decision.decision == "stop":
         ti.xcom_push(key="stopped", value=decision.reason)
         raise AirflowSkipException(f"not starting {conn_id}: {decision.reason}")
+    if decision.decision == "start":
+        ti.xcom_push(key=TARGET_STARTED_KEY, value=datetime.now(UTC).isoformat())
     return decision.decision == "start"
+
+
+def triggers_run_inline() -> bool:
+    """True under ``dag.test()`` and ``airflow dags test``: they run a deferred task's trigger inline, in the one
+    process that runs every task in turn, so a trigger waiting for other targets to finish would wait forever.
+    There the wait is a rescheduled sensor instead (no executor, so no executor race either)."""
+    from airflow.sdk.execution_time import task_runner
+    from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
+
+    return isinstance(task_runner.SUPERVISOR_COMMS, InProcessSupervisorComms)
+
+
+def turn_trigger(group: str, context: dict[str, Any]) -> Any:
+    """The triggerer's wait for this target's turn (fk_maintenance.turn_trigger)."""
+    from .turn_trigger import TurnTrigger
+
+    ti = context["ti"]
+    settings = settings_from(context)
+    return TurnTrigger(
+        dag_id=ti.dag_id,
+        run_id=context["run_id"],
+        position=position_of(group, ti.map_index),
+        max_parallel=settings.max_parallel,
+        max_failures=settings.max_failures,
+        poke_seconds=TURN_POKE_INTERVAL.total_seconds(),
+    )
 
 
 def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,72 @@
+"""A fleet run under a real scheduler, through Airflow's REST API: trigger it, sample which target databases have
+a session of the pipeline while it runs, wait for its end, and read back its task instances and the scheduler's
+"state mismatch" events (what apache/airflow#71172 leaves behind). Used by the scheduler tests and bench/fleet.py.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from devkit.db_state import SessionWatch
+
+DAG_ID = "vision_kpis_parent_fk"
+
+
+class Api(Protocol):
+    def api(self, path: str, body: dict | None = None) -> dict: ...
+
+
+@dataclass
+class FleetRun:
+    run_id: str
+    state: str
+    wall_s: float
+    samples: list[frozenset[str]]
+    task_instances: list[dict[str, Any]] = field(default_factory=list)
+    state_mismatches: int = 0
+
+    @property
+    def most_at_once(self) -> int:
+        return max((len(sample) for sample in self.samples), default=0)
+
+    def tries(self, task_id: str) -> list[int]:
+        return [ti["try_number"] for ti in self.task_instances if ti["task_id"] == task_id]
+
+    def states(self, task_id: str) -> dict[int, str]:
+        return {ti["map_index"]: ti["state"] for ti in self.task_instances if ti["task_id"] == task_id}
+
+
+def run_fleet(
+    airflow: Api,
+    monitor_dsn: str,
+    databases: list[str],
+    conf: dict[str, Any],
+    *,
+    timeout_s: float = 1800,
+    dag_id: str = DAG_ID,
+) -> FleetRun:
+    """Trigger one run with ``conf`` and wait for its end, sampling pg_stat_activity of ``databases`` (through
+    ``monitor_dsn``) every 50 ms."""
+    started = time.monotonic()
+    with SessionWatch(monitor_dsn, databases) as watch:
+        run = airflow.api(f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+        quoted = urllib.parse.quote(run["dag_run_id"], safe="")
+        while (state := airflow.api(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}")["state"]) not in ("success", "failed"):
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"run {run['dag_run_id']} still {state} after {timeout_s:.0f} s")
+            time.sleep(1)
+    wall = time.monotonic() - started
+    task_instances = airflow.api(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
+    mismatches = airflow.api(
+        f"/api/v2/eventLogs?dag_id={dag_id}&run_id={quoted}&event={urllib.parse.quote('state mismatch')}&limit=1"
+    )["total_entries"]
+    return FleetRun(run["dag_run_id"], state, round(wall, 1), watch.samples, task_instances, mismatches)
+
+
+def xcom(airflow: Api, run_id: str, task_id: str, key: str, map_index: int = -1, dag_id: str = DAG_ID) -> Any:
+    quoted = urllib.parse.quote(run_id, safe="")
+    path = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}?map_index={map_index}"
+    return airflow.api(path + "&deserialize=true")["value"]
