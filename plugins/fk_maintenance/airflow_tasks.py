@@ -298,7 +298,7 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     target did not succeed, so that its instance shows red."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from .report import build_report
+    from .report import CONVERGED, build_report
 
     settings = settings_from(context)
     ti = context["ti"]
@@ -329,12 +329,36 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     )
     ti.xcom_push(key=TARGET_REPORT_KEY, value=line)
     ti.xcom_push(key="report", value=report)
+    if report["final_state"] == CONVERGED and not stopped:
+        _emit_converged_asset(spec, conn_id, report, context)
     if stopped:
         raise AirflowSkipException(f"{conn_id}: {line['final_state']}")
     if line["failed"]:
         # The run's state follows its tasks: a target that failed must not end green.
         raise AirflowFailException(f"{conn_id}: {line['final_state']}" + (f"; {error}" if error else ""))
     return report
+
+
+def _emit_converged_asset(spec: ForeignKeySpec, conn_id: str, report: dict[str, Any], context: dict[str, Any]) -> None:
+    """One Asset event for the target's table (postgres://host:port/database/schema/table), added to the key's
+    alias, with the run and its counts as extra: the app's DAGs scheduled on the table hear that the key holds."""
+    from airflow.providers.postgres.assets.postgres import create_asset
+    from airflow.sdk import AssetAlias, BaseHook
+
+    from .assets import asset_host, converged_alias, converged_event_extra
+
+    ti = context["ti"]
+    connection = BaseHook.get_connection(conn_id)
+    asset = create_asset(
+        host=asset_host(connection.host),
+        port=connection.port or 5432,
+        database=connection.schema or connection.login or "postgres",
+        schema=spec.schema,
+        table=spec.table,
+    )
+    extra = converged_event_extra(report, dag_id=ti.dag_id, conn_id=conn_id, constraint=spec.constraint)
+    context["outlet_events"][AssetAlias(converged_alias(ti.dag_id))].add(asset, extra=extra)
+    log.info("asset event for %s: %s", asset.uri, extra)
 
 
 def _group_states(ti: Any, group: str, run_id: str) -> dict[str, str]:
