@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from devkit.db_state import SessionWatch
@@ -32,11 +33,33 @@ class FleetRun:
     def most_at_once(self) -> int:
         return max((len(sample) for sample in self.samples), default=0)
 
+    @property
+    def most_targets_in_flight(self) -> int:
+        """The most fleet targets between their first step's start and their report's end at one moment, from
+        the task instances' own start and end times."""
+        spans: dict[int, tuple[datetime, datetime]] = {}
+        for ti in self.task_instances:
+            if not ti["task_id"].startswith("fleet.") or ti["task_id"] == "fleet.wait_turn" or not ti["start_date"]:
+                continue
+            start, end = _when(ti["start_date"]), _when(ti["end_date"] or ti["start_date"])
+            first, last = spans.get(ti["map_index"], (start, end))
+            spans[ti["map_index"]] = (min(first, start), max(last, end))
+        edges = sorted([(start, 1) for start, _ in spans.values()] + [(end, -1) for _, end in spans.values()])
+        most = current = 0
+        for _, change in edges:  # an end sorts before a start at the same instant
+            current += change
+            most = max(most, current)
+        return most
+
     def tries(self, task_id: str) -> list[int]:
         return [ti["try_number"] for ti in self.task_instances if ti["task_id"] == task_id]
 
     def states(self, task_id: str) -> dict[int, str]:
         return {ti["map_index"]: ti["state"] for ti in self.task_instances if ti["task_id"] == task_id}
+
+
+def _when(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def run_fleet(

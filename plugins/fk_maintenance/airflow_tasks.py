@@ -28,6 +28,7 @@ from .errors import (
 )
 from .fleet import (
     CANARY_GROUP,
+    FINISHED_STATES,
     FLEET_GROUP,
     PLAN_TASK,
     RESTORE_RUN_ID_PARAM,
@@ -256,7 +257,17 @@ def run_wait_turn(group: str, conn_id: str, context: dict[str, Any]) -> bool:
 
     ti = context["ti"]
     position = position_of(group, ti.map_index)
-    reports = _pushed(ti, [f"{FLEET_GROUP}.{REPORT_TASK}"], TARGET_REPORT_KEY)  # one per finished fleet target
+    # A target counts as finished once its report task has ended, not when its report is pushed a moment before:
+    # then a new target never overlaps the max_parallel targets before it, and this look agrees with the
+    # triggerer's, which sees only task states.
+    report_task = f"{FLEET_GROUP}.{REPORT_TASK}"
+    states = ti.get_task_states(dag_id=ti.dag_id, task_ids=[report_task], run_ids=[context["run_id"]])
+    ended = {
+        int(key.removeprefix(f"{report_task}_")) + 1
+        for key, state in (states.get(context["run_id"]) or {}).items()
+        if key.startswith(f"{report_task}_") and str(getattr(state, "value", state)) in FINISHED_STATES
+    }
+    reports = [r for r in _pushed(ti, [report_task], TARGET_REPORT_KEY) if r["position"] in ended]
     decision = turn(position, reports, settings_from(context))
     log.info("wait_turn: %s (#%d): %s, %s", conn_id, position, decision.decision, decision.reason)
     if decision.decision == "stop":
