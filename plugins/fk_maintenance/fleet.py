@@ -40,8 +40,8 @@ BEFORE_STEPS = (
     (PLAN_TASK, "the run's targets in order (the form's `conn_ids`, else the declared ones); the first is the canary"),
     (
         WAIT_TURN_TASK,
-        "waits, rescheduled and holding no worker slot, until fewer than `max_parallel` earlier targets are "
-        "unfinished; never starts its target once `max_failures` targets have failed",
+        "waits, deferred to the triggerer and holding no worker slot, until fewer than `max_parallel` earlier "
+        "targets are unfinished; never starts its target once `max_failures` targets have failed",
     ),
 )
 AFTER_STEPS = (
