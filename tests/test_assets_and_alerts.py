@@ -92,7 +92,7 @@ def test_each_converged_target_emits_an_asset_event_for_its_table_and_each_faile
     from airflow.sdk import Asset
 
     dag = _dag_with_notifiers(monkeypatch, tmp_path)
-    conn_ids = [fleet.add("healthy"), fleet.add("conflict"), fleet.add("healthy", seed=2)]
+    conn_ids = [fleet.add("healthy"), fleet.add("conflict"), fleet.add("healthy", seed=2), fleet.add("cycle")]
     run = dag.test(run_conf={**DEFAULTS, "conn_ids": conn_ids, "validate_now": True})
     assert str(run.state) == "failed"
 
@@ -126,12 +126,15 @@ def test_each_converged_target_emits_an_asset_event_for_its_table_and_each_faile
         assert extra["nulled"] == extra["audited"] == extra["orphans_found"] == audited > 0
         assert task_id in ("canary.report", "fleet.report")
 
-    (mail,) = mailbox.messages  # one failed target, one mail
-    body = _body(mail)
-    assert ON_CALL in mail["X-Envelope-To"]
-    assert DAG_ID in mail["Subject"] and conn_ids[1] in mail["Subject"] and "failed at preflight" in mail["Subject"]
-    assert DAG_ID in body and conn_ids[1] in body and run.run_id in body
-    assert "already exists with another definition" in body  # the error itself
+    mails = {mail["Subject"]: mail for mail in mailbox.messages}  # one per failed target, each its own
+    assert len(mailbox.messages) == 2 and len(mails) == 2
+    for conn_id, error in ((conn_ids[1], "already exists with another definition"), (conn_ids[3], "no cycles")):
+        (subject,) = [subject for subject in mails if conn_id in subject]
+        mail, body = mails[subject], _body(mails[subject])
+        assert ON_CALL in mail["X-Envelope-To"]
+        assert DAG_ID in subject and "failed at preflight" in subject
+        assert DAG_ID in body and conn_id in body and run.run_id in body
+        assert error in body  # the error itself
 
 
 def test_a_notifier_the_file_names_is_built_at_parse_time_so_a_misspelt_one_is_an_import_error(

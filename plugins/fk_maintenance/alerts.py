@@ -17,6 +17,7 @@ import error naming the entry, not an alert that silently never comes. A failure
 
 from __future__ import annotations
 
+import copy
 import html
 import importlib
 import inspect
@@ -93,7 +94,9 @@ class FailureAlert:
         log.info("alerting %d notifier(s): %s", len(self.notifiers), alert["subject"])
         for notifier in self.notifiers:
             try:
-                notifier({**context, ALERT_CONTEXT_KEY: alert})
+                # A notifier renders its templates into itself: each alert gets a fresh copy, or a second failed
+                # target in the same process (airflow dags test) would be sent the first one's message.
+                copy.deepcopy(notifier)({**context, ALERT_CONTEXT_KEY: alert})
             except Exception:  # one broken channel must not silence the others
                 log.exception("notifier %s failed", type(notifier).__name__)
 
