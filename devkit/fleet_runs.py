@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from devkit.db_state import SessionWatch
 
 DAG_ID = "vision_kpis_parent_fk"
+FINAL = ("success", "failed")
 
 
 class Api(Protocol):
@@ -77,19 +78,34 @@ def run_fleet(
     with SessionWatch(monitor_dsn, databases) as watch:
         run = airflow.api(f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
         quoted = urllib.parse.quote(run["dag_run_id"], safe="")
-        while (state := airflow.api(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}")["state"]) not in ("success", "failed"):
+        while (state := _read(airflow, f"/api/v2/dags/{dag_id}/dagRuns/{quoted}")["state"]) not in FINAL:
             if time.monotonic() - started > timeout_s:
                 raise TimeoutError(f"run {run['dag_run_id']} still {state} after {timeout_s:.0f} s")
             time.sleep(1)
     wall = time.monotonic() - started
-    task_instances = airflow.api(f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
-    mismatches = airflow.api(
-        f"/api/v2/eventLogs?dag_id={dag_id}&run_id={quoted}&event={urllib.parse.quote('state mismatch')}&limit=1"
-    )["total_entries"]
-    return FleetRun(run["dag_run_id"], state, round(wall, 1), watch.samples, task_instances, mismatches)
+    task_instances = _read(airflow, f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=1000")
+    mismatch = urllib.parse.quote("state mismatch")
+    mismatches = _read(airflow, f"/api/v2/eventLogs?dag_id={dag_id}&run_id={quoted}&event={mismatch}&limit=1")[
+        "total_entries"
+    ]
+    return FleetRun(
+        run["dag_run_id"], state, round(wall, 1), watch.samples, task_instances["task_instances"], mismatches
+    )
+
+
+def _read(airflow: Api, path: str, attempts: int = 5) -> dict:
+    """A GET that outlasts a busy api-server: on a loaded 2-core machine one call can time out."""
+    for attempt in range(attempts):
+        try:
+            return airflow.api(path)
+        except OSError:  # a timeout or a refused connection
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def xcom(airflow: Api, run_id: str, task_id: str, key: str, map_index: int = -1, dag_id: str = DAG_ID) -> Any:
     quoted = urllib.parse.quote(run_id, safe="")
     path = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}?map_index={map_index}"
-    return airflow.api(path + "&deserialize=true")["value"]
+    return _read(airflow, path + "&deserialize=true")["value"]
