@@ -1,20 +1,28 @@
-"""Fleet throughput under the real scheduler: the same fleet run with max_parallel 1 and with a larger
-max_parallel, on fresh databases each time, in a local Airflow (LocalExecutor, the project's pool).
+"""Fleet throughput under a real scheduler: the same fleet with several max_parallel values, on fresh databases each
+time, on the LocalExecutor (``airflow standalone``) or the CeleryExecutor (devkit.celery_airflow: a control plane
+and N workers in homes of their own, Redis as the broker).
 
-    python -m bench.fleet [--targets 6] [--rows 20000] [--parallel 1,3]
+    python -m bench.fleet [--executor local|celery] [--workers 2] [--targets 50] [--rows 2000] [--parallel 1,5,10]
 
-Prints, per max_parallel: the run's wall time (trigger to finish), the most targets worked on at once (sampled
-from pg_stat_activity every 50 ms), and writes bench/results/fleet.json.
+Per run: wall time (trigger to end), the most targets in flight at once (from the task instances' times; in
+brackets, the most seen inside PostgreSQL at once, pg_stat_activity every 50 ms), and per
+target (means over the run's targets): its database time (the seconds its steps spent in their own work, from its
+report), its elapsed time (its first step's start to its report's end) and Airflow's overhead (elapsed minus
+database time: task start-up, scheduling, waiting for a pool or worker slot). wait_turn's tries and the scheduler's
+"state mismatch" events are counted too: a target lost at wait_turn would show there. Writes
+bench/results/fleet-<executor>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
-import time
-import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,57 +31,139 @@ from psycopg.conninfo import conninfo_to_dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugins"))
 
+from devkit.celery_airflow import celery_airflow  # noqa: E402
 from devkit.cluster import free_port  # noqa: E402
-from devkit.db_state import SessionWatch  # noqa: E402
+from devkit.fleet_runs import FleetRun, run_fleet, xcom  # noqa: E402
 from devkit.local_airflow import LocalAirflow, local_airflow  # noqa: E402
 
-DAG_ID = "vision_kpis_parent_fk"
-RESULTS = REPO / "bench" / "results" / "fleet.json"
+RESULTS = REPO / "bench" / "results"
+STEP_TASKS = ("preflight", "detect_orphans", "null_orphans", "create_index_concurrently", "add_fk_not_valid")
+TURN_POKE_SECONDS = 5
+POOL_SLOTS = 64  # larger than any max_parallel here: max_parallel is the bound being measured
 
 
-def fleet_run(airflow: LocalAirflow, conn_ids: list[str], max_parallel: int) -> dict[str, Any]:
-    """Trigger one run over ``conn_ids`` and wait for it; its wall time and the most targets at once."""
-    databases = [conninfo_to_dict(airflow.fleet_dsns[c])["dbname"] for c in conn_ids]
-    started = time.monotonic()
+def _when(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def per_target(airflow: LocalAirflow, run: FleetRun, conn_ids: list[str]) -> list[dict[str, Any]]:
+    """Each fleet target's database time, elapsed time and overhead (the canary, run alone first, is left out)."""
+    targets = []
+    for map_index, conn_id in enumerate(conn_ids[1:]):
+        tis = [t for t in run.task_instances if t["task_id"].startswith("fleet.") and t["map_index"] == map_index]
+        steps = [t for t in tis if t["task_id"] != "fleet.wait_turn" and t["start_date"] and t["end_date"]]
+        if not steps:
+            continue
+        report = xcom(airflow, run.run_id, "fleet.report", "report", map_index)
+        database_s = sum((s.get("seconds") or 0) for s in report["steps"].values())
+        first, last = min(_when(t["start_date"]) for t in steps), max(_when(t["end_date"]) for t in steps)
+        elapsed_s = (last - first).total_seconds()
+        # Inside its task processes (interpreter, DAG parse, execution API, the step) vs between them (the
+        # scheduler noticing an upstream finished, queueing, the executor starting the next process).
+        running_s = sum((_when(t["end_date"]) - _when(t["start_date"])).total_seconds() for t in steps)
+        targets.append(
+            {
+                "conn_id": conn_id,
+                "database_s": database_s,
+                "elapsed_s": elapsed_s,
+                "in_tasks_s": running_s - database_s,
+                "between_tasks_s": elapsed_s - running_s,
+                "tasks": len(steps),
+            }
+        )
+    return targets
+
+
+def measure(airflow: LocalAirflow, conn_ids: list[str], max_parallel: int) -> dict[str, Any]:
+    databases = [conninfo_to_dict(airflow.fleet_dsns[c])["dbname"] for c in conn_ids[1:]]
     conf = {"conn_ids": conn_ids, "max_parallel": max_parallel, "validate_now": True}
-    with SessionWatch(airflow.kpi_dsn, databases) as watch:
-        run = airflow.api(f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
-        quoted = urllib.request.quote(run["dag_run_id"], safe="")
-        while (state := airflow.api(f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}")["state"]) not in ("success", "failed"):
-            time.sleep(1)
+    run = run_fleet(airflow, airflow.kpi_dsn, databases, conf, timeout_s=7200)
+    targets = per_target(airflow, run, conn_ids)
+    mean = lambda key: round(statistics.fmean(t[key] for t in targets), 2) if targets else None  # noqa: E731
     return {
         "targets": len(conn_ids),
         "max_parallel": max_parallel,
-        "state": state,
-        "wall_s": round(time.monotonic() - started, 1),
-        "most_at_once": max((len(sample) for sample in watch.samples), default=0),
+        "state": run.state,
+        "wall_s": run.wall_s,
+        "most_at_once": run.most_at_once,
+        "most_in_flight": run.most_targets_in_flight,
+        "database_s_per_target": mean("database_s"),
+        "elapsed_s_per_target": mean("elapsed_s"),
+        "overhead_s_per_target": round(mean("elapsed_s") - mean("database_s"), 2) if targets else None,
+        "overhead_in_tasks_s_per_target": mean("in_tasks_s"),
+        "overhead_between_tasks_s_per_target": mean("between_tasks_s"),
+        "task_runs_per_target": mean("tasks"),
+        "wait_turn_retries": sum(t - 1 for t in run.tries("fleet.wait_turn")),
+        "state_mismatches": run.state_mismatches,
+        "lost_at_wait_turn": sum(1 for s in run.states("fleet.wait_turn").values() if s != "success"),
     }
+
+
+@contextmanager
+def airflow_for(executor: str, home: Path, fleet: int, rows: int, workers: int) -> Iterator[LocalAirflow]:
+    if executor == "celery":
+        with celery_airflow(
+            home,
+            workers=workers,
+            concurrency=8,
+            rows=rows,
+            fleet=fleet,
+            fleet_rows=rows,
+            turn_poke_seconds=TURN_POKE_SECONDS,
+            pool_slots=POOL_SLOTS,
+        ) as airflow:
+            yield airflow
+    else:
+        with local_airflow(
+            home,
+            port=free_port(),
+            rows=rows,
+            fleet=fleet,
+            fleet_rows=rows,
+            turn_poke_seconds=TURN_POKE_SECONDS,
+            pool_slots=POOL_SLOTS,
+        ) as airflow:
+            yield airflow
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", type=int, default=6, help="databases per run (default 6)")
-    parser.add_argument("--rows", type=int, default=20_000, help="KPIs per database (default 20000)")
-    parser.add_argument("--parallel", default="1,3", help="max_parallel values to compare (default 1,3)")
+    parser.add_argument("--executor", choices=("local", "celery"), default="local")
+    parser.add_argument("--workers", type=int, default=2, help="Celery workers (default 2)")
+    parser.add_argument("--targets", type=int, default=50, help="databases per run, the canary included (default 50)")
+    parser.add_argument("--rows", type=int, default=2000, help="KPIs per database (default 2000)")
+    parser.add_argument("--parallel", default="1,5,10", help="max_parallel values to compare (default 1,5,10)")
     args = parser.parse_args()
     parallels = [int(value) for value in args.parallel.split(",")]
-    home = Path(tempfile.mkdtemp(prefix="kpi-bench-fleet-"))
-    print(f"Starting a local Airflow with {args.targets * len(parallels)} databases ...", file=sys.stderr, flush=True)
+    home = Path(tempfile.mkdtemp(prefix=f"kpi-bench-fleet-{args.executor}-"))
+    # Each run's canary is one more fresh database (kpi_fleet_*); kpi_db itself is not used.
+    fleet = args.targets * len(parallels)
+    print(f"Starting Airflow ({args.executor}) with {fleet} databases in {home} ...", file=sys.stderr, flush=True)
     results = []
-    with local_airflow(
-        home, port=free_port(), rows=1000, fleet=args.targets * len(parallels), fleet_rows=args.rows
-    ) as airflow:
-        fleet = list(airflow.fleet_dsns)
+    with airflow_for(args.executor, home, fleet, args.rows, args.workers) as airflow:
+        ids = list(airflow.fleet_dsns)
         for number, max_parallel in enumerate(parallels):
-            conn_ids = fleet[number * args.targets : (number + 1) * args.targets]  # fresh databases each run
+            conn_ids = ids[number * args.targets : (number + 1) * args.targets]  # fresh databases each run
             print(f"... {len(conn_ids)} targets, max_parallel {max_parallel}", file=sys.stderr, flush=True)
-            results.append(fleet_run(airflow, conn_ids, max_parallel))
-    RESULTS.write_text(json.dumps({"rows_per_database": args.rows, "runs": results}, indent=2) + "\n")
-    print(f"Fleet runs ({args.rows} KPIs per database, real scheduler, LocalExecutor, 2 cores):\n")
-    print("| targets | max_parallel | state | wall time (s) | most targets at once |")
-    print("| --- | --- | --- | --- | --- |")
+            results.append(measure(airflow, conn_ids, max_parallel))
+            print(f"    {results[-1]}", file=sys.stderr, flush=True)
+    label = f"celery, {args.workers} workers" if args.executor == "celery" else "local"
+    out = RESULTS / f"fleet-{args.executor}.json"
+    out.write_text(json.dumps({"executor": label, "rows_per_database": args.rows, "runs": results}, indent=2) + "\n")
+    print(f"Fleet runs ({args.rows} KPIs per database, real scheduler, {label}, {TURN_POKE_SECONDS} s turn looks):\n")
+    print(
+        "| executor | targets | max_parallel | state | wall (s) | most in flight (in PostgreSQL) | DB s / target "
+        "| elapsed s / target | overhead s / target (in tasks + between tasks) | wait_turn retries |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['targets']} | {r['max_parallel']} | {r['state']} | {r['wall_s']} | {r['most_at_once']} |")
+        print(
+            f"| {label} | {r['targets']} | {r['max_parallel']} | {r['state']} | {r['wall_s']} "
+            f"| {r['most_in_flight']} ({r['most_at_once']}) "
+            f"| {r['database_s_per_target']} | {r['elapsed_s_per_target']} | {r['overhead_s_per_target']} "
+            f"({r['overhead_in_tasks_s_per_target']} + {r['overhead_between_tasks_s_per_target']}) "
+            f"| {r['wait_turn_retries']} |"
+        )
     return 0 if all(r["state"] == "success" for r in results) else 1
 
 

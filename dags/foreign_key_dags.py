@@ -10,9 +10,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, BaseSensorOperator, Param, task, task_group
+from airflow.sdk import DAG, AssetAlias, BaseSensorOperator, Param, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
+from fk_maintenance.alerts import failure_callback
+from fk_maintenance.assets import converged_alias
 from fk_maintenance.fleet import (
     AFTER_STEPS,
     BEFORE_STEPS,
@@ -28,7 +30,6 @@ from fk_maintenance.fleet import (
     task_doc_md,
 )
 from fk_maintenance.settings import SETTING_DEFS, RunSettings, SettingDef
-from fk_maintenance.spec import ForeignKeySpec
 from fk_maintenance.steps import REPORT_DOC_MD, REPORT_TASK, STEPS, lock_table_markdown
 from fk_maintenance.targets import Target, load_targets
 
@@ -134,7 +135,9 @@ def _param(definition: SettingDef, target: Target) -> Param:
 
 
 class WaitTurn(BaseSensorOperator):
-    """A target's turn in its fleet (fk_maintenance.fleet.turn), looked at every poke."""
+    """A target's turn in its fleet (fk_maintenance.fleet.turn). Under a scheduler it waits deferred: the triggerer
+    looks, the task holds no worker slot and cannot be failed by apache/airflow#71172 as a rescheduled sensor can.
+    Under ``airflow dags test`` (triggers run inline there) it pokes, rescheduled."""
 
     template_fields = ("conn_id",)
 
@@ -143,15 +146,32 @@ class WaitTurn(BaseSensorOperator):
         self.group = group
         self.conn_id = conn_id
 
+    def execute(self, context: Any) -> None:
+        from fk_maintenance.airflow_tasks import triggers_run_inline
+
+        if triggers_run_inline():
+            super().execute(context)
+        else:
+            self.execute_complete(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
+        """Decide from the targets' reports (the trigger saw only task states); still waiting: defer again."""
+        from fk_maintenance.airflow_tasks import run_wait_turn, turn_trigger
+
+        if not run_wait_turn(self.group, self.conn_id, context):
+            self.defer(trigger=turn_trigger(self.group, context), method_name="execute_complete", timeout=self.timeout)
+
     def poke(self, context: Any) -> bool:
         from fk_maintenance.airflow_tasks import run_wait_turn
 
         return run_wait_turn(self.group, self.conn_id, context)
 
 
-def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool):
+def _target_group(group_id: str, declared: Target, doc: str, *, mapped: bool, alert: Any):
     """One target's steps, its turn before them and its report after them; the fleet's is mapped over
-    connection ids, each instance labelled by its connection in the UI."""
+    connection ids, each instance labelled by its connection in the UI. The report emits the converged table's
+    asset event and, when the target failed, calls the key's failure notifiers (``alert``)."""
+    spec = declared.spec
     label = {"map_index_template": LABEL} if mapped else {}
 
     def run_step(step_name: str, conn_id: str, **context: Any) -> dict:
@@ -171,14 +191,13 @@ def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool
             group=group_id,
             conn_id=conn_id,
             doc_md=DOC_MD[WAIT_TURN_TASK],
-            mode="reschedule",  # waiting holds no worker slot and no pool slot
+            mode="reschedule",  # only under `airflow dags test`; elsewhere it defers
             poke_interval=TURN_POKE_INTERVAL,
             timeout=TURN_TIMEOUT,
             **({"map_index_template": "{{ task.conn_id }}"} if mapped else {}),
-            # Airflow can mark a rescheduled sensor failed when the executor's event for its previous look arrives
-            # after the next look was queued (apache/airflow#71172); a retry resumes the wait instead of failing
-            # a target that was never touched.
-            retries=3,
+            # Waiting is deferred, so the executor race of rescheduled sensors (apache/airflow#71172) cannot fail it;
+            # retries are for what can still go wrong (a worker or the triggerer lost mid-look).
+            retries=2,
             retry_delay=TURN_POKE_INTERVAL,
             retry_exponential_backoff=False,
         )
@@ -203,6 +222,8 @@ def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool
             retries=0,
             trigger_rule="all_done",
             multiple_outputs=False,
+            outlets=[AssetAlias(converged_alias(declared.name))],
+            on_failure_callback=alert,
             **label,
         )(report)(conn_id=conn_id)
         tasks[STEPS[-1].name] >> summary
@@ -214,6 +235,7 @@ def _target_group(group_id: str, spec: ForeignKeySpec, doc: str, *, mapped: bool
 def build_dag(target: Target) -> DAG:
     """Today's graph, form, window and runbook for one declared foreign key, run once per target connection."""
     spec = target.spec
+    alert = failure_callback(target)  # None when the targets file names no notifier for this key
 
     def plan(**context: Any) -> dict:
         from fk_maintenance.airflow_tasks import run_plan
@@ -257,9 +279,11 @@ def build_dag(target: Target) -> DAG:
         tags=["postgres", "schema-migration", spec.table],
     ) as dag:
         # Returns the targets after the canary (what the fleet maps over); the canary under key "canary".
-        planned = task(task_id=PLAN_TASK, doc_md=DOC_MD[PLAN_TASK], retries=0, multiple_outputs=False)(plan)()
-        canary = _target_group(CANARY_GROUP, spec, CANARY_DOC, mapped=False)(conn_id=planned["canary"])
-        fleet = _target_group(FLEET_GROUP, spec, FLEET_DOC, mapped=True).expand(conn_id=planned)
+        planned = task(
+            task_id=PLAN_TASK, doc_md=DOC_MD[PLAN_TASK], retries=0, multiple_outputs=False, on_failure_callback=alert
+        )(plan)()
+        canary = _target_group(CANARY_GROUP, target, CANARY_DOC, mapped=False, alert=alert)(conn_id=planned["canary"])
+        fleet = _target_group(FLEET_GROUP, target, FLEET_DOC, mapped=True, alert=alert).expand(conn_id=planned)
         summary = task(
             task_id=FLEET_REPORT_TASK,
             doc_md=DOC_MD[FLEET_REPORT_TASK],

@@ -67,16 +67,29 @@ class LocalAirflow:
             return json.load(response)
 
 
-def _metadata_url(server: PgServer, database: str) -> str:
+def target_databases(server: PgServer, rows: int, fleet: int, fleet_rows: int) -> tuple[str, dict[str, str]]:
+    """The kpi_db database with ``rows`` demo KPIs, and ``fleet`` more (``fleet_rows`` each) by connection id
+    kpi_fleet_1..N."""
+    kpi_db = server.create_database("kpi_demo")
+    with psycopg.connect(server.dsn(kpi_db), autocommit=True) as conn:
+        build_app_database(conn, rows)
+    fleet_dbs = {f"kpi_fleet_{n}": server.create_database(f"kpi_fleet_{n}") for n in range(1, fleet + 1)}
+    for n, database in enumerate(fleet_dbs.values(), start=1):
+        with psycopg.connect(server.dsn(database), autocommit=True) as conn:
+            build_app_database(conn, fleet_rows, seed=n)
+    return kpi_db, fleet_dbs
+
+
+def metadata_url(server: PgServer, database: str) -> str:
     params = conninfo_to_dict(server.dsn(database))
     return f"postgresql+psycopg2://{params.get('user', 'postgres')}@/{database}?host={params['host']}"
 
 
-def _wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"airflow standalone exited with code {process.returncode}")
+            raise RuntimeError(f"{' '.join(map(str, process.args))} exited with code {process.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2) as response:
                 health = json.load(response)
@@ -91,11 +104,11 @@ def _wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"Airflow at {url} was not healthy within {timeout:.0f} s")
 
 
-def _create_pool(env: dict[str, str]) -> None:
+def create_pool(env: dict[str, str], slots: int = POOL_SLOTS) -> None:
     """The pool every target task runs in; without it the scheduler never queues them."""
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run(
-        [airflow, "pools", "set", POOL, str(POOL_SLOTS), "kpi-fk-maintenance: tasks that work on a target database"],
+        [airflow, "pools", "set", POOL, str(slots), "kpi-fk-maintenance: tasks that work on a target database"],
         env=env,
         check=True,
         capture_output=True,
@@ -104,27 +117,29 @@ def _create_pool(env: dict[str, str]) -> None:
 
 @contextmanager
 def local_airflow(
-    home: Path, *, port: int = 8080, rows: int = 100_000, fleet: int = 0, fleet_rows: int = 2000, timeout: float = 180
+    home: Path,
+    *,
+    port: int = 8080,
+    rows: int = 100_000,
+    fleet: int = 0,
+    fleet_rows: int = 2000,
+    timeout: float = 180,
+    turn_poke_seconds: int = 5,
+    pool_slots: int = POOL_SLOTS,
 ) -> Iterator[LocalAirflow]:
     home.mkdir(parents=True, exist_ok=True)
     server = PgServer.embedded()
     process: subprocess.Popen | None = None
     try:
         metadata_db = server.create_database("airflow_meta")
-        kpi_db = server.create_database("kpi_demo")
-        with psycopg.connect(server.dsn(kpi_db), autocommit=True) as conn:
-            build_app_database(conn, rows)
-        fleet_dbs = {f"kpi_fleet_{n}": server.create_database(f"kpi_fleet_{n}") for n in range(1, fleet + 1)}
-        for n, database in enumerate(fleet_dbs.values(), start=1):
-            with psycopg.connect(server.dsn(database), autocommit=True) as conn:
-                build_app_database(conn, fleet_rows, seed=n)
+        kpi_db, fleet_dbs = target_databases(server, rows, fleet, fleet_rows)
         password = secrets.token_urlsafe(12)
         passwords_file = home / "simple_auth_manager_passwords.json"
         passwords_file.write_text(json.dumps({USER: password}))
         env = {
             **os.environ,
             **airflow_env(home, server.airflow_connection_json(kpi_db)),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _metadata_url(server, metadata_db),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url(server, metadata_db),
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
@@ -134,8 +149,8 @@ def local_airflow(
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_SEC": "2",
-            # Each look for a fleet turn is a task process: on a small machine, not every 2 s.
-            "FK_MAINTENANCE_TURN_POKE_SECONDS": "5",
+            # Waiting fleet targets look for their turn this often (the triggerer's looks, each one query).
+            "FK_MAINTENANCE_TURN_POKE_SECONDS": str(turn_poke_seconds),
             **{
                 f"AIRFLOW_CONN_{conn_id.upper()}": server.airflow_connection_json(database)
                 for conn_id, database in fleet_dbs.items()
@@ -150,11 +165,11 @@ def local_airflow(
         )
         url = f"http://localhost:{port}"
         try:
-            _wait_until_up(url, process, timeout)
+            wait_until_up(url, process, timeout)
         except (TimeoutError, RuntimeError) as exc:
             tail = "\n".join((home / "standalone.log").read_text(errors="replace").splitlines()[-40:])
             raise RuntimeError(f"{exc}; last lines of {home / 'standalone.log'}:\n{tail}") from None
-        _create_pool(env)
+        create_pool(env, pool_slots)
         fleet_dsns = {conn_id: server.dsn(database) for conn_id, database in fleet_dbs.items()}
         yield LocalAirflow(url, USER, password, home, server.dsn(kpi_db), process, fleet_dsns)
     finally:

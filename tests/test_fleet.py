@@ -210,3 +210,57 @@ def test_a_connection_id_airflow_does_not_know_stops_the_run_before_any_target_i
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     assert states["plan_fleet"] == "failed" and states["canary.preflight"] == "upstream_failed"
     assert snapshot(fleet.databases[known], spec) == before
+
+
+# A target's clocks start with the target -----------------------------------------------------------------------
+
+
+def test_validate_fk_reached_eight_days_into_a_run_counts_its_windows_from_its_own_first_attempt() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from fk_maintenance.airflow_tasks import FINISHED_AT, clocks_from
+    from fk_maintenance.constraint import decide_window
+    from fk_maintenance.errors import WindowsExhausted
+
+    now = datetime.now(UTC)
+    opens = (now + timedelta(hours=2)).strftime("%H:%M")  # a window that is closed now
+    closes = (now + timedelta(hours=3)).strftime("%H:%M")
+    settings = RunSettings.from_params({**DEFAULTS, "window_start": opens, "window_end": closes, "max_windows": 7})
+    run_started, turn_came, index_and_constraint_done = now - timedelta(days=8), now - timedelta(hours=5), now
+    clocks = clocks_from(run_started, turn_came.isoformat(), {FINISHED_AT: index_and_constraint_done.isoformat()})
+    assert clocks.target_started_at == turn_came and clocks.validation_started_at == index_and_constraint_done
+    waits = decide_window(settings, now=now, run_started_at=clocks.validation_started_at)
+    assert not waits.run_now and waits.windows_used == 0 and waits.retry_at > now
+    with pytest.raises(WindowsExhausted):  # what counting from the run's start did: failed without one try
+        decide_window(settings, now=now, run_started_at=run_started)
+    # A run from before targets stamped their clocks: the run's start stands in.
+    assert clocks_from(run_started, None, None).validation_started_at == run_started
+
+
+def test_a_target_starting_days_into_its_run_waits_for_another_session_at_its_work_without_spending_a_retry(
+    dag, fleet, spec, airflow_home
+) -> None:
+    """dag.test() starts the run at its logical date: 8 days ago, as for a target whose turn came 8 days into a long
+    fleet run. Counting from the run's start, finding the run lock held failed null_orphans at once (a retry spent,
+    minutes of retry delay); counted from the target's start it is rescheduled until the other session is done."""
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    import psycopg
+
+    canary, target = fleet.add("healthy"), fleet.add("healthy", seed=2)
+    other = psycopg.connect(fleet.databases[target].dsn, autocommit=True)
+    other.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", [spec.advisory_lock_name])
+    releases = threading.Timer(20, other.close)  # another run's session, done 20 s from now
+    releases.start()
+    try:
+        run = dag.test(
+            run_conf={**DEFAULTS, "conn_ids": [canary, target], "validate_now": True},
+            logical_date=datetime.now(UTC) - timedelta(days=8),
+        )
+    finally:
+        releases.join()
+    assert str(run.state) == "success"
+    tries = {ti.task_id: ti.try_number for ti in run.get_task_instances() if ti.task_id.startswith("fleet.")}
+    assert tries["fleet.null_orphans"] == tries["fleet.create_index_concurrently"] == 1
+    assert orphan_count(fleet.databases[target], spec) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,11 +19,14 @@ import psycopg
 from .errors import ConcurrentRun, InvalidSettings, PostChecksFailed, TargetUnreachable, is_final
 from .fleet import (
     CANARY_GROUP,
+    FINISHED_STATES,
     FLEET_GROUP,
     PLAN_TASK,
     RESTORE_RUN_ID_PARAM,
     RESTORE_TASK,
     TARGET_REPORT_KEY,
+    TARGET_STARTED_KEY,
+    TURN_POKE_INTERVAL,
     WAIT_TURN_TASK,
     build_fleet_report,
     plan_fleet,
@@ -39,8 +43,8 @@ log = logging.getLogger(__name__)
 # connection that goes quiet behind a firewall is noticed.
 LIBPQ_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30}
 # A step that finds another session at our work waits this long between looks, and at most as long as our own
-# index build may take (index_timeout_min) plus this grace, counted from the run's start; then it fails and
-# Airflow's retries take over.
+# index build may take (index_timeout_min) plus this grace, counted from its target's start (in a fleet, a target
+# may start hours into the run); then it fails and Airflow's retries take over.
 CONCURRENT_RUN_RECHECK = timedelta(seconds=15)
 CONCURRENT_RUN_GRACE = timedelta(hours=1)
 # The XCom key under which a failed step leaves its error for the target's report.
@@ -48,6 +52,10 @@ ERROR_KEY = "error"
 # The XCom key under which post_checks leaves every check's outcome when some failed (it raises, so it has no
 # return value).
 FAILED_CHECKS_KEY = "failed_checks"
+# Every step's result carries the moment it finished: validate_fk counts its windows from its first attempt,
+# which is when add_fk_not_valid finished (a value that survives validate_fk's own reschedules and retries).
+FINISHED_AT = "finished_at"
+VALIDATION_CLOCK_STEP = "add_fk_not_valid"
 
 
 def connector(conn_id: str) -> Callable[[], psycopg.Connection]:
@@ -99,17 +107,21 @@ def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[s
     from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
 
     step = STEP_BY_NAME[step_name]
-    dag_run = context.get("dag_run")
-    run_started_at = dag_run and (dag_run.start_date or dag_run.run_after)
+    clocks = target_clocks(context)
     try:
         try:
             settings = settings_from(context)  # bad form values stop here, before any connection
             connect = connector(conn_id)
-            available = {RUN_ID: context.get("run_id"), RUN_STARTED_AT: run_started_at, MONITOR_CONNECT: connect}
+            available = {
+                RUN_ID: context.get("run_id"),
+                # validate_fk counts its windows from here: its own first attempt, not the run's start.
+                RUN_STARTED_AT: clocks.validation_started_at,
+                MONITOR_CONNECT: connect,
+            }
             with closing(connect()) as conn:
                 result = step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
         except ConcurrentRun as exc:
-            waited = datetime.now(UTC) - run_started_at if run_started_at else timedelta(0)
+            waited = datetime.now(UTC) - clocks.target_started_at if clocks.target_started_at else timedelta(0)
             if waited < timedelta(minutes=settings.index_timeout_min) + CONCURRENT_RUN_GRACE:
                 # The other session (this run's index build in the parallel branch, or another run) finishes on
                 # its own; waiting for it costs no retry and no worker slot.
@@ -128,7 +140,51 @@ def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[s
         raise
     if result.get("outcome") == "reschedule":
         raise AirflowRescheduleException(reschedule_date=datetime.fromisoformat(result["retry_at"]))
-    return result
+    return {**result, FINISHED_AT: datetime.now(UTC).isoformat()}
+
+
+@dataclass(frozen=True)
+class TargetClocks:
+    """Where a target's limits are counted from. In a fleet, a target may start hours or days into the run."""
+
+    target_started_at: datetime | None  # its turn came (wait_turn); bounds waiting for another session at our work
+    validation_started_at: datetime | None  # validate_fk's first attempt; its windows are counted from here
+
+
+def target_clocks(context: dict[str, Any]) -> TargetClocks:
+    """This target's clocks, from its own tasks' XComs (see clocks_from)."""
+    dag_run = context.get("dag_run")
+    run_started_at = dag_run and (dag_run.start_date or dag_run.run_after)
+    ti = context.get("ti")
+    if ti is None:
+        return clocks_from(run_started_at, None, None)
+    group = ti.task_id.rpartition(".")[0]
+
+    def pulled(task: str, key: str = "return_value") -> Any:
+        map_indexes = ti.map_index if ti.map_index >= 0 else None
+        return ti.xcom_pull(task_ids=f"{group}.{task}", key=key, map_indexes=map_indexes)
+
+    is_validate = ti.task_id.endswith(".validate_fk")
+    return clocks_from(
+        run_started_at,
+        pulled(WAIT_TURN_TASK, TARGET_STARTED_KEY),
+        pulled(VALIDATION_CLOCK_STEP) if is_validate else None,
+    )
+
+
+def clocks_from(
+    run_started_at: datetime | None, turn_came_at: str | None, validation_upstream: dict[str, Any] | None
+) -> TargetClocks:
+    """A target starts when its turn came (wait_turn's stamp); validate_fk's first attempt is when its upstream
+    add_fk_not_valid finished. The run's start stands in where a task left no stamp (a run from before targets
+    stamped their start, or a step run outside a fleet)."""
+    started = _parsed(turn_came_at) or run_started_at
+    upstream_finished = _parsed((validation_upstream or {}).get(FINISHED_AT))
+    return TargetClocks(started, upstream_finished or started)
+
+
+def _parsed(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
 def position_of(group: str, map_index: int) -> int:
@@ -185,19 +241,57 @@ def _pushed(ti: Any, task_ids: list[str], key: str = "return_value") -> list[Any
 
 
 def run_wait_turn(group: str, conn_id: str, context: dict[str, Any]) -> bool:
-    """The sensor's poke: True once the target may start; skips the target (its steps with it) once the run
-    reached max_failures, leaving the reason for its report."""
+    """One look at the target's turn: True once the target may start (its clock starts then); skips the target
+    (its steps with it) once the run reached max_failures, leaving the reason for its report."""
     from airflow.sdk.exceptions import AirflowSkipException
 
     ti = context["ti"]
     position = position_of(group, ti.map_index)
-    reports = _pushed(ti, [f"{FLEET_GROUP}.{REPORT_TASK}"], TARGET_REPORT_KEY)  # one per finished fleet target
+    # A target counts as finished once its report task has ended, not when its report is pushed a moment before:
+    # then a new target never overlaps the max_parallel targets before it, and this look agrees with the
+    # triggerer's, which sees only task states.
+    report_task = f"{FLEET_GROUP}.{REPORT_TASK}"
+    states = ti.get_task_states(dag_id=ti.dag_id, task_ids=[report_task], run_ids=[context["run_id"]])
+    ended = {
+        int(key.removeprefix(f"{report_task}_")) + 1
+        for key, state in (states.get(context["run_id"]) or {}).items()
+        if key.startswith(f"{report_task}_") and str(getattr(state, "value", state)) in FINISHED_STATES
+    }
+    reports = [r for r in _pushed(ti, [report_task], TARGET_REPORT_KEY) if r["position"] in ended]
     decision = turn(position, reports, settings_from(context))
     log.info("wait_turn: %s (#%d): %s, %s", conn_id, position, decision.decision, decision.reason)
     if decision.decision == "stop":
         ti.xcom_push(key="stopped", value=decision.reason)
         raise AirflowSkipException(f"not starting {conn_id}: {decision.reason}")
+    if decision.decision == "start":
+        ti.xcom_push(key=TARGET_STARTED_KEY, value=datetime.now(UTC).isoformat())
     return decision.decision == "start"
+
+
+def triggers_run_inline() -> bool:
+    """True under ``dag.test()`` and ``airflow dags test``: they run a deferred task's trigger inline, in the one
+    process that runs every task in turn, so a trigger waiting for other targets to finish would wait forever.
+    There the wait is a rescheduled sensor instead (no executor, so no executor race either)."""
+    from airflow.sdk.execution_time import task_runner
+    from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
+
+    return isinstance(task_runner.SUPERVISOR_COMMS, InProcessSupervisorComms)
+
+
+def turn_trigger(group: str, context: dict[str, Any]) -> Any:
+    """The triggerer's wait for this target's turn (fk_maintenance.turn_trigger)."""
+    from .turn_trigger import TurnTrigger
+
+    ti = context["ti"]
+    settings = settings_from(context)
+    return TurnTrigger(
+        dag_id=ti.dag_id,
+        run_id=context["run_id"],
+        position=position_of(group, ti.map_index),
+        max_parallel=settings.max_parallel,
+        max_failures=settings.max_failures,
+        poke_seconds=TURN_POKE_INTERVAL.total_seconds(),
+    )
 
 
 def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:
@@ -205,7 +299,7 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     target did not succeed, so that its instance shows red."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from .report import build_report, read_audited
+    from .report import CONVERGED, build_report, read_audited
 
     settings = settings_from(context)
     ti = context["ti"]
@@ -241,12 +335,36 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     )
     ti.xcom_push(key=TARGET_REPORT_KEY, value=line)
     ti.xcom_push(key="report", value=report)
+    if report["final_state"] == CONVERGED and not stopped:
+        _emit_converged_asset(spec, conn_id, report, context)
     if stopped:
         raise AirflowSkipException(f"{conn_id}: {line['final_state']}")
     if line["failed"]:
         # The run's state follows its tasks: a target that failed must not end green.
         raise AirflowFailException(f"{conn_id}: {line['final_state']}" + (f"; {error}" if error else ""))
     return report
+
+
+def _emit_converged_asset(spec: ForeignKeySpec, conn_id: str, report: dict[str, Any], context: dict[str, Any]) -> None:
+    """One Asset event for the target's table (postgres://host:port/database/schema/table), added to the key's
+    alias, with the run and its counts as extra: the app's DAGs scheduled on the table hear that the key holds."""
+    from airflow.providers.postgres.assets.postgres import create_asset
+    from airflow.sdk import AssetAlias, BaseHook
+
+    from .assets import asset_host, converged_alias, converged_event_extra
+
+    ti = context["ti"]
+    connection = BaseHook.get_connection(conn_id)
+    asset = create_asset(
+        host=asset_host(connection.host),
+        port=connection.port or 5432,
+        database=connection.schema or connection.login or "postgres",
+        schema=spec.schema,
+        table=spec.table,
+    )
+    extra = converged_event_extra(report, dag_id=ti.dag_id, conn_id=conn_id, constraint=spec.constraint)
+    context["outlet_events"][AssetAlias(converged_alias(ti.dag_id))].add(asset, extra=extra)
+    log.info("asset event for %s: %s", asset.uri, extra)
 
 
 def _group_states(ti: Any, group: str, run_id: str) -> dict[str, str]:

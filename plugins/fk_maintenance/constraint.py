@@ -146,7 +146,7 @@ def decide_window(
         return WindowDecision(True, f"inside the window until {end.isoformat()}", window_end=end, windows_used=used)
     if used >= settings.max_windows:
         raise WindowsExhausted(
-            f"validate_fk: {used} window(s) have passed since the run started at {run_started_at.isoformat()} "
+            f"validate_fk: {used} window(s) have passed since validation began at {run_started_at.isoformat()} "
             f"without a completed VALIDATE (max_windows={settings.max_windows}); the constraint stays NOT VALID "
             "(new writes are still checked). Trigger with validate_now, widen the window, or raise max_windows."
         )

@@ -40,8 +40,8 @@ BEFORE_STEPS = (
     (PLAN_TASK, "the run's targets in order (the form's `conn_ids`, else the declared ones); the first is the canary"),
     (
         WAIT_TURN_TASK,
-        "waits, rescheduled and holding no worker slot, until fewer than `max_parallel` earlier targets are "
-        "unfinished; never starts its target once `max_failures` targets have failed",
+        "waits, deferred to the triggerer and holding no worker slot, until fewer than `max_parallel` earlier "
+        "targets are unfinished; never starts its target once `max_failures` targets have failed",
     ),
 )
 AFTER_STEPS = (
@@ -58,9 +58,14 @@ def task_doc_md(does: str) -> str:
     return f"{does[0].upper()}{does[1:]}.\n\n{NO_DATABASE}"
 
 
-# How often a waiting target looks whether its turn came. Each look is a short task run, so not too often; a
+# How often a waiting target looks whether its turn came. Under a scheduler the looks are made by the triggerer
+# (one query of task states each, no task run); under `airflow dags test` each look is a short task run. A
 # deployment (or a test) wanting quicker turns sets the variable.
 TURN_POKE_INTERVAL = timedelta(seconds=int(os.environ.get("FK_MAINTENANCE_TURN_POKE_SECONDS", "30")))
+# The XCom key (of wait_turn) holding the moment the target's turn came: the target's own clock starts there.
+TARGET_STARTED_KEY = "target_started_at"
+# Task states after which a target's report will not change.
+FINISHED_STATES = frozenset({"success", "failed", "skipped", "upstream_failed", "removed"})
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,17 @@ def turn(position: int, reports: list[dict[str, Any]], settings: RunSettings) ->
     if position == 0 or unfinished_before < settings.max_parallel:
         return Turn("start", f"{unfinished_before} earlier target(s) still running or waiting")
     return Turn("wait", f"{unfinished_before} earlier target(s) unfinished; max_parallel is {settings.max_parallel}")
+
+
+def reports_from_states(report_states: dict[int, str]) -> list[dict[str, Any]]:
+    """What ``turn`` needs to know, from the states of the fleet's report tasks by map index: which targets
+    finished and which failed (a target's report task fails exactly when the target did). The triggerer sees task
+    states, not XComs; the task that resumes reads the reports themselves and decides again."""
+    return [
+        {"conn_id": f"#{map_index + 1}", "position": map_index + 1, "failed": state == "failed"}
+        for map_index, state in sorted(report_states.items())
+        if state in FINISHED_STATES
+    ]
 
 
 def target_summary(

@@ -8,7 +8,7 @@ Standard library, PyYAML and jsonschema only (all of them imported by Airflow it
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,21 @@ from .settings import AIRFLOW_KEY, CONN_ID_SCHEMA
 from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 63}
+# When a key's notifiers are called (fk_maintenance.alerts): a target failed, or an approval waits for a person.
+NOTIFIER_EVENTS = ("on_failure", "on_approval_waiting")
+_NOTIFIERS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["class"],
+        "properties": {
+            # A dotted path to an Airflow notifier class, e.g. airflow.providers.smtp.notifications.smtp.SmtpNotifier
+            "class": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"},
+            "args": {"type": "object"},
+        },
+    },
+}
 
 TARGETS_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -63,6 +78,11 @@ TARGETS_SCHEMA: dict[str, Any] = {
                         "uniqueItems": True,
                         "items": CONN_ID_SCHEMA,
                     },
+                    "notifiers": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": dict.fromkeys(NOTIFIER_EVENTS, _NOTIFIERS),
+                    },
                 },
             },
         }
@@ -76,12 +96,23 @@ class TargetsFileInvalid(MaintenanceError):
 
 
 @dataclass(frozen=True)
+class NotifierSpec:
+    """One Airflow notifier as the targets file names it: a dotted class path and its keyword arguments (built by
+    fk_maintenance.alerts when the DAG file is parsed)."""
+
+    class_path: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Target:
-    """One declared foreign key: its DAG id, its spec, and the Airflow connections it applies to."""
+    """One declared foreign key: its DAG id, its spec, the Airflow connections it applies to, and the notifiers
+    to call per event (``NOTIFIER_EVENTS``)."""
 
     name: str
     spec: ForeignKeySpec
     conn_ids: tuple[str, ...]
+    notifiers: dict[str, tuple[NotifierSpec, ...]] = field(default_factory=dict)
 
 
 def load_targets(path: Path) -> tuple[Target, ...]:
@@ -99,14 +130,18 @@ def load_targets(path: Path) -> tuple[Target, ...]:
         raise TargetsFileInvalid(f"{path}: the name(s) {', '.join(map(repr, duplicated))} are declared more than once")
     targets = []
     for number, entry in enumerate(entries):
-        fields = {key: value for key, value in entry.items() if key not in ("name", "conn_ids")}
+        fields = {key: value for key, value in entry.items() if key not in ("name", "conn_ids", "notifiers")}
         fields.setdefault("schema", "public")
         fields.setdefault("row_key", fields["ref_column"] if fields["ref_table"] == fields["table"] else "id")
         try:
             spec = ForeignKeySpec(**fields)
         except ValueError as exc:
             raise TargetsFileInvalid(f"{path}: foreign_keys[{number}] ({entry['name']!r}): {exc}") from None
-        targets.append(Target(entry["name"], spec, tuple(entry["conn_ids"])))
+        notifiers = {
+            event: tuple(NotifierSpec(n["class"], dict(n.get("args") or {})) for n in listed)
+            for event, listed in (entry.get("notifiers") or {}).items()
+        }
+        targets.append(Target(entry["name"], spec, tuple(entry["conn_ids"]), notifiers))
     _refuse_shared_objects(path, targets)
     return tuple(targets)
 
