@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
 # Lint and the test suite against real PostgreSQL: everything on the embedded PostgreSQL 18 (or KPI_TEST_DSN),
-# then every step, restore and declared-key test again on PostgreSQL 16 and 15 (fresh clusters, devkit.cluster): the SQL is
-# what differs between majors, the Airflow wiring is not.
+# then every step, restore and declared-key test again on PostgreSQL 16 and 15 (fresh clusters, devkit.cluster):
+# the SQL is what differs between majors, the Airflow wiring is not.
+# The tests that run a whole Airflow (scheduler, triggerer, api-server, Celery workers, the browser) spend most
+# of their time waiting for it: they run beside the others, in a pytest process of their own (its own
+# embedded PostgreSQL, Airflow home and ports), and the two majors' passes run beside each other.
 #   scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 scripts/system-deps.sh
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q --durations=12 "$@"
-if [ $# -eq 0 ] && [ -z "${KPI_TEST_DSN:-}" ]; then
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q --durations=12 "$@"
+fi
+WHOLE_AIRFLOW=(tests/test_fleet_scheduler.py tests/test_fleet_celery.py tests/test_ui.py)
+logs=$(mktemp -d)
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=5 "${WHOLE_AIRFLOW[@]}" > "$logs/airflow.log" 2>&1 &
+whole_airflow=$!
+status=0
+.venv/bin/python -m pytest -q --durations=12 "${WHOLE_AIRFLOW[@]/#/--ignore=}" || status=1
+wait $whole_airflow || status=1
+echo "--- the tests that run a whole Airflow (scheduler, Celery workers, the browser)" >&2
+cat "$logs/airflow.log"
+[ $status -eq 0 ] || exit 1
+if [ -z "${KPI_TEST_DSN:-}" ]; then
   # The two majors' passes at once (each its own cluster and Airflow home), their output one after the other.
-  logs=$(mktemp -d)
   for major in 16 15; do
     KPI_TEST_PG=$major .venv/bin/python -m pytest -q -p no:cacheprovider \
       tests/test_steps.py tests/test_restore.py tests/test_declared_keys.py > "$logs/$major.log" 2>&1 &
