@@ -71,7 +71,6 @@ SELECT pg_has_role(current_user, c.relowner, 'USAGE') AS owns_table,
        has_schema_privilege(c.relnamespace, 'CREATE') AS can_create_in_schema,
        has_table_privilege(r.oid, 'SELECT') AS can_select_referenced,
        has_table_privilege(r.oid, 'REFERENCES') AS can_reference,
-       has_schema_privilege(r.relnamespace, 'USAGE') AS can_use_referenced_schema,
        (SELECT o.rolsuper FROM pg_roles o WHERE o.oid = c.relowner) AS owner_is_superuser,
        pg_has_role(current_user, c.relowner, 'MEMBER') AS member_of_owner
 FROM pg_class c, pg_class r

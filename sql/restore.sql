@@ -23,6 +23,10 @@ SELECT a.kpi_id FROM {audit} a WHERE a.run_id = %(run_id)s ORDER BY a.kpi_id LIM
 -- name: next_batch
 SELECT a.kpi_id FROM {audit} a WHERE a.run_id = %(run_id)s AND a.kpi_id > %(after)s ORDER BY a.kpi_id LIMIT %(limit)s
 
+-- name: audited_rows
+-- How many audit rows of the run a table holds (the pipeline's audit table, or an earlier version's).
+SELECT count(*) FROM {audited} WHERE run_id = %(run_id)s
+
 -- name: run_transactions
 -- The low 32 bits of each transaction that nulled the run's pointers: what a row's xmin holds.
 SELECT (x.xact::text::bigint %% 4294967296) FROM {nulling_transactions} x

@@ -81,9 +81,7 @@ def _dag_with_notifiers(monkeypatch, tmp_path: Path):
 
 def _body(message: Message) -> str:
     parts = message.walk() if message.is_multipart() else [message]
-    return "".join(
-        part.get_payload(decode=True).decode() for part in parts if part.get_content_maintype() == "text"
-    )
+    return "".join(part.get_payload(decode=True).decode() for part in parts if part.get_content_maintype() == "text")
 
 
 def test_each_converged_target_emits_an_asset_event_for_its_table_and_each_failed_one_mails_its_error(

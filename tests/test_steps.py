@@ -709,6 +709,24 @@ def test_an_audit_table_left_in_the_apps_schema_moves_with_its_rows_and_its_runs
     assert (restored["restored"], restored["audited"]) == (sum(1 for _, p in legacy if p == revived), len(legacy))
 
 
+def test_a_run_audited_only_in_an_earlier_versions_table_is_restored_without_another_run_first(db, spec) -> None:
+    db.build(3000, orphan_ratio=0.02)
+    db.execute(LEGACY_AUDIT_DDL)
+    legacy = db.query(
+        "WITH o AS (SELECT c.id, c.parent_kpi_id FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id) ORDER BY c.id LIMIT 20), "
+        "a AS (INSERT INTO public.vision_kpis_orphan_audit (run_id, kpi_id, old_parent_kpi_id) "
+        "SELECT 'old-run', id, parent_kpi_id FROM o RETURNING kpi_id, old_parent_kpi_id) "
+        "UPDATE vision_kpis k SET parent_kpi_id = NULL FROM a WHERE k.id = a.kpi_id "
+        "RETURNING a.kpi_id, a.old_parent_kpi_id"
+    )
+    revive_parent(db, legacy[0][1])
+    with db.connect() as conn:
+        restored = restore_run(conn, spec, NOW, "old-run", "restore-1")
+    assert (restored["restored"], restored["audited"]) == (sum(1 for _, p in legacy if p == legacy[0][1]), len(legacy))
+    assert db.scalar("SELECT to_regclass('public.vision_kpis_orphan_audit')") is None  # moved on the way
+
+
 def test_a_legacy_audit_table_beside_the_pipelines_own_is_merged_into_it_and_dropped(db, spec) -> None:
     db.build(1000)
     run_pipeline(db.connect, spec, NOW, "run-1")

@@ -137,17 +137,25 @@ def _privilege_problems(
     """Every privilege the run will need that the role it connects as lacks, each with the statement that grants
     it; a dry run needs only to read."""
     assert state.table is not None and state.ref_table is not None
-    row = conn.execute(
+    (
+        owns,
+        can_select,
+        can_update,
+        can_use,
+        can_create_in,
+        can_select_ref,
+        can_reference,
+        owner_is_superuser,
+        member_of_owner,
+    ) = conn.execute(
         statement("catalog", "privileges"), {"relid": state.table.oid, "ref_relid": state.ref_table.oid}
     ).fetchone()
-    (owns, can_select, can_update, can_use, can_create_in, can_select_ref, can_reference, can_use_ref) = row[:8]
     who, table, ref_table, schema, owner = as_written(
         conn, conn.info.user, (spec.schema, spec.table), (spec.schema, spec.ref_table), spec.schema, state.table.owner
     )
     needed = [
         (can_use, f"USAGE on schema {schema}", f"GRANT USAGE ON SCHEMA {schema} TO {who}"),
         (can_select, f"SELECT on {table}", f"GRANT SELECT ON {table} TO {who}"),
-        (can_use_ref or can_use, f"USAGE on schema {schema}", f"GRANT USAGE ON SCHEMA {schema} TO {who}"),
         (can_select_ref, f"SELECT on {ref_table}", f"GRANT SELECT ON {ref_table} TO {who}"),
     ]
     if not settings.dry_run:
@@ -155,7 +163,9 @@ def _privilege_problems(
             (
                 owns,
                 f"ownership of {table} (owner: {owner}; ALTER TABLE and CREATE INDEX need the owner's rights)",
-                _ownership_fix(conn, table, who, owner, owner_is_superuser=row[8], member_of_owner=row[9]),
+                _ownership_fix(
+                    conn, table, who, owner, owner_is_superuser=owner_is_superuser, member_of_owner=member_of_owner
+                ),
             ),
             (
                 can_create_in,
@@ -169,8 +179,7 @@ def _privilege_problems(
                 f"GRANT REFERENCES ON {ref_table} TO {who}",
             ),
         ]
-    missing = dict.fromkeys((what, grant) for ok, what, grant in needed if not ok)
-    return [f"role {who} lacks {what}: {grant}" for what, grant in missing]
+    return [f"role {who} lacks {what}: {grant}" for ok, what, grant in needed if not ok]
 
 
 def _ownership_fix(

@@ -58,7 +58,7 @@ def build_report(
     resweep = (results.get("validate_fk") or {}).get("resweep") or {}
     checks = results.get("post_checks") or {}
     from_steps = (_get(results, "null_orphans", "audited") or 0) + (resweep.get("audited") or 0)
-    final_state = _final_state(steps, settings, checks)
+    final_state = _final_state([step for step in steps if not results.get(step)], settings, checks)
     nulled = from_steps if audited is None else audited
     report = {
         "run_id": run_id,
@@ -122,8 +122,7 @@ def _step_lines(results: dict[str, dict[str, Any] | None]) -> dict[str, dict[str
     }
 
 
-def _final_state(steps: dict[str, dict[str, Any]], settings: RunSettings, checks: dict[str, Any]) -> str:
-    unfinished = [step for step, line in steps.items() if line["outcome"] == DID_NOT_FINISH]
+def _final_state(unfinished: list[str], settings: RunSettings, checks: dict[str, Any]) -> str:
     if settings.dry_run and not unfinished:
         return DRY_RUN_STATE  # its checks describe the database as it is, which the run was not to change
     if checks.get("failed"):  # post_checks ran and failed (it has no return value then): its checks say why

@@ -8,8 +8,9 @@ import time
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from .audit import ensure_audit_table, find_audit_tables
+from .audit import AuditTables, ensure_audit_table, find_audit_tables
 from .catalog import require_target, table_info
 from .errors import InvalidSettings
 from .session import LockAttempts, run_lock, set_local_timeouts, step_session, with_lock_retries
@@ -46,10 +47,11 @@ def restore_run(
         conn, "restore", settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS, read_only=settings.dry_run
     ):
         state = require_target(conn, spec)
-        _require_audited_run(conn, spec, run_id)
+        tables = find_audit_tables(conn, spec)
+        _require_audited_run(conn, spec, run_id, tables)
         with run_lock(conn, spec):
             if settings.dry_run:
-                if find_audit_tables(conn, spec).current is None:
+                if tables.current is None:  # the run's rows are still in an earlier version's table, not yet moved
                     return _finish(spec, settings, run_id, totals, started)
             else:
                 ensure_audit_table(conn, spec, state)
@@ -70,11 +72,19 @@ def restore_run(
     return _finish(spec, settings, run_id, totals, started)
 
 
-def _require_audited_run(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> None:
-    """A run id the audit does not know is a typo (or another key's run): refused before anything is written."""
-    from .orphans import audited_for_run
-
-    if not audited_for_run(conn, spec, run_id):
+def _require_audited_run(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, tables: AuditTables) -> None:
+    """A run id the audit does not know is a typo (or another key's run): refused before anything is written. An
+    earlier version's audit table in the app's schema counts too (the first writing step moves it)."""
+    where = [
+        sql.Identifier(schema, spec.audit_table)
+        for schema, table in ((spec.audit_schema, tables.current), (spec.schema, tables.legacy))
+        if table is not None
+    ]
+    audited = sum(
+        conn.execute(statement("restore", "audited_rows", audited=table), {"run_id": run_id}).fetchone()[0]
+        for table in where
+    )
+    if not audited:
         raise InvalidSettings(
             f"the audit table {spec.audit_qualified} holds no pointer of run {run_id!r}: check the run id (the run's "
             "report names it, and only a run that nulled pointers has something to restore); nothing was changed"
