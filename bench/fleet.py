@@ -26,14 +26,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from psycopg.conninfo import conninfo_to_dict
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "plugins"))
 
 from devkit.celery_airflow import celery_airflow  # noqa: E402
 from devkit.cluster import free_port  # noqa: E402
-from devkit.fleet_runs import FleetRun, run_fleet, xcom  # noqa: E402
+from devkit.fleet_runs import FleetRun, run_fleet_over, xcom  # noqa: E402
 from devkit.local_airflow import LocalAirflow, local_airflow  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -75,9 +73,7 @@ def per_target(airflow: LocalAirflow, run: FleetRun, conn_ids: list[str]) -> lis
 
 
 def measure(airflow: LocalAirflow, conn_ids: list[str], max_parallel: int) -> dict[str, Any]:
-    databases = [conninfo_to_dict(airflow.fleet_dsns[c])["dbname"] for c in conn_ids[1:]]
-    conf = {"conn_ids": conn_ids, "max_parallel": max_parallel, "validate_now": True}
-    run = run_fleet(airflow, airflow.kpi_dsn, databases, conf, timeout_s=7200)
+    run = run_fleet_over(airflow, conn_ids, {"max_parallel": max_parallel, "validate_now": True}, timeout_s=7200)
     targets = per_target(airflow, run, conn_ids)
     mean = lambda key: round(statistics.fmean(t[key] for t in targets), 2) if targets else None  # noqa: E731
     return {
@@ -101,28 +97,18 @@ def measure(airflow: LocalAirflow, conn_ids: list[str], max_parallel: int) -> di
 
 @contextmanager
 def airflow_for(executor: str, home: Path, fleet: int, rows: int, workers: int) -> Iterator[LocalAirflow]:
+    common = {
+        "rows": rows,
+        "fleet": fleet,
+        "fleet_rows": rows,
+        "turn_poke_seconds": TURN_POKE_SECONDS,
+        "pool_slots": POOL_SLOTS,
+    }
     if executor == "celery":
-        with celery_airflow(
-            home,
-            workers=workers,
-            concurrency=8,
-            rows=rows,
-            fleet=fleet,
-            fleet_rows=rows,
-            turn_poke_seconds=TURN_POKE_SECONDS,
-            pool_slots=POOL_SLOTS,
-        ) as airflow:
+        with celery_airflow(home, workers=workers, concurrency=8, **common) as airflow:
             yield airflow
     else:
-        with local_airflow(
-            home,
-            port=free_port(),
-            rows=rows,
-            fleet=fleet,
-            fleet_rows=rows,
-            turn_poke_seconds=TURN_POKE_SECONDS,
-            pool_slots=POOL_SLOTS,
-        ) as airflow:
+        with local_airflow(home, port=free_port(), **common) as airflow:
             yield airflow
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from psycopg.conninfo import conninfo_to_dict
+
 from devkit.db_state import SessionWatch
 
 DAG_ID = "vision_kpis_parent_fk"
@@ -19,6 +21,13 @@ FINAL = ("success", "failed")
 
 class Api(Protocol):
     def api(self, path: str, body: dict | None = None) -> dict: ...
+
+
+class FleetAirflow(Api, Protocol):
+    """A local Airflow with the canary's database and its fleet's (devkit.local_airflow, devkit.celery_airflow)."""
+
+    kpi_dsn: str
+    fleet_dsns: dict[str, str]
 
 
 @dataclass
@@ -61,6 +70,15 @@ class FleetRun:
 
 def _when(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def run_fleet_over(
+    airflow: FleetAirflow, conn_ids: list[str], conf: dict[str, Any], *, timeout_s: float = 1800
+) -> FleetRun:
+    """A run over ``conn_ids`` (the canary ``kpi_db`` first, then fleet connections of ``airflow``), watching the
+    fleet's databases."""
+    databases = [conninfo_to_dict(airflow.fleet_dsns[conn_id])["dbname"] for conn_id in conn_ids[1:]]
+    return run_fleet(airflow, airflow.kpi_dsn, databases, {"conn_ids": conn_ids, **conf}, timeout_s=timeout_s)
 
 
 def run_fleet(

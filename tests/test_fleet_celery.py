@@ -8,11 +8,10 @@ from datetime import datetime
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from devkit.celery_airflow import celery_airflow
 from devkit.db_state import snapshot
-from devkit.fleet_runs import run_fleet, xcom
+from devkit.fleet_runs import run_fleet_over, xcom
 from fk_maintenance.spec import VISION_KPIS_PARENT_FK
 
 FLEET = 4  # after the canary
@@ -45,14 +44,7 @@ def test_a_fleet_on_two_celery_workers_runs_the_canary_first_at_most_max_paralle
             )
         untouched = snapshot(broken, spec)
         conn_ids = ["kpi_db", *airflow.fleet_dsns]
-        fleet_databases = [conninfo_to_dict(dsn)["dbname"] for dsn in airflow.fleet_dsns.values()]
-        run = run_fleet(
-            airflow,
-            airflow.kpi_dsn,
-            fleet_databases,
-            {"conn_ids": conn_ids, "max_parallel": MAX_PARALLEL, "validate_now": True},
-            timeout_s=900,
-        )
+        run = run_fleet_over(airflow, conn_ids, {"max_parallel": MAX_PARALLEL, "validate_now": True}, timeout_s=900)
         report = xcom(airflow, run.run_id, "fleet_report", "report")
         by_worker = airflow.tasks_run_by_worker()
         assert snapshot(broken, spec) == untouched

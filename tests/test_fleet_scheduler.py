@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from psycopg.conninfo import conninfo_to_dict
-
 from devkit.cluster import free_port
-from devkit.fleet_runs import run_fleet, xcom
+from devkit.fleet_runs import run_fleet_over, xcom
 from devkit.local_airflow import local_airflow
 
 FLEET = 7  # targets after the canary
@@ -25,14 +23,7 @@ def test_many_targets_waiting_long_at_one_second_looks_all_converge_and_no_wait_
         tmp_path / "home", port=free_port(), rows=500, fleet=FLEET, fleet_rows=500, turn_poke_seconds=1
     ) as airflow:
         conn_ids = ["kpi_db", *airflow.fleet_dsns]
-        databases = [conninfo_to_dict(dsn)["dbname"] for dsn in airflow.fleet_dsns.values()]
-        run = run_fleet(
-            airflow,
-            airflow.kpi_dsn,
-            databases,
-            {"conn_ids": conn_ids, "max_parallel": MAX_PARALLEL, "validate_now": True},
-            timeout_s=900,
-        )
+        run = run_fleet_over(airflow, conn_ids, {"max_parallel": MAX_PARALLEL, "validate_now": True}, timeout_s=900)
         report = xcom(airflow, run.run_id, "fleet_report", "report")
     assert run.state == "success", report
     assert [t["final_state"] for t in report["targets"]] == ["converged"] * (FLEET + 1)
