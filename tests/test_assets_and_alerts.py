@@ -14,7 +14,6 @@ from urllib.parse import quote
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
-from test_fleet import Fleet
 
 from devkit.cluster import free_port
 from fk_maintenance.settings import SETTING_DEFS
@@ -52,13 +51,6 @@ def mailbox(monkeypatch) -> Iterator[Mailbox]:
     monkeypatch.setenv(f"AIRFLOW_CONN_{SMTP_CONN_ID.upper()}", json.dumps(smtp))
     yield box
     box.controller.stop()
-
-
-@pytest.fixture
-def fleet(pg_server, monkeypatch) -> Iterator[Fleet]:
-    made = Fleet(pg_server, monkeypatch)
-    yield made
-    made.drop()
 
 
 def _dag_with_notifiers(monkeypatch, tmp_path: Path):

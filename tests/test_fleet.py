@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,55 +66,6 @@ def dag(airflow_home):
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(REPO / "dags")).dags[DAG_ID]
-
-
-class Fleet:
-    """Databases of the test server, each behind its own Airflow connection (``fleet_<n>``)."""
-
-    def __init__(self, pg_server, monkeypatch: pytest.MonkeyPatch) -> None:
-        from conftest import TestDatabase
-
-        self.server = pg_server
-        self.monkeypatch = monkeypatch
-        self.databases: dict[str, TestDatabase] = {}
-        self.unreachable: list[str] = []
-
-    def add(self, kind: str, rows: int = 400, seed: int = 1):
-        from conftest import TestDatabase
-
-        conn_id = f"fleet_{len(self.databases) + len(self.unreachable)}_{kind}"
-        if kind == "unreachable":
-            self.unreachable.append(conn_id)
-            self._connection(conn_id, json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 1}))
-            return conn_id
-        db = TestDatabase(self.server, self.server.create_database())
-        db.build(rows, seed=seed)
-        if kind == "conflict":
-            db.execute(
-                "ALTER TABLE vision_kpis ADD CONSTRAINT vision_kpis_parent_kpi_id_fkey FOREIGN KEY (parent_kpi_id) "
-                "REFERENCES vision_kpis(id) ON DELETE CASCADE NOT VALID"
-            )
-        elif kind == "cycle":
-            a, b = (r[0] for r in db.query("SELECT id FROM vision_kpis WHERE level = 'daily' ORDER BY id LIMIT 2"))
-            db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [b, a])
-            db.execute("UPDATE vision_kpis SET parent_kpi_id = %s WHERE id = %s", [a, b])
-        self.databases[conn_id] = db
-        self._connection(conn_id, self.server.airflow_connection_json(db.name))
-        return conn_id
-
-    def _connection(self, conn_id: str, value: str) -> None:
-        self.monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", value)
-
-    def drop(self) -> None:
-        for db in self.databases.values():
-            self.server.drop_database(db.name)
-
-
-@pytest.fixture
-def fleet(pg_server, monkeypatch) -> Iterator[Fleet]:
-    made = Fleet(pg_server, monkeypatch)
-    yield made
-    made.drop()
 
 
 def _run(dag, conf: dict):

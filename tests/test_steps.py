@@ -683,11 +683,10 @@ def test_the_pipeline_adds_nothing_to_the_apps_schema_but_the_index(db, spec) ->
     assert db.scalar("SELECT obj_description('fk_maintenance'::regnamespace)").startswith("kpi-fk-maintenance")
 
 
-def test_an_audit_table_left_in_the_apps_schema_moves_with_its_rows_and_its_runs_still_restore(db, spec) -> None:
-    db.build(3000, orphan_ratio=0.02)
-    # An earlier version's run: it nulled some pointers and audited them in public.
+def _an_earlier_versions_run(db) -> list[tuple]:
+    """A run 'old-run' of an earlier version: it nulled 20 pointers and audited them in public; (kpi, parent)."""
     db.execute(LEGACY_AUDIT_DDL)
-    legacy = db.query(
+    return db.query(
         "WITH o AS (SELECT c.id, c.parent_kpi_id FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL AND NOT EXISTS "
         "(SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id) ORDER BY c.id LIMIT 20), "
         "a AS (INSERT INTO public.vision_kpis_orphan_audit (run_id, kpi_id, old_parent_kpi_id) "
@@ -695,6 +694,11 @@ def test_an_audit_table_left_in_the_apps_schema_moves_with_its_rows_and_its_runs
         "UPDATE vision_kpis k SET parent_kpi_id = NULL FROM a WHERE k.id = a.kpi_id "
         "RETURNING a.kpi_id, a.old_parent_kpi_id"
     )
+
+
+def test_an_audit_table_left_in_the_apps_schema_moves_with_its_rows_and_its_runs_still_restore(db, spec) -> None:
+    db.build(3000, orphan_ratio=0.02)
+    legacy = _an_earlier_versions_run(db)
     with db.connect() as conn:
         assert "move public.vision_kpis_orphan_audit" in preflight(conn, spec, NOW)["audit_plan"]
     results = run_pipeline(db.connect, spec, NOW, "run-1")
@@ -711,15 +715,7 @@ def test_an_audit_table_left_in_the_apps_schema_moves_with_its_rows_and_its_runs
 
 def test_a_run_audited_only_in_an_earlier_versions_table_is_restored_without_another_run_first(db, spec) -> None:
     db.build(3000, orphan_ratio=0.02)
-    db.execute(LEGACY_AUDIT_DDL)
-    legacy = db.query(
-        "WITH o AS (SELECT c.id, c.parent_kpi_id FROM vision_kpis c WHERE c.parent_kpi_id IS NOT NULL AND NOT EXISTS "
-        "(SELECT 1 FROM vision_kpis p WHERE p.id = c.parent_kpi_id) ORDER BY c.id LIMIT 20), "
-        "a AS (INSERT INTO public.vision_kpis_orphan_audit (run_id, kpi_id, old_parent_kpi_id) "
-        "SELECT 'old-run', id, parent_kpi_id FROM o RETURNING kpi_id, old_parent_kpi_id) "
-        "UPDATE vision_kpis k SET parent_kpi_id = NULL FROM a WHERE k.id = a.kpi_id "
-        "RETURNING a.kpi_id, a.old_parent_kpi_id"
-    )
+    legacy = _an_earlier_versions_run(db)
     revive_parent(db, legacy[0][1])
     with db.connect() as conn:
         restored = restore_run(conn, spec, NOW, "old-run", "restore-1")
