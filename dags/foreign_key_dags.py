@@ -70,8 +70,8 @@ RUNBOOK = """
 # {name}
 
 Gives `{schema}.{table}` a **validated** foreign key
-`{constraint} ({column}) -> {ref_table}({ref_column}) ON DELETE {on_delete}` and the btree index
-`{index} ({column})`, while the app keeps writing. Declared for the Airflow connections {conn_ids}.
+`{constraint} ({columns}) -> {ref_table}({ref_columns}) ON DELETE {on_delete}` and the btree index
+`{index} ({columns})`, while the app keeps writing. Declared for the Airflow connections {conn_ids}.
 
 ## The fleet
 
@@ -115,8 +115,9 @@ names the ids involved; fix the data in the app, then trigger again: every step 
 
 ## Undo the data change
 
-Every nulled pointer is in `{audit}`, the pipeline's own schema (`run_id`, `kpi_id` (the row's
-`{row_key}`), `old_parent_kpi_id`, `nulled_at`), on each target database. To put back one run's pointers whose
+Every nulled pointer is in `{audit}`, the pipeline's own schema (`run_id`, {audit_row_key} (the row's
+`{row_key}`), {audit_pointer} (the old `{columns}`), `nulled_at`), on each target database. Nulling sets
+{nulled} to NULL. To put back one run's pointers whose
 parent exists again, trigger the DAG `{name}_restore` with that `run_id`: it works in batches under the same
 lock timeouts, leaves rows the app has written since alone, and records each pointer it puts back.
 """
@@ -256,8 +257,22 @@ def build_dag(target: Target) -> DAG:
             audit=spec.audit_qualified,
             lock_table=lock_table_markdown(spec.table, BEFORE_STEPS, AFTER_STEPS),
             pool=POOL,
-            **{field: getattr(spec, field) for field in ("schema", "table", "column", "ref_table", "ref_column")},
-            **{field: getattr(spec, field) for field in ("row_key", "constraint", "index", "on_delete")},
+            schema=spec.schema,
+            table=spec.table,
+            ref_table=f"{spec.ref_schema}.{spec.ref_table}",
+            columns=", ".join(spec.columns),
+            ref_columns=", ".join(spec.ref_columns),
+            row_key=", ".join(spec.row_key),
+            constraint=spec.constraint,
+            index=spec.index,
+            on_delete=spec.on_delete_sql,
+            audit_row_key=", ".join(f"`{name}`" for name in spec.audit_row_key_columns),
+            audit_pointer=", ".join(f"`{name}`" for name in spec.audit_pointer_columns),
+            nulled=(
+                f"`{', '.join(spec.on_delete_columns)}`"
+                if spec.on_delete == "SET NULL" and spec.on_delete_columns
+                else "the key's nullable columns"
+            ),
         ),
         # No start_date: a freshly deployed DAG runs at once only if it lands inside the window, and otherwise
         # waits for the next one instead of starting at deploy time, which may be the middle of the business day.

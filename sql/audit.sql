@@ -14,11 +14,11 @@ ALTER TABLE {legacy_audit} SET SCHEMA {audit_schema}
 
 -- name: merge_legacy_rows
 -- Both exist (an earlier version ran after a newer one): the rows join the pipeline's table; on the same
--- (run_id, kpi_id) the pipeline's own row, the newer, is kept.
+-- (run_id, row key) the pipeline's own row, the newer, is kept.
 WITH moved AS (
-    INSERT INTO {audit} (run_id, kpi_id, old_parent_kpi_id, nulled_at)
-    SELECT run_id, kpi_id, old_parent_kpi_id, nulled_at FROM {legacy_audit}
-    ON CONFLICT (run_id, kpi_id) DO NOTHING
+    INSERT INTO {audit} (run_id, {audit_row_key}, {audit_pointer}, nulled_at)
+    SELECT run_id, {audit_row_key}, {audit_pointer}, nulled_at FROM {legacy_audit}
+    ON CONFLICT (run_id, {audit_row_key}) DO NOTHING
     RETURNING 1
 )
 SELECT count(*) FROM moved
@@ -30,13 +30,18 @@ DROP TABLE {legacy_audit}
 SELECT count(*) FROM {audit}
 
 -- name: create_table
+-- One row per nulled row: the run, the row's key (kpi_id, then kpi_id_2 ... for a composite row key) and the
+-- old value of every column of the foreign key (old_parent_kpi_id, then old_parent_kpi_id_2 ...), typed as the
+-- app's columns; each column's comment names the app's column it copies.
 CREATE TABLE IF NOT EXISTS {audit} (
     run_id            text        NOT NULL,
-    kpi_id            {key_type}  NOT NULL,
-    old_parent_kpi_id {pointer_type} NOT NULL,
+    {audit_column_definitions},
     nulled_at         timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, kpi_id)
+    PRIMARY KEY (run_id, {audit_row_key})
 )
+
+-- name: comment_column
+COMMENT ON COLUMN {audit_column} IS {comment}
 
 -- name: comment_table
 COMMENT ON TABLE {audit} IS 'kpi-fk-maintenance: dangling parent pointers nulled before adding a foreign key; restore with the restore DAG or the README''s UPDATE'

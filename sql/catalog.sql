@@ -11,35 +11,42 @@ SELECT a.attnum, format_type(a.atttypid, a.atttypmod), a.atttypid::int, a.attnot
 FROM pg_attribute a
 WHERE a.attrelid = %(relid)s AND a.attname = %(column)s AND a.attnum > 0 AND NOT a.attisdropped
 
--- name: unique_on_column
--- A foreign key needs a unique, non-partial, immediate (not DEFERRABLE) index on exactly the referenced
--- column; the audit identifies a row by its row key, which needs the same.
+-- name: unique_on_columns
+-- A foreign key needs a unique, non-partial, immediate (not DEFERRABLE) index on exactly the set of referenced
+-- columns, in any order; the audit identifies a row by its row key, which needs the same.
 SELECT count(*) > 0
 FROM pg_index i
 WHERE i.indrelid = %(relid)s AND i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL
-  AND i.indnkeyatts = 1 AND i.indkey[0] = %(attnum)s
+  AND i.indexprs IS NULL AND i.indnkeyatts = cardinality(%(attnums)s::int2[])
+  AND (SELECT array_agg(k ORDER BY k) FROM unnest((string_to_array(i.indkey::text, ' ')::int2[])[1:i.indnkeyatts]) k)
+      = (SELECT array_agg(k ORDER BY k) FROM unnest(%(attnums)s::int2[]) k)
 
 -- name: constraint_by_name
+-- confdelsetcols (the columns of ON DELETE SET NULL (...)) exists from PostgreSQL 15; read through to_jsonb so
+-- the same query runs on 13 and 14, where it is absent (NULL).
 SELECT con.oid, con.contype::text, con.conrelid, con.confrelid, con.conkey, con.confkey,
-       con.confdeltype::text, con.convalidated, con.condeferrable, pg_get_constraintdef(con.oid)
+       con.confdeltype::text, con.convalidated, con.condeferrable, pg_get_constraintdef(con.oid),
+       (SELECT array_agg(x::int2)
+        FROM jsonb_array_elements_text(coalesce(nullif(to_jsonb(con) -> 'confdelsetcols', 'null'), '[]')) x)
 FROM pg_constraint con
 WHERE con.conrelid = %(relid)s AND con.conname = %(name)s
 
--- name: other_foreign_keys_on_column
+-- name: other_foreign_keys_on_columns
 SELECT con.conname, pg_get_constraintdef(con.oid), con.convalidated
 FROM pg_constraint con
-WHERE con.conrelid = %(relid)s AND con.contype = 'f' AND con.conkey = ARRAY[%(attnum)s]::int2[]
-  AND con.conname <> %(name)s
+WHERE con.conrelid = %(relid)s AND con.contype = 'f' AND con.conname <> %(name)s
+  AND (SELECT array_agg(k ORDER BY k) FROM unnest(con.conkey) k)
+      = (SELECT array_agg(k ORDER BY k) FROM unnest(%(attnums)s::int2[]) k)
 
 -- name: same_columns_indexes
--- Other valid btree indexes on exactly the key's column, as ours would be (not unique, nothing included): one
--- of them could be adopted instead of building ours.
+-- Other valid btree indexes on exactly the key's columns in the key's order, as ours would be (not unique,
+-- nothing included): one of them could be adopted instead of building ours.
 SELECT ci.relname::text, pg_get_indexdef(i.indexrelid)
 FROM pg_index i
 JOIN pg_class ci ON ci.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ci.relam
 WHERE i.indrelid = %(relid)s AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL
-  AND i.indexprs IS NULL AND NOT i.indisunique AND i.indnatts = 1 AND i.indkey[0] = %(attnum)s
+  AND i.indexprs IS NULL AND NOT i.indisunique AND string_to_array(i.indkey::text, ' ')::int2[] = %(attnums)s::int2[]
   AND ci.relname <> %(name)s
 ORDER BY ci.relname
 
@@ -51,7 +58,7 @@ WHERE n.nspname = %(schema)s AND c.relname = %(name)s
 
 -- name: index_by_oid
 SELECT i.indrelid, am.amname::text, i.indisvalid, i.indisready, i.indisunique, i.indnatts, i.indnkeyatts,
-       i.indkey::int2[], i.indexprs IS NOT NULL, i.indpred IS NOT NULL, pg_get_indexdef(i.indexrelid)
+       string_to_array(i.indkey::text, ' ')::int2[], i.indexprs IS NOT NULL, i.indpred IS NOT NULL, pg_get_indexdef(i.indexrelid)
 FROM pg_index i
 JOIN pg_class ci ON ci.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ci.relam
@@ -61,15 +68,16 @@ WHERE i.indexrelid = %(oid)s
 SELECT p.pid, p.phase FROM pg_stat_progress_create_index p WHERE p.index_relid = %(oid)s
 
 -- name: privileges
--- What the run needs on the two tables (the referencing c, the referenced r) and the referencing table's
--- schema: ALTER TABLE and CREATE INDEX need the owner's rights, CREATE INDEX also CREATE on the schema (even for
--- the owner), ADD FOREIGN KEY needs REFERENCES on the referenced table, the anti-join SELECT on both.
+-- What the run needs on the two tables (the referencing c, the referenced r) and their schemas: ALTER TABLE and
+-- CREATE INDEX need the owner's rights, CREATE INDEX also CREATE on the schema (even for the owner), ADD
+-- FOREIGN KEY needs REFERENCES on the referenced table, the anti-join SELECT on both, and USAGE on both schemas.
 SELECT pg_has_role(current_user, c.relowner, 'USAGE') AS owns_table,
        has_table_privilege(c.oid, 'SELECT') AS can_select,
        has_table_privilege(c.oid, 'UPDATE') AS can_update,
        has_schema_privilege(c.relnamespace, 'USAGE') AS can_use_schema,
        has_schema_privilege(c.relnamespace, 'CREATE') AS can_create_in_schema,
        has_table_privilege(r.oid, 'SELECT') AS can_select_referenced,
+       has_schema_privilege(r.relnamespace, 'USAGE') AS can_use_referenced_schema,
        has_table_privilege(r.oid, 'REFERENCES') AS can_reference,
        (SELECT o.rolsuper FROM pg_roles o WHERE o.oid = c.relowner) AS owner_is_superuser,
        pg_has_role(current_user, c.relowner, 'MEMBER') AS member_of_owner

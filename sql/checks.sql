@@ -2,17 +2,22 @@
 -- always rolled back.
 
 -- name: plan_for_children_lookup
-EXPLAIN (FORMAT JSON) SELECT {row_key} FROM {table} WHERE {column} = %(value)s
+EXPLAIN (FORMAT JSON) SELECT {row_key} FROM {table} WHERE {columns_are_values}
 
 -- name: some_pointer
--- A value the column holds (as text, bound back as the column's type): the lookup to plan, whatever the type.
-SELECT {column}::text FROM {table} WHERE {column} IS NOT NULL LIMIT 1
+-- A value the key holds (as text, bound back as the columns' types): the lookup to plan, whatever the types.
+SELECT {c_columns_as_text} FROM {table} c WHERE {c_key_complete} LIMIT 1
+
+-- name: some_parent
+-- A referenced row's key (as text): the probe borrows the key's other columns from it, so that only the
+-- column it makes up is missing.
+SELECT {p_ref_columns_as_text} FROM {ref_table} p LIMIT 1
 
 -- name: some_row_key
 SELECT {row_key} FROM {table} LIMIT 1 FOR UPDATE SKIP LOCKED
 
 -- name: reject_missing_parent
-UPDATE {table} SET {column} = %(missing)s WHERE {row_key} = %(row_key)s
+UPDATE {table} SET {columns_to_probe} WHERE ROW({row_key}) = {row_key_values}
 
 -- name: missing_parent_uuid
 -- A value no row has, to point a row at.
@@ -32,45 +37,46 @@ WHERE NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = v)
 LIMIT 1
 
 -- name: depth_summary
--- Walk down from the roots: rows without a parent, and rows whose parent is missing (null_orphans makes those
--- roots, and until then "zero orphans" reports them). A child hangs below the row whose referenced column its
--- pointer holds (which need not be its row key). Every row not reached is in a cycle or hangs below one; the
--- walk itself terminates because each row has one parent, so no cycle is reachable from a root.
+-- Walk down from the roots: rows without a (complete) parent key, and rows whose parent is missing
+-- (null_orphans makes those roots, and until then "zero orphans" reports them). A child hangs below the row
+-- whose referenced columns its key holds (which need not be its row key). Every row not reached is in a cycle
+-- or hangs below one; the walk itself terminates because each row has one parent, so no cycle is reachable
+-- from a root.
 WITH RECURSIVE tree AS (
-    SELECT c.{row_key} AS row_key, c.{ref_column} AS referenced, 1 AS depth FROM {table} c
-    WHERE c.{column} IS NULL OR NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = c.{column})
+    SELECT {c_row_key}, {c_referenced}, 1 AS fk_depth FROM {table} c
+    WHERE NOT ({c_key_complete}) OR NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
     UNION ALL
-    SELECT c.{row_key}, c.{ref_column}, t.depth + 1
-    FROM {table} c JOIN tree t ON c.{column} = t.referenced
+    SELECT {c_row_key}, {c_referenced}, tree.fk_depth + 1
+    FROM {table} c JOIN tree ON {c_points_at_tree}
 )
 SELECT (SELECT count(*) FROM {table}) - count(*) AS unreached,
-       coalesce(max(depth), 0) AS max_depth,
-       (SELECT row_key::text FROM tree WHERE depth > %(max_depth)s LIMIT 1) AS too_deep_example
+       coalesce(max(fk_depth), 0) AS max_depth,
+       (SELECT {tree_row_key_text} FROM tree WHERE fk_depth > %(max_depth)s LIMIT 1) AS too_deep_example
 FROM tree
 
 -- name: chain_up
--- The row keys from a row up through its ancestors (the row whose referenced column its pointer holds),
+-- The row keys from a row up through its ancestors (the row whose referenced columns its key holds),
 -- stopping at a root or when a row repeats (a cycle).
 WITH RECURSIVE up AS (
-    SELECT {row_key} AS row_key, {column} AS parent, ARRAY[{row_key}::text] AS path, false AS is_cycle
-    FROM {table} WHERE {row_key}::text = %(start)s
+    SELECT {c_pointer_as_up}, ARRAY[{c_row_key_text}] AS fk_path, false AS fk_is_cycle
+    FROM {table} c WHERE {c_row_key_text} = %(start)s
     UNION ALL
-    SELECT t.{row_key}, t.{column}, u.path || t.{row_key}::text, t.{row_key}::text = ANY(u.path)
-    FROM up u JOIN {table} t ON t.{ref_column} = u.parent
-    WHERE NOT u.is_cycle AND cardinality(u.path) < 1000
+    SELECT {c_pointer_as_up}, up.fk_path || {c_row_key_text}, {c_row_key_text} = ANY(up.fk_path)
+    FROM up JOIN {table} c ON {c_referenced_is_up}
+    WHERE NOT up.fk_is_cycle AND cardinality(up.fk_path) < 1000
 )
-SELECT path, is_cycle FROM up ORDER BY cardinality(path) DESC LIMIT 1
+SELECT fk_path, fk_is_cycle FROM up ORDER BY cardinality(fk_path) DESC LIMIT 1
 
 -- name: unreached_example
 -- A row that is not reached from any root (roots as in depth_summary): walk up from it to find the cycle.
 WITH RECURSIVE tree AS (
-    SELECT c.{row_key} AS row_key, c.{ref_column} AS referenced FROM {table} c
-    WHERE c.{column} IS NULL OR NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = c.{column})
+    SELECT {c_row_key}, {c_referenced} FROM {table} c
+    WHERE NOT ({c_key_complete}) OR NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
     UNION ALL
-    SELECT c.{row_key}, c.{ref_column} FROM {table} c JOIN tree t ON c.{column} = t.referenced
+    SELECT {c_row_key}, {c_referenced} FROM {table} c JOIN tree ON {c_points_at_tree}
 )
-SELECT x.{row_key}::text FROM {table} x
-WHERE NOT EXISTS (SELECT 1 FROM tree WHERE tree.row_key = x.{row_key})
+SELECT {c_row_key_text} FROM {table} c
+WHERE NOT EXISTS (SELECT 1 FROM tree WHERE {tree_is_c})
 LIMIT 1
 
 -- name: prefer_index

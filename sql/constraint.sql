@@ -3,8 +3,8 @@
 
 -- name: add_not_valid
 ALTER TABLE {table}
-    ADD CONSTRAINT {constraint} FOREIGN KEY ({column})
-    REFERENCES {ref_table} ({ref_column}) ON DELETE {on_delete}
+    ADD CONSTRAINT {constraint} FOREIGN KEY ({columns})
+    REFERENCES {ref_table} ({ref_columns}) ON DELETE {on_delete}
     NOT VALID
 
 -- name: validate

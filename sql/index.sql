@@ -1,7 +1,7 @@
 -- The supporting index. CONCURRENTLY statements cannot run inside a transaction block: autocommit only.
 
 -- name: create_concurrently
-CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} USING btree ({column})
+CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} USING btree ({columns})
 
 -- name: drop_concurrently
 DROP INDEX CONCURRENTLY IF EXISTS {qualified_index}

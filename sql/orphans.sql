@@ -1,24 +1,26 @@
--- Orphans: rows whose pointer names a parent that does not exist. Always an anti-join (NOT EXISTS):
--- NOT IN is wrong when the subquery yields a NULL and cannot be planned as a hashed anti-join at scale.
+-- Orphans: rows whose key names a parent that does not exist. Always an anti-join (NOT EXISTS): NOT IN is
+-- wrong when the subquery yields a NULL and cannot be planned as a hashed anti-join at scale. A row with any
+-- NULL in the key is not checked by the foreign key (MATCH SIMPLE), so it is never an orphan; a composite
+-- key's orphan is a row whose whole tuple has no match (a parent_id that exists in another tenant included).
 
 -- name: summary
 WITH orphan AS MATERIALIZED (
-    SELECT c.{row_key} AS row_key, c.{column} AS pointer
+    SELECT {c_row_key_text} AS fk_row_key, {c_pointer_text} AS fk_pointer, {c_row_key}
     FROM {table} c
-    WHERE c.{column} IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = c.{column})
+    WHERE {c_key_complete}
+      AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
 )
 SELECT (SELECT count(*) FROM orphan),
-       (SELECT count(DISTINCT pointer) FROM orphan),
-       (SELECT coalesce(array_agg(s.row_key::text || ' -> ' || s.pointer::text), '{{}}')
-          FROM (SELECT row_key, pointer FROM orphan ORDER BY row_key LIMIT %(sample_size)s) s)
+       (SELECT count(DISTINCT fk_pointer) FROM orphan),
+       (SELECT coalesce(array_agg(s.fk_row_key || ' -> ' || s.fk_pointer), '{{}}')
+          FROM (SELECT fk_row_key, fk_pointer FROM orphan ORDER BY {row_key} LIMIT %(sample_size)s) s)
 
 -- name: keys
-SELECT c.{row_key}
+SELECT {c_row_key}
 FROM {table} c
-WHERE c.{column} IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = c.{column})
-ORDER BY c.{row_key}
+WHERE {c_key_complete}
+  AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
+ORDER BY {c_row_key}
 
 -- name: plan_for_all_rows
 SELECT set_config('cursor_tuple_fraction', '1.0', true)
@@ -30,31 +32,32 @@ MOVE FORWARD ALL IN {cursor}
 -- name: count
 SELECT count(*)
 FROM {table} c
-WHERE c.{column} IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = c.{column})
+WHERE {c_key_complete}
+  AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
 
 -- name: null_batch
 -- One batch, one transaction: re-check each row is still an orphan (a parent created meanwhile keeps its
--- child), lock it without waiting on the app (rows it holds are left for the re-sweep), audit, then null.
+-- child), lock it without waiting on the app (rows it holds are left for the re-sweep), audit the whole old
+-- key, then null the columns nulling sets to NULL ({set_nulled}).
 WITH still_orphaned AS (
-    SELECT c.{row_key} AS row_key, c.{column} AS pointer
+    SELECT {c_as_audit}
     FROM {table} c
-    WHERE c.{row_key} = ANY(%(keys)s)
-      AND c.{column} IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE p.{ref_column} = c.{column})
+    JOIN {batch_keys} ON {c_is_batch_key}
+    WHERE {c_key_complete}
+      AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
     FOR UPDATE OF c SKIP LOCKED
 ), audited AS (
-    INSERT INTO {audit} (run_id, kpi_id, old_parent_kpi_id, nulled_at)
-    SELECT %(run_id)s, row_key, pointer, clock_timestamp() FROM still_orphaned
+    INSERT INTO {audit} (run_id, {audit_row_key}, {audit_pointer}, nulled_at)
+    SELECT %(run_id)s, {audit_row_key}, {audit_pointer}, clock_timestamp() FROM still_orphaned
     -- The same run can meet a row twice (the app re-pointed it after we nulled it): keep the latest value.
-    ON CONFLICT (run_id, kpi_id) DO UPDATE
-        SET old_parent_kpi_id = EXCLUDED.old_parent_kpi_id, nulled_at = EXCLUDED.nulled_at
-    RETURNING kpi_id, old_parent_kpi_id
+    ON CONFLICT (run_id, {audit_row_key}) DO UPDATE
+        SET {audit_pointer_from_excluded}, nulled_at = EXCLUDED.nulled_at
+    RETURNING {audit_row_key}, {audit_pointer}
 ), nulled AS (
-    UPDATE {table} t SET {column} = NULL
+    UPDATE {table} t SET {set_nulled}
     FROM audited a
-    WHERE t.{row_key} = a.kpi_id AND t.{column} = a.old_parent_kpi_id
-    RETURNING t.{row_key}
+    WHERE {t_is_audited_row} AND {t_points_as_audited}
+    RETURNING 1
 ), recorded AS (
     -- This transaction wrote the rows' new versions (their xmin): a restore puts a pointer back only where the
     -- row is still that version, so whatever anyone wrote to the row since is left alone.

@@ -132,6 +132,57 @@ foreign_keys:
     index: line_items_product_id_idx
     audit_table: line_items_orphan_audit
     conn_ids: [kpi_db]
+  - name: tenant_tree_fk
+    schema: Tenancy
+    table: Nodes
+    columns: [tenant_id, parent_id]
+    ref_table: Nodes
+    ref_columns: [tenant_id, id]
+    row_key: [tenant_id, id]
+    on_delete: SET NULL (parent_id)
+    constraint: nodes_parent_fkey
+    index: nodes_tenant_parent_idx
+    audit_table: nodes_orphan_audit
+    hierarchy_checks: true
+    conn_ids: [kpi_db]
+  - name: tenant_tree_plain_set_null_fk
+    schema: Tenancy
+    table: Nodes
+    columns: [tenant_id, parent_id]
+    ref_table: Nodes
+    ref_columns: [tenant_id, id]
+    row_key: [tenant_id, id]
+    constraint: nodes_parent_plain_fkey
+    index: nodes_tenant_parent_plain_idx
+    audit_table: nodes_plain_orphan_audit
+    conn_ids: [kpi_db]
+  - name: invoices_account_fk
+    schema: Billing
+    table: Invoices
+    column: Account Id
+    ref_schema: CRM
+    ref_table: Accounts
+    ref_column: Id
+    row_key: Invoice No
+    constraint: Invoices "Account" FK
+    index: Invoices Account Idx
+    audit_table: Invoices Orphan Audit
+    conn_ids: [kpi_db]
+"""
+
+# A tenant-scoped hierarchy: tenant t has nodes 1 .. 100 t, the first ten roots, the others below them in their
+# own tenant. Some point at node 100 t + 50, which exists in the next tenant but not in theirs (the tenant trap:
+# orphans all the same), some at a node no tenant has.
+TENANT_TREE = """
+    CREATE SCHEMA "Tenancy";
+    CREATE TABLE "Tenancy"."Nodes" (tenant_id int NOT NULL, id int NOT NULL, parent_id int, name text,
+                                    PRIMARY KEY (tenant_id, id));
+    INSERT INTO "Tenancy"."Nodes"
+    SELECT t, g,
+           CASE WHEN g <= 10 THEN NULL WHEN g % 29 = 0 THEN 100 * t + 50 WHEN g % 31 = 0 THEN 100000
+                ELSE 1 + g % 10 END,
+           'node ' || t || '/' || g
+    FROM generate_series(1, 3) t, generate_series(1, 100 * t) g;
 """
 
 SCHEMAS = {
@@ -220,6 +271,18 @@ SCHEMAS = {
         INSERT INTO line_items SELECT g / 4, g % 4, CASE WHEN g % 8 = 0 THEN 404 ELSE 1 + g % 30 END
         FROM generate_series(1, 800) g;
     """,
+    "tenant_tree_fk": TENANT_TREE,
+    "tenant_tree_plain_set_null_fk": TENANT_TREE,
+    "invoices_account_fk": """
+        -- A key from one schema to another, every name mixed-case.
+        CREATE SCHEMA "CRM";
+        CREATE SCHEMA "Billing";
+        CREATE TABLE "CRM"."Accounts" ("Id" bigint PRIMARY KEY, "Name" text);
+        CREATE TABLE "Billing"."Invoices" ("Invoice No" bigint PRIMARY KEY, "Account Id" bigint, amount numeric);
+        INSERT INTO "CRM"."Accounts" SELECT g, 'account ' || g FROM generate_series(1, 100) g;
+        INSERT INTO "Billing"."Invoices"
+        SELECT g, CASE WHEN g % 21 = 0 THEN 5000 + g % 4 ELSE 1 + g % 100 END, g FROM generate_series(1, 1500) g;
+    """,
 }
 
 
@@ -282,31 +345,44 @@ def run_dag(bag, db, monkeypatch, name: str, **conf: Any) -> tuple[str, dict[str
     return str(run.state), latest_xcom(bag.airflow_home, "canary.report", "report", dag_id=name)
 
 
-def pointers(db, spec: ForeignKeySpec) -> dict[str, Any]:
-    """Every row's key and pointer, as text."""
+def pointers(db, spec: ForeignKeySpec) -> dict[tuple, tuple]:
+    """Every row's key and the key's columns, as tuples."""
+    width = len(spec.row_key)
     with db.connect() as conn:
         rows = conn.execute(
-            sql.SQL("SELECT {key}::text, {col}::text FROM {t}").format(
-                key=sql.Identifier(spec.row_key),
-                col=sql.Identifier(spec.column),
+            sql.SQL("SELECT {key}, {columns} FROM {t}").format(
+                key=sql.SQL(", ").join(map(sql.Identifier, spec.row_key)),
+                columns=sql.SQL(", ").join(map(sql.Identifier, spec.columns)),
                 t=sql.Identifier(spec.schema, spec.table),
             )
         ).fetchall()
-    return dict(rows)
+    return {row[:width]: row[width:] for row in rows}
 
 
-def audit_rows(db, spec: ForeignKeySpec) -> dict[str, str]:
+def audit_rows(db, spec: ForeignKeySpec) -> dict[tuple, tuple]:
+    """The audit's rows: each row's key and the key's old value, as tuples."""
+    width = len(spec.row_key)
     with db.connect() as conn:
         rows = conn.execute(
-            sql.SQL("SELECT kpi_id::text, old_parent_kpi_id::text FROM {}").format(
-                sql.Identifier(spec.audit_schema, spec.audit_table)
+            sql.SQL("SELECT {key}, {old} FROM {audit}").format(
+                key=sql.SQL(", ").join(map(sql.Identifier, spec.audit_row_key_columns)),
+                old=sql.SQL(", ").join(map(sql.Identifier, spec.audit_pointer_columns)),
+                audit=sql.Identifier(spec.audit_schema, spec.audit_table),
             )
         ).fetchall()
-    return dict(rows)
+    return {row[:width]: row[width:] for row in rows}
 
 
-def assert_converged(db, spec: ForeignKeySpec, before: dict[str, Any], report: dict[str, Any] | None) -> None:
-    """Validated, zero orphans, and every pointer that changed is one the audit holds with its old value."""
+def nulled_by_run(spec: ForeignKeySpec, old: tuple) -> tuple:
+    """What a nulled row's key holds: its old value with the columns ON DELETE SET NULL (...) lists (all, for
+    these keys, whose columns are all nullable otherwise) set to NULL."""
+    nulled = spec.on_delete_columns or spec.columns
+    return tuple(None if name in nulled else value for name, value in zip(spec.columns, old, strict=True))
+
+
+def assert_converged(db, spec: ForeignKeySpec, before: dict[tuple, tuple], report: dict[str, Any] | None) -> None:
+    """Validated, zero orphans, and every key that changed is one the audit holds with its old value, changed
+    only by nulling the columns the key's nulling sets to NULL."""
     assert report is not None and report["final_state"] == "converged", report
     validated = db.scalar(
         "SELECT convalidated FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace "
@@ -318,7 +394,7 @@ def assert_converged(db, spec: ForeignKeySpec, before: dict[str, Any], report: d
     after = pointers(db, spec)
     assert set(after) == set(before), "rows lost or invented"
     changed = {key: old for key, old in before.items() if after[key] != old}
-    assert all(after[key] is None for key in changed), "a pointer was changed to something else than NULL"
+    assert all(after[key] == nulled_by_run(spec, old) for key, old in changed.items()), "changed beyond nulling"
     assert audit_rows(db, spec) == changed
     assert report["nulled"] == report["audited"] == len(changed)
     assert report["checks_failed"] == 0
@@ -333,6 +409,8 @@ def assert_converged(db, spec: ForeignKeySpec, before: dict[str, Any], report: d
         "posts_tag_fk",
         "order_items_order_fk",
         "events_sensor_fk",
+        "tenant_tree_fk",
+        "invoices_account_fk",
     ],
 )
 def test_a_declared_key_converges_through_its_dag_and_a_second_run_changes_nothing(
@@ -411,6 +489,15 @@ THROUGH_THE_DAG_TOO = {"order_items_order_fk", "readings_device_fk"}
             "",
             ["carriers.code has no primary key or unique index that is not DEFERRABLE"],
             id="referenced-column-deferrable",
+        ),
+        pytest.param(
+            "tenant_tree_plain_set_null_fk",
+            "",
+            [
+                "Nodes.tenant_id is NOT NULL, so ON DELETE SET NULL could never apply; declare on_delete: "
+                "SET NULL (parent_id) to null only those (PostgreSQL 15+)"
+            ],
+            id="composite-set-null-on-a-not-null-column",
         ),
     ],
 )
@@ -588,9 +675,9 @@ def test_a_key_the_missing_parent_probe_cannot_try_converges_with_the_probe_repo
     spec = ForeignKeySpec(
         schema="public",
         table="visits_by_day",
-        column="day",
+        columns="day",
         ref_table="days",
-        ref_column="d",
+        ref_columns="d",
         row_key="id",
         constraint="visits_by_day_day_fkey",
         index="visits_by_day_day_idx",
@@ -630,3 +717,79 @@ def test_the_lock_gap_watch_covers_the_partitions_of_a_partitioned_referenced_ta
     assert result["action"] == "added NOT VALID" and hot.cycles >= 1
     assert result["lock_timeouts"] == 0 and result["struck_in_gap"] == 1, result
     figures(f"a partition of sensors locked 0.95 s of every 1 s: added after watching {result['watched_seconds']} s")
+
+
+def test_a_tenant_scoped_composite_key_nulls_only_its_set_null_column_and_the_restore_puts_it_back(
+    declared, db
+) -> None:
+    """MATCH SIMPLE with the tenant trap: a parent_id that exists in another tenant is an orphan all the same.
+    Only parent_id is nulled (tenant_id is NOT NULL and part of the row key), the audit keeps the whole old key,
+    and a restore puts back the pointers whose parent exists again, in its own tenant only."""
+    from fk_maintenance.restore import restore_run
+
+    spec = declared["tenant_tree_fk"].spec
+    create(db, "tenant_tree_fk")
+    nodes = 'SELECT tenant_id, id FROM "Tenancy"."Nodes" c WHERE '
+    trapped = set(
+        db.query(
+            nodes + 'EXISTS (SELECT 1 FROM "Tenancy"."Nodes" o WHERE o.id = c.parent_id) '
+            'AND NOT EXISTS (SELECT 1 FROM "Tenancy"."Nodes" p WHERE (p.tenant_id, p.id) = (c.tenant_id, c.parent_id))'
+        )
+    )
+    assert len(trapped) == 9 and {tenant for tenant, _ in trapped} == {1, 2}
+    before = pointers(db, spec)
+    report = run_pipeline(db.connect, spec, RunSettings(validate_now=True), "tenants-1")["report"]
+    assert_converged(db, spec, before, report)
+    assert set(db.query(nodes + "parent_id IS NULL AND id > 10")) >= trapped
+    audited = audit_rows(db, spec)
+    assert all(audited[key] == (key[0], 100 * key[0] + 50) for key in trapped)
+
+    # Tenant 1's missing parent comes back (tenant 2's does not); a node of id 150 in tenant 1 serves only
+    # tenant 1's children, though tenant 2 has had one all along.
+    db.execute("""INSERT INTO "Tenancy"."Nodes" VALUES (1, 150, NULL, 'revived')""")
+    revived = {key for key in trapped if key[0] == 1}
+    with db.connect() as conn:
+        restored = restore_run(conn, spec, RunSettings(), "tenants-1", "restore-1")
+    assert restored["restored"] == len(revived) == 3
+    assert restored["parent_still_missing"] == len(audited) - len(revived)
+    after = pointers(db, spec)
+    assert all(after[key] == (1, 150) for key in revived)
+    assert all(after[key] == (key[0], None) for key in audited.keys() - revived)
+    logged = db.query(
+        "SELECT row_key, parent FROM fk_maintenance.restore_log WHERE restore_id = 'restore-1' ORDER BY row_key"
+    )
+    assert logged == [(f"(1, {id_})", "(1, 150)") for _, id_ in sorted(revived)]
+    assert orphan_count(db, spec) == 0
+
+    settled = snapshot(db, spec)
+    with db.connect() as conn:
+        again = restore_run(conn, spec, RunSettings(), "tenants-1", "restore-2")
+    assert again["restored"] == 0 and again["already_restored"] == len(revived)
+    assert snapshot(db, spec) == settled
+
+
+def test_a_key_across_schemas_is_refused_without_usage_on_the_referenced_schema_naming_its_grant(
+    declared, db
+) -> None:
+    spec = declared["invoices_account_fk"].spec
+    create(db, "invoices_account_fk")
+    role = sql.Identifier(ROLE).as_string(None)
+    db.execute(
+        f"DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN "
+        f"EXECUTE 'DROP OWNED BY ' || quote_ident('{ROLE}') || ' CASCADE'; "
+        f"EXECUTE 'DROP ROLE ' || quote_ident('{ROLE}'); END IF; END $$"
+    )
+    database = sql.Identifier(db.name).as_string(None)
+    db.execute(
+        f'CREATE ROLE {role} LOGIN; ALTER TABLE "Billing"."Invoices" OWNER TO {role}; '
+        f'GRANT USAGE, CREATE ON SCHEMA "Billing" TO {role}; GRANT SELECT, REFERENCES ON "CRM"."Accounts" TO {role}; '
+        f"GRANT CREATE ON DATABASE {database} TO {role}"
+    )
+    before = snapshot(db, spec)
+    with psycopg.connect(db.dsn, user=ROLE, autocommit=True) as conn, pytest.raises(PreflightFailed) as caught:
+        preflight(conn, spec, RunSettings())
+    assert f'lacks USAGE on schema "CRM": GRANT USAGE ON SCHEMA "CRM" TO {role}' in str(caught.value), caught.value
+    assert snapshot(db, spec) == before
+    db.execute(f'GRANT USAGE ON SCHEMA "CRM" TO {role}')
+    with psycopg.connect(db.dsn, user=ROLE, autocommit=True) as conn:
+        assert preflight(conn, spec, RunSettings())["key"] == spec.describe()

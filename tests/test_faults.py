@@ -566,9 +566,9 @@ def test_only_an_anti_wraparound_vacuum_of_the_target_table_itself_holds_validat
     quoted = ForeignKeySpec(
         schema="App Data",
         table='Vision "KPIs"',
-        column="parent_kpi_id",
+        columns="parent_kpi_id",
         ref_table='Vision "KPIs"',
-        ref_column="id",
+        ref_columns="id",
         row_key="id",
         constraint="vision_parent_fkey",
         index="vision_parent_idx",

@@ -181,9 +181,9 @@ def test_identifiers_that_need_quoting_work(db) -> None:
     quoted = ForeignKeySpec(
         schema='App "Data"',
         table="Vision KPIs",
-        column='Parent"Id',
+        columns='Parent"Id',
         ref_table="Vision KPIs",
-        ref_column="Id",
+        ref_columns="Id",
         row_key="Id",
         constraint='fk "parent"; DROP TABLE x',
         index="Idx Parent",
@@ -194,7 +194,9 @@ def test_identifiers_that_need_quoting_work(db) -> None:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(quoted.schema)))
         conn.execute(
             sql.SQL("CREATE TABLE {t} ({id} uuid PRIMARY KEY, {p} uuid, title text)").format(
-                t=sql.Identifier(quoted.schema, quoted.table), id=sql.Identifier("Id"), p=sql.Identifier(quoted.column)
+                t=sql.Identifier(quoted.schema, quoted.table),
+                id=sql.Identifier("Id"),
+                p=sql.Identifier(*quoted.columns),
             )
         )
         conn.execute(
@@ -630,9 +632,9 @@ def test_the_missing_parent_probe_of_an_integer_key_uses_a_value_no_sequence_giv
     goals = ForeignKeySpec(
         schema="public",
         table="goals",
-        column="parent_id",
+        columns="parent_id",
         ref_table="goals",
-        ref_column="id",
+        ref_columns="id",
         row_key="id",
         constraint="goals_parent_id_fkey",
         index="goals_parent_id_idx",

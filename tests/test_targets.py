@@ -13,6 +13,27 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "dags" / "targets.yaml"
 
 
+def test_a_composite_key_across_schemas_is_declared_with_lists_and_a_referenced_schema(tmp_path):
+    path = tmp_path / "targets.yaml"
+    path.write_text(
+        "foreign_keys:\n"
+        "  - {name: nodes_fk, schema: Tenancy, table: Nodes, columns: [tenant_id, parent_id], ref_schema: Core,\n"
+        "     ref_table: Nodes, ref_columns: [tenant_id, id], row_key: [tenant_id, id],\n"
+        "     on_delete: 'set null (parent_id)', constraint: c, index: i, audit_table: a, conn_ids: [db]}\n"
+        "  - {name: one_fk, table: t, column: p, ref_table: t, ref_column: k, constraint: c2, index: i2,\n"
+        "     audit_table: a2, conn_ids: [db]}\n"
+    )
+    composite, single = (target.spec for target in load_targets(path))
+    assert composite.pairs == (("tenant_id", "tenant_id"), ("parent_id", "id"))
+    assert (composite.ref_schema, composite.row_key) == ("Core", ("tenant_id", "id"))
+    assert (composite.on_delete, composite.on_delete_columns) == ("SET NULL", ("parent_id",))
+    assert not composite.self_referential  # the same table name in another schema is another table
+    assert composite.tables == (("Tenancy", "Nodes"), ("Core", "Nodes"))
+    assert composite.audit_pointer_columns == ("old_parent_kpi_id", "old_parent_kpi_id_2")
+    # One column is a list of one; the row key of a self-reference defaults to the referenced columns.
+    assert (single.columns, single.ref_columns, single.row_key, single.ref_schema) == (("p",), ("k",), ("k",), "public")
+
+
 def test_the_shipped_file_declares_exactly_todays_key():
     (target,) = load_targets(SHIPPED)
     assert (
@@ -45,6 +66,32 @@ def test_the_shipped_file_declares_exactly_todays_key():
         (
             lambda t: t.replace("ref_table: vision_kpis", "ref_table: goals"),
             "hierarchy_checks needs a self-referencing key",
+        ),
+        (
+            lambda t: t.replace(
+                "    column: parent_kpi_id\n", "    column: parent_kpi_id\n    columns: [parent_kpi_id]\n"
+            ),
+            "declare exactly one of 'column' (a name) or 'columns' (a list), not ['column', 'columns']",
+        ),
+        (
+            lambda t: t.replace("    ref_column: id\n", ""),
+            "declare exactly one of 'ref_column' (a name) or 'ref_columns' (a list), not neither",
+        ),
+        (
+            lambda t: t.replace("    column: parent_kpi_id\n", "    columns: [user_id, parent_kpi_id]\n"),
+            "columns ['user_id', 'parent_kpi_id'] and ref_columns ['id'] differ in length",
+        ),
+        (
+            lambda t: t.replace("on_delete: SET NULL", "on_delete: SET NULL (user_id)"),
+            "on_delete lists ['user_id'], which are not among the key's columns ['parent_kpi_id']",
+        ),
+        (
+            lambda t: t.replace("on_delete: SET NULL", "on_delete: CASCADE (parent_kpi_id)"),
+            "on_delete 'CASCADE (parent_kpi_id)' is not one of",
+        ),
+        (
+            lambda t: t.replace("    row_key: id\n", "    row_key: [id, id]\n"),
+            "row_key ['id', 'id'] names a column twice",
         ),
     ],
 )

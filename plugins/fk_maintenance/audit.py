@@ -14,7 +14,7 @@ from psycopg import sql
 from .catalog import TableInfo, TargetState, as_written, table_info
 from .session import set_local_timeouts
 from .spec import ForeignKeySpec
-from .sqlfiles import statement
+from .sqlfiles import audit_columns, statement
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ def audit_problems(
     conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, tables: AuditTables, *, writes: bool
 ) -> list[str]:
     """Every reason the audit table cannot be used, created or moved by this role, for preflight."""
-    assert state.row_key is not None and state.column is not None
     problems = [
         problem
         for where, table in (
@@ -60,22 +59,18 @@ def audit_problems(
             (spec.legacy_audit_qualified, tables.legacy),
         )
         if table is not None
-        for problem in _shape_problems(conn, where, table, state)
+        for problem in _shape_problems(conn, spec, where, table, state)
     ]
     if writes:
         problems += _privilege_problems(conn, spec, tables)
     return problems
 
 
-def _shape_problems(conn: psycopg.Connection, where: str, table: TableInfo, state: TargetState) -> list[str]:
-    assert state.row_key is not None and state.column is not None
+def _shape_problems(
+    conn: psycopg.Connection, spec: ForeignKeySpec, where: str, table: TableInfo, state: TargetState
+) -> list[str]:
     columns = dict(conn.execute(statement("catalog", "audit_columns"), {"relid": table.oid}).fetchall())
-    expected = {
-        "run_id": "text",
-        "kpi_id": state.row_key.type_name,
-        "old_parent_kpi_id": state.column.type_name,
-        "nulled_at": "timestamp with time zone",
-    }
+    expected = {"run_id": "text", **audit_columns(spec, state), "nulled_at": "timestamp with time zone"}
     wrong = [f"{name} {kind}" for name, kind in expected.items() if columns.get(name) != kind]
     problems = []
     if wrong:
@@ -84,8 +79,11 @@ def _shape_problems(conn: psycopg.Connection, where: str, table: TableInfo, stat
             f"(has {', '.join(f'{k} {v}' for k, v in columns.items())}); rename it or name another audit_table"
         )
     key = conn.execute(statement("catalog", "audit_primary_key"), {"relid": table.oid}).fetchone()[0]
-    if key != ["run_id", "kpi_id"]:
-        problems.append(f"{where} has primary key {key}, not (run_id, kpi_id); rename it or name another audit_table")
+    wanted = ["run_id", *spec.audit_row_key_columns]
+    if key != wanted:
+        problems.append(
+            f"{where} has primary key {key}, not ({', '.join(wanted)}); rename it or name another audit_table"
+        )
     return problems
 
 
@@ -152,7 +150,6 @@ def ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: Ta
 
 
 def _ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> None:
-    assert state.row_key and state.column
     with conn.transaction():
         set_local_timeouts(
             conn, lock_timeout_ms=AUDIT_DDL_LOCK_TIMEOUT_MS, statement_timeout_ms=AUDIT_DDL_STATEMENT_TIMEOUT_MS
@@ -180,20 +177,30 @@ def _ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: T
                 spec.audit_qualified,
             )
         elif tables.current is None:
-            conn.execute(
-                statement(
-                    "audit",
-                    "create_table",
-                    spec,
-                    # format_type() output from the catalog: a type name, not user input.
-                    key_type=sql.SQL(state.row_key.type_name),  # type: ignore[arg-type]
-                    pointer_type=sql.SQL(state.column.type_name),  # type: ignore[arg-type]
-                )
-            )
+            conn.execute(statement("audit", "create_table", spec, state))
             conn.execute(statement("audit", "comment_table", spec))
+            _comment_columns(conn, spec)
         if tables.nulling_transactions is None:
             conn.execute(statement("audit", "create_nulling_transactions", spec))
             conn.execute(statement("audit", "comment_nulling_transactions", spec))
+
+
+def _comment_columns(conn: psycopg.Connection, spec: ForeignKeySpec) -> None:
+    """Each copied column names the app's column it copies, so the table reads by hand whatever the key's shape."""
+    copies = [
+        *zip(spec.audit_row_key_columns, spec.row_key, ("the row key",) * len(spec.row_key), strict=True),
+        *zip(spec.audit_pointer_columns, spec.columns, ("the old value",) * len(spec.columns), strict=True),
+    ]
+    for audit_column, app_column, what in copies:
+        conn.execute(
+            statement(
+                "audit",
+                "comment_column",
+                spec,
+                audit_column=sql.Identifier(spec.audit_schema, spec.audit_table, audit_column),
+                comment=sql.Literal(f"{what}: {spec.schema}.{spec.table}.{app_column}"),
+            )
+        )
 
 
 def audit_summary(spec: ForeignKeySpec, tables: AuditTables) -> dict[str, Any]:

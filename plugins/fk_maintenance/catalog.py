@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from .errors import ConcurrentRun, PreflightFailed
-from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
+from .spec import ON_DELETE_ACTIONS, ForeignKeySpec, describe_columns
 from .sqlfiles import statement
 
 
@@ -51,14 +51,47 @@ class IndexState:
 
 @dataclass
 class TargetState:
+    """What the database holds for the key: its tables, and each of its columns (in the spec's order; a list is
+    None until every one of its columns was found)."""
+
     table: TableInfo | None = None
     ref_table: TableInfo | None = None
-    column: ColumnInfo | None = None
-    ref_column: ColumnInfo | None = None
-    row_key: ColumnInfo | None = None
+    columns: tuple[ColumnInfo, ...] | None = None
+    ref_columns: tuple[ColumnInfo, ...] | None = None
+    row_key: tuple[ColumnInfo, ...] | None = None
     constraint: ConstraintState = field(default_factory=lambda: ConstraintState(exists=False))
     index: IndexState = field(default_factory=lambda: IndexState(exists=False))
     problems: list[str] = field(default_factory=list)
+    # The key's columns nulling an orphan sets to NULL (see nulled_columns).
+    nulled: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return self.columns is not None and self.ref_columns is not None and self.row_key is not None
+
+    @property
+    def not_null_key(self) -> bool:
+        """No column of the key may be nulled, so an orphan cannot be made to pass the key by nulling."""
+        return self.complete and not self.nulled
+
+    @property
+    def row_key_types(self) -> tuple[str, ...]:
+        assert self.row_key is not None
+        return tuple(info.type_name for info in self.row_key)
+
+    @property
+    def pointer_types(self) -> tuple[str, ...]:
+        assert self.columns is not None
+        return tuple(info.type_name for info in self.columns)
+
+
+def nulled_columns(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> tuple[str, ...]:
+    """What nulling an orphan sets to NULL: the columns ``ON DELETE SET NULL (...)`` lists, or else every
+    nullable column of the key (for plain SET NULL that is all of them, or preflight refuses the key). One NULL
+    is enough for MATCH SIMPLE to stop checking the row; a NOT NULL column is never nulled."""
+    if spec.on_delete == "SET NULL" and spec.on_delete_columns:
+        return spec.on_delete_columns
+    return tuple(name for name, info in zip(spec.columns, columns, strict=True) if not info.not_null)
 
 
 def table_info(conn: psycopg.Connection, schema: str, table: str) -> TableInfo | None:
@@ -71,28 +104,41 @@ def column_info(conn: psycopg.Connection, relid: int, column: str) -> ColumnInfo
     return ColumnInfo(*row) if row else None
 
 
+def _attnums(columns: tuple[ColumnInfo, ...] | None) -> list[int]:
+    assert columns is not None
+    return [info.attnum for info in columns]
+
+
 def constraint_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> ConstraintState:
-    assert state.table and state.ref_table and state.column and state.ref_column
+    assert state.table and state.ref_table and state.complete
     row = conn.execute(
         statement("catalog", "constraint_by_name"), {"relid": state.table.oid, "name": spec.constraint}
     ).fetchone()
     if row is None:
         return ConstraintState(exists=False)
-    _oid, contype, _conrelid, confrelid, conkey, confkey, deltype, validated, deferrable, definition = row
+    _oid, contype, _conrelid, confrelid, conkey, confkey, deltype, validated, deferrable, definition, setcols = row
     mismatches: list[str] = []
     if contype != "f":
         mismatches.append(f"it is not a foreign key (contype {contype!r})")
     else:
         if confrelid != state.ref_table.oid:
-            mismatches.append(f"it references another table, not {spec.schema}.{spec.ref_table}")
-        if list(conkey or []) != [state.column.attnum]:
-            mismatches.append(f"its columns are not ({spec.column})")
-        if list(confkey or []) != [state.ref_column.attnum]:
-            mismatches.append(f"its referenced columns are not ({spec.ref_column})")
+            mismatches.append(f"it references another table, not {spec.ref_schema}.{spec.ref_table}")
+        # The same pairs in another order are the same key.
+        pairs = sorted(zip(_attnums(state.columns), _attnums(state.ref_columns), strict=True))
+        if sorted(zip(conkey or [], confkey or [], strict=False)) != pairs or len(conkey or []) != len(pairs):
+            mismatches.append(f"its columns are not ({', '.join(spec.columns)}) -> ({', '.join(spec.ref_columns)})")
         if deltype != spec.on_delete_code:
             mismatches.append(
-                f"it is ON DELETE {ON_DELETE_ACTIONS.get(deltype, deltype)}, not ON DELETE {spec.on_delete}"
+                f"it is ON DELETE {ON_DELETE_ACTIONS.get(deltype, deltype)}, not ON DELETE {spec.on_delete_sql}"
             )
+        else:
+            by_attnum = {info.attnum: name for name, info in zip(spec.columns, state.columns or (), strict=True)}
+            acts_on = sorted(by_attnum.get(attnum, str(attnum)) for attnum in setcols or [])
+            if acts_on != sorted(spec.on_delete_columns):
+                mismatches.append(
+                    f"its ON DELETE acts on {', '.join(acts_on) or 'every key column'}, not on "
+                    f"{', '.join(spec.on_delete_columns) or 'every key column'}"
+                )
         if deferrable:
             mismatches.append("it is DEFERRABLE")
     return ConstraintState(
@@ -105,7 +151,7 @@ def constraint_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targ
 
 
 def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> IndexState:
-    assert state.table and state.column
+    assert state.table and state.columns
     rel = conn.execute(statement("catalog", "relation_by_name"), {"schema": spec.schema, "name": spec.index}).fetchone()
     if rel is None:
         return IndexState(exists=False)
@@ -126,8 +172,9 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
         mismatches.append(f"it uses {amname}, not btree")
     if unique:
         mismatches.append("it is UNIQUE")
-    if has_exprs or list(indkey or []) != [state.column.attnum] or natts != 1 or nkeyatts != 1:
-        mismatches.append(f"its columns are not exactly ({spec.column})")
+    wanted = _attnums(state.columns)
+    if has_exprs or list(indkey or []) != wanted or natts != len(wanted) or nkeyatts != len(wanted):
+        mismatches.append(f"its columns are not exactly ({', '.join(spec.columns)}), in that order")
     if has_pred:
         mismatches.append("it is partial (has a WHERE clause)")
     building = conn.execute(statement("catalog", "index_build_in_progress"), {"oid": oid}).fetchone()
@@ -143,6 +190,7 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
     )
 
 
+ROLE_OF_LIST = {"columns": "column", "ref_columns": "referenced column", "row_key": "row key column"}
 # Kinds of relation a key can live on: an ordinary table, or (referenced only, for now) a partitioned one.
 TABLE_KINDS = {"r": "table", "p": "partitioned table"}
 RELKIND_NAMES = {"v": "view", "m": "materialized view", "f": "foreign table", "S": "sequence", "i": "index"}
@@ -153,17 +201,29 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
     this version cannot converge (each named with what would make it work)."""
     state = TargetState()
     state.table = table_info(conn, spec.schema, spec.table)
-    state.ref_table = state.table if spec.ref_table == spec.table else table_info(conn, spec.schema, spec.ref_table)
+    state.ref_table = state.table if spec.self_referential else table_info(conn, spec.ref_schema, spec.ref_table)
     state.problems.extend(_table_problems(spec, state))
     if state.problems:
         return state
     assert state.table is not None and state.ref_table is not None
-    state.column = column_info(conn, state.table.oid, spec.column)
-    state.ref_column = column_info(conn, state.ref_table.oid, spec.ref_column)
-    state.row_key = column_info(conn, state.table.oid, spec.row_key)
-    state.problems.extend(_column_problems(conn, spec, state))
-    if state.column is None or state.ref_column is None or state.row_key is None:
+    missing = []
+    for attribute, table, where, names in (
+        ("columns", state.table, (spec.schema, spec.table), spec.columns),
+        ("ref_columns", state.ref_table, (spec.ref_schema, spec.ref_table), spec.ref_columns),
+        ("row_key", state.table, (spec.schema, spec.table), spec.row_key),
+    ):
+        found = [column_info(conn, table.oid, name) for name in names]
+        missing += [
+            f"{ROLE_OF_LIST[attribute]} {'.'.join(where)}.{name} does not exist"
+            for name, info in zip(names, found, strict=True)
+            if info is None
+        ]
+        setattr(state, attribute, None if None in found else tuple(found))
+    state.problems.extend(missing)
+    if not state.complete:
         return state
+    state.nulled = nulled_columns(spec, state.columns)  # type: ignore[arg-type]
+    state.problems.extend(_column_problems(conn, spec, state))
     state.constraint = constraint_state(conn, spec, state)
     if state.constraint.exists and not state.constraint.matches:
         state.problems.append(
@@ -184,11 +244,10 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
 
 def _table_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:
     problems = []
-    for role, name, info, kinds in (
-        ("table", spec.table, state.table, ("r",)),
-        ("referenced table", spec.ref_table, state.ref_table, ("r", "p")),
+    for role, where, info, kinds in (
+        ("table", f"{spec.schema}.{spec.table}", state.table, ("r",)),
+        ("referenced table", f"{spec.ref_schema}.{spec.ref_table}", state.ref_table, ("r", "p")),
     ):
-        where = f"{spec.schema}.{name}"
         if info is None:
             problems.append(f"{role} {where} does not exist")
         elif info.relkind == "p" and "p" not in kinds:
@@ -205,40 +264,51 @@ def _table_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:
 
 def _column_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
     assert state.table is not None and state.ref_table is not None
-    problems = []
-    for role, table, column, info in (
-        ("column", spec.table, spec.column, state.column),
-        ("referenced column", spec.ref_table, spec.ref_column, state.ref_column),
-        ("row key column", spec.table, spec.row_key, state.row_key),
-    ):
-        if info is None:
-            problems.append(f"{role} {spec.schema}.{table}.{column} does not exist")
-    if state.column is None or state.ref_column is None or state.row_key is None:
-        return problems
-    if state.column.type_oid != state.ref_column.type_oid:
+    assert state.columns is not None and state.ref_columns is not None and state.row_key is not None
+    problems = [
+        f"type mismatch: {spec.table}.{name} is {info.type_name} but {spec.ref_table}.{ref_name} is "
+        f"{ref_info.type_name}"
+        for (name, ref_name), info, ref_info in zip(spec.pairs, state.columns, state.ref_columns, strict=True)
+        if info.type_oid != ref_info.type_oid
+    ]
+    by_name = dict(zip(spec.columns, state.columns, strict=True))
+    if spec.on_delete == "SET NULL":
+        # The delete of a parent would fail on these, so the key would break the app's deletes.
+        acted_on = spec.on_delete_columns or spec.columns
+        not_null = [name for name in acted_on if by_name[name].not_null]
+        if not_null:
+            fix = (
+                f"; declare on_delete: SET NULL ({', '.join(n for n in spec.columns if not by_name[n].not_null)}) "
+                "to null only those (PostgreSQL 15+)"
+                if len(not_null) < len(spec.columns) and not spec.on_delete_columns
+                else ""
+            )
+            problems.append(
+                f"{spec.table}.{', '.join(not_null)} {'is' if len(not_null) == 1 else 'are'} NOT NULL, so ON DELETE "
+                f"{spec.on_delete_sql} could never apply{fix}"
+            )
+    if spec.on_delete_columns and conn.info.server_version < 150000:
         problems.append(
-            f"type mismatch: {spec.table}.{spec.column} is {state.column.type_name} but "
-            f"{spec.ref_table}.{spec.ref_column} is {state.ref_column.type_name}"
+            f"ON DELETE {spec.on_delete_sql} needs PostgreSQL 15 or newer (a column list for the action); this "
+            f"server is {conn.info.server_version // 10000}"
         )
-    if state.column.not_null and spec.on_delete == "SET NULL":
-        problems.append(f"{spec.table}.{spec.column} is NOT NULL, so ON DELETE SET NULL could never apply")
-    if not _unique(conn, state.ref_table.oid, state.ref_column.attnum):
+    if not _unique(conn, state.ref_table.oid, _attnums(state.ref_columns)):
         problems.append(
-            f"{spec.ref_table}.{spec.ref_column} has no primary key or unique index that is not DEFERRABLE, so it "
-            "cannot be referenced"
+            f"{describe_columns(spec.ref_columns, spec.ref_table)} has no primary key or unique index that is not "
+            "DEFERRABLE, so it cannot be referenced"
         )
-    if not _unique(conn, state.table.oid, state.row_key.attnum) or not state.row_key.not_null:
+    if not _unique(conn, state.table.oid, _attnums(state.row_key)) or not all(i.not_null for i in state.row_key):
         problems.append(
-            f"row_key {spec.table}.{spec.row_key} is not unique and NOT NULL (no primary key, or unique index and "
-            "NOT NULL, on exactly that column), so the audit could not tell its rows apart: declare as row_key a "
-            "column that is, such as the table's single-column primary key"
+            f"row_key {describe_columns(spec.row_key, spec.table)} is not unique and NOT NULL (no primary key, or "
+            "unique index and NOT NULL, on exactly those columns), so the audit could not tell its rows apart: "
+            "declare as row_key the columns that are, such as the table's primary key"
         )
     return problems
 
 
-def _unique(conn: psycopg.Connection, relid: int, attnum: int) -> bool:
+def _unique(conn: psycopg.Connection, relid: int, attnums: list[int]) -> bool:
     return bool(
-        conn.execute(statement("catalog", "unique_on_column"), {"relid": relid, "attnum": attnum}).fetchone()[0]
+        conn.execute(statement("catalog", "unique_on_columns"), {"relid": relid, "attnums": attnums}).fetchone()[0]
     )
 
 
@@ -252,10 +322,21 @@ def as_written(conn: psycopg.Connection, *names: str | tuple[str, ...]) -> list[
 
 def same_columns_indexes(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[tuple[str, str]]:
     """Valid indexes of other names that already serve the key exactly: (name, definition)."""
-    assert state.table is not None and state.column is not None
+    assert state.table is not None
     return conn.execute(
         statement("catalog", "same_columns_indexes"),
-        {"relid": state.table.oid, "attnum": state.column.attnum, "name": spec.index},
+        {"relid": state.table.oid, "attnums": _attnums(state.columns), "name": spec.index},
+    ).fetchall()
+
+
+def other_foreign_keys(
+    conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState
+) -> list[tuple[str, str, bool]]:
+    """Foreign keys of other names on the same columns: (name, definition, validated)."""
+    assert state.table is not None
+    return conn.execute(
+        statement("catalog", "other_foreign_keys_on_columns"),
+        {"relid": state.table.oid, "attnums": _attnums(state.columns), "name": spec.constraint},
     ).fetchall()
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import sql
 
-from .catalog import inspect_target
+from .catalog import TargetState, inspect_target
 from .errors import PostChecksFailed
 from .session import set_local_timeouts, step_session
 from .settings import RunSettings
@@ -63,7 +64,7 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
     checks: list[Check] = []
     state = inspect_target(conn, spec)
     checks.append(Check("target matches the spec", not state.problems, "; ".join(state.problems) or spec.describe()))
-    if state.table is None or state.column is None or state.row_key is None:
+    if state.table is None or not state.complete:
         return _finish(checks, settings, started)
 
     con = state.constraint
@@ -90,7 +91,7 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
     )
     checks.append(
         Check(
-            f"index is btree on ({spec.column})",
+            f"index is btree on ({', '.join(spec.columns)})",
             idx.exists and idx.matches,
             "; ".join(idx.mismatches) or idx.definition or "missing",
         )
@@ -101,7 +102,7 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
     if settings.dry_run:
         checks.append(Check("database rejects a missing parent", None, "not tried in a dry run (it needs a write)"))
     else:
-        checks.append(_rejects_missing_parent(conn, spec, state.column.type_name))
+        checks.append(_rejects_missing_parent(conn, spec, state))
 
     orphans = conn.execute(statement("orphans", "count", spec)).fetchone()[0]
     checks.append(Check("zero orphans", orphans == 0, f"{orphans} row(s) point at a missing parent"))
@@ -111,16 +112,18 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
 
 
 def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec) -> Check:
-    """Can the planner answer ``WHERE column = $1`` from the index (what ON DELETE SET NULL does)?"""
-    name = f"planner can use {spec.index} for WHERE {spec.column} = $1"
+    """Can the planner answer ``WHERE columns = $n`` from the index (what the key's ON DELETE action does)?"""
+    lookup = " AND ".join(f"{name} = ${i}" for i, name in enumerate(spec.columns, 1))
+    name = f"planner can use {spec.index} for WHERE {lookup}"
     with conn.transaction(force_rollback=True):
         set_local_timeouts(conn, lock_timeout_ms=PROBE_LOCK_TIMEOUT_MS, statement_timeout_ms=PROBE_STATEMENT_TIMEOUT_MS)
         conn.execute(statement("checks", "prefer_index"))
-        # A value the column holds is a valid literal of its type, whatever the type (date, enum, domain...).
+        # A value the key holds is a valid literal of its types, whatever they are (date, enum, domain...).
         row = conn.execute(statement("checks", "some_pointer", spec)).fetchone()
         if row is None:
             return Check(name, None, "not tried: no row has a pointer to look up")
-        plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), {"value": row[0]}).fetchone()[0]
+        values = {f"value_{i}": value for i, value in enumerate(row, 1)}
+        plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), values).fetchone()[0]
     used = _index_names(plan if isinstance(plan, list | dict) else json.loads(plan))
     return Check(name, spec.index in used, f"plan uses {', '.join(sorted(used)) or 'no index'}")
 
@@ -138,37 +141,65 @@ def _index_names(node: Any) -> set[str]:
     return names
 
 
-def _missing_parent_value(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> str | None:
+def _missing_parent_value(
+    conn: psycopg.Connection, spec: ForeignKeySpec, ref_column: str, type_name: str
+) -> str | None:
+    """A value of ``type_name`` that no referenced row holds in ``ref_column``, or None if we cannot make one."""
+    extra = {"ref_column": sql.Identifier(ref_column)}
     if type_name == "uuid":
         return conn.execute(statement("checks", "missing_parent_uuid")).fetchone()[0]
     varchar = re.fullmatch(r"character varying\((\d+)\)", type_name)
     if type_name in TEXT_TYPES or varchar:
         max_length = min(int(varchar.group(1)), 64) if varchar else 64
-        row = conn.execute(statement("checks", "missing_parent_text", spec), {"max_length": max_length}).fetchone()
+        row = conn.execute(
+            statement("checks", "missing_parent_text", spec, **extra), {"max_length": max_length}
+        ).fetchone()
         return row[0] if row else None
     if type_name in INTEGER_TYPE_MINIMUM:
         row = conn.execute(
-            statement("checks", "missing_parent_integer", spec), {"type_minimum": INTEGER_TYPE_MINIMUM[type_name]}
+            statement("checks", "missing_parent_integer", spec, **extra),
+            {"type_minimum": INTEGER_TYPE_MINIMUM[type_name]},
         ).fetchone()
         return row[0] if row else None
     return None
 
 
-def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, type_name: str) -> Check:
+def _probe_key(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> tuple[list[str] | None, str]:
+    """A whole key no referenced row has: one column made up to be missing there, the others borrowed from a
+    referenced row (so a composite key's probe is complete and is checked). (None, why) when none can be made."""
+    assert state.columns is not None
+    borrowed = conn.execute(statement("checks", "some_parent", spec)).fetchone()
+    if borrowed is None and len(spec.columns) > 1:
+        return None, "the referenced table has no row to borrow the key's other columns from"
+    # The last column whose type we can make a missing value of: for (tenant_id, parent_id) the parent.
+    for position in reversed(range(len(spec.columns))):
+        missing = _missing_parent_value(conn, spec, spec.ref_columns[position], state.columns[position].type_name)
+        if missing is not None:
+            probe = list(borrowed or [missing])
+            probe[position] = missing
+            return probe, ""
+    types = ", ".join(dict.fromkeys(info.type_name for info in state.columns))
+    return None, f"no way to make a missing {types} value"
+
+
+def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> Check:
     name = "database rejects a missing parent (SQLSTATE 23503)"
     with conn.transaction(force_rollback=True):
         set_local_timeouts(conn, lock_timeout_ms=PROBE_LOCK_TIMEOUT_MS, statement_timeout_ms=PROBE_STATEMENT_TIMEOUT_MS)
         row = conn.execute(statement("checks", "some_row_key", spec)).fetchone()
         if row is None:
             return Check(name, None, "not tried: the table has no unlocked row to try it on")
-        missing = _missing_parent_value(conn, spec, type_name)
-        if missing is None:
-            return Check(name, None, f"not tried: no way to make a missing {type_name} value")
+        probe, why_not = _probe_key(conn, spec, state)
+        if probe is None:
+            return Check(name, None, f"not tried: {why_not}")
+        missing = probe[0] if len(probe) == 1 else f"({', '.join(probe)})"
+        params = {
+            **{f"probe_{i}": value for i, value in enumerate(probe, 1)},
+            **{f"row_key_{i}": value for i, value in enumerate(row, 1)},
+        }
         try:
             with conn.transaction():  # a savepoint, so the outer rollback stays clean
-                conn.execute(
-                    statement("checks", "reject_missing_parent", spec), {"missing": missing, "row_key": row[0]}
-                )
+                conn.execute(statement("checks", "reject_missing_parent", spec), params)
         except pgerrors.ForeignKeyViolation:
             return Check(name, True, f"pointing a row at {missing} raised 23503; rolled back")
         except (pgerrors.IntegrityError, pgerrors.DataError, pgerrors.RaiseException) as other:

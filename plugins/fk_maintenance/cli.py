@@ -40,7 +40,7 @@ from .errors import (
 )
 from .progress import ProgressHandler
 from .settings import SECTION_FLEET, SETTING_DEFS, RunSettings
-from .spec import ForeignKeySpec
+from .spec import ForeignKeySpec, describe_columns
 from .steps import MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS, Step
 from .targets import Target, TargetsFileInvalid, load_targets
 
@@ -359,7 +359,7 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
                 "orphans",
                 [
                     f"{found['orphans']} row(s) point at {found['dangling_parents']} missing parent(s); a run nulls "
-                    f"their {target.spec.column} (audited in {target.spec.audit_qualified})",
+                    f"their {describe_columns(target.spec.columns)} (audited in {target.spec.audit_qualified})",
                     f"sample: {sample}",
                 ],
             ),

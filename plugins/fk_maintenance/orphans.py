@@ -1,4 +1,5 @@
-"""Finding and nulling dangling parent pointers, every nulled pointer audited in the same transaction."""
+"""Finding and nulling dangling parent pointers, every nulled pointer audited (its whole old key) in the same
+transaction."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from .catalog import TargetState, require_target
 from .errors import OrphansCannotBeNulled
 from .session import run_lock, set_local_timeouts, step_session
 from .settings import RunSettings
-from .spec import ForeignKeySpec
-from .sqlfiles import statement
+from .spec import ForeignKeySpec, describe_columns
+from .sqlfiles import batch_params, statement
 from .topology import ReplicaGate
 
 log = logging.getLogger(__name__)
@@ -139,20 +140,20 @@ def sweep_orphans(
     """
     keys, total = _hold_orphan_keys(conn, spec, settings)
     try:
-        assert state.column is not None
-        if total and state.column.not_null:
+        if total and state.not_null_key:
             raise OrphansCannotBeNulled(
                 f"{step}: {total} row(s) of {spec.schema}.{spec.table} point at a missing parent, and "
-                f"{spec.column} is NOT NULL, so they cannot be nulled (written since preflight?); this step changed "
-                "nothing. Delete them or point them at an existing parent in the app, then run again"
+                f"{describe_columns(spec.columns)} {'is' if len(spec.columns) == 1 else 'are'} NOT NULL, so they "
+                "cannot be nulled (written since preflight?); this step changed nothing. Delete them or point them "
+                "at an existing parent in the app, then run again"
             )
         ensure_audit_table(conn, spec, state)
         log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
         progress = SweepProgress(step, total)
         replicas = ReplicaGate(conn, settings.max_replica_lag_s, step=step)
-        while batch := [row[0] for row in keys.fetchmany(settings.batch_size)]:
+        while batch := keys.fetchmany(settings.batch_size):
             replicas.wait()
-            audited, nulled = _null_batch(conn, spec, settings, run_id, batch, step=step, offset=progress.done)
+            audited, nulled = _null_batch(conn, spec, state, settings, run_id, batch, step=step, offset=progress.done)
             progress.add(len(batch), audited, nulled)
             if settings.batch_pause_ms:
                 time.sleep(settings.batch_pause_ms / 1000)
@@ -165,7 +166,7 @@ def sweep_orphans(
 def _hold_orphan_keys(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings
 ) -> tuple[psycopg.Cursor[Any], int]:
-    """A held server-side cursor over every orphan's row key, in key order, and how many it holds."""
+    """A held server-side cursor over every orphan's row key (a tuple), in key order, and how many it holds."""
     with conn.transaction():
         # The scan reads only; its statement_timeout is the scan's, the batches keep the short one. A held
         # cursor is filled when this transaction commits: one scan, sorted by key, kept by the server, so the
@@ -186,9 +187,10 @@ def _hold_orphan_keys(
 def _null_batch(
     conn: psycopg.Connection,
     spec: ForeignKeySpec,
+    state: TargetState,
     settings: RunSettings,
     run_id: str,
-    batch: list[Any],
+    batch: list[tuple[Any, ...]],
     *,
     step: str,
     offset: int,
@@ -199,8 +201,8 @@ def _null_batch(
             conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
         )
         audited, nulled = conn.execute(
-            statement("orphans", "null_batch", spec),
-            {"keys": batch, "run_id": run_id, "audit_name": spec.audit_qualified},
+            statement("orphans", "null_batch", spec, state),
+            {**batch_params(spec, batch), "run_id": run_id, "audit_name": spec.audit_qualified},
         ).fetchone()
         if audited != nulled:
             # Rolling back keeps audit and data in step; this would mean a concurrent change we did not foresee,

@@ -9,13 +9,20 @@ from typing import Any
 import psycopg
 
 from .audit import audit_problems, audit_summary, find_audit_tables
-from .catalog import TargetState, as_written, inspect_target, refuse_while_index_build_runs, same_columns_indexes
+from .catalog import (
+    TargetState,
+    as_written,
+    inspect_target,
+    other_foreign_keys,
+    refuse_while_index_build_runs,
+    same_columns_indexes,
+)
 from .checks import hierarchy_checks
 from .errors import PreflightFailed
 from .orphans import SCAN_STATEMENT_TIMEOUT_MS
 from .session import CATALOG_STATEMENT_TIMEOUT_MS, set_local_timeouts, step_session
 from .settings import RunSettings
-from .spec import ForeignKeySpec
+from .spec import ForeignKeySpec, describe_columns
 from .sqlfiles import statement
 
 log = logging.getLogger(__name__)
@@ -45,7 +52,7 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
             "the connection at the primary (a dry run may read a standby)"
         )
     warnings: list[str] = []
-    if state.column is not None and state.ref_column is not None and state.row_key is not None:
+    if state.complete:
         problems.extend(_privilege_problems(conn, spec, settings, state))
         problems.extend(audit_problems(conn, spec, state, audit_tables, writes=not settings.dry_run))
         warnings.extend(_warnings(conn, spec, state))
@@ -64,6 +71,7 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
         "database": database,
         "user": user,
         "table": f"{spec.schema}.{spec.table}",
+        "key": spec.describe(),
         "table_bytes": state.table.total_bytes,
         "table_size": _human_bytes(state.table.total_bytes),
         "estimated_rows": state.table.estimated_rows,
@@ -86,18 +94,15 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
 
 
 def _warnings(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
-    assert state.table is not None and state.column is not None
+    columns = ", ".join(spec.columns)
     warnings = [
-        f"another foreign key on {spec.column} exists: {name} {definition}{'' if validated else ' NOT VALID'}; "
+        f"another foreign key on ({columns}) exists: {name} {definition}{'' if validated else ' NOT VALID'}; "
         "the app will have two"
-        for name, definition, validated in conn.execute(
-            statement("catalog", "other_foreign_keys_on_column"),
-            {"relid": state.table.oid, "attnum": state.column.attnum, "name": spec.constraint},
-        ).fetchall()
+        for name, definition, validated in other_foreign_keys(conn, spec, state)
     ]
     if not (state.index.exists and state.index.valid):
         warnings += [
-            f"index {name} ({definition}) already serves ({spec.column}), and this run builds {spec.index} beside "
+            f"index {name} ({definition}) already serves ({columns}), and this run builds {spec.index} beside "
             f"it, a second index the same: to adopt {name} instead, declare index: {name} for this key"
             for name, definition in same_columns_indexes(conn, spec, state)
         ]
@@ -107,10 +112,9 @@ def _warnings(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState
 def _data_problems(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, state: TargetState
 ) -> list[str]:
-    assert state.column is not None
     problems = []
-    if state.column.not_null:
-        # Nulling is the only thing this pipeline does to an orphan, and a NOT NULL column cannot take it.
+    if state.not_null_key:
+        # Nulling is the only thing this pipeline does to an orphan, and no column of this key can take it.
         with conn.transaction():
             set_local_timeouts(
                 conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS
@@ -118,9 +122,10 @@ def _data_problems(
             orphans = conn.execute(statement("orphans", "count", spec)).fetchone()[0]
         if orphans:
             problems.append(
-                f"{spec.table}.{spec.column} is NOT NULL and {orphans} row(s) point at a missing parent: they cannot "
-                "be nulled, and the key cannot be validated while they exist. Delete them or point them at an "
-                "existing parent in the app, then run again"
+                f"{describe_columns(spec.columns, spec.table)} {'is' if len(spec.columns) == 1 else 'are'} NOT NULL "
+                f"and {orphans} row(s) point at a missing parent: they cannot be nulled, and the key cannot be "
+                "validated while they exist. Delete them or point them at an existing parent in the app, then run "
+                "again"
             )
     if spec.hierarchy_checks:
         problems.extend(
@@ -144,17 +149,29 @@ def _privilege_problems(
         can_use,
         can_create_in,
         can_select_ref,
+        can_use_ref_schema,
         can_reference,
         owner_is_superuser,
         member_of_owner,
     ) = conn.execute(
         statement("catalog", "privileges"), {"relid": state.table.oid, "ref_relid": state.ref_table.oid}
     ).fetchone()
-    who, table, ref_table, schema, owner = as_written(
-        conn, conn.info.user, (spec.schema, spec.table), (spec.schema, spec.ref_table), spec.schema, state.table.owner
+    who, table, ref_table, schema, ref_schema, owner = as_written(
+        conn,
+        conn.info.user,
+        (spec.schema, spec.table),
+        (spec.ref_schema, spec.ref_table),
+        spec.schema,
+        spec.ref_schema,
+        state.table.owner,
     )
     needed = [
         (can_use, f"USAGE on schema {schema}", f"GRANT USAGE ON SCHEMA {schema} TO {who}"),
+        *(
+            [(can_use_ref_schema, f"USAGE on schema {ref_schema}", f"GRANT USAGE ON SCHEMA {ref_schema} TO {who}")]
+            if spec.ref_schema != spec.schema
+            else []
+        ),
         (can_select, f"SELECT on {table}", f"GRANT SELECT ON {table} TO {who}"),
         (can_select_ref, f"SELECT on {ref_table}", f"GRANT SELECT ON {ref_table} TO {who}"),
     ]

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from .audit import AuditTables, ensure_audit_table, find_audit_tables
-from .catalog import require_target, table_info
+from .catalog import TargetState, require_target, table_info
 from .errors import InvalidSettings
 from .session import LockAttempts, run_lock, set_local_timeouts, step_session, with_lock_retries
 from .settings import RunSettings
 from .spec import ForeignKeySpec
-from .sqlfiles import statement
+from .sqlfiles import batch_params, statement
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def restore_run(
                 _ensure_restore_log(conn, spec, settings)
             versions = _our_versions(conn, spec, run_id)
             for keys in _audit_batches(conn, spec, run_id, settings.batch_size):
-                counts = _restore_batch(conn, spec, settings, run_id, restore_id, keys, versions)
+                counts = _restore_batch(conn, spec, state, settings, run_id, restore_id, keys, versions)
                 for name, value in counts.items():
                     totals[name] += value
                 log.info(
@@ -127,35 +128,36 @@ def _our_versions(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -
     return {"xids": xids, "any_version": not xids}
 
 
-def _audit_batches(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, size: int):
-    """The run's audited row keys, ``size`` at a time, in key order (the audit's primary key serves it)."""
-    keys = [
-        row[0] for row in conn.execute(statement("restore", "first_batch", spec), {"run_id": run_id, "limit": size})
-    ]
+def _audit_batches(
+    conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str, size: int
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The run's audited row keys (tuples), ``size`` at a time, in key order (the audit's primary key serves it)."""
+    keys = conn.execute(statement("restore", "first_batch", spec), {"run_id": run_id, "limit": size}).fetchall()
     while keys:
         yield keys
-        keys = [
-            row[0]
-            for row in conn.execute(
-                statement("restore", "next_batch", spec), {"run_id": run_id, "after": keys[-1], "limit": size}
-            )
-        ]
+        after = {f"after_{i}": value for i, value in enumerate(keys[-1], 1)}
+        keys = conn.execute(
+            statement("restore", "next_batch", spec), {"run_id": run_id, "limit": size, **after}
+        ).fetchall()
 
 
 def _restore_batch(
     conn: psycopg.Connection,
     spec: ForeignKeySpec,
+    state: TargetState,
     settings: RunSettings,
     run_id: str,
     restore_id: str,
-    keys: list,
+    keys: list[tuple[Any, ...]],
     versions: dict[str, Any],
 ) -> dict[str, int]:
+    batch = batch_params(spec, keys)
+
     def attempt(lock_timeout_ms: int) -> dict[str, int]:
         with conn.transaction():
             set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS)
             row = conn.execute(
-                statement("restore", "classify_batch", spec), {"run_id": run_id, "keys": keys, **versions}
+                statement("restore", "classify_batch", spec, state), {"run_id": run_id, **batch, **versions}
             ).fetchone()
             deleted, already, repointed, changed, missing, restorable = row
             counts = {
@@ -170,10 +172,10 @@ def _restore_batch(
                 # The UPDATE takes ROW EXCLUSIVE and the rows' locks, and the foreign key's check locks each
                 # parent FOR KEY SHARE: all under this transaction's lock_timeout, rows the app holds skipped.
                 restored, recorded = conn.execute(
-                    statement("restore", "restore_batch", spec),
+                    statement("restore", "restore_batch", spec, state),
                     {
                         "run_id": run_id,
-                        "keys": keys,
+                        **batch,
                         "restore_id": restore_id,
                         "audit_name": spec.audit_qualified,
                         **versions,

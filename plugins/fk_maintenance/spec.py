@@ -1,8 +1,15 @@
-"""The declared end state: which foreign key, index and audit table a run converges to."""
+"""The declared end state: which foreign key, index and audit table a run converges to.
+
+A key is one model whatever its shape: a list of column pairs (``columns[i] -> ref_columns[i]``; a single
+column is a list of one), the schemas of both tables, the row key that tells child rows apart (one or more
+columns), and what nulling an orphan sets to NULL. Every statement is composed from this model
+(``fk_maintenance.keysql``); nothing in the steps knows how many columns a key has.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass, fields
 
 ON_DELETE_ACTIONS = {
     # pg_constraint.confdeltype code -> SQL spelling
@@ -12,24 +19,56 @@ ON_DELETE_ACTIONS = {
     "a": "NO ACTION",
     "d": "SET DEFAULT",
 }
+# ON DELETE SET NULL (col, ...) / SET DEFAULT (col, ...): PostgreSQL 15+ acts on only the listed key columns.
+ACTIONS_WITH_COLUMNS = ("SET NULL", "SET DEFAULT")
+_ACTION_WITH_COLUMNS = re.compile(r"^\s*(SET\s+NULL|SET\s+DEFAULT)\s*\((.*)\)\s*$", re.IGNORECASE | re.DOTALL)
+# The audit's columns for the row key and the old pointer: the first of each keeps the name every earlier
+# version gave it (the shipped key's audit table is unchanged); a composite key adds _2, _3, ...
+AUDIT_ROW_KEY_COLUMN = "kpi_id"
+AUDIT_POINTER_COLUMN = "old_parent_kpi_id"
+NAME_FIELDS = ("schema", "table", "ref_table", "constraint", "index", "audit_table", "audit_schema", "ref_schema")
+COLUMN_LIST_FIELDS = ("columns", "ref_columns", "row_key", "on_delete_columns")
+
+
+def parse_on_delete(text: str) -> tuple[str, tuple[str, ...]]:
+    """``SET NULL (a, b)`` -> ("SET NULL", ("a", "b")); ``CASCADE`` -> ("CASCADE", ()). Column names in the list
+    are written as declared (case and spaces kept); a name holding a comma or parenthesis cannot be listed."""
+    match = _ACTION_WITH_COLUMNS.match(text)
+    if not match:
+        words = " ".join(text.split())
+        return (words.upper() if words.upper() in ON_DELETE_ACTIONS.values() else text), ()
+    return " ".join(match.group(1).split()).upper(), tuple(name.strip() for name in match.group(2).split(","))
+
+
+def _column_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    raise ValueError(f"a column list must be a name or a list of names, not {value!r}")
+
+
+def audit_column_names(base: str, count: int) -> tuple[str, ...]:
+    return tuple(base if i == 1 else f"{base}_{i}" for i in range(1, count + 1))
 
 
 @dataclass(frozen=True)
 class ForeignKeySpec:
-    """A foreign key ``schema.table(column) -> schema.ref_table(ref_column)`` and its supporting index.
+    """A foreign key ``schema.table(columns) -> ref_schema.ref_table(ref_columns)`` and its supporting index.
 
-    ``row_key`` identifies a child row (its primary key); the audit table records it beside the
-    pointer that was nulled. For a self-referencing hierarchy it is the referenced column. The audit table
-    lives in ``audit_schema``, the pipeline's own, never in the app's ``schema``: the app's schema tool would
-    see it there as drift and drop it.
+    ``columns`` and ``ref_columns`` pair up in order; a name or a list of names is accepted and kept as a tuple.
+    ``row_key`` identifies a child row (its primary key, one or more columns); the audit table records it beside
+    the old values of the key's columns. The audit table lives in ``audit_schema``, the pipeline's own, never in
+    the app's ``schema``: the app's schema tool would see it there as drift and drop it. ``on_delete`` may name
+    the columns it acts on (``SET NULL (parent_id)``, PostgreSQL 15+); they are kept in ``on_delete_columns``.
     """
 
     schema: str
     table: str
-    column: str
+    columns: tuple[str, ...]
     ref_table: str
-    ref_column: str
-    row_key: str
+    ref_columns: tuple[str, ...]
+    row_key: tuple[str, ...]
     constraint: str
     index: str
     audit_table: str
@@ -39,43 +78,103 @@ class ForeignKeySpec:
     # is not its own ancestor) and no chain deeper than the run's max_depth. Checked by preflight before any
     # change and again by post_checks; off unless declared.
     hierarchy_checks: bool = False
+    ref_schema: str = ""  # empty: the child's own schema
+    on_delete_columns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for field, value in asdict(self).items():
-            if field == "hierarchy_checks":
-                if not isinstance(value, bool):
-                    raise ValueError("foreign-key spec: hierarchy_checks must be true or false")
-                continue
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"foreign-key spec: {field} must be a non-empty string")
-            if len(value.encode()) > 63:
+        normalized = {name: _column_list(getattr(self, name)) for name in COLUMN_LIST_FIELDS}
+        action, listed = parse_on_delete(self.on_delete) if isinstance(self.on_delete, str) else (self.on_delete, ())
+        if listed:
+            if normalized["on_delete_columns"] and normalized["on_delete_columns"] != listed:
+                raise ValueError("foreign-key spec: on_delete lists columns, and on_delete_columns lists others")
+            normalized["on_delete_columns"] = listed
+        for name, value in {**normalized, "on_delete": action, "ref_schema": self.ref_schema or self.schema}.items():
+            object.__setattr__(self, name, value)
+        problems = [problem for field in fields(self) for problem in self._field_problems(field.name)]
+        problems += self._shape_problems()
+        if problems:
+            raise ValueError("foreign-key spec: " + "; ".join(problems))
+
+    def _field_problems(self, name: str) -> list[str]:
+        value = getattr(self, name)
+        if name == "hierarchy_checks":
+            return [] if isinstance(value, bool) else ["hierarchy_checks must be true or false"]
+        if name == "on_delete":
+            return [] if isinstance(value, str) else ["on_delete must be a string"]
+        names = value if name in COLUMN_LIST_FIELDS else (value,)
+        if name in COLUMN_LIST_FIELDS[:3] and not names:
+            return [f"{name} must name at least one column"]
+        problems = []
+        for item in names:
+            if not isinstance(item, str) or not item:
+                problems.append(f"{name} must be a non-empty string" + (" in each place" if len(names) > 1 else ""))
+            elif len(item.encode()) > 63:
                 # PostgreSQL silently truncates longer names, which would make our catalog lookups miss.
-                raise ValueError(f"foreign-key spec: {field} {value!r} is longer than 63 bytes")
-            if "\x00" in value:
-                raise ValueError(f"foreign-key spec: {field} contains a NUL character")
-        if self.audit_schema == self.schema:
-            raise ValueError(
-                f"foreign-key spec: audit_schema {self.audit_schema!r} is the app's own schema; the app's schema "
-                "tool would drop the audit table there. Use a schema of the pipeline's, such as 'fk_maintenance'"
+                problems.append(f"{name} {item!r} is longer than 63 bytes")
+            elif "\x00" in item:
+                problems.append(f"{name} contains a NUL character")
+        if name in COLUMN_LIST_FIELDS and len(set(names)) != len(names):
+            problems.append(f"{name} {list(names)} names a column twice")
+        return problems
+
+    def _shape_problems(self) -> list[str]:
+        problems = []
+        if len(self.columns) != len(self.ref_columns):
+            problems.append(
+                f"columns {list(self.columns)} and ref_columns {list(self.ref_columns)} differ in length: the key "
+                "pairs them up in order"
+            )
+        if self.audit_schema in (self.schema, self.ref_schema):
+            problems.append(
+                f"audit_schema {self.audit_schema!r} is the app's own schema; the app's schema tool would drop the "
+                "audit table there. Use a schema of the pipeline's, such as 'fk_maintenance'"
             )
         if self.hierarchy_checks and not self.self_referential:
-            raise ValueError(
-                f"foreign-key spec: hierarchy_checks needs a self-referencing key, and {self.table} references "
-                f"{self.ref_table}"
+            problems.append(
+                f"hierarchy_checks needs a self-referencing key, and {self.schema}.{self.table} references "
+                f"{self.ref_schema}.{self.ref_table}"
             )
         if self.on_delete not in ON_DELETE_ACTIONS.values():
-            raise ValueError(
-                f"foreign-key spec: on_delete {self.on_delete!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}"
+            problems.append(
+                f"on_delete {self.on_delete!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}, optionally with "
+                "a column list for SET NULL / SET DEFAULT, e.g. 'SET NULL (parent_id)'"
             )
+        if self.on_delete_columns:
+            if self.on_delete not in ACTIONS_WITH_COLUMNS:
+                problems.append(f"ON DELETE {self.on_delete} takes no column list")
+            strangers = [name for name in self.on_delete_columns if name not in self.columns]
+            if strangers:
+                problems.append(
+                    f"on_delete lists {strangers}, which are not among the key's columns {list(self.columns)}"
+                )
+        return problems
 
     @property
     def self_referential(self) -> bool:
         """A hierarchy (a row points at a row of its own table): then cycles and depth are checked too."""
-        return self.table == self.ref_table
+        return (self.schema, self.table) == (self.ref_schema, self.ref_table)
 
     @property
     def on_delete_code(self) -> str:
         return next(code for code, words in ON_DELETE_ACTIONS.items() if words == self.on_delete)
+
+    @property
+    def on_delete_sql(self) -> str:
+        """The action as declared, with its column list if any (for messages; the DDL composes its own)."""
+        listed = f" ({', '.join(self.on_delete_columns)})" if self.on_delete_columns else ""
+        return self.on_delete + listed
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple(zip(self.columns, self.ref_columns, strict=True))
+
+    @property
+    def audit_row_key_columns(self) -> tuple[str, ...]:
+        return audit_column_names(AUDIT_ROW_KEY_COLUMN, len(self.row_key))
+
+    @property
+    def audit_pointer_columns(self) -> tuple[str, ...]:
+        return audit_column_names(AUDIT_POINTER_COLUMN, len(self.columns))
 
     @property
     def advisory_lock_name(self) -> str:
@@ -89,7 +188,7 @@ class ForeignKeySpec:
     @property
     def tables(self) -> tuple[tuple[str, str], ...]:
         """The (schema, table) pairs ADD FOREIGN KEY locks: the referencing and the referenced table."""
-        return tuple(dict.fromkeys(((self.schema, self.table), (self.schema, self.ref_table))))
+        return tuple(dict.fromkeys(((self.schema, self.table), (self.ref_schema, self.ref_table))))
 
     @property
     def tables_described(self) -> str:
@@ -117,18 +216,28 @@ class ForeignKeySpec:
 
     def describe(self) -> str:
         return (
-            f"{self.schema}.{self.table}({self.column}) -> {self.schema}.{self.ref_table}({self.ref_column}) "
-            f"ON DELETE {self.on_delete} as {self.constraint}, index {self.index}"
+            f"{self.schema}.{self.table}({', '.join(self.columns)}) -> "
+            f"{self.ref_schema}.{self.ref_table}({', '.join(self.ref_columns)}) ON DELETE {self.on_delete_sql} as "
+            f"{self.constraint}, index {self.index}"
         )
+
+
+def describe_columns(names: tuple[str, ...], table: str = "") -> str:
+    """``parent_id`` (``goals.parent_id``) for one column, ``(tenant_id, parent_id)`` (``goals (tenant_id,
+    parent_id)``) for more."""
+    if len(names) == 1:
+        return f"{table}.{names[0]}" if table else names[0]
+    listed = f"({', '.join(names)})"
+    return f"{table} {listed}" if table else listed
 
 
 VISION_KPIS_PARENT_FK = ForeignKeySpec(
     schema="public",
     table="vision_kpis",
-    column="parent_kpi_id",
+    columns=("parent_kpi_id",),
     ref_table="vision_kpis",
-    ref_column="id",
-    row_key="id",
+    ref_columns=("id",),
+    row_key=("id",),
     constraint="vision_kpis_parent_kpi_id_fkey",
     index="vision_kpis_parent_kpi_idx",
     audit_table="vision_kpis_orphan_audit",

@@ -20,6 +20,13 @@ from .settings import AIRFLOW_KEY, CONN_ID_SCHEMA
 from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 63}
+ON_DELETE_PATTERN = (
+    "(?i)^(" + "|".join(sorted(ON_DELETE_ACTIONS.values())) + r")(\s*\(\s*[^(),]+(\s*,\s*[^(),]+)*\s*\))?\s*$"
+)
+# A list's repeated name is the spec's to name (a schema's anyOf or uniqueItems message would not say which).
+_NAMES = {"type": "array", "minItems": 1, "items": _NAME}
+# Each of the key's column lists is spelled one way or the other in an entry: a name, or a list of names.
+COLUMN_SPELLINGS = (("column", "columns"), ("ref_column", "ref_columns"))
 # When a key's notifiers are called (fk_maintenance.alerts): a target failed, or an approval waits for a person.
 NOTIFIER_EVENTS = ("on_failure", "on_approval_waiting")
 _NOTIFIERS = {
@@ -47,26 +54,22 @@ TARGETS_SCHEMA: dict[str, Any] = {
             "items": {
                 "type": "object",
                 "additionalProperties": False,
-                "required": [
-                    "name",
-                    "table",
-                    "column",
-                    "ref_table",
-                    "ref_column",
-                    "constraint",
-                    "index",
-                    "audit_table",
-                    "conn_ids",
-                ],
+                # The key's columns: column / ref_column (one each), or columns / ref_columns (lists, in pairs).
+                "required": ["name", "table", "ref_table", "constraint", "index", "audit_table", "conn_ids"],
                 "properties": {
                     "name": {"type": "string", "pattern": AIRFLOW_KEY, "maxLength": 200},
                     "schema": _NAME,
                     "table": _NAME,
                     "column": _NAME,
+                    "columns": _NAMES,
+                    "ref_schema": _NAME,
                     "ref_table": _NAME,
                     "ref_column": _NAME,
-                    "row_key": _NAME,
-                    "on_delete": {"enum": sorted(ON_DELETE_ACTIONS.values())},
+                    "ref_columns": _NAMES,
+                    # A name or a list of names (a composite primary key).
+                    "row_key": {**_NAME, **_NAMES, "type": ["string", "array"]},
+                    # An action, optionally with the columns it acts on: "SET NULL (parent_id)" (PostgreSQL 15+).
+                    "on_delete": {"type": "string", "pattern": ON_DELETE_PATTERN},
                     "constraint": _NAME,
                     "index": _NAME,
                     "audit_schema": _NAME,
@@ -130,13 +133,29 @@ def load_targets(path: Path) -> tuple[Target, ...]:
         raise TargetsFileInvalid(f"{path}: the name(s) {', '.join(map(repr, duplicated))} are declared more than once")
     targets = []
     for number, entry in enumerate(entries):
+        where = f"{path}: foreign_keys[{number}] ({entry['name']!r})"
         fields = {key: value for key, value in entry.items() if key not in ("name", "conn_ids", "notifiers")}
+        spelling = []
+        for one, many in COLUMN_SPELLINGS:
+            given = [key for key in (one, many) if key in fields]
+            if len(given) != 1:
+                spelling.append(
+                    f"declare exactly one of {one!r} (a name) or {many!r} (a list), not {given or 'neither'}"
+                )
+            elif one in fields:
+                fields[many] = [fields.pop(one)]
+        if spelling:
+            raise TargetsFileInvalid(f"{where}: " + "; ".join(spelling))
         fields.setdefault("schema", "public")
-        fields.setdefault("row_key", fields["ref_column"] if fields["ref_table"] == fields["table"] else "id")
+        same_table = (fields.get("ref_schema", fields["schema"]), fields["ref_table"]) == (
+            fields["schema"],
+            fields["table"],
+        )
+        fields.setdefault("row_key", fields["ref_columns"] if same_table else "id")
         try:
             spec = ForeignKeySpec(**fields)
         except ValueError as exc:
-            raise TargetsFileInvalid(f"{path}: foreign_keys[{number}] ({entry['name']!r}): {exc}") from None
+            raise TargetsFileInvalid(f"{where}: {exc}") from None
         notifiers = {
             event: tuple(NotifierSpec(n["class"], dict(n.get("args") or {})) for n in listed)
             for event, listed in (entry.get("notifiers") or {}).items()
@@ -176,6 +195,12 @@ def _describe(error: jsonschema.ValidationError, document: Any) -> str:
         where = f"foreign_keys[{path[1]}]" + (f" ({name!r})" if name else "")
         path = path[2:]
     field = ".".join(map(str, path))
+    if error.validator == "pattern" and field == "on_delete":
+        # The pattern would be the message; the choices are what the user needs.
+        return (
+            f"{where}: on_delete: {error.instance!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}, optionally "
+            "with a column list for SET NULL / SET DEFAULT, e.g. 'SET NULL (parent_id)'"
+        )
     if error.validator == "additionalProperties":
         known = set(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - known)

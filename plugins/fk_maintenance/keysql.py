@@ -1,0 +1,121 @@
+"""SQL fragments composed from the key's model (lists of columns), so that every statement is written once for
+keys of one column and of many. Aliases are the statements' own (``c`` a child row, ``p`` a referenced row,
+``a`` an audit row, ``t`` the app's row being changed); names are always ``sql.Identifier``.
+
+Composite keys follow MATCH SIMPLE, as PostgreSQL checks them: a row with any NULL in the key is not checked,
+so it is never an orphan; an orphan is a row whose whole tuple has no match among the referenced rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg import sql
+
+Names = Sequence[str]
+
+
+def column(alias: str | None, name: str) -> sql.Identifier:
+    return sql.Identifier(alias, name) if alias else sql.Identifier(name)
+
+
+def names(columns: Names, alias: str | None = None) -> sql.Composed:
+    """``"a", "b"`` (or ``c."a", c."b"``): a select list, a DDL column list, an ORDER BY."""
+    return sql.SQL(", ").join(column(alias, name) for name in columns)
+
+
+def texts(alias: str, columns: Names) -> sql.Composed:
+    """``c."a"::text, c."b"::text``: values to bind back as the columns' own types, whatever they are."""
+    return sql.SQL(", ").join(sql.SQL("{}::text").format(column(alias, name)) for name in columns)
+
+
+def equal_values(columns: Names, prefix: str) -> sql.Composed:
+    """``"a" = %(v_1)s AND "b" = %(v_2)s``."""
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(f"{prefix}_{i}"))
+        for i, name in enumerate(columns, 1)
+    )
+
+
+def set_values(columns: Names, prefix: str) -> sql.Composed:
+    """``"a" = %(v_1)s, "b" = %(v_2)s``."""
+    return sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(f"{prefix}_{i}"))
+        for i, name in enumerate(columns, 1)
+    )
+
+
+def numbered(base: str, count: int) -> tuple[str, ...]:
+    """Names for a statement's own columns: fk_ref_1, fk_ref_2 ... (never the app's)."""
+    return tuple(f"{base}_{i}" for i in range(1, count + 1))
+
+
+def all_not_null(alias: str, columns: Names) -> sql.Composed:
+    """The row's key is complete, so the foreign key checks it (MATCH SIMPLE)."""
+    return sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(column(alias, name)) for name in columns)
+
+
+def all_null(alias: str, columns: Names) -> sql.Composed:
+    return sql.SQL(" AND ").join(sql.SQL("{} IS NULL").format(column(alias, name)) for name in columns)
+
+
+def equal(left: str, left_columns: Names, right: str, right_columns: Names) -> sql.Composed:
+    """Column by column equality of two tuples (the pairs of a key, or a row key and its audited copy)."""
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(column(left, a), column(right, b))
+        for a, b in zip(left_columns, right_columns, strict=True)
+    )
+
+
+def row(alias: str | None, columns: Names) -> sql.Composed:
+    """``ROW(c."a", c."b")``: a tuple to compare as a whole (IS DISTINCT FROM, >)."""
+    return sql.SQL("ROW({})").format(names(columns, alias))
+
+
+def as_text(alias: str | None, columns: Names) -> sql.Composed:
+    """A tuple as text for logs and the restore log: ``5`` for one column, ``(1, 5)`` for more."""
+    parts = [sql.SQL("{}::text").format(column(alias, name)) for name in columns]
+    if len(parts) == 1:
+        return parts[0]
+    return sql.SQL("'(' || concat_ws(', ', {}) || ')'").format(sql.SQL(", ").join(parts))
+
+
+def set_null(columns: Names) -> sql.Composed:
+    return sql.SQL(", ").join(sql.SQL("{} = NULL").format(sql.Identifier(name)) for name in columns)
+
+
+def set_from(alias: str, targets: Names, sources: Names) -> sql.Composed:
+    """``"a" = r."x", "b" = r."y"``: put each audited value back into its column."""
+    return sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(target), column(alias, source))
+        for target, source in zip(targets, sources, strict=True)
+    )
+
+
+def aliased(alias: str, columns: Names, as_names: Names) -> sql.Composed:
+    """``c."a" AS "x", c."b" AS "y"``."""
+    return sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(column(alias, name), sql.Identifier(new))
+        for name, new in zip(columns, as_names, strict=True)
+    )
+
+
+def value_table(prefix: str, types: Sequence[str], as_names: Names) -> sql.Composed:
+    """A table of bound tuples: ``unnest(%(k_1)s::bigint[], %(k_2)s::text[]) AS k("a", "b")``, one array per
+    column, each cast to the column's type (a catalog type name, never user input)."""
+    arrays = sql.SQL(", ").join(
+        sql.SQL("{}::{}[]").format(sql.Placeholder(f"{prefix}_{i}"), sql.SQL(type_name))  # type: ignore[arg-type]
+        for i, type_name in enumerate(types, 1)
+    )
+    return sql.SQL("unnest({}) AS {}({})").format(arrays, sql.Identifier(prefix), names(as_names))
+
+
+def value_params(prefix: str, tuples: Sequence[Sequence[Any]], width: int) -> dict[str, list[Any]]:
+    """The arrays ``value_table`` binds: the i-th column of every tuple."""
+    return {f"{prefix}_{i}": [values[i - 1] for values in tuples] for i in range(1, width + 1)}
+
+
+def placeholders(prefix: str, width: int) -> sql.Composed:
+    """``ROW(%(after_1)s, %(after_2)s)``: one bound tuple."""
+    return sql.SQL("ROW({})").format(sql.SQL(", ").join(sql.Placeholder(f"{prefix}_{i}") for i in range(1, width + 1)))
