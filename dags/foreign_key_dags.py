@@ -268,11 +268,8 @@ def build_dag(target: Target) -> DAG:
             on_delete=spec.on_delete_sql,
             audit_row_key=", ".join(f"`{name}`" for name in spec.audit_row_key_columns),
             audit_pointer=", ".join(f"`{name}`" for name in spec.audit_pointer_columns),
-            nulled=(
-                f"`{', '.join(spec.on_delete_columns)}`"
-                if spec.on_delete == "SET NULL" and spec.on_delete_columns
-                else "the key's nullable columns"
-            ),
+            nulled=", ".join(f"`{name}`" for name in spec.on_delete_columns or spec.nullify_columns)
+            or ("every column of the key" if spec.on_delete == "SET NULL" else "the key's one nullable column"),
         ),
         # No start_date: a freshly deployed DAG runs at once only if it lands inside the window, and otherwise
         # waits for the next one instead of starting at deploy time, which may be the middle of the business day.

@@ -28,7 +28,7 @@ if [ -z "${KPI_TEST_DSN:-}" ]; then
   # The two majors' passes at once (each its own cluster and Airflow home), their output one after the other.
   for major in 16 15; do
     KPI_TEST_PG=$major .venv/bin/python -m pytest -q -p no:cacheprovider \
-      tests/test_steps.py tests/test_restore.py tests/test_declared_keys.py > "$logs/$major.log" 2>&1 &
+      tests/test_steps.py tests/test_restore.py tests/test_declared_keys.py tests/test_composite_keys.py > "$logs/$major.log" 2>&1 &
     echo $! > "$logs/$major.pid"
   done
   failed=0

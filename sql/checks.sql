@@ -9,12 +9,16 @@ EXPLAIN (FORMAT JSON) SELECT {row_key} FROM {table} WHERE {columns_are_values}
 SELECT {c_columns_as_text} FROM {table} c WHERE {c_key_complete} LIMIT 1
 
 -- name: some_parent
--- A referenced row's key (as text): the probe borrows the key's other columns from it, so that only the
--- column it makes up is missing.
+-- A referenced row's key (as text): a probe row with NULLs in its key borrows those columns from it.
 SELECT {p_ref_columns_as_text} FROM {ref_table} p LIMIT 1
 
--- name: some_row_key
-SELECT {row_key} FROM {table} LIMIT 1 FOR UPDATE SKIP LOCKED
+-- name: some_complete_row
+-- A row to point at a missing parent, and its key's values (as text): one whose key is complete, so the probe
+-- changes one column and keeps the row's own (its tenant's) values in the others.
+SELECT {c_row_key}, {c_columns_as_text} FROM {table} c WHERE {c_key_complete} LIMIT 1 FOR UPDATE OF c SKIP LOCKED
+
+-- name: some_row
+SELECT {c_row_key}, {c_columns_as_text} FROM {table} c LIMIT 1 FOR UPDATE OF c SKIP LOCKED
 
 -- name: reject_missing_parent
 UPDATE {table} SET {columns_to_probe} WHERE ROW({row_key}) = {row_key_values}

@@ -758,7 +758,7 @@ def test_a_tenant_scoped_composite_key_nulls_only_its_set_null_column_and_the_re
     logged = db.query(
         "SELECT row_key, parent FROM fk_maintenance.restore_log WHERE restore_id = 'restore-1' ORDER BY row_key"
     )
-    assert logged == [(f"(1, {id_})", "(1, 150)") for _, id_ in sorted(revived)]
+    assert logged == [(f"(1,{id_})", "(1,150)") for _, id_ in sorted(revived)]
     assert orphan_count(db, spec) == 0
 
     settled = snapshot(db, spec)

@@ -86,12 +86,39 @@ class TargetState:
 
 
 def nulled_columns(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> tuple[str, ...]:
-    """What nulling an orphan sets to NULL: the columns ``ON DELETE SET NULL (...)`` lists, or else every
-    nullable column of the key (for plain SET NULL that is all of them, or preflight refuses the key). One NULL
-    is enough for MATCH SIMPLE to stop checking the row; a NOT NULL column is never nulled."""
-    if spec.on_delete == "SET NULL" and spec.on_delete_columns:
+    """What nulling an orphan sets to NULL: what the key's own ON DELETE would (the columns ``SET NULL (...)`` or
+    ``SET DEFAULT (...)`` lists, every column for plain SET NULL), or the declared ``nullify_columns``, or else
+    the key's one nullable column. One NULL is enough for MATCH SIMPLE to stop checking a row, and nulling more
+    would change more of the row than the key needs (a nullable tenant_id is not ours to clear); with several
+    nullable columns and no declaration, ``nullify_problems`` refuses the key."""
+    if spec.on_delete_columns:
         return spec.on_delete_columns
-    return tuple(name for name, info in zip(spec.columns, columns, strict=True) if not info.not_null)
+    if spec.on_delete == "SET NULL":
+        return spec.columns
+    if spec.nullify_columns:
+        return spec.nullify_columns
+    nullable = tuple(name for name, info in zip(spec.columns, columns, strict=True) if not info.not_null)
+    return nullable if len(nullable) == 1 else ()
+
+
+def nullify_problems(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> list[str]:
+    """A declared column to null that is NOT NULL, or a choice left open (several nullable columns)."""
+    by_name = dict(zip(spec.columns, columns, strict=True))
+    if spec.on_delete == "SET NULL":
+        return []  # the action's own columns: checked with the action, which could not null them either
+    declared = spec.on_delete_columns or spec.nullify_columns
+    not_null = [name for name in declared if by_name[name].not_null]
+    if not_null:
+        where = f"ON DELETE {spec.on_delete_sql}" if spec.on_delete_columns else "nullify_columns"
+        return [f"{where} names {', '.join(not_null)}, NOT NULL, which nulling an orphan cannot set to NULL"]
+    nullable = [name for name in spec.columns if not by_name[name].not_null]
+    if not declared and len(nullable) > 1:
+        return [
+            f"the key's nullable columns {', '.join(nullable)} could each be nulled to release an orphan (one NULL "
+            "is enough), and ON DELETE " + spec.on_delete + " does not say which: declare nullify_columns: "
+            f"[{nullable[-1]}] (or the ones to null)"
+        ]
+    return []
 
 
 def table_info(conn: psycopg.Connection, schema: str, table: str) -> TableInfo | None:
@@ -133,8 +160,11 @@ def constraint_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targ
             )
         else:
             by_attnum = {info.attnum: name for name, info in zip(spec.columns, state.columns or (), strict=True)}
+            # A list of every key column is the action without a list.
             acts_on = sorted(by_attnum.get(attnum, str(attnum)) for attnum in setcols or [])
-            if acts_on != sorted(spec.on_delete_columns):
+            acts_on = [] if acts_on == sorted(spec.columns) else acts_on
+            declared = [] if sorted(spec.on_delete_columns) == sorted(spec.columns) else sorted(spec.on_delete_columns)
+            if acts_on != declared:
                 mismatches.append(
                     f"its ON DELETE acts on {', '.join(acts_on) or 'every key column'}, not on "
                     f"{', '.join(spec.on_delete_columns) or 'every key column'}"
@@ -174,7 +204,8 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
         mismatches.append("it is UNIQUE")
     wanted = _attnums(state.columns)
     if has_exprs or list(indkey or []) != wanted or natts != len(wanted) or nkeyatts != len(wanted):
-        mismatches.append(f"its columns are not exactly ({', '.join(spec.columns)}), in that order")
+        in_order = ", in that order" if len(wanted) > 1 else ""
+        mismatches.append(f"its columns are not exactly ({', '.join(spec.columns)}){in_order}")
     if has_pred:
         mismatches.append("it is partial (has a WHERE clause)")
     building = conn.execute(statement("catalog", "index_build_in_progress"), {"oid": oid}).fetchone()
@@ -224,6 +255,7 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
         return state
     state.nulled = nulled_columns(spec, state.columns)  # type: ignore[arg-type]
     state.problems.extend(_column_problems(conn, spec, state))
+    state.problems.extend(nullify_problems(spec, state.columns))  # type: ignore[arg-type]
     state.constraint = constraint_state(conn, spec, state)
     if state.constraint.exists and not state.constraint.matches:
         state.problems.append(

@@ -164,18 +164,24 @@ def _missing_parent_value(
     return None
 
 
-def _probe_key(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> tuple[list[str] | None, str]:
-    """A whole key no referenced row has: one column made up to be missing there, the others borrowed from a
-    referenced row (so a composite key's probe is complete and is checked). (None, why) when none can be made."""
+def _probe_key(
+    conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, own: list[str | None]
+) -> tuple[list[str] | None, str]:
+    """A whole key no referenced row has, for a row whose key holds ``own``: one column made up to be missing (a
+    column the run nulls first, for (tenant_id, parent_id) the parent), the others the row's own values, or,
+    where the row has NULLs, a referenced row's. (None, why) when none can be made."""
     assert state.columns is not None
-    borrowed = conn.execute(statement("checks", "some_parent", spec)).fetchone()
-    if borrowed is None and len(spec.columns) > 1:
-        return None, "the referenced table has no row to borrow the key's other columns from"
-    # The last column whose type we can make a missing value of: for (tenant_id, parent_id) the parent.
-    for position in reversed(range(len(spec.columns))):
+    if None in own and len(spec.columns) > 1:
+        borrowed = conn.execute(statement("checks", "some_parent", spec)).fetchone()
+        if borrowed is None:
+            return None, "the referenced table has no row to borrow the key's other columns from"
+        own = [mine if mine is not None else theirs for mine, theirs in zip(own, borrowed, strict=True)]
+    positions = range(len(spec.columns))
+    preferred = sorted(positions, key=lambda i: (spec.columns[i] in state.nulled, i), reverse=True)
+    for position in preferred:
         missing = _missing_parent_value(conn, spec, spec.ref_columns[position], state.columns[position].type_name)
         if missing is not None:
-            probe = list(borrowed or [missing])
+            probe = [value if value is not None else "" for value in own]
             probe[position] = missing
             return probe, ""
     types = ", ".join(dict.fromkeys(info.type_name for info in state.columns))
@@ -184,24 +190,36 @@ def _probe_key(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetStat
 
 def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> Check:
     name = "database rejects a missing parent (SQLSTATE 23503)"
+    width = len(spec.row_key)
     with conn.transaction(force_rollback=True):
         set_local_timeouts(conn, lock_timeout_ms=PROBE_LOCK_TIMEOUT_MS, statement_timeout_ms=PROBE_STATEMENT_TIMEOUT_MS)
-        row = conn.execute(statement("checks", "some_row_key", spec)).fetchone()
+        row = conn.execute(statement("checks", "some_complete_row", spec)).fetchone() or conn.execute(
+            statement("checks", "some_row", spec)
+        ).fetchone()
         if row is None:
             return Check(name, None, "not tried: the table has no unlocked row to try it on")
-        probe, why_not = _probe_key(conn, spec, state)
+        probe, why_not = _probe_key(conn, spec, state, list(row[width:]))
         if probe is None:
             return Check(name, None, f"not tried: {why_not}")
         missing = probe[0] if len(probe) == 1 else f"({', '.join(probe)})"
         params = {
             **{f"probe_{i}": value for i, value in enumerate(probe, 1)},
-            **{f"row_key_{i}": value for i, value in enumerate(row, 1)},
+            **{f"row_key_{i}": value for i, value in enumerate(row[:width], 1)},
         }
         try:
             with conn.transaction():  # a savepoint, so the outer rollback stays clean
                 conn.execute(statement("checks", "reject_missing_parent", spec), params)
-        except pgerrors.ForeignKeyViolation:
-            return Check(name, True, f"pointing a row at {missing} raised 23503; rolled back")
+        except pgerrors.ForeignKeyViolation as violation:
+            if violation.diag.constraint_name == spec.constraint:
+                return Check(name, True, f"pointing a row at {missing} raised 23503 ({spec.constraint}); rolled back")
+            # Another key refused the change (a key on the row's own columns, referenced from elsewhere): that
+            # proves nothing about ours.
+            return Check(
+                name,
+                None,
+                f"not tried: pointing a row at {missing} was refused by another key first "
+                f"({violation.diag.constraint_name})",
+            )
         except (pgerrors.IntegrityError, pgerrors.DataError, pgerrors.RaiseException) as other:
             # A CHECK constraint or an app trigger refused the probe's value before the key could: that says
             # nothing about the key.

@@ -359,7 +359,11 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
                 "orphans",
                 [
                     f"{found['orphans']} row(s) point at {found['dangling_parents']} missing parent(s); a run nulls "
-                    f"their {describe_columns(target.spec.columns)} (audited in {target.spec.audit_qualified})",
+                    + (
+                        f"their {describe_columns(tuple(found['nulls']))} (audited in {target.spec.audit_qualified})"
+                        if found["nulls"]
+                        else "nothing: no column of the key can be nulled"
+                    ),
                     f"sample: {sample}",
                 ],
             ),

@@ -74,11 +74,12 @@ def row(alias: str | None, columns: Names) -> sql.Composed:
 
 
 def as_text(alias: str | None, columns: Names) -> sql.Composed:
-    """A tuple as text for logs and the restore log: ``5`` for one column, ``(1, 5)`` for more."""
-    parts = [sql.SQL("{}::text").format(column(alias, name)) for name in columns]
-    if len(parts) == 1:
-        return parts[0]
-    return sql.SQL("'(' || concat_ws(', ', {}) || ')'").format(sql.SQL(", ").join(parts))
+    """A tuple as text for logs, the restore log and the hierarchy's paths: ``5`` for one column, ``(1,5)`` for
+    more (a record's own text form, which quotes a value holding a comma or parenthesis, so it reads back
+    unambiguously). Parenthesized, so it is one operand wherever it is used."""
+    if len(columns) == 1:
+        return sql.SQL("({}::text)").format(column(alias, columns[0]))
+    return sql.SQL("({}::text)").format(row(alias, columns))
 
 
 def set_null(columns: Names) -> sql.Composed:

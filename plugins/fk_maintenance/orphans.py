@@ -35,7 +35,7 @@ def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: Run
     started = time.monotonic()
     with step_session(conn, "detect_orphans", settings, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS, read_only=True):
         # It runs beside this run's own index build (the graph's other branch), which a count does not mind.
-        require_target(conn, spec, reads_only=True)
+        state = require_target(conn, spec, reads_only=True)
         orphans, dangling, sample = conn.execute(
             statement("orphans", "summary", spec), {"sample_size": settings.sample_size}
         ).fetchone()
@@ -51,6 +51,8 @@ def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: Run
         "orphans": orphans,
         "dangling_parents": dangling,
         "sample": list(sample),
+        # What nulling them sets to NULL (catalog.nulled_columns): the plan and the report name it.
+        "nulls": list(state.nulled),
         "seconds": round(time.monotonic() - started, 3),
     }
 

@@ -27,17 +27,29 @@ _ACTION_WITH_COLUMNS = re.compile(r"^\s*(SET\s+NULL|SET\s+DEFAULT)\s*\((.*)\)\s*
 AUDIT_ROW_KEY_COLUMN = "kpi_id"
 AUDIT_POINTER_COLUMN = "old_parent_kpi_id"
 NAME_FIELDS = ("schema", "table", "ref_table", "constraint", "index", "audit_table", "audit_schema", "ref_schema")
-COLUMN_LIST_FIELDS = ("columns", "ref_columns", "row_key", "on_delete_columns")
+COLUMN_LIST_FIELDS = ("columns", "ref_columns", "row_key", "on_delete_columns", "nullify_columns")
 
 
 def parse_on_delete(text: str) -> tuple[str, tuple[str, ...]]:
-    """``SET NULL (a, b)`` -> ("SET NULL", ("a", "b")); ``CASCADE`` -> ("CASCADE", ()). Column names in the list
-    are written as declared (case and spaces kept); a name holding a comma or parenthesis cannot be listed."""
+    """``SET NULL (a, b)`` -> ("SET NULL", ("a", "b")); ``CASCADE`` -> ("CASCADE", ()). A listed name is taken
+    as written (case and spaces kept), or, double-quoted as SQL writes it (a quote doubled inside, the spelling
+    pg_get_constraintdef prints), unquoted."""
     match = _ACTION_WITH_COLUMNS.match(text)
     if not match:
         words = " ".join(text.split())
         return (words.upper() if words.upper() in ON_DELETE_ACTIONS.values() else text), ()
-    return " ".join(match.group(1).split()).upper(), tuple(name.strip() for name in match.group(2).split(","))
+    names = [_unquoted(name.strip()) for name in _LIST_ITEM.findall(match.group(2) + ",")]
+    return " ".join(match.group(1).split()).upper(), tuple(names)
+
+
+# One item of a column list: a double-quoted name (with "" for a quote) or anything up to the next comma.
+_LIST_ITEM = re.compile(r'\s*("(?:[^"]|"")*"|[^,]*?)\s*,')
+
+
+def _unquoted(name: str) -> str:
+    if len(name) >= 2 and name.startswith('"') and name.endswith('"'):
+        return name[1:-1].replace('""', '"')
+    return name
 
 
 def _column_list(value: object) -> tuple[str, ...]:
@@ -80,6 +92,9 @@ class ForeignKeySpec:
     hierarchy_checks: bool = False
     ref_schema: str = ""  # empty: the child's own schema
     on_delete_columns: tuple[str, ...] = ()
+    # Which of the key's columns nulling an orphan sets to NULL, where the ON DELETE action does not say
+    # (catalog.nulled_columns): one NULL is enough for the key to stop checking a row.
+    nullify_columns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         normalized = {name: _column_list(getattr(self, name)) for name in COLUMN_LIST_FIELDS}
@@ -125,9 +140,11 @@ class ForeignKeySpec:
                 "pairs them up in order"
             )
         if self.audit_schema in (self.schema, self.ref_schema):
+            which = "schema" if self.audit_schema == self.schema else "ref_schema"
             problems.append(
-                f"audit_schema {self.audit_schema!r} is the app's own schema; the app's schema tool would drop the "
-                "audit table there. Use a schema of the pipeline's, such as 'fk_maintenance'"
+                f"audit_schema {self.audit_schema!r} is also the key's {which}, an app schema; the app's schema "
+                "tool would drop the audit table there. Name an audit_schema of the pipeline's own that no key's "
+                "tables live in"
             )
         if self.hierarchy_checks and not self.self_referential:
             problems.append(
@@ -138,6 +155,16 @@ class ForeignKeySpec:
             problems.append(
                 f"on_delete {self.on_delete!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}, optionally with "
                 "a column list for SET NULL / SET DEFAULT, e.g. 'SET NULL (parent_id)'"
+            )
+        strangers = [name for name in self.nullify_columns if name not in self.columns]
+        if strangers:
+            problems.append(
+                f"nullify_columns lists {strangers}, which are not among the key's columns {list(self.columns)}"
+            )
+        if self.nullify_columns and self.on_delete == "SET NULL":
+            problems.append(
+                "nullify_columns is for keys whose ON DELETE action nulls nothing; with SET NULL, declare the "
+                f"columns in the action: on_delete: SET NULL ({', '.join(self.nullify_columns)})"
             )
         if self.on_delete_columns:
             if self.on_delete not in ACTIONS_WITH_COLUMNS:

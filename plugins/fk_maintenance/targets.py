@@ -68,6 +68,8 @@ TARGETS_SCHEMA: dict[str, Any] = {
                     "ref_columns": _NAMES,
                     # A name or a list of names (a composite primary key).
                     "row_key": {**_NAME, **_NAMES, "type": ["string", "array"]},
+                    # For an action that nulls nothing: which key columns nulling an orphan sets to NULL.
+                    "nullify_columns": _NAMES,
                     # An action, optionally with the columns it acts on: "SET NULL (parent_id)" (PostgreSQL 15+).
                     "on_delete": {"type": "string", "pattern": ON_DELETE_PATTERN},
                     "constraint": _NAME,
