@@ -96,6 +96,7 @@ class AppWorkload:
         context = multiprocessing.get_context("spawn")
         self._stop = context.Event()
         self._results = context.Queue()
+        self._ready = context.Queue()
         self._started_at = time.time()
         clients = [("write", i) for i in range(self.writers)] + [("read", i) for i in range(self.readers)]
         self._processes = []
@@ -113,9 +114,15 @@ class AppWorkload:
                 started_at=self._started_at,
                 pooled=self.pooled,
             )
-            process = context.Process(target=_client, args=(config, self._stop, self._results), daemon=True)
+            process = context.Process(
+                target=_client, args=(config, self._stop, self._results, self._ready), daemon=True
+            )
             process.start()
             self._processes.append(process)
+        # A spawned client imports and connects before its first statement, seconds on a loaded machine: the app
+        # is running once every client has connected, and only then does a test's scenario start.
+        for _ in self._processes:
+            self._ready.get(timeout=120)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,8 +180,9 @@ class _Client:
         self.live: list[str] = []
         self.deletable = list(config.deletable)
 
-    def run(self, stop: Event) -> None:
+    def run(self, stop: Event, ready: Queue) -> None:
         conn: psycopg.Connection | None = None
+        announced = False
         while not stop.is_set():
             try:
                 if conn is None or conn.closed or conn.broken:
@@ -183,6 +191,9 @@ class _Client:
                     else:
                         conn = psycopg.connect(self.config.dsn, autocommit=True, application_name="app-workload")
                         conn.execute("SET statement_timeout = '30s'")
+                    if not announced:
+                        ready.put(True)
+                        announced = True
                 if self.config.role == "read":
                     self.read(conn)
                 else:
@@ -264,10 +275,10 @@ class _Client:
         )
 
 
-def _client(config: _ClientConfig, stop: Event, results: Queue) -> None:
+def _client(config: _ClientConfig, stop: Event, results: Queue, ready: Queue) -> None:
     client = _Client(config)
     try:
-        client.run(stop)
+        client.run(stop, ready)
     finally:
         results.put((client.ops, client.inserted, client.deleted, client.touched))
 
