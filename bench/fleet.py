@@ -8,15 +8,20 @@ Per run: wall time (trigger to end), the most targets in flight at once (from th
 brackets, the most seen inside PostgreSQL at once, pg_stat_activity every 50 ms), and per
 target (means over the run's targets): its database time (the seconds its steps spent in their own work, from its
 report), its elapsed time (its first step's start to its report's end) and Airflow's overhead (elapsed minus
-database time: task start-up, scheduling, waiting for a pool or worker slot). wait_turn's tries and the scheduler's
-"state mismatch" events are counted too: a target lost at wait_turn would show there. Writes
-bench/results/fleet-<executor>.json.
+database time: task start-up, scheduling, waiting for a pool or worker slot). Where that overhead goes, per step of
+a fleet target (means): the scheduler noticing that its upstream ended (upstream's end to scheduled), queueing and
+starting it, and its task process (start to end); and the scheduler's loop durations during the run (its debug
+line, the one logger the bench turns to debug). wait_turn's tries and the scheduler's "state mismatch" events are
+counted too: a target lost at wait_turn would show there. The machine's load average is recorded at each run's
+start and end. Writes bench/results/fleet-<executor>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import sys
 import tempfile
@@ -36,6 +41,18 @@ from devkit.local_airflow import LocalAirflow, local_airflow  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 STEP_TASKS = ("preflight", "detect_orphans", "null_orphans", "create_index_concurrently", "add_fk_not_valid")
+# Each task of a fleet target and the tasks it waits for (the graph of DESIGN.md).
+UPSTREAMS = {
+    "preflight": ("wait_turn",),
+    "detect_orphans": ("preflight",),
+    "null_orphans": ("detect_orphans",),
+    "create_index_concurrently": ("preflight",),
+    "add_fk_not_valid": ("null_orphans", "create_index_concurrently"),
+    "validate_fk": ("add_fk_not_valid",),
+    "post_checks": ("validate_fk",),
+    "report": ("post_checks",),
+}
+LOOP_LINE = re.compile(r"(?P<when>\d{4}-\d\d-\d\dT[\d:.]+Z) \[debug\s*\] Ran scheduling loop in (?P<ms>[\d.]+) ms")
 TURN_POKE_SECONDS = 5
 POOL_SLOTS = 64  # larger than any max_parallel here: max_parallel is the bound being measured
 
@@ -72,11 +89,62 @@ def per_target(airflow: LocalAirflow, run: FleetRun, conn_ids: list[str]) -> lis
     return targets
 
 
+def hand_offs(run: FleetRun) -> dict[str, float | None]:
+    """Where a fleet step's time goes, means over the run's fleet steps: the scheduler noticing that its upstream
+    ended (upstream end to scheduled), the scheduler queueing it (to queued), the executor starting it (to start)
+    and its task process (start to end: start-up, DAG parse, execution API calls, the step's own work)."""
+    tis = {(t["task_id"], t["map_index"]): t for t in run.task_instances}
+    parts: dict[str, list[float]] = {"notice": [], "queue": [], "start": [], "process": []}
+    for t in run.task_instances:
+        group, _, name = t["task_id"].partition(".")
+        upstreams = UPSTREAMS.get(name)
+        if group != "fleet" or upstreams is None or not (t["start_date"] and t["end_date"] and t["queued_when"]):
+            continue
+        ends = [tis.get((f"fleet.{u}", t["map_index"]), {}).get("end_date") for u in upstreams]
+        if not all(ends) or not t["scheduled_when"]:
+            continue
+        scheduled, queued, started = _when(t["scheduled_when"]), _when(t["queued_when"]), _when(t["start_date"])
+        parts["notice"].append((scheduled - max(_when(e) for e in ends)).total_seconds())
+        parts["queue"].append((queued - scheduled).total_seconds())
+        parts["start"].append((started - queued).total_seconds())
+        parts["process"].append((_when(t["end_date"]) - started).total_seconds())
+    return {key: round(statistics.fmean(values), 2) if values else None for key, values in parts.items()}
+
+
+def scheduler_loops(airflow: LocalAirflow, run: FleetRun) -> dict[str, float | None]:
+    """The scheduler's loop durations (seconds) while the run ran, from its debug line "Ran scheduling loop in N
+    ms" (the bench turns that logger to debug): each pass re-checks the dependencies of every waiting task instance
+    of the run, so a downstream task starts a pass or two after its upstream ended."""
+    log = airflow.home / "standalone.log"
+    log = log if log.exists() else airflow.home / "scheduler.log"
+    starts = [_when(t["start_date"]) for t in run.task_instances if t["start_date"]]
+    ends = [_when(t["end_date"]) for t in run.task_instances if t["end_date"]]
+    if not starts or not ends or not log.exists():
+        return {"median_s": None, "p90_s": None, "loops": 0}
+    first, last = min(starts), max(ends)
+    durations = []
+    for line in log.read_text(errors="replace").splitlines():
+        found = LOOP_LINE.search(line)
+        if found and first <= _when(found["when"]) <= last:
+            durations.append(float(found["ms"]) / 1000)
+    if not durations:
+        return {"median_s": None, "p90_s": None, "loops": 0}
+    durations.sort()
+    return {
+        "median_s": round(statistics.median(durations), 2),
+        "p90_s": round(durations[int(0.9 * (len(durations) - 1))], 2),
+        "loops": len(durations),
+    }
+
+
 def measure(airflow: LocalAirflow, conn_ids: list[str], max_parallel: int) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     run = run_fleet_over(airflow, conn_ids, {"max_parallel": max_parallel, "validate_now": True}, timeout_s=7200)
     targets = per_target(airflow, run, conn_ids)
     mean = lambda key: round(statistics.fmean(t[key] for t in targets), 2) if targets else None  # noqa: E731
     return {
+        # The machine's 1-minute load average when the run began and when it ended (shared machines are noisy).
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "targets": len(conn_ids),
         "max_parallel": max_parallel,
         "state": run.state,
@@ -92,6 +160,8 @@ def measure(airflow: LocalAirflow, conn_ids: list[str], max_parallel: int) -> di
         "wait_turn_retries": sum(t - 1 for t in run.tries("fleet.wait_turn")),
         "state_mismatches": run.state_mismatches,
         "lost_at_wait_turn": sum(1 for s in run.states("fleet.wait_turn").values() if s != "success"),
+        "step_hand_off_s": hand_offs(run),
+        "scheduler_loop": scheduler_loops(airflow, run),
     }
 
 
@@ -122,6 +192,8 @@ def main() -> int:
     args = parser.parse_args()
     parallels = [int(value) for value in args.parallel.split(",")]
     home = Path(tempfile.mkdtemp(prefix=f"kpi-bench-fleet-{args.executor}-"))
+    # The scheduler logs each loop's duration at debug level only: the one logger the loop figures come from.
+    os.environ.setdefault("AIRFLOW__LOGGING__NAMESPACE_LEVELS", "airflow.jobs.scheduler_job_runner=debug")
     # Each run's canary is one more fresh database (kpi_fleet_*); kpi_db itself is not used.
     fleet = args.targets * len(parallels)
     print(f"Starting Airflow ({args.executor}) with {fleet} databases in {home} ...", file=sys.stderr, flush=True)
@@ -139,16 +211,18 @@ def main() -> int:
     print(f"Fleet runs ({args.rows} KPIs per database, real scheduler, {label}, {TURN_POKE_SECONDS} s turn looks):\n")
     print(
         "| executor | targets | max_parallel | state | wall (s) | most in flight (in PostgreSQL) | DB s / target "
-        "| elapsed s / target | overhead s / target (in tasks + between tasks) | wait_turn retries |"
+        "| overhead s / target | per step: scheduler notices + task process (s) | scheduler loop median / p90 (s) "
+        "| wait_turn retries, lost | load average |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
+        hand_off, loop = r["step_hand_off_s"], r["scheduler_loop"]
         print(
             f"| {label} | {r['targets']} | {r['max_parallel']} | {r['state']} | {r['wall_s']} "
-            f"| {r['most_in_flight']} ({r['most_at_once']}) "
-            f"| {r['database_s_per_target']} | {r['elapsed_s_per_target']} | {r['overhead_s_per_target']} "
-            f"({r['overhead_in_tasks_s_per_target']} + {r['overhead_between_tasks_s_per_target']}) "
-            f"| {r['wait_turn_retries']} |"
+            f"| {r['most_in_flight']} ({r['most_at_once']}) | {r['database_s_per_target']} "
+            f"| {r['overhead_s_per_target']} | {hand_off['notice']} + {hand_off['process']} "
+            f"| {loop['median_s']} / {loop['p90_s']} | {r['wait_turn_retries']}, {r['lost_at_wait_turn']} "
+            f"| {r['load_average'][0]} to {r['load_average'][1]} |"
         )
     return 0 if all(r["state"] == "success" for r in results) else 1
 

@@ -136,9 +136,10 @@ def _param(definition: SettingDef, target: Target) -> Param:
 
 
 class WaitTurn(BaseSensorOperator):
-    """A target's turn in its fleet (fk_maintenance.fleet.turn). Under a scheduler it waits deferred: the triggerer
-    looks, the task holds no worker slot and cannot be failed by apache/airflow#71172 as a rescheduled sensor can.
-    Under ``airflow dags test`` (triggers run inline there) it pokes, rescheduled."""
+    """A target's turn in its fleet (fk_maintenance.fleet.turn). Under a scheduler it looks once, then waits
+    deferred: the triggerer looks and ends the task itself when the turn comes (fk_maintenance.turn_trigger), the
+    task holds no worker slot and cannot be failed by apache/airflow#71172 as a rescheduled sensor can. Under
+    ``airflow dags test`` (triggers run inline there) it pokes, rescheduled."""
 
     template_fields = ("conn_id",)
 
@@ -156,7 +157,8 @@ class WaitTurn(BaseSensorOperator):
             self.execute_complete(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
-        """Decide from the targets' reports (the trigger saw only task states); still waiting: defer again."""
+        """Decide from the targets' reports; still waiting: defer. The trigger ends the task itself when the turn
+        comes; a trigger deferred by an earlier version of this DAG fires an event instead and resumes here."""
         from fk_maintenance.airflow_tasks import run_wait_turn, turn_trigger
 
         if not run_wait_turn(self.group, self.conn_id, context):

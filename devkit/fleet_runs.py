@@ -101,14 +101,23 @@ def run_fleet(
                 raise TimeoutError(f"run {run['dag_run_id']} still {state} after {timeout_s:.0f} s")
             time.sleep(1)
     wall = time.monotonic() - started
-    task_instances = _read(airflow, f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=1000")
+    task_instances = _all_task_instances(airflow, f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances")
     mismatch = urllib.parse.quote("state mismatch")
     mismatches = _read(airflow, f"/api/v2/eventLogs?dag_id={dag_id}&run_id={quoted}&event={mismatch}&limit=1")[
         "total_entries"
     ]
-    return FleetRun(
-        run["dag_run_id"], state, round(wall, 1), watch.samples, task_instances["task_instances"], mismatches
-    )
+    return FleetRun(run["dag_run_id"], state, round(wall, 1), watch.samples, task_instances, mismatches)
+
+
+def _all_task_instances(airflow: Api, path: str) -> list[dict[str, Any]]:
+    """Every task instance of the run, page by page: the API gives at most 100 per call (``[api]
+    maximum_page_limit``), and a run over 50 targets has about 450."""
+    task_instances: list[dict[str, Any]] = []
+    while True:
+        page = _read(airflow, f"{path}?limit=100&offset={len(task_instances)}&order_by=id")
+        task_instances.extend(page["task_instances"])
+        if not page["task_instances"] or len(task_instances) >= page["total_entries"]:
+            return task_instances
 
 
 def _read(airflow: Api, path: str, attempts: int = 5) -> dict:

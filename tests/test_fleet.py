@@ -186,6 +186,20 @@ def test_validate_fk_reached_eight_days_into_a_run_counts_its_windows_from_its_o
     assert clocks_from(run_started, None, None).validation_started_at == run_started
 
 
+def test_a_turn_stamped_by_the_trigger_starts_the_targets_clock_like_one_stamped_by_the_task() -> None:
+    """Airflow 3.3 stores an XCom a trigger leaves with a task-ending event serialized twice: the task pulls its
+    JSON text. The stamp still starts the target's clock; a stamp the task pushed itself reads as before."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from fk_maintenance.airflow_tasks import clocks_from, from_trigger
+
+    run_started, turn_came = datetime.now(UTC) - timedelta(days=2), datetime.now(UTC) - timedelta(hours=1)
+    for pulled in (json.dumps(turn_came.isoformat()), turn_came.isoformat()):
+        assert clocks_from(run_started, from_trigger(pulled), None).target_started_at == turn_came
+    assert from_trigger(None) is None and from_trigger({"a": 1}) == {"a": 1}
+
+
 def test_a_target_starting_days_into_its_run_waits_for_another_session_at_its_work_without_spending_a_retry(
     dag, fleet, spec, airflow_home
 ) -> None:

@@ -7,6 +7,7 @@ Airflow is imported inside the functions: the DAG file imports this module at pa
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from contextlib import closing
@@ -167,7 +168,7 @@ def target_clocks(context: dict[str, Any]) -> TargetClocks:
     is_validate = ti.task_id.endswith(".validate_fk")
     return clocks_from(
         run_started_at,
-        pulled(WAIT_TURN_TASK, TARGET_STARTED_KEY),
+        from_trigger(pulled(WAIT_TURN_TASK, TARGET_STARTED_KEY)),
         pulled(VALIDATION_CLOCK_STEP) if is_validate else None,
     )
 
@@ -181,6 +182,18 @@ def clocks_from(
     started = _parsed(turn_came_at) or run_started_at
     upstream_finished = _parsed((validation_upstream or {}).get(FINISHED_AT))
     return TargetClocks(started, upstream_finished or started)
+
+
+def from_trigger(value: Any) -> Any:
+    """The XCom that wait_turn's trigger left with the event ending the task (fk_maintenance.turn_trigger): Airflow
+    3.3 stores such a value serialized twice, so tasks pull its JSON text (a string comes back in quotes); a value
+    the task pushed itself, or one stored once, comes back unchanged."""
+    if isinstance(value, str) and value.startswith('"'):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _parsed(value: Any) -> datetime | None:
