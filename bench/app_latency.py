@@ -207,30 +207,59 @@ def run(sizes: list[int], repeats: int, json_path: Path) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    order = list(results["settings"])
     lines = [
-        f"Machine: {m['cores']} cores, PostgreSQL {m['postgresql']}; app: {results['app']}; each row one "
-        "measurement (settings interleaved, order rotated per repeat).",
+        f"Machine: {m['cores']} cores, PostgreSQL {m['postgresql']}; app: {results['app']}. One row per "
+        "measurement (settings interleaved, order rotated per repeat); machine CPU busy is all processes on the "
+        "machine over that stretch (other people's work included).",
         "",
-        "| rows | parallel_workers | app alone p50 / p99 / worst ms | during the run p50 / p99 / worst ms | p99 "
-        "run / alone | goal (p99 <= 2x or < 5 ms) | database s | floor s | database / floor | load avg "
-        "alone / run |",
-        "| ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
+        "| rows | parallel_workers | # | app alone p50 / p99 / worst ms | during the run p50 / p99 / worst ms | "
+        "p99 run / alone | goal (p99 <= 2x or < 5 ms) | database s | database / floor | load avg, machine CPU "
+        "busy: alone; run |",
+        "| ---: | --- | ---: | --- | --- | ---: | --- | ---: | ---: | --- |",
     ]
+    summary: list[str] = []
     for rows, size in results["sizes"].items():
-        floors = [f["seconds"] for f in size["floors"]]
-        floor_s = statistics.median(floors) if floors else float("nan")
-        order = list(results["settings"])
+        floor_s = statistics.median(f["seconds"] for f in size["floors"])
+        by_setting: dict[str, list[dict[str, Any]]] = {label: [] for label in order}
         for x in sorted(size["measurements"], key=lambda x: (order.index(x["setting"]), x["repeat"])):
+            by_setting[x["setting"]].append(x)
             alone, during = x["alone"], x["run"]
-            ratio = during["p99_ms"] / alone["p99_ms"]
-            met = ratio <= P99_RATIO_GOAL or during["p99_ms"] < P99_ABSOLUTE_GOAL_MS
             lines.append(
-                f"| {int(rows):,} | {x['setting']} | {alone['p50_ms']} / {alone['p99_ms']} / {alone['max_ms']} | "
-                f"{during['p50_ms']} / {during['p99_ms']} / {during['max_ms']} | {ratio:.2f}x | "
-                f"{'met' if met else 'not met'} | {x['db_s']} | {floor_s:.2f} | {x['db_s'] / floor_s:.2f}x | "
-                f"{alone['machine']['loadavg_start']} / {during['machine']['loadavg_start']} |"
+                f"| {int(rows):,} | {x['setting']} | {x['repeat']} | {alone['p50_ms']} / {alone['p99_ms']} / "
+                f"{alone['max_ms']} | {during['p50_ms']} / {during['p99_ms']} / {during['max_ms']} | "
+                f"{_p99_ratio(x):.2f}x | {'met' if _goal_met(x) else 'not met'} | {x['db_s']} | "
+                f"{x['db_s'] / floor_s:.2f}x | {alone['machine']['loadavg_start']}, "
+                f"{alone['machine']['cpu_busy']:.0%}; {during['machine']['loadavg_start']}, "
+                f"{during['machine']['cpu_busy']:.0%} |"
             )
-    return "\n".join(lines)
+        for label, measured in by_setting.items():
+            if measured:
+                summary.append(
+                    f"| {int(rows):,} | {label} | {len(measured)} | "
+                    f"{statistics.median(_p99_ratio(x) for x in measured):.2f}x | "
+                    f"{statistics.median(x['run']['p99_ms'] for x in measured)} | "
+                    f"{sum(_goal_met(x) for x in measured)} of {len(measured)} | "
+                    f"{statistics.median(x['db_s'] for x in measured) / floor_s:.2f}x ({floor_s:.2f} s) |"
+                )
+    return "\n".join(
+        [
+            *lines,
+            "",
+            "| rows | parallel_workers | measurements | median p99 run / alone | median p99 during the run ms | "
+            "goal met | median database / floor (floor s) |",
+            "| ---: | --- | ---: | ---: | ---: | --- | ---: |",
+            *summary,
+        ]
+    )
+
+
+def _p99_ratio(measured: dict[str, Any]) -> float:
+    return measured["run"]["p99_ms"] / measured["alone"]["p99_ms"]
+
+
+def _goal_met(measured: dict[str, Any]) -> bool:
+    return _p99_ratio(measured) <= P99_RATIO_GOAL or measured["run"]["p99_ms"] < P99_ABSOLUTE_GOAL_MS
 
 
 def main() -> int:
@@ -238,7 +267,11 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000000,10000000", help="comma-separated row counts")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per size and setting")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "app-latency.json")
+    parser.add_argument("--markdown-from", type=Path, help="print the tables of an earlier run's JSON, measure nothing")
     args = parser.parse_args()
+    if args.markdown_from:
+        print(markdown(json.loads(args.markdown_from.read_text())))
+        return 0
     args.json.parent.mkdir(parents=True, exist_ok=True)
     results = run([int(s) for s in args.sizes.split(",") if s], args.repeats, args.json)
     args.json.write_text(json.dumps(results, indent=2))
