@@ -214,9 +214,9 @@ def markdown(results: dict[str, Any]) -> str:
         "machine over that stretch (other people's work included).",
         "",
         "| rows | parallel_workers | # | app alone p50 / p99 / worst ms | during the run p50 / p99 / worst ms | "
-        "p99 run / alone | goal (p99 <= 2x or < 5 ms) | database s | database / floor | load avg, machine CPU "
-        "busy: alone; run |",
-        "| ---: | --- | ---: | --- | --- | ---: | --- | ---: | ---: | --- |",
+        "p99 run / alone | goal (p99 <= 2x or < 5 ms) | during the index build p99 / worst ms | database s | "
+        "database / floor | load avg, machine CPU busy: alone; run |",
+        "| ---: | --- | ---: | --- | --- | ---: | --- | --- | ---: | ---: | --- |",
     ]
     summary: list[str] = []
     for rows, size in results["sizes"].items():
@@ -225,10 +225,12 @@ def markdown(results: dict[str, Any]) -> str:
         for x in sorted(size["measurements"], key=lambda x: (order.index(x["setting"]), x["repeat"])):
             by_setting[x["setting"]].append(x)
             alone, during = x["alone"], x["run"]
+            build = _build(x)
             lines.append(
                 f"| {int(rows):,} | {x['setting']} | {x['repeat']} | {alone['p50_ms']} / {alone['p99_ms']} / "
                 f"{alone['max_ms']} | {during['p50_ms']} / {during['p99_ms']} / {during['max_ms']} | "
-                f"{_p99_ratio(x):.2f}x | {'met' if _goal_met(x) else 'not met'} | {x['db_s']} | "
+                f"{_p99_ratio(x):.2f}x | {'met' if _goal_met(x) else 'not met'} | {build['p99_ms']} / "
+                f"{build['max_ms']} | {x['db_s']} | "
                 f"{x['db_s'] / floor_s:.2f}x | {alone['machine']['loadavg_start']}, "
                 f"{alone['machine']['cpu_busy']:.0%}; {during['machine']['loadavg_start']}, "
                 f"{during['machine']['cpu_busy']:.0%} |"
@@ -238,7 +240,8 @@ def markdown(results: dict[str, Any]) -> str:
                 summary.append(
                     f"| {int(rows):,} | {label} | {len(measured)} | "
                     f"{statistics.median(_p99_ratio(x) for x in measured):.2f}x | "
-                    f"{statistics.median(x['run']['p99_ms'] for x in measured)} | "
+                    f"{statistics.median(x['run']['p99_ms'] for x in measured):.2f} | "
+                    f"{statistics.median(_build(x)['p99_ms'] for x in measured):.2f} | "
                     f"{sum(_goal_met(x) for x in measured)} of {len(measured)} | "
                     f"{statistics.median(x['db_s'] for x in measured) / floor_s:.2f}x ({floor_s:.2f} s) |"
                 )
@@ -247,11 +250,16 @@ def markdown(results: dict[str, Any]) -> str:
             *lines,
             "",
             "| rows | parallel_workers | measurements | median p99 run / alone | median p99 during the run ms | "
-            "goal met | median database / floor (floor s) |",
-            "| ---: | --- | ---: | ---: | ---: | --- | ---: |",
+            "median p99 during the index build ms | goal met | median database / floor (floor s) |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |",
             *summary,
         ]
     )
+
+
+def _build(measured: dict[str, Any]) -> dict[str, Any]:
+    """The app's writes during the index build, the statement parallel workers matter most to."""
+    return measured["run_by_step"]["create_index_concurrently"]
 
 
 def _p99_ratio(measured: dict[str, Any]) -> float:
