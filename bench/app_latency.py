@@ -115,12 +115,12 @@ class ParallelChoices(logging.Handler):
         logging.getLogger("fk_maintenance.parallelism").removeHandler(self)
 
 
-def measure(bench: Bench, rows: int, parallel_workers: int, alone_s: float) -> dict[str, Any]:
+def measure(bench: Bench, rows: int, parallel_workers: int, alone_s: float, batch_pause_ms: int = 0) -> dict[str, Any]:
     """The app alone for ``alone_s``, then a whole run beside it, on a fresh copy of the table."""
     name = bench.fresh(rows)
     connect = bench.connector(name)
-    settings = RunSettings(validate_now=True, parallel_workers=parallel_workers)
-    run_id = f"bench-{parallel_workers}"
+    settings = RunSettings(validate_now=True, parallel_workers=parallel_workers, batch_pause_ms=batch_pause_ms)
+    run_id = f"bench-{parallel_workers}-{batch_pause_ms}"
     steps: dict[str, tuple[float, float]] = {}
     results: dict[str, Any] = {}
     with AppWorkload(bench.server.dsn(name), writers=1, readers=0, think_seconds=APP_WRITE_EVERY_S) as app:
@@ -147,6 +147,7 @@ def measure(bench: Bench, rows: int, parallel_workers: int, alone_s: float) -> d
     step_seconds = {name: float(info["seconds"] or 0) for name, info in report["steps"].items()}
     return {
         "parallel_workers": parallel_workers,
+        "batch_pause_ms": batch_pause_ms,
         "alone": latency([op for op in ops if alone_from <= op.started < alone_to])
         | {"seconds": round(alone_to - alone_from, 1), "machine": alone_machine},
         "run": latency([op for op in ops if run_from <= op.started < run_to])
@@ -169,7 +170,12 @@ def floor(bench: Bench, rows: int) -> dict[str, Any]:
     return {"seconds": round(sum(timings.values()), 2), "steps_s": timings, "machine": load.end()}
 
 
-def run(sizes: list[int], repeats: int, json_path: Path) -> dict[str, Any]:
+def run(sizes: list[int], repeats: int, json_path: Path, gate_pause_ms: int = 0) -> dict[str, Any]:
+    """``gate_pause_ms``: also measure auto with that pause between null_orphans' batches, the most a gate between
+    batches could give the app (a gate holds the next batch back; a pause always does)."""
+    settings = dict(SETTINGS)
+    if gate_pause_ms:
+        settings[f"-2 (auto), batch_pause_ms {gate_pause_ms}"] = AUTO_PARALLEL_WORKERS
     server = PgServer.embedded()
     bench = Bench(server, Path(tempfile.mkdtemp(prefix="kpi-bench-")))
     try:
@@ -178,7 +184,7 @@ def run(sizes: list[int], repeats: int, json_path: Path) -> dict[str, Any]:
         results: dict[str, Any] = {
             "machine": machine() | {"postgresql": version},
             "app": f"1 session writing every {APP_WRITE_EVERY_S * 1000:.0f} ms",
-            "settings": SETTINGS,
+            "settings": settings,
             "sizes": {},
         }
         for rows in sizes:
@@ -186,13 +192,14 @@ def run(sizes: list[int], repeats: int, json_path: Path) -> dict[str, Any]:
             results["sizes"][str(rows)] = size
             bench.fresh(rows)  # the template, before anything is timed
             alone_s = max(MIN_ALONE_S, rows / 1_000_000 * 6.0)  # until a run of this size has been timed
-            labels = list(SETTINGS)
+            labels = list(settings)
             for repeat in range(repeats):
                 size["floors"].append(floor(bench, rows))
                 order = labels[repeat % len(labels) :] + labels[: repeat % len(labels)]
                 for label in order:
                     print(f"... {rows} rows, repeat {repeat + 1}, {label}", file=sys.stderr, flush=True)
-                    measured = measure(bench, rows, SETTINGS[label], alone_s)
+                    pause = gate_pause_ms if "batch_pause_ms" in label else 0
+                    measured = measure(bench, rows, settings[label], alone_s, pause)
                     measured |= {"setting": label, "repeat": repeat + 1}
                     size["measurements"].append(measured)
                     # The next alone stretch as long as this run (at least MIN_ALONE_S, for a p99 of enough writes).
@@ -203,6 +210,19 @@ def run(sizes: list[int], repeats: int, json_path: Path) -> dict[str, Any]:
         return results
     finally:
         server.stop()
+
+
+def merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' figures as one: each size's measurements and floors together, repeats numbered on."""
+    results = {**runs[0], "settings": {}, "sizes": {}}
+    for one in runs:
+        results["settings"] |= one["settings"]
+        for rows, size in one["sizes"].items():
+            into = results["sizes"].setdefault(rows, {"measurements": [], "floors": []})
+            offset = max((x["repeat"] for x in into["measurements"]), default=0)
+            into["measurements"] += [x | {"repeat": x["repeat"] + offset} for x in size["measurements"]]
+            into["floors"] += size["floors"]
+    return results
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -275,13 +295,16 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000000,10000000", help="comma-separated row counts")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per size and setting")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "app-latency.json")
-    parser.add_argument("--markdown-from", type=Path, help="print the tables of an earlier run's JSON, measure nothing")
+    parser.add_argument("--gate-pause-ms", type=int, default=0, help="also measure auto with this batch_pause_ms")
+    parser.add_argument(
+        "--markdown-from", type=Path, nargs="+", help="print the tables of earlier runs' JSON (merged), measure nothing"
+    )
     args = parser.parse_args()
     if args.markdown_from:
-        print(markdown(json.loads(args.markdown_from.read_text())))
+        print(markdown(merged([json.loads(path.read_text()) for path in args.markdown_from])))
         return 0
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    results = run([int(s) for s in args.sizes.split(",") if s], args.repeats, args.json)
+    results = run([int(s) for s in args.sizes.split(",") if s], args.repeats, args.json, args.gate_pause_ms)
     args.json.write_text(json.dumps(results, indent=2))
     print(markdown(results))
     print(f"\n(figures written to {args.json})")
