@@ -64,7 +64,8 @@ def choose_parallel_workers(requested: int, server: ServerParallelism | None) ->
         return ParallelChoice(None, None, "parallel_workers -1: the server's own settings")
     if requested >= 0:
         return ParallelChoice(requested, requested, f"parallel_workers {requested} as set for the run")
-    assert requested == AUTO_PARALLEL_WORKERS and server is not None
+    if requested != AUTO_PARALLEL_WORKERS or server is None:
+        raise ValueError(f"parallel_workers {requested}: auto ({AUTO_PARALLEL_WORKERS}) needs the server's figures")
     # Our own process keeps one core; every busy session (and every running parallel worker) may want one.
     free_cores = server.cpus - 1 - server.busy_sessions - server.parallel_workers_running
     # PostgreSQL launches fewer workers than planned when its slots are taken; not counting on slots it would not
