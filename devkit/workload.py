@@ -128,6 +128,11 @@ class AppWorkload:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def started_at(self) -> float:
+        """Epoch seconds that every ``Op.started`` is counted from."""
+        return self._started_at
+
     def stop(self) -> WorkloadResult:
         if self.result is None:
             self._stop.set()

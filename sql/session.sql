@@ -8,8 +8,29 @@ SELECT set_config('application_name', %(application_name)s, false),
        set_config('default_transaction_read_only', %(read_only)s, false)
 
 -- name: limit_parallel_workers
-SELECT set_config('max_parallel_workers_per_gather', %(parallel_workers)s, false),
-       set_config('max_parallel_maintenance_workers', %(parallel_workers)s, false)
+SELECT set_config('max_parallel_workers_per_gather', %(per_gather)s, false),
+       set_config('max_parallel_maintenance_workers', %(maintenance)s, false)
+
+-- name: parallel_facts
+-- What the server allows a statement of ours and how busy it is (fk_maintenance.parallelism). Busy: another
+-- session (any database: the cores are the server's) running a statement now or within the last
+-- busy_within_ms, or one of another role whose state we may not read (pg_read_all_stats shows it). The run's
+-- own other sessions count too: a step running beside this one (the graph's other branch) takes a core as well.
+SELECT current_setting('max_parallel_workers_per_gather')::int,
+       current_setting('max_parallel_maintenance_workers')::int,
+       current_setting('max_parallel_workers')::int,
+       current_setting('max_worker_processes')::int,
+       (SELECT source NOT IN ('default', 'override') FROM pg_settings WHERE name = 'max_parallel_workers'),
+       count(*) FILTER (WHERE a.backend_type = 'parallel worker'),
+       count(*) FILTER (WHERE a.backend_type IN ('client backend', 'autovacuum worker')
+                        AND (a.state IS NULL OR a.state = 'active'
+                             OR a.state_change > clock_timestamp() - make_interval(secs => %(busy_within_ms)s / 1000.0))),
+       count(*) FILTER (WHERE a.backend_type = 'client backend' AND a.state IS NULL)
+FROM pg_stat_activity a
+WHERE a.pid <> pg_backend_pid()
+
+-- name: backend_start_epoch
+SELECT extract(epoch FROM backend_start) FROM pg_stat_activity WHERE pid = pg_backend_pid()
 
 -- name: check_client_connection
 -- PostgreSQL 14+: while a long statement runs, notice within seconds that the worker died and roll back,

@@ -536,9 +536,9 @@ def test_each_step_sets_its_own_timeouts_whatever_the_database_defaults_are(db, 
         "'lock_timeout', 'statement_timeout', 'application_name', 'max_parallel_workers_per_gather', "
         "'idle_in_transaction_session_timeout'"
     )
-    preflight_settings = replace(NOW, lock_timeout_ms=1500)
+    preflight_settings = replace(NOW, lock_timeout_ms=1500, parallel_workers=-1)
     with db.connect() as conn, step_session(conn, "preflight", preflight_settings, statement_timeout_ms=60_000):
-        # -1, the default, keeps the server's (here the database's) choice of parallel workers.
+        # -1 keeps the server's (here the database's) choice of parallel workers.
         assert conn.execute("SHOW max_parallel_workers_per_gather").fetchone()[0] == "1"
     with db.connect() as conn:
         outside = dict(conn.execute(f"SELECT name, setting FROM pg_settings WHERE name IN ({names})").fetchall())

@@ -17,6 +17,7 @@ from psycopg import errors as pgerrors
 from psycopg import sql
 
 from .errors import ConcurrentRun, LockNotAcquired
+from .parallelism import apply_parallel_workers
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
@@ -61,8 +62,8 @@ def step_session(
 
     Nothing is inherited from the role or database, and nothing of this step outlives it: a step that calls
     another step's body inside its own block gets its own settings back. ``lock_timeout_ms`` defaults to the
-    run's; ``parallel_workers`` -1 keeps the server's own choice. Before anything is set, a connection through
-    a transaction-mode pooler is refused (see topology); the block gets the connection's route.
+    run's; the parallel workers are chosen by ``fk_maintenance.parallelism``. Before anything is set, a
+    connection through a transaction-mode pooler is refused (see topology); the block gets the connection's route.
     """
     conn.autocommit = True
     route = require_session_capable_route(conn)
@@ -77,10 +78,8 @@ def step_session(
             "read_only": "on" if read_only else "off",
         },
     )
-    if settings.parallel_workers >= 0:
-        conn.execute(
-            statement("session", "limit_parallel_workers"), {"parallel_workers": str(settings.parallel_workers)}
-        )
+    # Decided here, right before the step's one big statement (its scan or build), from the load of this moment.
+    apply_parallel_workers(conn, settings, step)
     conn.execute(statement("session", "check_client_connection"), {"interval": CLIENT_CONNECTION_CHECK_INTERVAL})
     try:
         yield route

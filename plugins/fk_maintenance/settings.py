@@ -28,6 +28,10 @@ SECTION_LOCKS = "Locks and batches"
 SECTION_WINDOW = "Validation window"
 SECTION_CHECKS = "End-state checks"
 
+# parallel_workers values below 0 (0 and up are a number of workers).
+SERVER_PARALLEL_WORKERS = -1  # the server's own settings, untouched (the default before auto)
+AUTO_PARALLEL_WORKERS = -2  # decided before each step from the server's cores, limits and load (parallelism.py)
+
 
 @dataclass(frozen=True)
 class SettingDef:
@@ -137,12 +141,14 @@ class RunSettings:
         SECTION_LOCKS,
     )
     parallel_workers: int = _setting(
-        -1,
-        {"type": "integer", "minimum": -1, "maximum": 16},
+        AUTO_PARALLEL_WORKERS,
+        {"type": "integer", "minimum": AUTO_PARALLEL_WORKERS, "maximum": 16},
         "Parallel workers per query",
-        "Parallel workers our scans and the index build may use. -1 keeps the server's own settings "
-        "(max_parallel_workers_per_gather, max_parallel_maintenance_workers); 0 keeps each step on one core "
-        "and leaves the others to the app, the choice for a small or CPU-bound primary.",
+        "Parallel workers our scans and the index build may use. -2 (auto) decides before each step: the "
+        "server's cores less one per session busy in the last second and one for the step itself, never above "
+        "the server's own limits; the step's log says what it chose and why. -1 keeps the server's own settings "
+        "(max_parallel_workers_per_gather, max_parallel_maintenance_workers); 0 keeps each step on one core; "
+        "N allows N.",
         SECTION_LOCKS,
     )
     index_timeout_min: int = _setting(
