@@ -90,7 +90,7 @@ def nulled_columns(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> tup
     ``SET DEFAULT (...)`` lists, every column for plain SET NULL), or the declared ``nullify_columns``, or else
     the key's one nullable column. One NULL is enough for MATCH SIMPLE to stop checking a row, and nulling more
     would change more of the row than the key needs (a nullable tenant_id is not ours to clear); with several
-    nullable columns and no declaration, ``nullify_problems`` refuses the key."""
+    nullable columns and no declaration, ``nulling_problems`` refuses the key."""
     if spec.on_delete_columns:
         return spec.on_delete_columns
     if spec.on_delete == "SET NULL":
@@ -101,17 +101,28 @@ def nulled_columns(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> tup
     return nullable if len(nullable) == 1 else ()
 
 
-def nullify_problems(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> list[str]:
-    """A declared column to null that is NOT NULL, or a choice left open (several nullable columns)."""
+def nulling_problems(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> list[str]:
+    """A column nulling sets to NULL (``nulled_columns``) that is NOT NULL, or the choice left open (several
+    nullable columns, an action that nulls nothing, no declaration)."""
     by_name = dict(zip(spec.columns, columns, strict=True))
-    if spec.on_delete == "SET NULL":
-        return []  # the action's own columns: checked with the action, which could not null them either
-    declared = spec.on_delete_columns or spec.nullify_columns
-    not_null = [name for name in declared if by_name[name].not_null]
+    not_null = [name for name in nulled_columns(spec, columns) if by_name[name].not_null]
+    if not_null and spec.on_delete == "SET NULL":
+        # The app's delete of a parent would fail on these: the key itself would break the app's deletes.
+        fix = (
+            f"; declare on_delete: SET NULL ({', '.join(n for n in spec.columns if not by_name[n].not_null)}) "
+            "to null only those (PostgreSQL 15+)"
+            if len(not_null) < len(spec.columns) and not spec.on_delete_columns
+            else ""
+        )
+        return [
+            f"{spec.table}.{', '.join(not_null)} {'is' if len(not_null) == 1 else 'are'} NOT NULL, so ON DELETE "
+            f"{spec.on_delete_sql} could never apply{fix}"
+        ]
     if not_null:
         where = f"ON DELETE {spec.on_delete_sql}" if spec.on_delete_columns else "nullify_columns"
         return [f"{where} names {', '.join(not_null)}, NOT NULL, which nulling an orphan cannot set to NULL"]
     nullable = [name for name in spec.columns if not by_name[name].not_null]
+    declared = spec.on_delete == "SET NULL" or spec.on_delete_columns or spec.nullify_columns
     if not declared and len(nullable) > 1:
         return [
             f"the key's nullable columns {', '.join(nullable)} could each be nulled to release an orphan (one NULL "
@@ -255,7 +266,7 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
         return state
     state.nulled = nulled_columns(spec, state.columns)  # type: ignore[arg-type]
     state.problems.extend(_column_problems(conn, spec, state))
-    state.problems.extend(nullify_problems(spec, state.columns))  # type: ignore[arg-type]
+    state.problems.extend(nulling_problems(spec, state.columns))  # type: ignore[arg-type]
     state.constraint = constraint_state(conn, spec, state)
     if state.constraint.exists and not state.constraint.matches:
         state.problems.append(
@@ -303,22 +314,6 @@ def _column_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targ
         for (name, ref_name), info, ref_info in zip(spec.pairs, state.columns, state.ref_columns, strict=True)
         if info.type_oid != ref_info.type_oid
     ]
-    by_name = dict(zip(spec.columns, state.columns, strict=True))
-    if spec.on_delete == "SET NULL":
-        # The delete of a parent would fail on these, so the key would break the app's deletes.
-        acted_on = spec.on_delete_columns or spec.columns
-        not_null = [name for name in acted_on if by_name[name].not_null]
-        if not_null:
-            fix = (
-                f"; declare on_delete: SET NULL ({', '.join(n for n in spec.columns if not by_name[n].not_null)}) "
-                "to null only those (PostgreSQL 15+)"
-                if len(not_null) < len(spec.columns) and not spec.on_delete_columns
-                else ""
-            )
-            problems.append(
-                f"{spec.table}.{', '.join(not_null)} {'is' if len(not_null) == 1 else 'are'} NOT NULL, so ON DELETE "
-                f"{spec.on_delete_sql} could never apply{fix}"
-            )
     if spec.on_delete_columns and conn.info.server_version < 150000:
         problems.append(
             f"ON DELETE {spec.on_delete_sql} needs PostgreSQL 15 or newer (a column list for the action); this "

@@ -15,6 +15,7 @@ from psycopg import sql
 
 from .catalog import TargetState, inspect_target
 from .errors import PostChecksFailed
+from .keysql import bind
 from .session import set_local_timeouts, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec
@@ -122,8 +123,7 @@ def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec) -> Check
         row = conn.execute(statement("checks", "some_pointer", spec)).fetchone()
         if row is None:
             return Check(name, None, "not tried: no row has a pointer to look up")
-        values = {f"value_{i}": value for i, value in enumerate(row, 1)}
-        plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), values).fetchone()[0]
+        plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), bind("value", row)).fetchone()[0]
     used = _index_names(plan if isinstance(plan, list | dict) else json.loads(plan))
     return Check(name, spec.index in used, f"plan uses {', '.join(sorted(used)) or 'no index'}")
 
@@ -166,7 +166,7 @@ def _missing_parent_value(
 
 def _probe_key(
     conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, own: list[str | None]
-) -> tuple[list[str] | None, str]:
+) -> tuple[list[Any] | None, str]:
     """A whole key no referenced row has, for a row whose key holds ``own``: one column made up to be missing (a
     column the run nulls first, for (tenant_id, parent_id) the parent), the others the row's own values, or,
     where the row has NULLs, a referenced row's. (None, why) when none can be made."""
@@ -181,7 +181,8 @@ def _probe_key(
     for position in preferred:
         missing = _missing_parent_value(conn, spec, spec.ref_columns[position], state.columns[position].type_name)
         if missing is not None:
-            probe = [value if value is not None else "" for value in own]
+            # Every NULL is filled by now: borrowed above, or (a key of one column) the one replaced here.
+            probe = list(own)
             probe[position] = missing
             return probe, ""
     types = ", ".join(dict.fromkeys(info.type_name for info in state.columns))
@@ -202,10 +203,7 @@ def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, stat
         if probe is None:
             return Check(name, None, f"not tried: {why_not}")
         missing = probe[0] if len(probe) == 1 else f"({', '.join(probe)})"
-        params = {
-            **{f"probe_{i}": value for i, value in enumerate(probe, 1)},
-            **{f"row_key_{i}": value for i, value in enumerate(row[:width], 1)},
-        }
+        params = bind("probe", probe) | bind("row_key", row[:width])
         try:
             with conn.transaction():  # a savepoint, so the outer rollback stays clean
                 conn.execute(statement("checks", "reject_missing_parent", spec), params)

@@ -32,23 +32,30 @@ def texts(alias: str, columns: Names) -> sql.Composed:
 
 def equal_values(columns: Names, prefix: str) -> sql.Composed:
     """``"a" = %(v_1)s AND "b" = %(v_2)s``."""
-    return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(f"{prefix}_{i}"))
-        for i, name in enumerate(columns, 1)
-    )
+    return _each_is_bound(columns, prefix, " AND ")
 
 
 def set_values(columns: Names, prefix: str) -> sql.Composed:
     """``"a" = %(v_1)s, "b" = %(v_2)s``."""
-    return sql.SQL(", ").join(
-        sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(f"{prefix}_{i}"))
-        for i, name in enumerate(columns, 1)
+    return _each_is_bound(columns, prefix, ", ")
+
+
+def _each_is_bound(columns: Names, prefix: str, joiner: str) -> sql.Composed:
+    return sql.SQL(joiner).join(
+        sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(param))
+        for name, param in zip(columns, numbered(prefix, len(columns)), strict=True)
     )
 
 
 def numbered(base: str, count: int) -> tuple[str, ...]:
-    """Names for a statement's own columns: fk_ref_1, fk_ref_2 ... (never the app's)."""
+    """Names for a statement's own columns (fk_ref_1, fk_ref_2 ..., never the app's) and for the parameters of
+    a bound tuple (value_1, value_2 ...)."""
     return tuple(f"{base}_{i}" for i in range(1, count + 1))
+
+
+def bind(prefix: str, values: Sequence[Any]) -> dict[str, Any]:
+    """The parameters of one bound tuple, as ``placeholders``, ``equal_values`` and ``set_values`` name them."""
+    return dict(zip(numbered(prefix, len(values)), values, strict=True))
 
 
 def all_not_null(alias: str, columns: Names) -> sql.Composed:
@@ -106,17 +113,17 @@ def value_table(prefix: str, types: Sequence[str], as_names: Names) -> sql.Compo
     """A table of bound tuples: ``unnest(%(k_1)s::bigint[], %(k_2)s::text[]) AS k("a", "b")``, one array per
     column, each cast to the column's type (a catalog type name, never user input)."""
     arrays = sql.SQL(", ").join(
-        sql.SQL("{}::{}[]").format(sql.Placeholder(f"{prefix}_{i}"), sql.SQL(type_name))  # type: ignore[arg-type]
-        for i, type_name in enumerate(types, 1)
+        sql.SQL("{}::{}[]").format(sql.Placeholder(param), sql.SQL(type_name))  # type: ignore[arg-type]
+        for param, type_name in zip(numbered(prefix, len(types)), types, strict=True)
     )
     return sql.SQL("unnest({}) AS {}({})").format(arrays, sql.Identifier(prefix), names(as_names))
 
 
 def value_params(prefix: str, tuples: Sequence[Sequence[Any]], width: int) -> dict[str, list[Any]]:
     """The arrays ``value_table`` binds: the i-th column of every tuple."""
-    return {f"{prefix}_{i}": [values[i - 1] for values in tuples] for i in range(1, width + 1)}
+    return {param: [values[i] for values in tuples] for i, param in enumerate(numbered(prefix, width))}
 
 
 def placeholders(prefix: str, width: int) -> sql.Composed:
     """``ROW(%(after_1)s, %(after_2)s)``: one bound tuple."""
-    return sql.SQL("ROW({})").format(sql.SQL(", ").join(sql.Placeholder(f"{prefix}_{i}") for i in range(1, width + 1)))
+    return sql.SQL("ROW({})").format(sql.SQL(", ").join(map(sql.Placeholder, numbered(prefix, width))))

@@ -14,6 +14,7 @@ from psycopg import sql
 from .audit import AuditTables, ensure_audit_table, find_audit_tables
 from .catalog import TargetState, require_target, table_info
 from .errors import InvalidSettings
+from .keysql import bind
 from .session import LockAttempts, run_lock, set_local_timeouts, step_session, with_lock_retries
 from .settings import RunSettings
 from .spec import ForeignKeySpec
@@ -135,9 +136,8 @@ def _audit_batches(
     keys = conn.execute(statement("restore", "first_batch", spec), {"run_id": run_id, "limit": size}).fetchall()
     while keys:
         yield keys
-        after = {f"after_{i}": value for i, value in enumerate(keys[-1], 1)}
         keys = conn.execute(
-            statement("restore", "next_batch", spec), {"run_id": run_id, "limit": size, **after}
+            statement("restore", "next_batch", spec), {"run_id": run_id, "limit": size, **bind("after", keys[-1])}
         ).fetchall()
 
 

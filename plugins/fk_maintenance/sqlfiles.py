@@ -47,9 +47,11 @@ def _family(family: str) -> dict[str, str]:
     return statements
 
 
+@cache
 def identifiers(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
     """Names and the fragments of the key every statement shares (fk_maintenance.keysql): ``c`` is a child row,
-    ``p`` a referenced row, ``a`` an audit row, ``t`` the app's row a statement changes."""
+    ``p`` a referenced row, ``a`` an audit row, ``t`` the app's row a statement changes. Composed once per spec
+    (every batch's statement reads them); the caller copies the dict before adding to it."""
     on_delete = sql.SQL(spec.on_delete)  # one of a fixed set of keywords, checked by the spec
     if spec.on_delete_columns:
         on_delete = sql.SQL("{} ({})").format(on_delete, keysql.names(spec.on_delete_columns))
@@ -161,7 +163,7 @@ def statement(
         text = _family(family)[name]
     except KeyError:
         raise LookupError(f"no statement {name!r} in {SQL_DIR / family}.sql") from None
-    names = identifiers(spec) if spec is not None else {}
+    names = dict(identifiers(spec)) if spec is not None else {}
     if spec is not None and state is not None:
         names.update(state_fragments(spec, state))
     names.update(extra)
