@@ -16,15 +16,21 @@ class Connects(Protocol):
     def connect(self) -> psycopg.Connection: ...
 
 
+# The table and, when it is partitioned, each of its partitions: a step that changed only a partition changed it.
+TREE = "SELECT relid FROM pg_partition_tree(to_regclass(%(t)s)) UNION SELECT to_regclass(%(t)s)"
+
+
 def snapshot(db: Connects, spec: ForeignKeySpec) -> dict[str, Any]:
-    """Catalog and data of the target, to prove a step changed nothing."""
+    """Catalog and data of the target (its partitions' catalog too), to prove a step changed nothing."""
     table = sql.Identifier(spec.schema, spec.table)
     with db.connect() as conn:
         catalog = conn.execute(
             """
-            SELECT coalesce(array_agg(conname || ' ' || pg_get_constraintdef(oid) || ' ' || convalidated
-                                      ORDER BY conname), '{}')
-            FROM pg_constraint WHERE conrelid = to_regclass(%(t)s)
+            SELECT coalesce(array_agg(conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+                                      || ' ' || convalidated ORDER BY conrelid::regclass::text, conname), '{}')
+            FROM pg_constraint WHERE conrelid IN ("""
+            + TREE
+            + """)
             """,
             {"t": table.as_string(conn)},
         ).fetchone()[0]
@@ -32,7 +38,9 @@ def snapshot(db: Connects, spec: ForeignKeySpec) -> dict[str, Any]:
             """
             SELECT coalesce(array_agg(pg_get_indexdef(indexrelid) || ' ' || indisvalid
                                       ORDER BY indexrelid::regclass::text), '{}')
-            FROM pg_index WHERE indrelid = to_regclass(%(t)s)
+            FROM pg_index WHERE indrelid IN ("""
+            + TREE
+            + """)
             """,
             {"t": table.as_string(conn)},
         ).fetchone()[0]

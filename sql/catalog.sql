@@ -57,8 +57,12 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %(schema)s AND c.relname = %(name)s
 
 -- name: index_by_oid
+-- Its key columns by name (0, an expression, has none).
 SELECT i.indrelid, am.amname::text, i.indisvalid, i.indisready, i.indisunique, i.indnatts, i.indnkeyatts,
-       string_to_array(i.indkey::text, ' ')::int2[], i.indexprs IS NOT NULL, i.indpred IS NOT NULL, pg_get_indexdef(i.indexrelid)
+       i.indexprs IS NOT NULL, i.indpred IS NOT NULL, pg_get_indexdef(i.indexrelid),
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM unnest(string_to_array(i.indkey::text, ' ')::int2[]) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum)
 FROM pg_index i
 JOIN pg_class ci ON ci.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ci.relam
@@ -150,3 +154,30 @@ ORDER BY 2 DESC NULLS FIRST
 -- name: quote_idents
 -- Names as SQL would need them written (quoted only where needed), for messages that show a statement to run.
 SELECT array_agg(quote_ident(x.name) ORDER BY x.i) FROM unnest(%(names)s::text[]) WITH ORDINALITY AS x(name, i)
+
+-- name: partitions
+-- Every partition below a partitioned table (all levels), with what the key has on each: the index attached
+-- to ours (through pg_inherits, whatever its name: a partition created after ours was made got one named by
+-- PostgreSQL) and the foreign key of our name, its columns by name (a partition's attnums may differ from the
+-- parent's after a dropped column or an ATTACH).
+SELECT n.nspname::text, c.relname::text, c.oid, c.relkind::text, pt.level,
+       pg_total_relation_size(c.oid), greatest(c.reltuples, 0)::bigint, pg_get_userbyid(c.relowner),
+       attached.relname::text, coalesce(attached.indisvalid, false),
+       con.oid IS NOT NULL, coalesce(con.convalidated, false), coalesce(con.conparentid <> 0, false),
+       con.confrelid, con.confdeltype::text,
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum)
+FROM pg_partition_tree(%(relid)s::oid::regclass) pt
+JOIN pg_class c ON c.oid = pt.relid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN LATERAL (
+    SELECT ci.relname, i.indisvalid
+    FROM pg_inherits inh
+    JOIN pg_index i ON i.indexrelid = inh.inhrelid
+    JOIN pg_class ci ON ci.oid = i.indexrelid
+    WHERE inh.inhparent = %(index_oid)s::oid AND i.indrelid = c.oid
+) attached ON true
+LEFT JOIN pg_constraint con ON con.conrelid = c.oid AND con.conname = %(constraint)s AND con.contype = 'f'
+WHERE pt.relid <> %(relid)s::oid::regclass
+ORDER BY pt.level, c.relname

@@ -21,3 +21,16 @@ SELECT b.pid, b.state, date_trunc('second', now() - b.xact_start)::text,
        left(regexp_replace(coalesce(b.query, ''), '\s+', ' ', 'g'), 120)
 FROM unnest(pg_blocking_pids(%(pid)s)) AS blocker(pid)
 JOIN pg_stat_activity b ON b.pid = blocker.pid
+
+-- name: create_on_only
+-- A partitioned child's index, on the parent alone: no partition is scanned, and the index stays INVALID
+-- until every partition's own index is attached (CREATE INDEX CONCURRENTLY cannot build on a partitioned
+-- table). It takes SHARE on the parent, which blocks writes through the parent for its few milliseconds: run
+-- under lock_timeout. Partitions created from now on get an index of their own, attached at once.
+CREATE INDEX IF NOT EXISTS {index} ON ONLY {table} USING btree ({columns})
+
+-- name: attach
+-- ACCESS EXCLUSIVE on the partition's index only (every statement that plans on that partition opens its
+-- indexes, so it waits on this, and this on them): instant, under lock_timeout. The parent's index turns valid
+-- inside the last partition's attach.
+ALTER INDEX {qualified_index} ATTACH PARTITION {partition_index}

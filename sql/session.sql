@@ -88,7 +88,9 @@ JOIN (SELECT part.relid AS oid
         ON want.schema_name = n.nspname AND want.table_name = c.relname
       -- A partitioned table's partitions are locked with it: an app transaction on one of them conflicts too
       -- (pg_partition_tree lists nothing for a table that is not partitioned).
-      CROSS JOIN LATERAL (SELECT c.oid AS relid UNION SELECT relid FROM pg_partition_tree(c.oid)) AS part) t
+      -- Not for a statement that locks the parent alone (trees false).
+      CROSS JOIN LATERAL (SELECT c.oid AS relid
+                          UNION SELECT relid FROM pg_partition_tree(c.oid) WHERE %(trees)s) AS part) t
         ON t.oid = l.relation
 LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())

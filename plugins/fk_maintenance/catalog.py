@@ -49,6 +49,36 @@ class IndexState:
     build_in_progress_pid: int | None = None
 
 
+@dataclass(frozen=True)
+class PartitionInfo:
+    """A partition of a partitioned child table, and what the key has on it so far."""
+
+    schema: str
+    name: str
+    oid: int
+    relkind: str
+    level: int
+    total_bytes: int
+    estimated_rows: int
+    owner: str
+    attached_index: str | None  # its index attached to ours (None: not yet)
+    index_valid: bool
+    key_exists: bool  # a foreign key of our name
+    key_validated: bool
+    key_inherited: bool  # the parent's key, cloned onto it (18's NOT VALID parent, or adopted)
+    key_ref_oid: int | None
+    key_on_delete: str | None
+    key_columns: tuple[str, ...] | None
+
+    @property
+    def qualified(self) -> tuple[str, str]:
+        return (self.schema, self.name)
+
+    @property
+    def described(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
 @dataclass
 class TargetState:
     """What the database holds for the key: its tables, and each of its columns (in the spec's order; a list is
@@ -64,6 +94,42 @@ class TargetState:
     problems: list[str] = field(default_factory=list)
     # The key's columns nulling an orphan sets to NULL (see nulled_columns).
     nulled: tuple[str, ...] = ()
+    # A partitioned child's partitions (empty for a plain table): the index and the key are built on each.
+    partitions: tuple[PartitionInfo, ...] = ()
+
+    @property
+    def partitioned(self) -> bool:
+        return self.table is not None and self.table.relkind == "p"
+
+    @property
+    def total_bytes(self) -> int:
+        """The table's size: a partitioned table's own is 0, its partitions hold the rows."""
+        assert self.table is not None
+        return self.table.total_bytes + sum(part.total_bytes for part in self.partitions)
+
+    @property
+    def estimated_rows(self) -> int:
+        """A partitioned table's from its partitions: autovacuum analyzes those, never the parent."""
+        assert self.table is not None
+        if self.partitioned:
+            return sum(part.estimated_rows for part in self.partitions)
+        return self.table.estimated_rows
+
+    @property
+    def partitions_missing_key(self) -> tuple[PartitionInfo, ...]:
+        return tuple(part for part in self.partitions if not part.key_exists)
+
+    @property
+    def partitions_to_validate(self) -> tuple[PartitionInfo, ...]:
+        return tuple(part for part in self.partitions if part.key_exists and not part.key_validated)
+
+    @property
+    def key_on_every_row(self) -> bool:
+        """Every new write is checked: the key exists on the table, or (a partitioned child before PostgreSQL 18,
+        whose parent cannot take a NOT VALID key) on each of its partitions."""
+        if self.constraint.exists:
+            return True
+        return self.partitioned and bool(self.partitions) and not self.partitions_missing_key
 
     @property
     def complete(self) -> bool:
@@ -193,7 +259,21 @@ def constraint_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targ
 
 def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> IndexState:
     assert state.table and state.columns
-    rel = conn.execute(statement("catalog", "relation_by_name"), {"schema": spec.schema, "name": spec.index}).fetchone()
+    return index_on(conn, spec, (spec.schema, spec.index), (spec.schema, spec.table), state.table.oid, state)
+
+
+def index_on(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    index: tuple[str, str],
+    table: tuple[str, str],
+    relid: int,
+    state: TargetState,
+) -> IndexState:
+    """The index named ``index`` (schema, name), compared with the one the key needs on ``table`` (the child, or
+    one of its partitions). Columns are compared by name: a partition's attnums may differ from its parent's."""
+    assert state.columns
+    rel = conn.execute(statement("catalog", "relation_by_name"), {"schema": index[0], "name": index[1]}).fetchone()
     if rel is None:
         return IndexState(exists=False)
     oid, relkind = rel
@@ -201,20 +281,20 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
         return IndexState(
             exists=True,
             is_index=False,
-            mismatches=(f"a relation of kind {relkind!r} (not an index) already has the name {spec.index}",),
+            mismatches=(f"a relation of kind {relkind!r} (not an index) already has the name {index[1]}",),
         )
-    (indrelid, amname, valid, _ready, unique, natts, nkeyatts, indkey, has_exprs, has_pred, definition) = conn.execute(
+    (indrelid, amname, valid, _ready, unique, natts, nkeyatts, has_exprs, has_pred, definition, names) = conn.execute(
         statement("catalog", "index_by_oid"), {"oid": oid}
     ).fetchone()
     mismatches: list[str] = []
-    if indrelid != state.table.oid:
-        mismatches.append(f"it is an index on another table, not {spec.schema}.{spec.table}")
+    if indrelid != relid:
+        mismatches.append(f"it is an index on another table, not {'.'.join(table)}")
     if amname != "btree":
         mismatches.append(f"it uses {amname}, not btree")
     if unique:
         mismatches.append("it is UNIQUE")
-    wanted = _attnums(state.columns)
-    if has_exprs or list(indkey or []) != wanted or natts != len(wanted) or nkeyatts != len(wanted):
+    wanted = list(spec.columns)
+    if has_exprs or list(names or []) != wanted or natts != len(wanted) or nkeyatts != len(wanted):
         in_order = ", in that order" if len(wanted) > 1 else ""
         mismatches.append(f"its columns are not exactly ({', '.join(spec.columns)}){in_order}")
     if has_pred:
@@ -227,13 +307,13 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
         valid=bool(valid),
         definition=definition,
         mismatches=tuple(mismatches),
-        on_target_table=indrelid == state.table.oid,
+        on_target_table=indrelid == relid,
         build_in_progress_pid=building[0] if building else None,
     )
 
 
 ROLE_OF_LIST = {"columns": "column", "ref_columns": "referenced column", "row_key": "row key column"}
-# Kinds of relation a key can live on: an ordinary table, or (referenced only, for now) a partitioned one.
+# Kinds of relation a key can live on: an ordinary table or a partitioned one.
 TABLE_KINDS = {"r": "table", "p": "partitioned table"}
 RELKIND_NAMES = {"v": "view", "m": "materialized view", "f": "foreign table", "S": "sequence", "i": "index"}
 
@@ -265,6 +345,9 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
     if not state.complete:
         return state
     state.nulled = nulled_columns(spec, state.columns)  # type: ignore[arg-type]
+    state.partitions = read_partitions(conn, spec, state)
+    if state.partitioned:
+        state.problems.extend(_partition_problems(spec, state))
     state.problems.extend(_column_problems(conn, spec, state))
     state.problems.extend(nulling_problems(spec, state.columns))  # type: ignore[arg-type]
     state.constraint = constraint_state(conn, spec, state)
@@ -287,21 +370,70 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
 
 def _table_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:
     problems = []
-    for role, where, info, kinds in (
-        ("table", f"{spec.schema}.{spec.table}", state.table, ("r",)),
-        ("referenced table", f"{spec.ref_schema}.{spec.ref_table}", state.ref_table, ("r", "p")),
+    for role, where, info in (
+        ("table", f"{spec.schema}.{spec.table}", state.table),
+        ("referenced table", f"{spec.ref_schema}.{spec.ref_table}", state.ref_table),
     ):
         if info is None:
             problems.append(f"{role} {where} does not exist")
-        elif info.relkind == "p" and "p" not in kinds:
-            problems.append(
-                f"{where} is a partitioned table, which this version cannot give the key: CREATE INDEX CONCURRENTLY "
-                "cannot build on a partitioned table, and before PostgreSQL 18 it cannot take a NOT VALID foreign "
-                "key. Declare the key on each partition instead (every partition is a table of its own)"
-            )
-        elif info.relkind not in kinds:
+        elif info.relkind not in TABLE_KINDS:
             kind = RELKIND_NAMES.get(info.relkind, f"relkind {info.relkind!r}")
             problems.append(f"{role} {where} is a {kind}, not a table")
+    return problems
+
+
+def read_partitions(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> tuple[PartitionInfo, ...]:
+    """The partitions of a partitioned child with our index's and key's state on each (empty for a table)."""
+    if not state.partitioned:
+        return ()
+    assert state.table is not None
+    index = conn.execute(
+        statement("catalog", "relation_by_name"), {"schema": spec.schema, "name": spec.index}
+    ).fetchone()
+    rows = conn.execute(
+        statement("catalog", "partitions"),
+        {"relid": state.table.oid, "index_oid": index[0] if index else 0, "constraint": spec.constraint},
+    ).fetchall()
+    return tuple(PartitionInfo(*row[:15], tuple(row[15]) if row[15] else None) for row in rows)
+
+
+def _partition_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:
+    """Partitions this version cannot give the key, and keys of our name on a partition that are not ours (a
+    parent's ADD would not adopt them: PostgreSQL would add a second key beside each)."""
+    assert state.table is not None and state.ref_table is not None
+    problems = []
+    for part in state.partitions:
+        if part.owner != state.table.owner:
+            # Building an index or adding a key on a partition needs its ownership, like the parent's.
+            problems.append(
+                f"partition {part.described} is owned by {part.owner}, not by {state.table.owner} like "
+                f"{spec.schema}.{spec.table}: the run builds the index and the key on each partition as the "
+                f"parent's owner; ALTER TABLE {part.described} OWNER TO {state.table.owner}"
+            )
+        if part.relkind == "p":
+            problems.append(
+                f"{part.described} is itself partitioned: this version builds the key on one level of partitions "
+                "only; declare the key on that sub-partitioned table (and its partitions) separately"
+            )
+        elif part.relkind == "f":
+            problems.append(
+                f"{part.described} is a foreign table: it cannot have an index or a foreign key, so the parent "
+                f"cannot have them either; detach it from {spec.schema}.{spec.table} or leave this key undeclared"
+            )
+        elif part.key_exists and (
+            part.key_ref_oid != state.ref_table.oid
+            or part.key_on_delete != spec.on_delete_code
+            or part.key_columns != spec.columns
+        ):
+            problems.append(
+                f"constraint {spec.constraint} already exists on partition {part.described} with another definition; "
+                "rename or drop it"
+            )
+    if not state.partitions:
+        problems.append(
+            f"{spec.schema}.{spec.table} is a partitioned table without partitions: there is nothing to build the "
+            "key's index on yet; create its partitions first"
+        )
     return problems
 
 

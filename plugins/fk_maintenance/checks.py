@@ -97,8 +97,10 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
             "; ".join(idx.mismatches) or idx.definition or "missing",
         )
     )
+    if state.partitioned:
+        checks.extend(partition_checks(spec, state))
     if idx.exists and idx.valid:
-        checks.append(_planner_uses_index(conn, spec))
+        checks.append(_planner_uses_index(conn, spec, state))
 
     if settings.dry_run:
         checks.append(Check("database rejects a missing parent", None, "not tried in a dry run (it needs a write)"))
@@ -112,8 +114,29 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
     return _finish(checks, settings, started)
 
 
-def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec) -> Check:
-    """Can the planner answer ``WHERE columns = $n`` from the index (what the key's ON DELETE action does)?"""
+def partition_checks(spec: ForeignKeySpec, state: TargetState) -> list[Check]:
+    """The key and the index on every partition: what the app's writes to a partition and a parent's delete
+    through the key's action actually use."""
+    no_key = [p.described for p in state.partitions if not (p.key_exists and p.key_validated and p.key_inherited)]
+    no_index = [p.described for p in state.partitions if not (p.attached_index and p.index_valid)]
+    count = len(state.partitions)
+    return [
+        Check(
+            f"every partition holds {spec.constraint}, validated, as the parent's",
+            not no_key,
+            f"missing, NOT VALID or not the parent's on: {', '.join(no_key)}" if no_key else f"{count} partition(s)",
+        ),
+        Check(
+            f"every partition has a valid index attached to {spec.index}",
+            not no_index,
+            f"missing or INVALID on: {', '.join(no_index)}" if no_index else f"{count} partition(s)",
+        ),
+    ]
+
+
+def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> Check:
+    """Can the planner answer ``WHERE columns = $n`` from the index (what the key's ON DELETE action does)? On a
+    partitioned child the plan names the partitions' indexes attached to ours."""
     lookup = " AND ".join(f"{name} = ${i}" for i, name in enumerate(spec.columns, 1))
     name = f"planner can use {spec.index} for WHERE {lookup}"
     with conn.transaction(force_rollback=True):
@@ -125,7 +148,8 @@ def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec) -> Check
             return Check(name, None, "not tried: no row has a pointer to look up")
         plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), bind("value", row)).fetchone()[0]
     used = _index_names(plan if isinstance(plan, list | dict) else json.loads(plan))
-    return Check(name, spec.index in used, f"plan uses {', '.join(sorted(used)) or 'no index'}")
+    ours = {spec.index} | {part.attached_index for part in state.partitions if part.attached_index}
+    return Check(name, bool(used & ours), f"plan uses {', '.join(sorted(used)) or 'no index'}")
 
 
 def _index_names(node: Any) -> set[str]:
@@ -194,9 +218,10 @@ def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, stat
     width = len(spec.row_key)
     with conn.transaction(force_rollback=True):
         set_local_timeouts(conn, lock_timeout_ms=PROBE_LOCK_TIMEOUT_MS, statement_timeout_ms=PROBE_STATEMENT_TIMEOUT_MS)
-        row = conn.execute(statement("checks", "some_complete_row", spec)).fetchone() or conn.execute(
-            statement("checks", "some_row", spec)
-        ).fetchone()
+        row = (
+            conn.execute(statement("checks", "some_complete_row", spec)).fetchone()
+            or conn.execute(statement("checks", "some_row", spec)).fetchone()
+        )
         if row is None:
             return Check(name, None, "not tried: the table has no unlocked row to try it on")
         probe, why_not = _probe_key(conn, spec, state, list(row[width:]))

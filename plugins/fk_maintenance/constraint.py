@@ -10,12 +10,14 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import sql
 
 from .catalog import TargetState, require_target
-from .errors import StepOutOfOrder, ValidationCutShort, WindowsExhausted
+from .errors import LockNotAcquired, StepOutOfOrder, ValidationCutShort, WindowsExhausted
 from .orphans import BATCH_STATEMENT_TIMEOUT_MS, sweep_orphans
 from .session import (
     CATALOG_STATEMENT_TIMEOUT_MS,
+    CONFLICTS_WITH_ACCESS_EXCLUSIVE,
     CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
     LockAttempts,
     run_lock,
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # Less than this left in the window is not worth starting a scan that would be cancelled anyway.
 MIN_VALIDATE_SECONDS = 60
+# Partitions created while the partitions' keys are validated are given one and validated too; a table the app
+# keeps adding partitions to faster than that is retried later instead of chased.
+ADOPTION_ROUNDS = 3
 # ADD CONSTRAINT ... NOT VALID does no scan: beyond its lock wait, half a minute only bounds the unexpected.
 ADD_CONSTRAINT_STATEMENT_MARGIN_MS = 30_000
 
@@ -63,13 +68,23 @@ def add_fk_not_valid(
         return _add_fk_not_valid(conn, spec, settings, sleep)
 
 
+def parent_takes_not_valid(conn: psycopg.Connection) -> bool:
+    """PostgreSQL 18 lets a partitioned table take a NOT VALID foreign key (its partitions get one each, validated
+    one at a time); before 18 each partition takes its own and the parent adopts them once all are valid."""
+    return conn.info.server_version >= 180000
+
+
 def _add_fk_not_valid(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, sleep: Callable[[float], None]
 ) -> dict[str, Any]:
     started = time.monotonic()
     state = require_target(conn, spec)
-    if state.constraint.exists:
-        log.info("add_fk_not_valid: %s already exists (%s)", spec.constraint, state.constraint.definition)
+    if state.key_on_every_row:
+        log.info(
+            "add_fk_not_valid: %s already exists (%s)",
+            spec.constraint,
+            state.constraint.definition or "on every partition",
+        )
         return {
             "action": "none (already exists)",
             "validated": state.constraint.validated,
@@ -77,40 +92,29 @@ def _add_fk_not_valid(
             "lock_timeouts": 0,
             "seconds": round(time.monotonic() - started, 3),
         }
+    per_partition = state.partitioned and not parent_takes_not_valid(conn)
     if settings.dry_run:
-        log.info("add_fk_not_valid: dry run, would add %s NOT VALID", spec.constraint)
-        return {"action": "dry run: would add NOT VALID", "attempts": 0, "lock_timeouts": 0, "seconds": 0.0}
+        where = f"on each of {len(state.partitions_missing_key)} partition(s)" if per_partition else ""
+        log.info("add_fk_not_valid: dry run, would add %s NOT VALID %s", spec.constraint, where)
+        return {
+            "action": f"dry run: would add NOT VALID {where}".strip(),
+            "attempts": 0,
+            "lock_timeouts": 0,
+            "seconds": 0.0,
+        }
     record = LockAttempts()
-
-    def attempt(lock_timeout_ms: int) -> None:
-        with conn.transaction():
-            set_local_timeouts(
-                conn,
-                lock_timeout_ms=lock_timeout_ms,
-                statement_timeout_ms=lock_timeout_ms + ADD_CONSTRAINT_STATEMENT_MARGIN_MS,
-            )
-            if require_target(conn, spec).constraint.exists:  # added by another run between our check and the lock
-                return
-            conn.execute(statement("constraint", "add_not_valid", spec))
-
     with run_lock(conn, spec):
-        with_lock_retries(
-            conn,
-            spec,
-            "add_fk_not_valid",
-            attempt,
-            lock_timeout_ms=settings.lock_timeout_ms,
-            attempts=settings.lock_attempts,
-            record=record,
-            avoid_queueing_behind=CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
-            watch_seconds=settings.gap_watch_seconds,
-            sleep=sleep,
-        )
+        if per_partition:
+            added = add_partition_keys(conn, spec, settings, record, sleep)
+        else:
+            add_key_not_valid(conn, spec, settings, record, sleep, (spec.schema, spec.table))
+            added = []
     seconds = time.monotonic() - started
     log.info(
-        "add_fk_not_valid: %s added NOT VALID after %d attempt(s) (%d struck in a free moment, %d deferred for "
+        "add_fk_not_valid: %s added NOT VALID%s after %d attempt(s) (%d struck in a free moment, %d deferred for "
         "long transactions, %d lock timeouts; %.2f s watching pg_locks), in %.2f s",
         spec.constraint,
+        f" on {len(added)} partition(s)" if per_partition else "",
         record.attempts,
         record.struck_in_gap,
         record.deferred,
@@ -119,7 +123,8 @@ def _add_fk_not_valid(
         seconds,
     )
     return {
-        "action": "added NOT VALID",
+        "action": f"added NOT VALID on {len(added)} partition(s)" if per_partition else "added NOT VALID",
+        **({"partitions_added": added} if per_partition else {}),
         "attempts": record.attempts,
         "struck_in_gap": record.struck_in_gap,
         "watched_seconds": round(record.watched_seconds, 3),
@@ -127,6 +132,66 @@ def _add_fk_not_valid(
         "lock_timeouts": record.lock_timeouts,
         "seconds": round(seconds, 3),
     }
+
+
+def add_key_not_valid(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    record: LockAttempts,
+    sleep: Callable[[float], None],
+    table: tuple[str, str],
+) -> None:
+    """ADD CONSTRAINT ... NOT VALID on ``table`` (the child, or one partition of it), in a free moment of both
+    tables, each attempt under a lock_timeout no longer than the configured one."""
+    on_child = table == (spec.schema, spec.table)
+
+    def exists() -> bool:
+        state = require_target(conn, spec)
+        if on_child:
+            return state.constraint.exists
+        return any(part.qualified == table and part.key_exists for part in state.partitions)
+
+    def attempt(lock_timeout_ms: int) -> None:
+        with conn.transaction():
+            set_local_timeouts(
+                conn,
+                lock_timeout_ms=lock_timeout_ms,
+                statement_timeout_ms=lock_timeout_ms + ADD_CONSTRAINT_STATEMENT_MARGIN_MS,
+            )
+            if exists():  # added by another run between our check and the lock
+                return
+            conn.execute(statement("constraint", "add_not_valid", spec, table=sql.Identifier(*table)))
+
+    with_lock_retries(
+        conn,
+        spec,
+        "add_fk_not_valid" if on_child else f"add_fk_not_valid (on {'.'.join(table)})",
+        attempt,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        attempts=settings.lock_attempts,
+        record=record,
+        avoid_queueing_behind=CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
+        watch_seconds=settings.gap_watch_seconds,
+        sleep=sleep,
+        tables=tuple(dict.fromkeys((table, (spec.ref_schema, spec.ref_table)))),
+    )
+
+
+def add_partition_keys(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    record: LockAttempts,
+    sleep: Callable[[float], None],
+) -> list[str]:
+    """A NOT VALID key on every partition without one (before PostgreSQL 18), re-listed after each: a partition
+    created during the run has none until the parent holds the key."""
+    added: list[str] = []
+    while missing := require_target(conn, spec).partitions_missing_key:
+        add_key_not_valid(conn, spec, settings, record, sleep, missing[0].qualified)
+        added.append(missing[0].described)
+    return added
 
 
 def decide_window(
@@ -193,10 +258,13 @@ def validate_once(
     now: Callable[[], datetime],
     sleep: Callable[[float], None],
     min_validate_seconds: float,
+    table: tuple[str, str] | None = None,
 ) -> None:
-    """One VALIDATE CONSTRAINT, with lock retries, under a statement_timeout ending at ``deadline`` (the window's
-    end; None: ``index_timeout_min``). Raises ValidationCutShort when the window has too little left or the
-    timeout ends the scan, and ForeignKeyViolation when the scan meets an orphan."""
+    """One VALIDATE CONSTRAINT on the child (or ``table``, one of its partitions), with lock retries, under a
+    statement_timeout ending at ``deadline`` (the window's end; None: ``index_timeout_min``). Raises
+    ValidationCutShort when the window has too little left or the timeout ends the scan, and ForeignKeyViolation
+    when the scan meets an orphan."""
+    on = {} if table is None else {"table": sql.Identifier(*table)}
 
     def attempt(lock_timeout_ms: int) -> None:
         if deadline is None:
@@ -210,7 +278,7 @@ def validate_once(
         with conn.transaction():
             set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=max(1, statement_timeout_ms))
             try:
-                conn.execute(statement("constraint", "validate", spec))
+                conn.execute(statement("constraint", "validate", spec, **on))
             except pgerrors.QueryCanceled as cancelled:
                 if "statement timeout" not in (cancelled.diag.message_primary or ""):
                     raise  # cancelled by someone else: an error of its own, retried by Airflow
@@ -219,11 +287,84 @@ def validate_once(
     with_lock_retries(
         conn,
         spec,
-        "validate_fk",
+        "validate_fk" if table is None else f"validate_fk (on {'.'.join(table)})",
         attempt,
         lock_timeout_ms=settings.lock_timeout_ms,
         attempts=settings.lock_attempts,
         record=record,
+        sleep=sleep,
+        tables=None if table is None else (table, (spec.ref_schema, spec.ref_table)),
+    )
+
+
+def validate_partitions(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    record: LockAttempts,
+    validate: Callable[[tuple[str, str] | None], None],
+    sleep: Callable[[float], None],
+) -> list[str]:
+    """A partitioned child's key: each partition's VALIDATE on its own (each commits, so a window that ends
+    mid-way keeps the partitions done and the next goes on from there), then the parent's: on 18 its VALIDATE
+    (which scans only what is not yet valid: nothing), before 18 the ADD that adopts the partitions' keys.
+    Returns the partitions validated now."""
+    done: list[str] = []
+    for _round in range(ADOPTION_ROUNDS):
+        if not parent_takes_not_valid(conn):
+            add_partition_keys(conn, spec, settings, record, sleep)  # partitions created since add_fk_not_valid
+        for part in require_target(conn, spec).partitions_to_validate:
+            validate(part.qualified)
+            done.append(part.described)
+            log.info("validate_fk: %s validated on %s", spec.constraint, part.described)
+        if parent_takes_not_valid(conn):
+            validate(None)
+            return done
+        if adopt_partition_keys(conn, spec, settings, record, sleep):
+            return done
+    raise LockNotAcquired(
+        f"validate_fk: partitions of {spec.schema}.{spec.table} kept appearing without a valid key "
+        f"{ADOPTION_ROUNDS} times before the parent could adopt the partitions' keys; Airflow retries the task"
+    )
+
+
+def adopt_partition_keys(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    record: LockAttempts,
+    sleep: Callable[[float], None],
+) -> bool:
+    """Before 18: the parent's ADD, which adopts every partition's valid key without a scan. False when, with the
+    parent locked, a partition turns out to lack a valid key (created since): nothing is added then."""
+
+    def attempt(lock_timeout_ms: int) -> bool:
+        with conn.transaction():
+            set_local_timeouts(
+                conn,
+                lock_timeout_ms=lock_timeout_ms,
+                statement_timeout_ms=lock_timeout_ms + ADD_CONSTRAINT_STATEMENT_MARGIN_MS,
+            )
+            conn.execute(statement("constraint", "lock_for_adoption", spec))
+            state = require_target(conn, spec)
+            if state.constraint.exists:
+                return True
+            if any(not (part.key_exists and part.key_validated) for part in state.partitions):
+                return False
+            conn.execute(statement("constraint", "add_adopting", spec))
+            return True
+
+    return with_lock_retries(
+        conn,
+        spec,
+        "validate_fk (the parent adopts the partitions' keys)",
+        attempt,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        attempts=settings.lock_attempts,
+        record=record,
+        # It takes ACCESS EXCLUSIVE on the referenced table: the app's reads of it would queue behind it too.
+        avoid_queueing_behind=CONFLICTS_WITH_ACCESS_EXCLUSIVE,
+        watch_seconds=settings.gap_watch_seconds,
         sleep=sleep,
     )
 
@@ -298,7 +439,7 @@ def validate_fk(
                 decision.reason,
             )
             return {"outcome": "dry run", "would_run_now": decision.run_now, "reason": decision.reason, "seconds": 0.0}
-        if not state.constraint.exists:
+        if not state.key_on_every_row:
             raise StepOutOfOrder(
                 f"validate_fk: {spec.constraint} does not exist on {spec.schema}.{spec.table}; add_fk_not_valid must "
                 "succeed first (clear add_fk_not_valid and its downstream tasks, or trigger a new run)"
@@ -335,8 +476,9 @@ def _validate_in_window(
     """VALIDATE (and the re-sweep it may need) under the run lock, ending by the window's end; a cut-short scan
     is rescheduled for the next window, or ends the run when it was the last one allowed."""
     record = LockAttempts()
+    partitions_done: list[str] = []
 
-    def validate() -> None:
+    def validate_one(table: tuple[str, str] | None = None) -> None:
         validate_once(
             conn,
             spec,
@@ -346,7 +488,14 @@ def _validate_in_window(
             now=now,
             sleep=sleep,
             min_validate_seconds=min_validate_seconds,
+            table=table,
         )
+
+    def validate() -> None:
+        if state.partitioned:
+            partitions_done.extend(validate_partitions(conn, spec, settings, record, validate_one, sleep))
+        else:
+            validate_one()
 
     try:
         with run_lock(conn, spec):
@@ -358,7 +507,8 @@ def _validate_in_window(
                 f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s) ({cut}); "
                 "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
             ) from None
-        return _reschedule(_next_window_start(settings.window, now()), str(cut), started)
+        later = _reschedule(_next_window_start(settings.window, now()), str(cut), started)
+        return {**later, **_partition_progress(conn, spec, state, partitions_done)}
     lag = worst_replica_lag(conn)  # VALIDATE cannot be throttled for replicas; its cost to them is reported
     seconds = time.monotonic() - started
     log.info("validate_fk: %s validated in %.1f s (%s)", spec.constraint, seconds, decision.reason)
@@ -367,9 +517,24 @@ def _validate_in_window(
         "reason": decision.reason,
         "replica_lag_after_s": lag,
         "resweep": resweep or {"nulled": 0, "audited": 0, "skipped": "VALIDATE met no orphan"},
+        **_partition_progress(conn, spec, state, partitions_done),
         "attempts": record.attempts,
         "lock_timeouts": record.lock_timeouts,
         "seconds": round(seconds, 3),
+    }
+
+
+def _partition_progress(
+    conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, validated_now: list[str]
+) -> dict[str, Any]:
+    """For a partitioned child: how many partitions hold a valid key (the report's "partitions done")."""
+    if not state.partitioned:
+        return {}
+    partitions = require_target(conn, spec, reads_only=True).partitions
+    return {
+        "partitions_validated": sum(part.key_validated for part in partitions),
+        "partitions": len(partitions),
+        "partitions_validated_now": validated_now,
     }
 
 

@@ -7,6 +7,7 @@ writes do not conflict with, so a long lock_timeout here never makes the app que
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -14,16 +15,29 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from .catalog import inspect_target, require_target
-from .errors import MaintenanceError
-from .session import run_lock, step_session
+from .catalog import IndexState, PartitionInfo, TargetState, index_on, inspect_target, require_target
+from .errors import MaintenanceError, PreflightFailed
+from .session import (
+    CATALOG_STATEMENT_TIMEOUT_MS,
+    CONFLICTS_WITH_ACCESS_EXCLUSIVE,
+    CONFLICTS_WITH_SHARE,
+    LockAttempts,
+    run_lock,
+    set_local_timeouts,
+    step_session,
+    with_lock_retries,
+)
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import statement
 from .topology import worst_replica_lag
 
 log = logging.getLogger(__name__)
+
+# PostgreSQL's NAMEDATALEN - 1: a longer name is cut short silently.
+MAX_IDENTIFIER_BYTES = 63
 
 
 class BuildMonitor:
@@ -131,12 +145,12 @@ def _create_index(
     poll_seconds: float,
 ) -> dict[str, Any]:
     started = time.monotonic()
-    index = require_target(conn, spec).index
-    if index.exists and index.valid:
+    state = require_target(conn, spec)
+    if state.index.exists and state.index.valid:
         log.info("create_index_concurrently: %s already exists and is valid; nothing to do", spec.index)
         return {"action": "none (already valid)", "seconds": round(time.monotonic() - started, 3)}
-    planned = "drop the INVALID leftover and rebuild" if index.exists else "build"
     if settings.dry_run:
+        planned = _planned(state)
         log.info("create_index_concurrently: dry run, would %s %s", planned, spec.index)
         return {"action": f"dry run: would {planned}", "seconds": round(time.monotonic() - started, 3)}
     with run_lock(conn, spec):
@@ -144,25 +158,13 @@ def _create_index(
         state = inspect_target(conn, spec)
         if state.index.exists and state.index.valid:
             return {"action": "none (built by another run)", "seconds": round(time.monotonic() - started, 3)}
-        dropped_invalid = False
-        if state.index.exists:
-            log.warning(
-                "create_index_concurrently: dropping INVALID leftover index %s (%s)", spec.index, state.index.definition
-            )
-            conn.execute(statement("index", "drop_concurrently", spec))
-            dropped_invalid = True
-        waited_on: dict[int, str] = {}
-        if monitor_connect is not None:
-            with BuildMonitor(monitor_connect, conn.info.backend_pid, poll_seconds) as monitor:
-                conn.execute(statement("index", "create_concurrently", spec))
-            waited_on = monitor.waited_on
-        else:
-            conn.execute(statement("index", "create_concurrently", spec))
+        build = _build_on_partitions if state.partitioned else _build_on_table
+        result = build(conn, spec, settings, state, monitor_connect, poll_seconds)
         after = inspect_target(conn, spec).index
         if not (after.exists and after.valid and after.matches):
             raise MaintenanceError(
                 f"create_index_concurrently: {spec.index} is not a valid matching index after the build "
-                f"({after.definition or 'missing'}); the next attempt drops and rebuilds it"
+                f"({after.definition or 'missing'}); the next attempt goes on from where this one stopped"
             )
     seconds = time.monotonic() - started
     # The build cannot be throttled for replicas; what it cost them is reported instead.
@@ -173,9 +175,153 @@ def _create_index(
         seconds,
         "" if lag is None else f"; worst replica replay lag right after: {lag:.1f} s",
     )
+    return {**result, "replica_lag_after_s": lag, "seconds": round(seconds, 3)}
+
+
+def _planned(state: TargetState) -> str:
+    if not state.partitioned:
+        return "drop the INVALID leftover and rebuild" if state.index.exists else "build"
+    todo = [part.described for part in state.partitions if part.attached_index is None]
+    return f"build and attach the index of {len(todo)} of {len(state.partitions)} partition(s) ({', '.join(todo)})"
+
+
+def _build_on_table(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    state: TargetState,
+    monitor_connect: Callable[[], psycopg.Connection] | None,
+    poll_seconds: float,
+) -> dict[str, Any]:
+    waited_on = build_concurrently(
+        conn, spec, (spec.schema, spec.table), spec.index, state.index, monitor_connect, poll_seconds
+    )
     return {
-        "action": "rebuilt (dropped INVALID leftover)" if dropped_invalid else "built",
-        "waited_on_sessions": [f"pid {pid}: {what}" for pid, what in waited_on.items()],
-        "replica_lag_after_s": lag,
-        "seconds": round(seconds, 3),
+        "action": "rebuilt (dropped INVALID leftover)" if state.index.exists else "built",
+        "waited_on_sessions": waited_on,
     }
+
+
+def build_concurrently(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    table: tuple[str, str],
+    index: str,
+    existing: IndexState,
+    monitor_connect: Callable[[], psycopg.Connection] | None,
+    poll_seconds: float,
+) -> list[str]:
+    """CREATE INDEX CONCURRENTLY ``index`` on ``table`` (the child, or one partition), first dropping an INVALID
+    leftover of a killed build (``existing``); returns the sessions the build waited on."""
+    names = {"table": sql.Identifier(*table), "index": sql.Identifier(index)}
+    qualified = {"qualified_index": sql.Identifier(table[0], index)}
+    if existing.exists:
+        log.warning("create_index_concurrently: dropping INVALID leftover index %s (%s)", index, existing.definition)
+        conn.execute(statement("index", "drop_concurrently", spec, **qualified))
+    if monitor_connect is None:
+        conn.execute(statement("index", "create_concurrently", spec, **names))
+        return []
+    with BuildMonitor(monitor_connect, conn.info.backend_pid, poll_seconds) as monitor:
+        conn.execute(statement("index", "create_concurrently", spec, **names))
+    return [f"pid {pid}: {what}" for pid, what in monitor.waited_on.items()]
+
+
+def partition_index_name(spec: ForeignKeySpec, partition: str) -> str:
+    """Our index on one partition: the partition's name and the key's index name, within PostgreSQL's 63 bytes
+    (a name cut short ends in a hash of the whole, so two long partition names never collide)."""
+    name = f"{partition}_{spec.index}"
+    if len(name.encode()) <= MAX_IDENTIFIER_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    cut = name.encode()[: MAX_IDENTIFIER_BYTES - 9].decode(errors="ignore")
+    return f"{cut}_{digest}"
+
+
+def _build_on_partitions(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    state: TargetState,
+    monitor_connect: Callable[[], psycopg.Connection] | None,
+    poll_seconds: float,
+) -> dict[str, Any]:
+    """The parent's index ON ONLY the parent, then each partition's built concurrently and attached; the parent's
+    turns valid with the last attach. Each partition is done or not by the catalog, so a run killed anywhere
+    goes on from the first partition without an attached index (a partition created since already has one)."""
+    record = LockAttempts()
+    if not state.index.exists:
+
+        def create_on_only(lock_timeout_ms: int) -> None:
+            with conn.transaction():
+                set_local_timeouts(
+                    conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS
+                )
+                conn.execute(statement("index", "create_on_only", spec))
+
+        with_lock_retries(
+            conn,
+            spec,
+            "create_index_concurrently (ON ONLY the parent)",
+            create_on_only,
+            lock_timeout_ms=settings.lock_timeout_ms,
+            attempts=settings.lock_attempts,
+            record=record,
+            avoid_queueing_behind=CONFLICTS_WITH_SHARE,
+            watch_seconds=settings.gap_watch_seconds,
+            tables=((spec.schema, spec.table),),
+            whole_trees=False,  # SHARE on the parent alone: writes straight into a partition never meet it
+        )
+    built, attached, waited_on = [], [], []
+    # Re-listed after each partition: the app may create or attach partitions meanwhile (those get the index).
+    while todo := [part for part in inspect_target(conn, spec).partitions if part.attached_index is None]:
+        part = todo[0]
+        name = partition_index_name(spec, part.name)
+        existing = index_on(conn, spec, (part.schema, name), part.qualified, part.oid, state)
+        if existing.exists and (existing.valid or not existing.on_target_table) and not existing.matches:
+            raise PreflightFailed(
+                [
+                    f"index {part.schema}.{name} already exists with another definition ({existing.definition}): "
+                    f"{'; '.join(existing.mismatches)}"
+                ]
+            )
+        if not (existing.exists and existing.valid):
+            waited_on += build_concurrently(conn, spec, part.qualified, name, existing, monitor_connect, poll_seconds)
+            built.append(part.described)
+        _attach(conn, spec, settings, part, name, record)
+        attached.append(part.described)
+        log.info("create_index_concurrently: %s built and attached on %s", name, part.described)
+    return {
+        "action": f"built on {len(built)} and attached {len(attached)} partition(s)",
+        "partitions_built": built,
+        "partitions_attached": attached,
+        "partitions": len(inspect_target(conn, spec).partitions),
+        "lock_timeouts": record.lock_timeouts,
+        "waited_on_sessions": waited_on,
+    }
+
+
+def _attach(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    part: PartitionInfo,
+    name: str,
+    record: LockAttempts,
+) -> None:
+    def attach(lock_timeout_ms: int) -> None:
+        with conn.transaction():
+            set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS)
+            conn.execute(statement("index", "attach", spec, partition_index=sql.Identifier(part.schema, name)))
+
+    with_lock_retries(
+        conn,
+        spec,
+        f"create_index_concurrently (attach on {part.described})",
+        attach,
+        lock_timeout_ms=settings.lock_timeout_ms,
+        attempts=settings.lock_attempts,
+        record=record,
+        avoid_queueing_behind=CONFLICTS_WITH_ACCESS_EXCLUSIVE,
+        watch_seconds=settings.gap_watch_seconds,
+        tables=(part.qualified,),
+    )

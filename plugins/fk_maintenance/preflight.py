@@ -10,6 +10,7 @@ import psycopg
 
 from .audit import audit_problems, audit_summary, find_audit_tables
 from .catalog import (
+    PartitionInfo,
     TargetState,
     as_written,
     inspect_target,
@@ -72,24 +73,28 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
         "user": user,
         "table": f"{spec.schema}.{spec.table}",
         "key": spec.describe(),
-        "table_bytes": state.table.total_bytes,
-        "table_size": _human_bytes(state.table.total_bytes),
-        "estimated_rows": state.table.estimated_rows,
+        "table_bytes": state.total_bytes,
+        "table_size": _human_bytes(state.total_bytes),
+        "estimated_rows": state.estimated_rows,
         "constraint": _describe_constraint(state),
         "index": _describe_index(state),
+        **({"partitions": [_describe_partition(part) for part in state.partitions]} if state.partitioned else {}),
         **audit_summary(spec, audit_tables),
         "warnings": warnings,
         "dry_run": settings.dry_run,
         "seconds": round(time.monotonic() - started, 3),
     }
     log.info(
-        "preflight: %s is %s (~%d rows); constraint: %s; index: %s",
+        "preflight: %s is %s (~%d rows%s); constraint: %s; index: %s",
         summary["table"],
         summary["table_size"],
         summary["estimated_rows"],
+        f" in {len(state.partitions)} partitions" if state.partitioned else "",
         summary["constraint"],
         summary["index"],
     )
+    for line in summary.get("partitions", []):
+        log.info("preflight: partition %s", line)
     return summary
 
 
@@ -217,6 +222,14 @@ def _ownership_fix(
 
 def _describe_constraint(state: TargetState) -> str:
     con = state.constraint
+    if state.partitioned and not (con.exists and con.validated):
+        valid = sum(part.key_validated for part in state.partitions)
+        on = sum(part.key_exists for part in state.partitions)
+        where = "on the parent NOT VALID" if con.exists else "absent on the parent"
+        return (
+            f"{where}; on {on} of {len(state.partitions)} partition(s), {valid} validated (the rest will be added "
+            "NOT VALID and validated partition by partition)"
+        )
     if not con.exists:
         return "absent (will be added NOT VALID, then validated)"
     return "present and validated" if con.validated else "present, NOT VALID (will be validated)"
@@ -224,9 +237,22 @@ def _describe_constraint(state: TargetState) -> str:
 
 def _describe_index(state: TargetState) -> str:
     idx = state.index
+    if state.partitioned and not (idx.exists and idx.valid):
+        attached = sum(part.attached_index is not None for part in state.partitions)
+        where = "present ON ONLY the parent" if idx.exists else "absent on the parent"
+        return (
+            f"{where}; attached on {attached} of {len(state.partitions)} partition(s) (the rest will be built "
+            "concurrently and attached one by one)"
+        )
     if not idx.exists:
         return "absent (will be built concurrently)"
     return "present and valid" if idx.valid else "present but INVALID (will be dropped and rebuilt concurrently)"
+
+
+def _describe_partition(part: PartitionInfo) -> str:
+    index = f"index {part.attached_index} attached" if part.attached_index else "no index attached yet"
+    key = "key validated" if part.key_validated else "key NOT VALID" if part.key_exists else "no key yet"
+    return f"{part.described}: {_human_bytes(part.total_bytes)} (~{part.estimated_rows} rows), {index}, {key}"
 
 
 def _human_bytes(size: int) -> str:

@@ -67,6 +67,8 @@ def build_report(
         "dry_run": settings.dry_run,
         "server_version": _get(results, "preflight", "server_version"),
         "table_size": _get(results, "preflight", "table_size"),
+        "partitions": len(_get(results, "preflight", "partitions") or []),
+        "partitions_validated": _get(results, "validate_fk", "partitions_validated"),
         "warnings": _get(results, "preflight", "warnings") or [],
         "orphans_found": _get(results, "detect_orphans", "orphans"),
         "dangling_parents": _get(results, "detect_orphans", "dangling_parents"),
@@ -114,12 +116,21 @@ def _step_lines(results: dict[str, dict[str, Any] | None]) -> dict[str, dict[str
         step: {
             "seconds": get(step, "seconds"),
             "lock_retries": (get(step, "lock_timeouts") or 0) + (get(step, "deferred_for_long_transactions") or 0),
-            "outcome": get(step, "action") or get(step, "outcome") or ("ran" if results.get(step) else DID_NOT_FINISH),
+            "outcome": _outcome(results.get(step)),
             "replica_lag_after_s": get(step, "replica_lag_after_s"),
             "replica_wait_seconds": get(step, "replica_wait_seconds"),
         }
         for step in (s.name for s in STEPS)
     }
+
+
+def _outcome(result: dict[str, Any] | None) -> str:
+    if not result:
+        return DID_NOT_FINISH
+    outcome = result.get("action") or result.get("outcome") or "ran"
+    if result.get("partitions") and "partitions_validated" in result:  # a partitioned child's VALIDATE
+        outcome += f" ({result['partitions_validated']} of {result['partitions']} partitions validated)"
+    return outcome
 
 
 def _final_state(unfinished: list[str], settings: RunSettings, checks: dict[str, Any]) -> str:
@@ -139,7 +150,12 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"Run {report['run_id']}: {report['final_state']}",
         f"Target: {report['target']}" + (f" on connection {conn_id}" if conn_id else ""),
-        f"Server: PostgreSQL {report['server_version']}, table {report['table_size']}",
+        f"Server: PostgreSQL {report['server_version']}, table {report['table_size']}"
+        + (
+            f" in {report['partitions']} partitions, {report['partitions_validated']} with the key validated"
+            if report.get("partitions")
+            else ""
+        ),
         f"Orphans found: {report['orphans_found']} (pointing at {report['dangling_parents']} missing parent(s))",
         f"Pointers nulled and audited: {report['nulled']} (re-sweep {report['resweep_nulled']}; counted from "
         f"{report.get('counted_from', 'the audit table')})",

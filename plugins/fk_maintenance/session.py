@@ -154,6 +154,16 @@ CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE = [
     "ExclusiveLock",
     "AccessExclusiveLock",
 ]
+# Lock modes that conflict with SHARE, which CREATE INDEX (ON ONLY a partitioned parent) takes.
+CONFLICTS_WITH_SHARE = [
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+]
+# ACCESS EXCLUSIVE conflicts with every mode, reads' ACCESS SHARE included.
+CONFLICTS_WITH_ACCESS_EXCLUSIVE = ["AccessShareLock", "RowShareLock", *CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE]
 # Between attempts pg_locks is read this often, so an attempt lands within a few tens of milliseconds of the
 # first moment no conflicting transaction is open (a hot app transaction may free its lock only briefly).
 GAP_POLL_SECONDS = 0.02
@@ -196,6 +206,8 @@ def await_lock_gap(
     record: LockAttempts,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    tables: tuple[tuple[str, str], ...] | None = None,
+    whole_trees: bool = True,
 ) -> list[LockHolder]:
     """Watch pg_locks until no other transaction holds a lock in ``modes`` on the key's tables (returns []), or for at
     most ``watch_seconds`` (a busy table may never be entirely free); then return the holders older than
@@ -203,7 +215,7 @@ def await_lock_gap(
     started = clock()
     try:
         while True:
-            holders = lock_holders(conn, spec, modes=modes)
+            holders = lock_holders(conn, spec, modes=modes, tables=tables, whole_trees=whole_trees)
             if not holders:
                 record.struck_in_gap += 1
                 return []
@@ -226,6 +238,8 @@ def with_lock_retries(
     avoid_queueing_behind: list[str] | None = None,
     watch_seconds: float = 10.0,
     sleep: Callable[[float], None] = time.sleep,
+    tables: tuple[tuple[str, str], ...] | None = None,
+    whole_trees: bool = True,
 ) -> T:
     """Run ``body(lock_timeout_ms_for_this_attempt)`` until it gets its lock, at most ``attempts`` times.
 
@@ -234,8 +248,12 @@ def with_lock_retries(
     tables and strikes the moment no conflicting transaction is open; it is not even tried while a transaction
     older than the first attempt's timeout holds one of those locks, since it would only park the app's
     statements behind us for the whole timeout. Without it, attempts are spaced by jittered sleeps (so two
-    waiters do not retry in step).
+    waiters do not retry in step). ``tables``: the (schema, table) pairs the statement locks, when not the key's
+    two tables (a statement on one partition); a partitioned table's partitions are watched with it unless the
+    statement locks the parent alone (not ``whole_trees``: CREATE INDEX ON ONLY).
     """
+    tables = tables or spec.tables
+    described = " and ".join(".".join(pair) for pair in tables)
     timeouts = attempt_timeouts(lock_timeout_ms, attempts)
     # "Long" is fixed at the first, shortest timeout: a conflicting transaction already open that long is not
     # an OLTP write about to commit, whatever an attempt's timeout.
@@ -248,6 +266,8 @@ def with_lock_retries(
         watch_seconds=watch_seconds,
         record=record,
         sleep=sleep,
+        tables=tables,
+        whole_trees=whole_trees,
     )
     holders: list[LockHolder] = []
     for number, timeout_ms in enumerate(timeouts, start=1):
@@ -261,7 +281,7 @@ def with_lock_retries(
                 return body(timeout_ms)
             except (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected) as exc:
                 record.lock_timeouts += 1
-                holders = lock_holders(conn, spec)
+                holders = lock_holders(conn, spec, tables=tables, whole_trees=whole_trees)
                 outcome = f"did not get its lock within {timeout_ms} ms ({exc.sqlstate})"
         log.warning(
             "%s: attempt %d/%d %s; sessions holding locks on %s: %s",
@@ -269,7 +289,7 @@ def with_lock_retries(
             number,
             attempts,
             outcome,
-            spec.tables_described,
+            described,
             "; ".join(map(str, holders)) or "none now",
         )
         if number < attempts and not avoid_queueing_behind:
@@ -277,18 +297,24 @@ def with_lock_retries(
     raise LockNotAcquired(
         f"{what}: no lock within {attempts} attempts (lock_timeout up to {lock_timeout_ms} ms, "
         f"{record.deferred} not tried because of long transactions); nothing was changed. Sessions holding locks "
-        f"on {spec.tables_described}: {'; '.join(map(str, holders)) or 'none now'}. Airflow retries the task later."
+        f"on {described}: {'; '.join(map(str, holders)) or 'none now'}. Airflow retries the task later."
     )
 
 
 def lock_holders(
-    conn: psycopg.Connection, spec: ForeignKeySpec, *, modes: list[str] | None = None, limit: int = 5
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    *,
+    modes: list[str] | None = None,
+    limit: int = 5,
+    tables: tuple[tuple[str, str], ...] | None = None,
+    whole_trees: bool = True,
 ) -> list[LockHolder]:
-    """Sessions with locks on the key's tables; with ``modes``, only other transactions holding one of those
-    (granted)."""
-    schemas, tables = zip(*spec.tables, strict=True)
+    """Sessions with locks on the key's tables (or ``tables``) and, with ``whole_trees``, their partitions; with
+    ``modes``, only other transactions holding one of those (granted)."""
+    schemas, names = zip(*(tables or spec.tables), strict=True)
     rows = conn.execute(
         statement("session", "lock_holders"),
-        {"schemas": list(schemas), "tables": list(tables), "modes": modes, "limit": limit},
+        {"schemas": list(schemas), "tables": list(names), "modes": modes, "limit": limit, "trees": whole_trees},
     ).fetchall()
     return [LockHolder(*row) for row in rows]

@@ -73,16 +73,21 @@ STEPS: tuple[Step, ...] = (
         "create_index_concurrently",
         "index:create_index_concurrently",
         ("preflight",),
-        "`CREATE INDEX CONCURRENTLY` in autocommit (an INVALID leftover of our name is dropped concurrently first)",
+        "`CREATE INDEX CONCURRENTLY` in autocommit (an INVALID leftover of our name is dropped concurrently first). "
+        "Partitioned table: `CREATE INDEX ... ON ONLY` the parent, then each partition's built concurrently and "
+        "attached (`ALTER INDEX ... ATTACH PARTITION`), resumable at any partition",
         "SHARE UPDATE EXCLUSIVE, which app reads and writes never wait on; it may itself wait for old "
-        "transactions (logged) up to `index_timeout_min`",
+        "transactions (logged) up to `index_timeout_min`. Partitioned table: also SHARE on the parent alone for the "
+        "ON ONLY (writes through the parent wait) and ACCESS EXCLUSIVE on one partition's new index per attach "
+        "(statements planning on that partition wait), each instant, under `lock_timeout_ms` in a free moment",
         needs=(MONITOR_CONNECT,),
     ),
     Step(
         "add_fk_not_valid",
         "constraint:add_fk_not_valid",
         ("null_orphans", "create_index_concurrently"),
-        "`ADD CONSTRAINT ... NOT VALID`; from then on every new write is checked",
+        "`ADD CONSTRAINT ... NOT VALID`; from then on every new write is checked. Partitioned table before "
+        "PostgreSQL 18: on each partition instead (a partitioned parent cannot take a NOT VALID key there)",
         "SHARE ROW EXCLUSIVE on this table and the referenced one, for milliseconds; each attempt waits at most "
         "`lock_timeout_ms`, so app writes queue behind it at most that long, and no attempt is made while a "
         "transaction older than the first attempt's timeout holds a conflicting lock on either. After "
@@ -94,9 +99,13 @@ STEPS: tuple[Step, ...] = (
         ("add_fk_not_valid",),
         "`VALIDATE CONSTRAINT` inside the window; if it meets an orphan written before the constraint landed, "
         "re-sweeps (audited) and validates again. Outside the window the task is rescheduled and holds no "
-        "worker slot",
+        "worker slot. Partitioned table: partition by partition (a window that ends keeps those done), then the "
+        "parent: its VALIDATE on 18; before 18 its `ADD CONSTRAINT`, which adopts the partitions' valid keys "
+        "without a scan",
         "SHARE UPDATE EXCLUSIVE (app reads and writes never wait on it) for one scan, under a "
-        "`statement_timeout` ending at the window's end",
+        "`statement_timeout` ending at the window's end. Before PostgreSQL 18, a partitioned table's adoption "
+        "takes ACCESS EXCLUSIVE on the referenced table (and, if it is partitioned, on both tables' partitions) "
+        "for milliseconds: under `lock_timeout_ms`, in a moment when no session holds any lock on them",
         needs=(RUN_ID, RUN_STARTED_AT),
     ),
     Step(
