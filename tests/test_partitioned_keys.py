@@ -321,3 +321,36 @@ def test_validation_stopped_between_partitions_keeps_the_partitions_done_and_the
     report = run_pipeline(readings.connect, READINGS, SETTINGS, "run-2")["report"]
     assert_converged(readings, report)
     figures(f"{stop}: 2 of {len(PARTITIONS)} partitions kept, the next try validated the other 2")
+
+
+def test_a_partition_created_between_adding_and_validating_the_key_gets_it_and_its_orphans_are_swept(
+    readings, figures
+) -> None:
+    with readings.connect() as conn:
+        null_orphans(conn, READINGS, SETTINGS, "run-1")
+        create_index_concurrently(conn, READINGS, SETTINGS)
+        add_fk_not_valid(conn, READINGS, SETTINGS)
+    # The app adds next decade's partition and writes a reading of a device that does not exist into it.
+    readings.execute(
+        "CREATE TABLE readings_2030 PARTITION OF readings FOR VALUES FROM ('2030-01-01') TO ('2031-01-01')"
+    )
+    on_18 = int(readings.scalar("SHOW server_version_num")) >= 180000
+    orphan = "INSERT INTO readings (taken_on, device_id, value) VALUES ('2030-05-01', 99999, 1)"
+    if on_18:
+        # 18: the new partition took the parent's NOT VALID key, which checks new writes.
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            readings.execute(orphan)
+    else:
+        # 15, 16: the parent has no key yet, so the new partition has none and accepts the orphan.
+        readings.execute(orphan)
+        assert "readings_2030" not in key_on_partitions(readings)
+    assert indexed_partitions(readings)["readings_2030"] is True  # PostgreSQL built and attached it itself
+    with readings.connect() as conn:
+        done = validate_fk(conn, READINGS, SETTINGS, "run-1", run_started_at=datetime.now(UTC))
+    assert done["outcome"] == "validated"
+    assert done["resweep"]["nulled"] == (0 if on_18 else 1)
+    assert "public.readings_2030" in done["partitions_validated_now"]
+    report = run_pipeline(readings.connect, READINGS, SETTINGS, "run-2")["report"]
+    assert report["final_state"] == "converged" and report["checks_failed"] == 0
+    assert key_on_partitions(readings) == dict.fromkeys((*PARTITIONS, "readings_2030"), (True, True))
+    figures(f"partition created mid-run: {'rejected the orphan' if on_18 else 'its orphan swept before VALIDATE'}")

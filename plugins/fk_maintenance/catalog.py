@@ -124,6 +124,12 @@ class TargetState:
         return tuple(part for part in self.partitions if part.key_exists and not part.key_validated)
 
     @property
+    def key_added(self) -> bool:
+        """add_fk_not_valid has run: the key exists on the table or, before 18, on some partition (one created
+        since then has none yet, and validate_fk gives it one)."""
+        return self.constraint.exists or any(part.key_exists for part in self.partitions)
+
+    @property
     def key_on_every_row(self) -> bool:
         """Every new write is checked: the key exists on the table, or (a partitioned child before PostgreSQL 18,
         whose parent cannot take a NOT VALID key) on each of its partitions."""

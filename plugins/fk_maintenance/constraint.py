@@ -439,7 +439,7 @@ def validate_fk(
                 decision.reason,
             )
             return {"outcome": "dry run", "would_run_now": decision.run_now, "reason": decision.reason, "seconds": 0.0}
-        if not state.key_on_every_row:
+        if not state.key_added:
             raise StepOutOfOrder(
                 f"validate_fk: {spec.constraint} does not exist on {spec.schema}.{spec.table}; add_fk_not_valid must "
                 "succeed first (clear add_fk_not_valid and its downstream tasks, or trigger a new run)"
