@@ -181,3 +181,8 @@ LEFT JOIN LATERAL (
 LEFT JOIN pg_constraint con ON con.conrelid = c.oid AND con.conname = %(constraint)s AND con.contype = 'f'
 WHERE pt.relid <> %(relid)s::oid::regclass
 ORDER BY pt.level, c.relname
+
+-- name: relation_name
+SELECT n.nspname::text, c.relname::text
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = %(oid)s

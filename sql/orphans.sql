@@ -16,11 +16,13 @@ SELECT (SELECT count(*) FROM orphan),
           FROM (SELECT fk_row_key, fk_pointer FROM orphan ORDER BY {row_key} LIMIT %(sample_size)s) s)
 
 -- name: keys
-SELECT {c_row_key}
+-- With the table (partition) each row is in: a batch is nulled on its own partition, where the planner probes
+-- one primary key per row (through the parent it plans the batch as a scan of every partition).
+SELECT c.tableoid, {c_row_key}
 FROM {table} c
 WHERE {c_key_complete}
   AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
-ORDER BY {c_row_key}
+ORDER BY c.tableoid, {c_row_key}
 
 -- name: plan_for_all_rows
 SELECT set_config('cursor_tuple_fraction', '1.0', true)
@@ -39,13 +41,18 @@ WHERE {c_key_complete}
 -- One batch, one transaction: re-check each row is still an orphan (a parent created meanwhile keeps its
 -- child), lock it without waiting on the app (rows it holds are left for the re-sweep), audit the whole old
 -- key, then null the columns nulling sets to NULL ({set_nulled}).
+-- The batch's keys drive: one primary-key probe per key (a locking subquery is never flattened into a join,
+-- so the planner cannot turn it into a scan of the whole table against the batch, which it did on partitions).
 WITH still_orphaned AS (
-    SELECT {c_as_audit}
-    FROM {table} c
-    JOIN {batch_keys} ON {c_is_batch_key}
-    WHERE {c_key_complete}
-      AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
-    FOR UPDATE OF c SKIP LOCKED
+    SELECT still.*
+    FROM {batch_keys}
+    CROSS JOIN LATERAL (
+        SELECT {c_as_audit}
+        FROM {table} c
+        WHERE {c_is_batch_key} AND {c_key_complete}
+          AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
+        FOR UPDATE OF c SKIP LOCKED
+    ) still
 ), audited AS (
     INSERT INTO {audit} (run_id, {audit_row_key}, {audit_pointer}, nulled_at)
     SELECT %(run_id)s, {audit_row_key}, {audit_pointer}, clock_timestamp() FROM still_orphaned

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -153,22 +155,41 @@ def sweep_orphans(
         log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
         progress = SweepProgress(step, total)
         replicas = ReplicaGate(conn, settings.max_replica_lag_s, step=step)
-        while batch := keys.fetchmany(settings.batch_size):
-            replicas.wait()
-            audited, nulled = _null_batch(conn, spec, state, settings, run_id, batch, step=step, offset=progress.done)
-            progress.add(len(batch), audited, nulled)
-            if settings.batch_pause_ms:
-                time.sleep(settings.batch_pause_ms / 1000)
+        tables = TableNames(conn)
+        while fetched := keys.fetchmany(settings.batch_size):
+            # Keys come ordered by the partition they are in: a fetch that spans two is two batches.
+            for table_oid, rows in groupby(fetched, key=itemgetter(0)):
+                batch = [row[1:] for row in rows]
+                replicas.wait()
+                audited, nulled = _null_batch(
+                    conn, spec, state, settings, run_id, batch, table=tables[table_oid], step=step, offset=progress.done
+                )
+                progress.add(len(batch), audited, nulled)
+                if settings.batch_pause_ms:
+                    time.sleep(settings.batch_pause_ms / 1000)
     finally:
         if not conn.closed and not conn.broken:
             keys.close()
     return progress.summary(replicas)
 
 
+class TableNames(dict[int, tuple[str, str]]):
+    """(schema, name) of a table by its oid, looked up once each: the partitions the orphan keys are in."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def __missing__(self, oid: int) -> tuple[str, str]:
+        self[oid] = self._conn.execute(statement("catalog", "relation_name"), {"oid": oid}).fetchone()
+        return self[oid]
+
+
 def _hold_orphan_keys(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings
 ) -> tuple[psycopg.Cursor[Any], int]:
-    """A held server-side cursor over every orphan's row key (a tuple), in key order, and how many it holds."""
+    """A held server-side cursor over every orphan's table oid and row key, in that order, and how many it
+    holds."""
     with conn.transaction():
         # The scan reads only; its statement_timeout is the scan's, the batches keep the short one. A held
         # cursor is filled when this transaction commits: one scan, sorted by key, kept by the server, so the
@@ -194,16 +215,18 @@ def _null_batch(
     run_id: str,
     batch: list[tuple[Any, ...]],
     *,
+    table: tuple[str, str],
     step: str,
     offset: int,
 ) -> tuple[int, int]:
-    """One batch in one short transaction: audit then null the rows still orphaned; (audited, nulled)."""
+    """One batch in one short transaction: audit then null the rows still orphaned; (audited, nulled). ``table``:
+    the child, or the partition the batch's rows are in."""
     with conn.transaction():
         set_local_timeouts(
             conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
         )
         audited, nulled = conn.execute(
-            statement("orphans", "null_batch", spec, state),
+            statement("orphans", "null_batch", spec, state, table=sql.Identifier(*table)),
             {**batch_params(spec, batch), "run_id": run_id, "audit_name": spec.audit_qualified},
         ).fetchone()
         if audited != nulled:
