@@ -22,14 +22,28 @@ WHERE i.indrelid = %(relid)s AND i.indisunique AND i.indisvalid AND i.indimmedia
       = (SELECT array_agg(k ORDER BY k) FROM unnest(%(attnums)s::int2[]) k)
 
 -- name: constraint_by_name
--- confdelsetcols (the columns of ON DELETE SET NULL (...)) exists from PostgreSQL 15; read through to_jsonb so
--- the same query runs on 13 and 14, where it is absent (NULL).
-SELECT con.oid, con.contype::text, con.conrelid, con.confrelid, con.conkey, con.confkey,
-       con.confdeltype::text, con.convalidated, con.condeferrable, pg_get_constraintdef(con.oid),
-       (SELECT array_agg(x::int2)
-        FROM jsonb_array_elements_text(coalesce(nullif(to_jsonb(con) -> 'confdelsetcols', 'null'), '[]')) x)
+SELECT con.oid, con.convalidated, pg_get_constraintdef(con.oid)
 FROM pg_constraint con
 WHERE con.conrelid = %(relid)s AND con.conname = %(name)s
+
+-- name: key_definitions
+-- What a constraint is, every part of a foreign key's definition, columns by name (a partition's attnums may
+-- differ from its parent's). confdelsetcols (the columns of ON DELETE SET NULL (...)) exists from PostgreSQL 15;
+-- read through to_jsonb so the same query runs on 13 and 14, where it is absent.
+SELECT con.oid, con.contype::text, con.confrelid, con.confdeltype::text, con.confupdtype::text,
+       con.confmatchtype::text, con.condeferrable,
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum),
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum),
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM jsonb_array_elements_text(coalesce(nullif(to_jsonb(con) -> 'confdelsetcols', 'null'), '[]'))
+             WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum::int2)
+FROM pg_constraint con
+WHERE con.oid = ANY(%(oids)s::oid[])
 
 -- name: other_foreign_keys_on_columns
 SELECT con.conname, pg_get_constraintdef(con.oid), con.convalidated
@@ -124,10 +138,10 @@ SELECT has_table_privilege(%(relid)s, 'SELECT'), has_table_privilege(%(relid)s, 
 -- name: wraparound_vacuum
 -- The vacuum is found by the oid of the table it works on, never by its text; only its kind comes from the
 -- query text, which is where PostgreSQL states it.
-SELECT v.pid, left(a.query, 200)
+SELECT v.pid, left(a.query, 200), v.relid
 FROM pg_stat_progress_vacuum v
 JOIN pg_stat_activity a ON a.pid = v.pid
-WHERE v.relid = %(relid)s
+WHERE v.relid = ANY(%(relids)s::oid[])
   AND a.backend_type = 'autovacuum worker'
   AND a.query LIKE '%%(to prevent wraparound)%%'
 
@@ -158,16 +172,13 @@ SELECT array_agg(quote_ident(x.name) ORDER BY x.i) FROM unnest(%(names)s::text[]
 -- name: partitions
 -- Every partition below a partitioned table (all levels), with what the key has on each: the index attached
 -- to ours (through pg_inherits, whatever its name: a partition created after ours was made got one named by
--- PostgreSQL) and the foreign key of our name, its columns by name (a partition's attnums may differ from the
--- parent's after a dropped column or an ATTACH).
+-- PostgreSQL) and the constraint of our name (its definition: key_definitions).
 SELECT n.nspname::text, c.relname::text, c.oid, c.relkind::text, pt.level,
        pg_total_relation_size(c.oid), greatest(c.reltuples, 0)::bigint, pg_get_userbyid(c.relowner),
        attached.relname::text, coalesce(attached.indisvalid, false),
-       con.oid IS NOT NULL, coalesce(con.convalidated, false), coalesce(con.conparentid <> 0, false),
-       con.confrelid, con.confdeltype::text,
-       (SELECT array_agg(a.attname::text ORDER BY k.ord)
-        FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum)
+       con.oid IS NOT NULL, coalesce(con.convalidated, false), coalesce(con.conparentid <> 0, false), con.oid,
+       -- CREATE INDEX on a partition needs CREATE on its schema, which may not be the parent's.
+       has_schema_privilege(n.oid, 'CREATE')
 FROM pg_partition_tree(%(relid)s::oid::regclass) pt
 JOIN pg_class c ON c.oid = pt.relid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -178,7 +189,7 @@ LEFT JOIN LATERAL (
     JOIN pg_class ci ON ci.oid = i.indexrelid
     WHERE inh.inhparent = %(index_oid)s::oid AND i.indrelid = c.oid
 ) attached ON true
-LEFT JOIN pg_constraint con ON con.conrelid = c.oid AND con.conname = %(constraint)s AND con.contype = 'f'
+LEFT JOIN pg_constraint con ON con.conrelid = c.oid AND con.conname = %(constraint)s
 WHERE pt.relid <> %(relid)s::oid::regclass
 ORDER BY pt.level, c.relname
 

@@ -587,7 +587,7 @@ def test_only_an_anti_wraparound_vacuum_of_the_target_table_itself_holds_validat
     def gate() -> Any:
         with db.connect() as conn:
             relid = require_target(conn, quoted).table.oid
-            return validation_gate(conn, quoted, SETTINGS, relid=relid, now=now, run_started_at=now)
+            return validation_gate(conn, quoted, SETTINGS, relids=[relid], now=now, run_started_at=now)
 
     def vacuuming(relation: str) -> bool:
         return bool(

@@ -21,10 +21,14 @@ import pytest
 from devkit.db_state import orphan_count, snapshot
 from devkit.pipeline import run_pipeline
 from fk_maintenance.constraint import add_fk_not_valid, validate_fk
+from fk_maintenance.errors import PreflightFailed
 from fk_maintenance.index import create_index_concurrently
 from fk_maintenance.orphans import null_orphans
+from fk_maintenance.preflight import preflight
+from fk_maintenance.session import LockBudgetSpent, lock_budget
 from fk_maintenance.settings import RunSettings
 from fk_maintenance.spec import ForeignKeySpec
+from fk_maintenance.sqlfiles import statement
 
 READINGS = ForeignKeySpec(
     schema="public",
@@ -354,3 +358,88 @@ def test_a_partition_created_between_adding_and_validating_the_key_gets_it_and_i
     assert report["final_state"] == "converged" and report["checks_failed"] == 0
     assert key_on_partitions(readings) == dict.fromkeys((*PARTITIONS, "readings_2030"), (True, True))
     figures(f"partition created mid-run: {'rejected the orphan' if on_18 else 'its orphan swept before VALIDATE'}")
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        pytest.param(
+            "ALTER TABLE readings_2025 ADD CONSTRAINT readings_device_id_fkey FOREIGN KEY (device_id) "
+            "REFERENCES devices (id) ON DELETE SET NULL DEFERRABLE NOT VALID",
+            "constraint readings_device_id_fkey already exists on partition public.readings_2025 with another "
+            "definition (it is DEFERRABLE)",
+            id="deferrable-key-of-our-name-on-a-partition",
+        ),
+        pytest.param(
+            "ALTER TABLE readings_2025 ADD CONSTRAINT readings_device_id_fkey FOREIGN KEY (device_id) "
+            "REFERENCES devices (id) ON DELETE SET NULL ON UPDATE CASCADE NOT VALID",
+            "(it is ON UPDATE CASCADE, not NO ACTION)",
+            id="on-update-cascade-key-of-our-name-on-a-partition",
+        ),
+        pytest.param(
+            "CREATE INDEX readings_2025_readings_device_id_idx ON readings_2025 (value)",
+            "index public.readings_2025_readings_device_id_idx, the name this run gives partition "
+            "public.readings_2025's index, already exists with another definition",
+            id="our-partition-index-name-taken",
+        ),
+        pytest.param(
+            'CREATE ROLE "Other Owner"; ALTER TABLE readings_other OWNER TO "Other Owner"',
+            "partition public.readings_other is owned by Other Owner, not by",
+            id="partition-owned-by-another-role",
+        ),
+    ],
+)
+def test_what_stands_in_the_way_on_one_partition_is_refused_before_any_change(readings, setup, reason) -> None:
+    readings.execute(setup)
+    try:
+        before = snapshot(readings, READINGS)
+        with readings.connect() as conn, pytest.raises(PreflightFailed) as refused:
+            preflight(conn, READINGS, SETTINGS)
+        assert reason in str(refused.value)
+        assert snapshot(readings, READINGS) == before
+        if "Owner" in setup:
+            assert "ALTER TABLE public.readings_other OWNER TO" in str(refused.value)  # the fix, ready to paste
+    finally:
+        if "Owner" in setup:  # roles outlive the test's database
+            readings.execute('ALTER TABLE readings_other OWNER TO CURRENT_USER; DROP ROLE "Other Owner"')
+
+
+def test_a_statement_locking_partition_after_partition_keeps_the_app_waiting_at_most_lock_timeout_in_all(
+    readings, open_write_on, figures
+) -> None:
+    """The adoption's LOCK takes the parent's partitions one by one, each under lock_timeout: without the budget,
+    an app write to a partition locked early waits for every later lock too."""
+    lock_ms = 1000
+    first, second = open_write_on("readings_2025"), open_write_on("readings_2026")
+    releases = [threading.Timer(0.8, first.rollback), threading.Timer(1.6, second.rollback)]
+    for release in releases:  # our LOCK gets readings_2025 after 0.8 s and readings_2026 after 1.6 s
+        release.start()
+    waited: dict[str, float] = {}
+
+    def app_write() -> None:
+        time.sleep(0.2)  # once our LOCK holds readings_2024
+        with readings.connect() as app:
+            started = time.monotonic()
+            app.execute("INSERT INTO readings_2024 (taken_on, device_id, value) VALUES ('2024-05-01', 1, 1)")
+            waited["app"] = time.monotonic() - started
+
+    app = threading.Thread(target=app_write)
+    app.start()
+    started = time.monotonic()
+    with (
+        readings.connect() as conn,
+        pytest.raises(LockBudgetSpent),
+        conn.transaction(),
+        lock_budget(conn, lock_timeout_ms=lock_ms, budget_ms=lock_ms),
+    ):
+        conn.execute(statement("constraint", "lock_for_adoption", READINGS))
+    ours = time.monotonic() - started
+    app.join(timeout=10)
+    for release in releases:
+        release.join()
+    assert ours < lock_ms / 1000 + 0.3
+    assert waited["app"] < lock_ms / 1000
+    figures(
+        f"LOCK over 4 partitions cut at {ours * 1000:.0f} ms; the app's write behind it waited "
+        f"{waited['app'] * 1000:.0f} ms (lock_timeout_ms {lock_ms}; 1.6 s of waits without the budget)"
+    )

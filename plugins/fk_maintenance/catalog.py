@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import psycopg
@@ -63,12 +64,13 @@ class PartitionInfo:
     owner: str
     attached_index: str | None  # its index attached to ours (None: not yet)
     index_valid: bool
-    key_exists: bool  # a foreign key of our name
+    key_exists: bool  # a constraint of our name
     key_validated: bool
     key_inherited: bool  # the parent's key, cloned onto it (18's NOT VALID parent, or adopted)
-    key_ref_oid: int | None
-    key_on_delete: str | None
-    key_columns: tuple[str, ...] | None
+    key_oid: int | None
+    can_create_in_schema: bool
+    # How a constraint of our name on it differs from the key (another definition: not ours to adopt).
+    key_mismatches: tuple[str, ...] = ()
 
     @property
     def qualified(self) -> tuple[str, str]:
@@ -226,34 +228,8 @@ def constraint_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targ
     ).fetchone()
     if row is None:
         return ConstraintState(exists=False)
-    _oid, contype, _conrelid, confrelid, conkey, confkey, deltype, validated, deferrable, definition, setcols = row
-    mismatches: list[str] = []
-    if contype != "f":
-        mismatches.append(f"it is not a foreign key (contype {contype!r})")
-    else:
-        if confrelid != state.ref_table.oid:
-            mismatches.append(f"it references another table, not {spec.ref_schema}.{spec.ref_table}")
-        # The same pairs in another order are the same key.
-        pairs = sorted(zip(_attnums(state.columns), _attnums(state.ref_columns), strict=True))
-        if sorted(zip(conkey or [], confkey or [], strict=False)) != pairs or len(conkey or []) != len(pairs):
-            mismatches.append(f"its columns are not ({', '.join(spec.columns)}) -> ({', '.join(spec.ref_columns)})")
-        if deltype != spec.on_delete_code:
-            mismatches.append(
-                f"it is ON DELETE {ON_DELETE_ACTIONS.get(deltype, deltype)}, not ON DELETE {spec.on_delete_sql}"
-            )
-        else:
-            by_attnum = {info.attnum: name for name, info in zip(spec.columns, state.columns or (), strict=True)}
-            # A list of every key column is the action without a list.
-            acts_on = sorted(by_attnum.get(attnum, str(attnum)) for attnum in setcols or [])
-            acts_on = [] if acts_on == sorted(spec.columns) else acts_on
-            declared = [] if sorted(spec.on_delete_columns) == sorted(spec.columns) else sorted(spec.on_delete_columns)
-            if acts_on != declared:
-                mismatches.append(
-                    f"its ON DELETE acts on {', '.join(acts_on) or 'every key column'}, not on "
-                    f"{', '.join(spec.on_delete_columns) or 'every key column'}"
-                )
-        if deferrable:
-            mismatches.append("it is DEFERRABLE")
+    oid, validated, definition = row
+    mismatches = definition_mismatches(spec, state, key_definitions(conn, [oid])[oid])
     return ConstraintState(
         exists=True,
         matches=not mismatches,
@@ -318,6 +294,8 @@ def index_on(
     )
 
 
+# PostgreSQL's NAMEDATALEN - 1: a longer name is cut short silently.
+MAX_IDENTIFIER_BYTES = 63
 ROLE_OF_LIST = {"columns": "column", "ref_columns": "referenced column", "row_key": "row key column"}
 # Kinds of relation a key can live on: an ordinary table or a partitioned one.
 TABLE_KINDS = {"r": "table", "p": "partitioned table"}
@@ -353,7 +331,7 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
     state.nulled = nulled_columns(spec, state.columns)  # type: ignore[arg-type]
     state.partitions = read_partitions(conn, spec, state)
     if state.partitioned:
-        state.problems.extend(_partition_problems(spec, state))
+        state.problems.extend(_partition_problems(conn, spec, state))
     state.problems.extend(_column_problems(conn, spec, state))
     state.problems.extend(nulling_problems(spec, state.columns))  # type: ignore[arg-type]
     state.constraint = constraint_state(conn, spec, state)
@@ -400,22 +378,122 @@ def read_partitions(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targe
         statement("catalog", "partitions"),
         {"relid": state.table.oid, "index_oid": index[0] if index else 0, "constraint": spec.constraint},
     ).fetchall()
-    return tuple(PartitionInfo(*row[:15], tuple(row[15]) if row[15] else None) for row in rows)
+    definitions = key_definitions(conn, [row[13] for row in rows if row[13] is not None])
+    return tuple(
+        PartitionInfo(
+            *row,
+            key_mismatches=tuple(definition_mismatches(spec, state, definitions[row[13]])) if row[13] else (),
+        )
+        for row in rows
+    )
 
 
-def _partition_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:
-    """Partitions this version cannot give the key, and keys of our name on a partition that are not ours (a
-    parent's ADD would not adopt them: PostgreSQL would add a second key beside each)."""
+@dataclass(frozen=True)
+class KeyDefinition:
+    """A constraint as the catalog holds it, a foreign key's columns by name."""
+
+    contype: str
+    ref_oid: int
+    on_delete: str
+    on_update: str
+    match: str
+    deferrable: bool
+    columns: tuple[str, ...]
+    ref_columns: tuple[str, ...]
+    set_columns: tuple[str, ...]
+
+
+def key_definitions(conn: psycopg.Connection, oids: list[int]) -> dict[int, KeyDefinition]:
+    if not oids:
+        return {}
+    rows = conn.execute(statement("catalog", "key_definitions"), {"oids": oids}).fetchall()
+    return {
+        oid: KeyDefinition(contype, ref_oid, on_delete, on_update, match, deferrable, *map(_names, lists))
+        for oid, contype, ref_oid, on_delete, on_update, match, deferrable, *lists in rows
+    }
+
+
+def _names(names: list[str] | None) -> tuple[str, ...]:
+    return tuple(names or ())
+
+
+def definition_mismatches(spec: ForeignKeySpec, state: TargetState, found: KeyDefinition) -> list[str]:
+    """Every way a constraint of our name differs from the key the spec declares (empty: it is the key). Each
+    part counts: PostgreSQL adopts a partition's key into the parent's only when all of them are equal, and
+    otherwise adds a second key beside it."""
+    assert state.ref_table is not None
+    if found.contype != "f":
+        return [f"it is not a foreign key (contype {found.contype!r})"]
+    mismatches = []
+    if found.ref_oid != state.ref_table.oid:
+        mismatches.append(f"it references another table, not {spec.ref_schema}.{spec.ref_table}")
+    # The same pairs in another order are the same key.
+    if sorted(zip(found.columns, found.ref_columns, strict=False)) != sorted(spec.pairs) or len(found.columns) != len(
+        spec.columns
+    ):
+        mismatches.append(f"its columns are not ({', '.join(spec.columns)}) -> ({', '.join(spec.ref_columns)})")
+    if found.on_delete != spec.on_delete_code:
+        action = ON_DELETE_ACTIONS.get(found.on_delete, found.on_delete)
+        mismatches.append(f"it is ON DELETE {action}, not ON DELETE {spec.on_delete_sql}")
+    else:
+        # A list of every key column is the action without a list.
+        acts_on = [] if sorted(found.set_columns) == sorted(spec.columns) else sorted(found.set_columns)
+        declared = [] if sorted(spec.on_delete_columns) == sorted(spec.columns) else sorted(spec.on_delete_columns)
+        if acts_on != declared:
+            mismatches.append(
+                f"its ON DELETE acts on {', '.join(acts_on) or 'every key column'}, not on "
+                f"{', '.join(declared) or 'every key column'}"
+            )
+    if found.on_update != "a":
+        mismatches.append(f"it is ON UPDATE {ON_DELETE_ACTIONS.get(found.on_update, found.on_update)}, not NO ACTION")
+    if found.match != "s":
+        mismatches.append(f"it is MATCH {'FULL' if found.match == 'f' else found.match}, not MATCH SIMPLE")
+    if found.deferrable:
+        mismatches.append("it is DEFERRABLE")
+    return mismatches
+
+
+def partition_index_name(spec: ForeignKeySpec, partition: str) -> str:
+    """Our index on one partition: the partition's name and the key's index name, within PostgreSQL's 63 bytes
+    (a name cut short ends in a hash of the whole, so two long partition names never collide)."""
+    name = f"{partition}_{spec.index}"
+    if len(name.encode()) <= MAX_IDENTIFIER_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    cut = name.encode()[: MAX_IDENTIFIER_BYTES - 9].decode(errors="ignore")
+    return f"{cut}_{digest}"
+
+
+def _partition_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
+    """Partitions this version cannot give the key, what stands in the way on one (an index of the name ours
+    would take, a key of our name that is not ours: a parent's ADD would not adopt it but add a second key beside
+    it), and what the run may not do there (own it, create in its schema), before anything changes."""
     assert state.table is not None and state.ref_table is not None
     problems = []
     for part in state.partitions:
         if part.owner != state.table.owner:
             # Building an index or adding a key on a partition needs its ownership, like the parent's.
+            partition, owner = as_written(conn, part.qualified, state.table.owner)
             problems.append(
                 f"partition {part.described} is owned by {part.owner}, not by {state.table.owner} like "
                 f"{spec.schema}.{spec.table}: the run builds the index and the key on each partition as the "
-                f"parent's owner; ALTER TABLE {part.described} OWNER TO {state.table.owner}"
+                f"parent's owner; ALTER TABLE {partition} OWNER TO {owner}"
             )
+        if not part.can_create_in_schema and part.schema != spec.schema:
+            schema, who = as_written(conn, part.schema, conn.info.user)
+            problems.append(
+                f"role {who} lacks CREATE on schema {schema}, where partition {part.described} is (CREATE INDEX "
+                f"on it needs it): GRANT CREATE ON SCHEMA {schema} TO {who}"
+            )
+        if part.attached_index is None and part.relkind == "r":
+            name = partition_index_name(spec, part.name)
+            ours = index_on(conn, spec, (part.schema, name), part.qualified, part.oid, state)
+            if ours.exists and (ours.valid or not ours.on_target_table) and not ours.matches:
+                problems.append(
+                    f"index {part.schema}.{name}, the name this run gives partition {part.described}'s index, already "
+                    f"exists with another definition ({ours.definition or 'not an index'}: "
+                    f"{'; '.join(ours.mismatches)}); rename or drop it"
+                )
         if part.relkind == "p":
             problems.append(
                 f"{part.described} is itself partitioned: this version builds the key on one level of partitions "
@@ -426,14 +504,18 @@ def _partition_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:
                 f"{part.described} is a foreign table: it cannot have an index or a foreign key, so the parent "
                 f"cannot have them either; detach it from {spec.schema}.{spec.table} or leave this key undeclared"
             )
-        elif part.key_exists and (
-            part.key_ref_oid != state.ref_table.oid
-            or part.key_on_delete != spec.on_delete_code
-            or part.key_columns != spec.columns
-        ):
+        elif part.key_mismatches:
             problems.append(
-                f"constraint {spec.constraint} already exists on partition {part.described} with another definition; "
-                "rename or drop it"
+                f"constraint {spec.constraint} already exists on partition {part.described} with another definition "
+                f"({'; '.join(part.key_mismatches)}): PostgreSQL would not adopt it into the parent's key but add a "
+                "second one beside it; drop or rename it"
+            )
+        elif part.attached_index and not part.index_valid:
+            (index,) = as_written(conn, (part.schema, part.attached_index))
+            problems.append(
+                f"the index {part.attached_index} of partition {part.described}, attached to {spec.index}, is "
+                f"INVALID (not a build of this run's, which attaches only valid ones): REINDEX INDEX CONCURRENTLY "
+                f"{index}"
             )
     if not state.partitions:
         problems.append(

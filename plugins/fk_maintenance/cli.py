@@ -379,6 +379,7 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
                     f"(~{found['estimated_rows']} rows)",
                     f"constraint {target.spec.constraint}: {found['constraint']}",
                     f"index {target.spec.index}: {found['index']}",
+                    *(f"partition {line}" for line in found.get("partitions", [])),
                     *(f"warning: {warning}" for warning in found.get("warnings", [])),
                 ],
             ),

@@ -14,12 +14,13 @@ from psycopg import sql
 
 from .catalog import TargetState, require_target
 from .errors import LockNotAcquired, StepOutOfOrder, ValidationCutShort, WindowsExhausted
-from .orphans import BATCH_STATEMENT_TIMEOUT_MS, sweep_orphans
+from .orphans import BATCH_STATEMENT_TIMEOUT_MS, TableNames, sweep_orphans
 from .session import (
     CATALOG_STATEMENT_TIMEOUT_MS,
     CONFLICTS_WITH_ACCESS_EXCLUSIVE,
     CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
     LockAttempts,
+    lock_budget,
     run_lock,
     set_local_timeouts,
     step_session,
@@ -38,8 +39,6 @@ MIN_VALIDATE_SECONDS = 60
 # Partitions created while the partitions' keys are validated are given one and validated too; a table the app
 # keeps adding partitions to faster than that is retried later instead of chased.
 ADOPTION_ROUNDS = 3
-# ADD CONSTRAINT ... NOT VALID does no scan: beyond its lock wait, half a minute only bounds the unexpected.
-ADD_CONSTRAINT_STATEMENT_MARGIN_MS = 30_000
 
 
 def _utcnow() -> datetime:
@@ -154,14 +153,11 @@ def add_key_not_valid(
 
     def attempt(lock_timeout_ms: int) -> None:
         with conn.transaction():
-            set_local_timeouts(
-                conn,
-                lock_timeout_ms=lock_timeout_ms,
-                statement_timeout_ms=lock_timeout_ms + ADD_CONSTRAINT_STATEMENT_MARGIN_MS,
-            )
-            if exists():  # added by another run between our check and the lock
+            if exists():  # added by another run between our check and the attempt
                 return
-            conn.execute(statement("constraint", "add_not_valid", spec, table=sql.Identifier(*table)))
+            # A parent's ADD locks every partition, one after the other: all of it within the configured timeout.
+            with lock_budget(conn, lock_timeout_ms=lock_timeout_ms, budget_ms=settings.lock_timeout_ms):
+                conn.execute(statement("constraint", "add_not_valid", spec, table=sql.Identifier(*table)))
 
     with_lock_retries(
         conn,
@@ -227,19 +223,20 @@ def validation_gate(
     spec: ForeignKeySpec,
     settings: RunSettings,
     *,
-    relid: int,
+    relids: list[int],
     now: datetime,
     run_started_at: datetime,
     min_validate_seconds: float = MIN_VALIDATE_SECONDS,
 ) -> WindowDecision:
-    """The window, then the database's load and vacuum on the table ``relid``: whether VALIDATE may start now, or
-    when to look again."""
+    """The window, then the database's load and vacuum on the table (``relids``: it and its partitions, which
+    autovacuum works on instead of a partitioned parent): whether VALIDATE may start now, or when to look
+    again."""
     decision = decide_window(
         settings, now=now, run_started_at=run_started_at, min_validate_seconds=min_validate_seconds
     )
     if not decision.run_now:
         return decision
-    reason = _load_gate(conn, spec, settings, relid=relid)
+    reason = _load_gate(conn, spec, settings, relids=relids)
     if reason is None:
         return decision
     retry_at = now + timedelta(minutes=settings.recheck_minutes)
@@ -304,12 +301,12 @@ def validate_partitions(
     record: LockAttempts,
     validate: Callable[[tuple[str, str] | None], None],
     sleep: Callable[[float], None],
-) -> list[str]:
+    done: list[str],
+) -> None:
     """A partitioned child's key: each partition's VALIDATE on its own (each commits, so a window that ends
     mid-way keeps the partitions done and the next goes on from there), then the parent's: on 18 its VALIDATE
     (which scans only what is not yet valid: nothing), before 18 the ADD that adopts the partitions' keys.
-    Returns the partitions validated now."""
-    done: list[str] = []
+    Each partition validated is added to ``done`` as it is (a re-sweep calls this again)."""
     for _round in range(ADOPTION_ROUNDS):
         if not parent_takes_not_valid(conn):
             add_partition_keys(conn, spec, settings, record, sleep)  # partitions created since add_fk_not_valid
@@ -319,9 +316,9 @@ def validate_partitions(
             log.info("validate_fk: %s validated on %s", spec.constraint, part.described)
         if parent_takes_not_valid(conn):
             validate(None)
-            return done
+            return
         if adopt_partition_keys(conn, spec, settings, record, sleep):
-            return done
+            return
     raise LockNotAcquired(
         f"validate_fk: partitions of {spec.schema}.{spec.table} kept appearing without a valid key "
         f"{ADOPTION_ROUNDS} times before the parent could adopt the partitions' keys; Airflow retries the task"
@@ -339,18 +336,17 @@ def adopt_partition_keys(
     parent locked, a partition turns out to lack a valid key (created since): nothing is added then."""
 
     def attempt(lock_timeout_ms: int) -> bool:
-        with conn.transaction():
-            set_local_timeouts(
-                conn,
-                lock_timeout_ms=lock_timeout_ms,
-                statement_timeout_ms=lock_timeout_ms + ADD_CONSTRAINT_STATEMENT_MARGIN_MS,
-            )
+        with (
+            conn.transaction(),
+            lock_budget(conn, lock_timeout_ms=lock_timeout_ms, budget_ms=settings.lock_timeout_ms) as budget,
+        ):
             conn.execute(statement("constraint", "lock_for_adoption", spec))
             state = require_target(conn, spec)
             if state.constraint.exists:
                 return True
             if any(not (part.key_exists and part.key_validated) for part in state.partitions):
                 return False
+            budget.arm()  # what the LOCK left: the app waits on this transaction's locks since it took them
             conn.execute(statement("constraint", "add_adopting", spec))
             return True
 
@@ -421,13 +417,17 @@ def validate_fk(
         state = require_target(conn, spec)
         if state.constraint.exists and state.constraint.validated:
             log.info("validate_fk: %s is already validated", spec.constraint)
-            return {"outcome": "already validated", "seconds": round(time.monotonic() - started, 3)}
+            return {
+                "outcome": "already validated",
+                **_partition_progress(conn, spec, state, []),
+                "seconds": round(time.monotonic() - started, 3),
+            }
         assert state.table is not None
         decision = validation_gate(
             conn,
             spec,
             settings,
-            relid=state.table.oid,
+            relids=[state.table.oid, *(part.oid for part in state.partitions)],
             now=now(),
             run_started_at=run_started_at,
             min_validate_seconds=min_validate_seconds,
@@ -438,7 +438,13 @@ def validate_fk(
                 "validate now" if decision.run_now else "wait",
                 decision.reason,
             )
-            return {"outcome": "dry run", "would_run_now": decision.run_now, "reason": decision.reason, "seconds": 0.0}
+            return {
+                "outcome": "dry run",
+                "would_run_now": decision.run_now,
+                "reason": decision.reason,
+                **_partition_progress(conn, spec, state, []),
+                "seconds": 0.0,
+            }
         if not state.key_added:
             raise StepOutOfOrder(
                 f"validate_fk: {spec.constraint} does not exist on {spec.schema}.{spec.table}; add_fk_not_valid must "
@@ -493,7 +499,7 @@ def _validate_in_window(
 
     def validate() -> None:
         if state.partitioned:
-            partitions_done.extend(validate_partitions(conn, spec, settings, record, validate_one, sleep))
+            validate_partitions(conn, spec, settings, record, validate_one, sleep, partitions_done)
         else:
             validate_one()
 
@@ -555,12 +561,16 @@ def _reschedule(retry_at: datetime | None, reason: str, started: float) -> dict[
     }
 
 
-def _load_gate(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, *, relid: int) -> str | None:
+def _load_gate(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, *, relids: list[int]
+) -> str | None:
     """A reason not to start VALIDATE now, even inside the window, or None."""
-    vacuum = conn.execute(statement("catalog", "wraparound_vacuum"), {"relid": relid}).fetchone()
+    vacuum = conn.execute(statement("catalog", "wraparound_vacuum"), {"relids": relids}).fetchone()
     if vacuum is not None:
         # VALIDATE would queue behind (or conflict with) a vacuum that does not yield.
-        return f"an anti-wraparound autovacuum runs on {spec.schema}.{spec.table} (pid {vacuum[0]})"
+        pid, _query, relid = vacuum
+        where = "" if relid == relids[0] else f"'s partition {'.'.join(TableNames(conn)[relid])}"
+        return f"an anti-wraparound autovacuum runs on {spec.schema}.{spec.table}{where} (pid {pid})"
     if settings.max_active_sessions:
         active = conn.execute(statement("catalog", "active_sessions")).fetchone()[0]
         if active > settings.max_active_sessions:

@@ -7,7 +7,6 @@ writes do not conflict with, so a long lock_timeout here never makes the app que
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -17,15 +16,22 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .catalog import IndexState, PartitionInfo, TargetState, index_on, inspect_target, require_target
-from .errors import MaintenanceError, PreflightFailed
+from .catalog import (
+    IndexState,
+    PartitionInfo,
+    TargetState,
+    index_on,
+    inspect_target,
+    partition_index_name,
+    require_target,
+)
+from .errors import MaintenanceError
 from .session import (
-    CATALOG_STATEMENT_TIMEOUT_MS,
     CONFLICTS_WITH_ACCESS_EXCLUSIVE,
     CONFLICTS_WITH_SHARE,
     LockAttempts,
+    lock_budget,
     run_lock,
-    set_local_timeouts,
     step_session,
     with_lock_retries,
 )
@@ -35,9 +41,6 @@ from .sqlfiles import statement
 from .topology import worst_replica_lag
 
 log = logging.getLogger(__name__)
-
-# PostgreSQL's NAMEDATALEN - 1: a longer name is cut short silently.
-MAX_IDENTIFIER_BYTES = 63
 
 
 class BuildMonitor:
@@ -226,17 +229,6 @@ def build_concurrently(
     return [f"pid {pid}: {what}" for pid, what in monitor.waited_on.items()]
 
 
-def partition_index_name(spec: ForeignKeySpec, partition: str) -> str:
-    """Our index on one partition: the partition's name and the key's index name, within PostgreSQL's 63 bytes
-    (a name cut short ends in a hash of the whole, so two long partition names never collide)."""
-    name = f"{partition}_{spec.index}"
-    if len(name.encode()) <= MAX_IDENTIFIER_BYTES:
-        return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    cut = name.encode()[: MAX_IDENTIFIER_BYTES - 9].decode(errors="ignore")
-    return f"{cut}_{digest}"
-
-
 def _build_on_partitions(
     conn: psycopg.Connection,
     spec: ForeignKeySpec,
@@ -252,10 +244,10 @@ def _build_on_partitions(
     if not state.index.exists:
 
         def create_on_only(lock_timeout_ms: int) -> None:
-            with conn.transaction():
-                set_local_timeouts(
-                    conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS
-                )
+            with (
+                conn.transaction(),
+                lock_budget(conn, lock_timeout_ms=lock_timeout_ms, budget_ms=settings.lock_timeout_ms),
+            ):
                 conn.execute(statement("index", "create_on_only", spec))
 
         with_lock_retries(
@@ -273,17 +265,10 @@ def _build_on_partitions(
         )
     built, attached, waited_on = [], [], []
     # Re-listed after each partition: the app may create or attach partitions meanwhile (those get the index).
-    while todo := [part for part in inspect_target(conn, spec).partitions if part.attached_index is None]:
+    while todo := [part for part in require_target(conn, spec).partitions if part.attached_index is None]:
         part = todo[0]
         name = partition_index_name(spec, part.name)
         existing = index_on(conn, spec, (part.schema, name), part.qualified, part.oid, state)
-        if existing.exists and (existing.valid or not existing.on_target_table) and not existing.matches:
-            raise PreflightFailed(
-                [
-                    f"index {part.schema}.{name} already exists with another definition ({existing.definition}): "
-                    f"{'; '.join(existing.mismatches)}"
-                ]
-            )
         if not (existing.exists and existing.valid):
             waited_on += build_concurrently(conn, spec, part.qualified, name, existing, monitor_connect, poll_seconds)
             built.append(part.described)
@@ -309,8 +294,10 @@ def _attach(
     record: LockAttempts,
 ) -> None:
     def attach(lock_timeout_ms: int) -> None:
-        with conn.transaction():
-            set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS)
+        with (
+            conn.transaction(),
+            lock_budget(conn, lock_timeout_ms=lock_timeout_ms, budget_ms=settings.lock_timeout_ms),
+        ):
             conn.execute(statement("index", "attach", spec, partition_index=sql.Identifier(part.schema, name)))
 
     with_lock_retries(

@@ -19,6 +19,7 @@ from .catalog import (
     same_columns_indexes,
 )
 from .checks import hierarchy_checks
+from .constraint import parent_takes_not_valid
 from .errors import PreflightFailed
 from .orphans import SCAN_STATEMENT_TIMEOUT_MS
 from .session import CATALOG_STATEMENT_TIMEOUT_MS, set_local_timeouts, step_session
@@ -76,7 +77,7 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
         "table_bytes": state.total_bytes,
         "table_size": _human_bytes(state.total_bytes),
         "estimated_rows": state.estimated_rows,
-        "constraint": _describe_constraint(state),
+        "constraint": _describe_constraint(state, parent_takes_not_valid(conn)),
         "index": _describe_index(state),
         **({"partitions": [_describe_partition(part) for part in state.partitions]} if state.partitioned else {}),
         **audit_summary(spec, audit_tables),
@@ -111,6 +112,13 @@ def _warnings(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState
             f"it, a second index the same: to adopt {name} instead, declare index: {name} for this key"
             for name, definition in same_columns_indexes(conn, spec, state)
         ]
+    if state.partitioned and not state.constraint.exists and not parent_takes_not_valid(conn):
+        warnings.append(
+            f"before PostgreSQL 18 the parent's ADD CONSTRAINT, which adopts the partitions' validated keys, takes "
+            f"ACCESS EXCLUSIVE on {spec.ref_schema}.{spec.ref_table} (the app's reads of it wait too"
+            + (", and on both tables' partitions" if state.ref_table and state.ref_table.relkind == "p" else "")
+            + "): for milliseconds, at most lock_timeout_ms, in a moment when no session holds a lock on it"
+        )
     return warnings
 
 
@@ -220,16 +228,18 @@ def _ownership_fix(
     return f"GRANT {owner} TO {who}, or run as {owner}"
 
 
-def _describe_constraint(state: TargetState) -> str:
+def _describe_constraint(state: TargetState, parent_takes_not_valid: bool) -> str:
     con = state.constraint
     if state.partitioned and not (con.exists and con.validated):
         valid = sum(part.key_validated for part in state.partitions)
         on = sum(part.key_exists for part in state.partitions)
         where = "on the parent NOT VALID" if con.exists else "absent on the parent"
-        return (
-            f"{where}; on {on} of {len(state.partitions)} partition(s), {valid} validated (the rest will be added "
-            "NOT VALID and validated partition by partition)"
+        plan = (
+            "added NOT VALID on the parent (each partition gets it), validated partition by partition"
+            if parent_takes_not_valid
+            else "added NOT VALID on each partition, validated partition by partition, then adopted by the parent"
         )
+        return f"{where}; on {on} of {len(state.partitions)} partition(s), {valid} validated (to be {plan})"
     if not con.exists:
         return "absent (will be added NOT VALID, then validated)"
     return "present and validated" if con.validated else "present, NOT VALID (will be validated)"

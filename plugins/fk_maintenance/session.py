@@ -108,6 +108,44 @@ def set_local_timeouts(conn: psycopg.Connection, *, lock_timeout_ms: int, statem
     )
 
 
+class LockBudget:
+    """The time one attempt's statements may spend in all, waiting for locks included: a statement on a
+    partitioned table takes a lock per partition, each under its own lock_timeout, and the app's statements on a
+    partition already locked wait for every later lock too. ``arm()`` before each statement sets its
+    statement_timeout to what is left (``SET LOCAL``); a statement cut by it is a lock timeout like any other
+    (``with_lock_retries`` retries it). Only for statements that take locks and scan nothing."""
+
+    def __init__(self, conn: psycopg.Connection, *, lock_timeout_ms: int, budget_ms: int) -> None:
+        self._conn = conn
+        self._lock_timeout_ms = lock_timeout_ms
+        self._deadline = time.monotonic() + budget_ms / 1000
+
+    def arm(self) -> None:
+        left_ms = max(1, int((self._deadline - time.monotonic()) * 1000))
+        set_local_timeouts(
+            self._conn, lock_timeout_ms=min(self._lock_timeout_ms, left_ms), statement_timeout_ms=left_ms
+        )
+
+
+class LockBudgetSpent(LockNotAcquired):
+    """A lock-taking statement ran out of its attempt's budget (see LockBudget)."""
+
+    sqlstate = "57014"
+
+
+@contextmanager
+def lock_budget(conn: psycopg.Connection, *, lock_timeout_ms: int, budget_ms: int) -> Iterator[LockBudget]:
+    """A LockBudget for the statements of the block (inside the attempt's transaction)."""
+    budget = LockBudget(conn, lock_timeout_ms=lock_timeout_ms, budget_ms=budget_ms)
+    budget.arm()
+    try:
+        yield budget
+    except pgerrors.QueryCanceled as cancelled:
+        if "statement timeout" not in (cancelled.diag.message_primary or ""):
+            raise  # cancelled by someone else: an error of its own
+        raise LockBudgetSpent(f"the attempt's {budget_ms} ms were spent waiting for locks") from cancelled
+
+
 @contextmanager
 def run_lock(conn: psycopg.Connection, spec: ForeignKeySpec) -> Iterator[None]:
     """Hold the session-level advisory lock that serialises runs changing this foreign key.
@@ -279,7 +317,7 @@ def with_lock_retries(
         else:
             try:
                 return body(timeout_ms)
-            except (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected) as exc:
+            except (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected, LockBudgetSpent) as exc:
                 record.lock_timeouts += 1
                 holders = lock_holders(conn, spec, tables=tables, whole_trees=whole_trees)
                 outcome = f"did not get its lock within {timeout_ms} ms ({exc.sqlstate})"
