@@ -27,6 +27,7 @@ SECTION_FLEET = "Targets (fleet)"
 SECTION_LOCKS = "Locks and batches"
 SECTION_WINDOW = "Validation window"
 SECTION_CHECKS = "End-state checks"
+SECTION_DELETES = "Deleting orphans (keys declared orphans: delete)"
 
 # parallel_workers values below 0 (0 and up are a number of workers).
 SERVER_PARALLEL_WORKERS = -1  # the server's own settings, untouched (the default before auto)
@@ -210,6 +211,23 @@ class RunSettings:
         "Maximum hierarchy depth",
         "post_checks fails when any chain of parents is deeper than this (yearly to daily is 5).",
         SECTION_CHECKS,
+    )
+    approve_deletes_above: int = _setting(
+        1000,
+        {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
+        "Approve deletes above (rows)",
+        "For a key declared orphans: delete, a person approves the delete in the Airflow UI (Required actions) "
+        "when its blast radius (orphan rows, the rows their cascade deletes, the pointers it nulls or resets) "
+        "exceeds this many rows; at or below it the delete goes ahead. 0: every delete waits for approval. "
+        "Scheduled runs follow the same rule.",
+        SECTION_DELETES,
+    )
+    approval_timeout_minutes: int = _setting(
+        24 * 60,
+        {"type": "integer", "minimum": 1, "maximum": 30 * 24 * 60},
+        "Approval timeout (min)",
+        "No answer within this many minutes: nothing is deleted and the target fails, saying so.",
+        SECTION_DELETES,
     )
     sample_size: int = _setting(
         10,
