@@ -312,7 +312,7 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     target did not succeed, so that its instance shows red."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from .report import CONVERGED, build_report, read_audited
+    from .report import CONVERGED, build_report, read_archived, read_audited
 
     settings = settings_from(context)
     ti = context["ti"]
@@ -342,7 +342,10 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     # A target that never started has nothing in the audit; one that did may have committed batches in a try
     # that died before it could report them, which only the audit knows.
     audited = None if stopped else read_audited(connector(conn_id), spec, settings, context["run_id"])
-    report = build_report(spec, settings, context["run_id"], results, conn_id=conn_id, audited=audited)
+    archived = None if stopped else read_archived(connector(conn_id), spec, settings, context["run_id"])
+    report = build_report(
+        spec, settings, context["run_id"], results, conn_id=conn_id, audited=audited, archived=archived
+    )
     line = target_summary(
         conn_id, position_of(group, ti.map_index), None if stopped else report, error, stopped, failed_step
     )

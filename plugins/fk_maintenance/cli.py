@@ -459,7 +459,7 @@ def cmd_plan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
-    from .report import build_report, format_report, read_audited
+    from .report import build_report, format_report, read_archived, read_audited
 
     path = targets_path(args)
     (target,) = select(load(path), args.key, path)
@@ -474,7 +474,8 @@ def cmd_run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     logging.getLogger("fk_maintenance.report").disabled = True
     # Counted from the audit, as under Airflow: a step that failed after committing batches reported none of them.
     audited = None if settings.dry_run else read_audited(database.connect, target.spec, settings, run_id)
-    report = build_report(target.spec, settings, run_id, outcome.results, audited=audited)
+    archived = None if settings.dry_run else read_archived(database.connect, target.spec, settings, run_id)
+    report = build_report(target.spec, settings, run_id, outcome.results, audited=audited, archived=archived)
     out("")
     out(format_report(report))
     if outcome.error:

@@ -17,7 +17,7 @@ import yaml
 
 from .errors import MaintenanceError
 from .settings import AIRFLOW_KEY, CONN_ID_SCHEMA
-from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
+from .spec import ON_DELETE_ACTIONS, ORPHAN_POLICIES, ForeignKeySpec
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 63}
 ON_DELETE_PATTERN = (
@@ -77,6 +77,10 @@ TARGETS_SCHEMA: dict[str, Any] = {
                     "audit_schema": _NAME,
                     "audit_table": _NAME,
                     "hierarchy_checks": {"type": "boolean"},
+                    # What a run does to orphans: nullify (a nullable key's default), delete (archived with
+                    # everything the database's keys take along), refuse (a NOT NULL key's default).
+                    "orphans": {"enum": list(ORPHAN_POLICIES)},
+                    "archive_table": _NAME,
                     "conn_ids": {
                         "type": "array",
                         "minItems": 1,
@@ -173,8 +177,11 @@ def _refuse_shared_objects(path: Path, targets: list[Target]) -> None:
     owners: dict[tuple[str, ...], list[str]] = {}
     for target in targets:
         spec = target.spec
+        # The archive is used only by orphans: delete.
+        archive = [("archive table", spec.audit_schema, spec.archive_table)] if spec.orphans == "delete" else []
         for what in (
             ("audit table", spec.audit_schema, spec.audit_table),
+            *archive,
             ("index", spec.schema, spec.index),
             ("constraint", spec.schema, spec.table, spec.constraint),
         ):
