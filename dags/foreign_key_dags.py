@@ -73,6 +73,8 @@ Gives `{schema}.{table}` a **validated** foreign key
 `{constraint} ({columns}) -> {ref_table}({ref_columns}) ON DELETE {on_delete}` and the btree index
 `{index} ({columns})`, while the app keeps writing. Declared for the Airflow connections {conn_ids}.
 
+**Orphans** (rows whose `{columns}` names a missing parent): {policy}
+
 ## The fleet
 
 Each run works on the connections of the form's `conn_ids` (default: the declared list), each with the whole
@@ -115,11 +117,32 @@ names the ids involved; fix the data in the app, then trigger again: every step 
 
 ## Undo the data change
 
+{undo_delete}
 Every nulled pointer is in `{audit}`, the pipeline's own schema (`run_id`, {audit_row_key} (the row's
 `{row_key}`), {audit_pointer} (the old `{columns}`), `nulled_at`), on each target database. Nulling sets
 {nulled} to NULL. To put back one run's pointers whose
 parent exists again, trigger the DAG `{name}_restore` with that `run_id`: it works in batches under the same
 lock timeouts, leaves rows the app has written since alone, and records each pointer it puts back.
+"""
+
+
+# The runbook's sentence for each declared orphan policy ("" = undeclared: decided by the key's nullability).
+POLICY_TEXT = {
+    "": "not declared: `nullify` where a column of the key is nullable (each pointer nulled, audited), `refuse` "
+    "where the key is NOT NULL (preflight fails naming the count and `orphans: delete`, nothing changed).",
+    "nullify": "`nullify`: each dangling pointer is nulled, audited in the same transaction.",
+    "refuse": "`refuse`: preflight fails naming how many there are, and nothing is changed.",
+    "delete": "`delete`: each orphan row is deleted with everything the database's own foreign keys take along "
+    "(rows deleted by CASCADE keys, pointers nulled or reset by SET NULL / SET DEFAULT keys, recursively), every "
+    "such row locked and archived whole in the same transaction, before the DELETE. Rows a RESTRICT or NO ACTION "
+    "key protects make preflight refuse before any change. A dry run (and `detect_orphans`' result: "
+    "`blast_radius_rows`, `blast_radius` per table, `blast_radius_sample`) shows what a run would take.",
+}
+UNDO_DELETE = """Every row this key's runs deleted, and every pointer their cascade changed, is in `{archive}` (one
+row each: `run_id`, `batch`, `depth`, `table_schema`, `table_name`, `row_key`, `action` deleted / nulled /
+reset, `via` the foreign key, `columns`, `row_data` the whole row as jsonb before the change). The restore DAG
+`{name}_restore` puts them back, parents first, where the missing parent exists again.
+
 """
 
 
@@ -268,6 +291,10 @@ def build_dag(target: Target) -> DAG:
             constraint=spec.constraint,
             index=spec.index,
             on_delete=spec.on_delete_sql,
+            policy=POLICY_TEXT[spec.orphans],
+            undo_delete=UNDO_DELETE.format(name=target.name, archive=spec.archive_qualified)
+            if spec.orphans == "delete"
+            else "",
             audit_row_key=", ".join(f"`{name}`" for name in spec.audit_row_key_columns),
             audit_pointer=", ".join(f"`{name}`" for name in spec.audit_pointer_columns),
             nulled=", ".join(f"`{name}`" for name in spec.on_delete_columns or spec.nullify_columns)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from psycopg import errors as pgerrors
 from devkit.db_state import orphan_count, snapshot
 from devkit.pipeline import run_pipeline
 from fk_maintenance.errors import PreflightFailed
-from fk_maintenance.orphans import detect_orphans
+from fk_maintenance.orphans import detect_orphans, null_orphans
 from fk_maintenance.preflight import preflight
 from fk_maintenance.restore import restore_run
 from fk_maintenance.settings import RunSettings
@@ -415,3 +416,60 @@ def test_a_worker_killed_mid_delete_leaves_whole_batches_and_the_next_run_conver
     report = run_pipeline(shop.connect, SPEC, SETTINGS, "run-k")["report"]
     assert report["final_state"] == "converged", report
     assert archived(shop, "run-k") == expected
+
+
+def test_an_orphan_whose_cascade_the_app_holds_is_left_for_a_later_pass_and_the_others_are_deleted(shop) -> None:
+    shop.execute("DELETE FROM invoices WHERE id < 100")
+    expected = expected_radius(shop)
+    holder = shop.connect()
+    holder.autocommit = False
+    # A reply two levels below orphan post 20, held by an app transaction.
+    holder.execute("SELECT 1 FROM comments WHERE id = 1019 AND post_id = 20 FOR UPDATE")
+    try:
+        with shop.connect() as conn:
+            first = null_orphans(conn, SPEC, SETTINGS, "run-b")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert first["deleted"] == expected["public.posts"]["deleted"] - 1 and first["left_alone"] == 1, first
+    assert shop.scalar("SELECT count(*) FROM posts WHERE id = 20") == 1
+    # Nothing of its tree was archived: the batch that met the lock rolled back whole, and its other orphans
+    # went one per transaction.
+    tree = "SELECT count(*) FROM fk_maintenance.posts_orphan_audit_archive WHERE row_data @> %s"
+    assert shop.scalar(tree, ['{"post_id": 20}']) == shop.scalar(tree, ['{"id": 20, "account_id": 21}']) == 0
+    with shop.connect() as conn:
+        second = null_orphans(conn, SPEC, SETTINGS, "run-b")
+    assert second["deleted"] == 1 and second["left_alone"] == 0
+    assert archived(shop, "run-b") == expected
+
+
+def test_the_cascade_needs_no_delete_privilege_on_the_tables_it_reaches_only_select_and_update_to_lock_them(
+    shop,
+) -> None:
+    role = f"pipeline_{uuid.uuid4().hex[:8]}"
+    shop.execute("DELETE FROM invoices WHERE id < 100")
+    reached = 'comments, social."Likes", pins, flags, views, invoices'
+    shop.execute(
+        f"CREATE ROLE {role} LOGIN; ALTER TABLE posts OWNER TO {role}; GRANT REFERENCES, SELECT ON accounts TO {role};"
+        f"GRANT CREATE ON DATABASE {shop.name} TO {role}; GRANT CREATE ON SCHEMA public TO {role};"
+        f"GRANT USAGE ON SCHEMA social TO {role}; GRANT SELECT ON {reached} TO {role}"
+    )
+    before = snapshots(shop)
+    expected = expected_radius(shop)
+    with psycopg.connect(shop.dsn, user=role, autocommit=True) as conn, pytest.raises(PreflightFailed) as refused:
+        preflight(conn, SPEC, SETTINGS)
+    message = str(refused.value)
+    for table in ("public.comments", 'social."Likes"', "public.pins", "public.flags", "public.views"):
+        assert f"lacks UPDATE on {table} (SELECT ... FOR UPDATE" in message, (table, message)
+    assert "invoices" not in message  # RESTRICT: read, never locked
+    assert snapshots(shop) == before
+    shop.execute(f"GRANT UPDATE ON {reached} TO {role}")
+    report = run_pipeline(lambda: psycopg.connect(shop.dsn, user=role, autocommit=True), SPEC, SETTINGS, "run-p")[
+        "report"
+    ]
+    assert report["final_state"] == "converged", report
+    assert report["archived"] == expected
+    assert not shop.scalar(
+        "SELECT bool_or(has_table_privilege(%s, t, 'DELETE')) FROM unnest(%s::text[]) t",
+        [role, ["comments", 'social."Likes"', "pins", "flags", "views"]],
+    )

@@ -106,6 +106,18 @@ class Graph:
                     reached.setdefault(edge.child.qualified, edge.child)
         return list(reached.values())
 
+    @property
+    def guards(self) -> list[Rel]:
+        """Tables only read: those whose RESTRICT / NO ACTION keys would forbid a delete, and nothing else."""
+        changed = {rel.qualified for rel in self.rels}
+        found = {
+            edge.child.qualified: edge.child
+            for edges in self.edges.values()
+            for edge in edges
+            if edge.action in FORBIDS and edge.child.qualified not in changed
+        }
+        return list(found.values())
+
 
 def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> Graph:
     """The foreign keys reachable from the key's table through CASCADE keys, read from pg_constraint."""
@@ -145,14 +157,16 @@ def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
 def graph_problems(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Graph, *, writes: bool) -> list[str]:
     """The graph's own problems and every privilege the walk and the delete need that the role lacks."""
     problems = list(graph.problems)
-    for rel in graph.rels:
+    guards = graph.guards
+    for rel in graph.rels + guards:
         can_use, can_select, can_lock, can_delete = conn.execute(
             statement("cascade", "rel_privileges"), {"relid": rel.oid}
         ).fetchone()
         who, table, schema = as_written(conn, conn.info.user, (rel.schema, rel.name), rel.schema)
         needed = [(can_use, f"USAGE on schema {schema}", f"GRANT USAGE ON SCHEMA {schema} TO {who}")]
-        needed.append((can_select, f"SELECT on {table} (to archive its rows)", f"GRANT SELECT ON {table} TO {who}"))
-        if writes:
+        why = "to find the rows its keys protect" if rel in guards else "to archive its rows"
+        needed.append((can_select, f"SELECT on {table} ({why})", f"GRANT SELECT ON {table} TO {who}"))
+        if writes and rel not in guards:
             needed.append(
                 (
                     can_lock,

@@ -353,21 +353,7 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
     if results.get("detect_orphans"):
         found = results["detect_orphans"]
         sample = ", ".join(found["sample"][:PLAN_SAMPLE]) or "none"
-        sections.insert(
-            0,
-            PlanSection(
-                "orphans",
-                [
-                    f"{found['orphans']} row(s) point at {found['dangling_parents']} missing parent(s); a run nulls "
-                    + (
-                        f"their {describe_columns(tuple(found['nulls']))} (audited in {target.spec.audit_qualified})"
-                        if found["nulls"]
-                        else "nothing: no column of the key can be nulled"
-                    ),
-                    f"sample: {sample}",
-                ],
-            ),
-        )
+        sections.insert(0, PlanSection("orphans", [*_orphan_lines(target, found), f"sample: {sample}"]))
     if results.get("preflight"):
         found = results["preflight"]
         sections.insert(
@@ -396,12 +382,42 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
     }
 
 
+def _orphan_lines(target: Target, found: dict[str, Any]) -> list[str]:
+    """What a run would do to the orphans, as the key's policy says; for a delete, its blast radius per table."""
+    policy = found.get("policy", "nullify")
+    head = f"{found['orphans']} row(s) point at {found['dangling_parents']} missing parent(s); orphans: {policy}; "
+    if policy == "delete":
+        return [
+            head + f"a run deletes them and what the database's keys take along, {found['blast_radius_rows']} "
+            f"row(s) in all (archived in {target.spec.archive_qualified}):",
+            *(
+                f"  {table}: " + ", ".join(f"{count} {action}" for action, count in counts.items() if count)
+                for table, counts in found["blast_radius"].items()
+            ),
+            *(f"  e.g. {line}" for line in found["blast_radius_sample"][:PLAN_SAMPLE]),
+            *(f"  protected (refused): {line}" for line in found.get("protected_sample", [])[:PLAN_SAMPLE]),
+        ]
+    if policy == "refuse":
+        return [head + "a run refuses them (declare orphans: delete to delete them, archived)"]
+    return [
+        head
+        + (
+            f"a run nulls their {describe_columns(tuple(found['nulls']))} (audited in {target.spec.audit_qualified})"
+            if found["nulls"]
+            else "a run nulls nothing: no column of the key can be nulled"
+        )
+    ]
+
+
 def _would(step: str, result: dict[str, Any], results: dict[str, dict[str, Any] | None]) -> str:
     """What a real run's ``step`` would do, from its dry run's ``result`` (and the steps before it)."""
     if step == "validate_fk" and "would_run_now" in result:
         return f"would validate {'now' if result['would_run_now'] else 'later'} ({result['reason']})"
     if step == "null_orphans":
-        orphans = (results.get("detect_orphans") or {}).get("orphans")
+        found = results.get("detect_orphans") or {}
+        orphans = found.get("orphans")
+        if found.get("policy") == "delete" and orphans:
+            return f"would delete {orphans} orphan(s), {found['blast_radius_rows']} row(s) in all, in archived batches"
         return "nothing to null" if orphans == 0 else f"would null {orphans} pointer(s) in audited batches"
     if step == "post_checks":
         checks = result.get("checks", [])
