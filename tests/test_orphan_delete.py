@@ -31,11 +31,13 @@ from psycopg import errors as pgerrors
 from devkit.db_state import orphan_count, snapshot
 from devkit.pipeline import run_pipeline
 from fk_maintenance.errors import PreflightFailed
+from fk_maintenance.fleet import build_fleet_report, format_fleet_report, target_summary
 from fk_maintenance.orphans import detect_orphans, null_orphans
 from fk_maintenance.preflight import preflight
 from fk_maintenance.restore import restore_run
 from fk_maintenance.settings import RunSettings
 from fk_maintenance.spec import ForeignKeySpec
+from fk_maintenance.targets import load_targets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -340,12 +342,28 @@ def test_orphans_delete_converges_while_the_app_writes_and_restore_brings_back_e
     worst_ms = max(app.latencies) * 1000
     assert worst_ms < SETTINGS.lock_timeout_ms + 400
 
+    # Meanwhile the app wrote a like of the same key as a deleted one, and re-pointed a nulled pin: newer than
+    # the archive, both are left alone and counted.
+    like = shop.query(
+        "SELECT row_data->>'comment_id', row_data->>'user' FROM fk_maintenance.posts_orphan_audit_archive "
+        "WHERE table_name = 'Likes' ORDER BY seq LIMIT 1"
+    )[0]
+    pin = shop.scalar(
+        "SELECT row_key->>'id' FROM fk_maintenance.posts_orphan_audit_archive WHERE table_name = 'pins' LIMIT 1"
+    )
+    shop.execute("INSERT INTO comments (id, post_id, body) VALUES (%s, 1, 'app again')", [like[0]])
+    shop.execute('INSERT INTO social."Likes" (comment_id, "user", at) VALUES (%s, %s, \'2030-01-01\')', like)
+    shop.execute("UPDATE pins SET post_id = 2 WHERE id = %s", [int(pin)])
+    rewritten = {("social", "Likes"): f"({like[0]},{like[1]})", ("public", "pins"): f"({pin})"}
+    rewritten_comment = f"({like[0]})"
+
     # The parents come back (from a backup, say); the restore puts every row and pointer back.
     shop.execute("INSERT INTO accounts SELECT g, 'account ' || g FROM generate_series(21, 25) g")
     with shop.connect() as conn:
         restored = restore_run(conn, SPEC, SETTINGS, "run-1", "restore-1")
-    assert restored["rows_restored"] == sum(c["deleted"] for c in expected.values())
-    assert restored["pointers_restored"] == sum(c["nulled"] + c["reset"] for c in expected.values())
+    assert restored["rows_written_since"] == 2 and restored["pointers_written_since"] == 1, str(restored)
+    assert restored["rows_restored"] == sum(c["deleted"] for c in expected.values()) - 2
+    assert restored["pointers_restored"] == sum(c["nulled"] + c["reset"] for c in expected.values()) - 1
     # The app's own orphans (account 99) have no parent yet: they stay in the archive, counted.
     assert restored["rows_parent_still_missing"] == written
     # Every row the run deleted or changed is back as it was, to the byte (the app's own edits of live posts
@@ -355,6 +373,7 @@ def test_orphans_delete_converges_while_the_app_writes_and_restore_brings_back_e
         changed = {key for key, text in rows.items() if after[table].get(key) != text}
         if table == ("public", "posts"):
             changed -= {f"({n})" for n in range(1, 20)}
+        changed -= {rewritten.get(table), rewritten_comment if table == ("public", "comments") else None}
         assert bool(changed) == (".".join(table) in expected), table
         assert {key: restored_rows[table].get(key) for key in changed} == {key: rows[key] for key in changed}, table
     logged = shop.scalar("SELECT count(*) FROM fk_maintenance.restore_log WHERE restore_id = 'restore-1'")
@@ -363,7 +382,13 @@ def test_orphans_delete_converges_while_the_app_writes_and_restore_brings_back_e
         again = restore_run(conn, SPEC, SETTINGS, "run-1", "restore-2")
     assert again["rows_restored"] == again["pointers_restored"] == 0
     assert again["rows_already_restored"] == restored["rows_restored"]
+    assert again["pointers_already_restored"] == restored["pointers_restored"]
     assert row_texts(shop) == restored_rows
+    # The fleet's report carries the archive's counts.
+    fleet = build_fleet_report("run-1", ["kpi_db"], [target_summary("kpi_db", 0, report, None, None)])
+    assert fleet["deleted_rows"] == report["deleted_rows"] == sum(c["deleted"] for c in expected.values()) + written
+    assert fleet["pointers_changed"] == report["pointers_changed_by_cascade"] == restored["pointers_restored"] + 1
+    assert f"rows deleted {fleet['deleted_rows']} and pointers changed" in format_fleet_report(fleet)
     figures(
         f"{report['blast_radius_rows']} rows archived for {expected['public.posts']['deleted'] + written} orphans; "
         f"app worst write {worst_ms:.0f} ms over {len(app.latencies)} statements"
@@ -473,3 +498,60 @@ def test_the_cascade_needs_no_delete_privilege_on_the_tables_it_reaches_only_sel
         "SELECT bool_or(has_table_privilege(%s, t, 'DELETE')) FROM unnest(%s::text[]) t",
         [role, ["comments", 'social."Likes"', "pins", "flags", "views"]],
     )
+
+
+TARGETS_YAML = """\
+foreign_keys:
+  - name: posts_account_fk
+    table: posts
+    column: account_id
+    ref_table: accounts
+    ref_column: id
+    on_delete: CASCADE
+    constraint: posts_account_id_fkey
+    index: posts_account_idx
+    audit_table: posts_orphan_audit
+    orphans: delete
+    conn_ids: [kpi_db]
+"""
+
+
+def test_a_declared_delete_key_shows_its_blast_radius_in_the_plan_and_converges_through_its_dag(
+    shop, tmp_path, monkeypatch, capsys, request
+) -> None:
+    """The targets file's orphans: delete, the plan's text, and (on the main major) the DAG: its runbook names
+    the policy, and the target's report counts from the archive."""
+    from fk_maintenance import cli
+
+    path = tmp_path / "targets.yaml"
+    path.write_text(TARGETS_YAML)
+    (target,) = load_targets(path)
+    assert target.spec == SPEC
+    shop.execute("DELETE FROM invoices WHERE id < 100")
+    expected = expected_radius(shop)
+    before = snapshots(shop)
+    assert cli.main(["plan", "--dsn", shop.dsn, "--targets", str(path)]) == cli.EXIT_OK
+    plan = capsys.readouterr().out
+    total = sum(sum(counts.values()) for counts in expected.values())
+    assert "60 row(s) point at 5 missing parent(s); orphans: delete; a run deletes them" in plan, plan
+    assert f"{total} row(s) in all" in plan and f"public.pins: {expected['public.pins']['nulled']} nulled" in plan
+    assert snapshots(shop) == before
+    if os.environ.get("KPI_TEST_PG"):
+        return  # the DAG's wiring is the same on every major (see test_declared_keys)
+    from airflow.dag_processing.dagbag import DagBag
+
+    from devkit.airflow_env import latest_xcom
+    from fk_maintenance.settings import SETTING_DEFS
+
+    home = request.getfixturevalue("airflow_home")
+    monkeypatch.setenv("FK_MAINTENANCE_TARGETS", str(path))
+    monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", shop.server.airflow_connection_json(shop.name))
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.dags["posts_account_fk"]
+    assert "**Orphans** (rows whose `account_id` names a missing parent): `delete`" in dag.doc_md
+    run = dag.test(run_conf={**{d.name: d.default for d in SETTING_DEFS}, "validate_now": True})
+    assert str(run.state) == "success"
+    report = latest_xcom(home, "canary.report", "report", dag_id="posts_account_fk")
+    assert report["final_state"] == "converged" and report["orphan_policy"] == "delete"
+    assert report["archived"] == expected

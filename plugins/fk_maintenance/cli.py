@@ -497,7 +497,7 @@ def cmd_run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     if outcome.error:
         out("")
         out(f"{outcome.failed_step} failed: {outcome.error}")
-    if report["audited"]:
+    if report["audited"] or report.get("archived"):
         out(f"Undo: {PROG} restore --key {target.name} --run-id '{run_id}' (with the same --dsn or --conn-id)")
     if outcome.unreachable:
         return EXIT_USAGE

@@ -75,7 +75,8 @@ def restore_run(
                     time.sleep(settings.batch_pause_ms / 1000)
             if archived_run_rows(conn, spec, run_id):
                 # An orphans: delete run: the rows it deleted and the pointers its cascade changed.
-                totals |= restore_archived(conn, spec, state, settings, run_id, restore_id)
+                for name, value in restore_archived(conn, spec, state, settings, run_id, restore_id).items():
+                    totals[name] = totals.get(name, 0) + value
     return _finish(spec, settings, run_id, totals, started)
 
 
@@ -235,7 +236,10 @@ def _finish(
     return totals | {
         "run_id": run_id,
         "dry_run": settings.dry_run,
-        "still_missing": totals["parent_still_missing"] + totals["busy"],
+        "still_missing": totals["parent_still_missing"]
+        + totals["busy"]
+        + totals.get("rows_parent_still_missing", 0)
+        + totals.get("pointers_parent_still_missing", 0),
         "restore_log": None if settings.dry_run else spec.restore_log_qualified,
         "seconds": round(time.monotonic() - started, 3),
     }
@@ -256,4 +260,13 @@ def format_restore_report(report: dict[str, Any]) -> str:
             f"{t['conn_id']:<28}{t['audited']:>9}{t['restored']:>10}{t['still_missing']:>9}"
             f"{t['repointed_by_app']:>12}{t['changed_since']:>15}{t['row_deleted']:>9}"
         )
+        if "rows_restored" in t:
+            # An orphans: delete run: the archive's rows and the pointers its cascade changed.
+            lines.append(
+                f"{'':<28}archive: {t['rows_restored']} row(s) and {t['pointers_restored']} pointer(s) put back; "
+                f"already back {t['rows_already_restored']} row(s), {t['pointers_already_restored']} pointer(s); "
+                f"parent still missing {t['rows_parent_still_missing']} row(s), "
+                f"{t['pointers_parent_still_missing']} pointer(s); written since (left alone) "
+                f"{t['rows_written_since']} row(s), {t['pointers_written_since']} pointer(s); busy {t['busy']}"
+            )
     return "\n".join(lines)
