@@ -125,6 +125,9 @@ def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
     root = Rel(spec.schema, spec.table, state.table.oid, spec.row_key)
     graph = Graph(root)
     known = {root.qualified: root}
+    # A table is expanded (its own referencing keys read) once a CASCADE key reaches it, whichever key saw it
+    # first: one first met through a SET NULL key may be deleted from through another path.
+    expanded = {root.qualified}
     todo = [root]
     while todo:
         parent = todo.pop(0)
@@ -146,10 +149,10 @@ def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
                     f"orphans of {spec.schema}.{spec.table} reaches it through {edge.describe()}: the archive could "
                     "not tell its rows apart. Give it a primary key, or declare another orphans policy"
                 )
-            if child.qualified not in known:
-                known[child.qualified] = child
-                if action == DELETES:
-                    todo.append(child)
+            known[child.qualified] = child
+            if action == DELETES and child.qualified not in expanded:
+                expanded.add(child.qualified)
+                todo.append(child)
         graph.edges[parent.qualified] = edges
     return graph
 
