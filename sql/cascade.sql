@@ -194,3 +194,15 @@ WHERE {t_is_r}
 -- name: log_restored
 INSERT INTO {restore_log} (restore_id, audit_table, run_id, row_key, parent, restored_at)
 VALUES (%(restore_id)s, %(audit_name)s, %(run_id)s, %(row_key)s, %(what)s, clock_timestamp())
+
+-- name: act_for_declared_key
+-- What the declared key, not added yet, will do to the rows it reaches from a deleted row (SET NULL / SET
+-- DEFAULT): done here, in the delete's transaction, as PostgreSQL will do it once the key exists.
+WITH changed AS (
+    UPDATE {table} c SET {set_columns}
+    FROM jsonb_array_elements(%(keys)s::jsonb) AS j(k)
+    CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, j.k) AS o
+    WHERE {c_is_o}
+    RETURNING 1
+)
+SELECT count(*) FROM changed

@@ -555,3 +555,53 @@ def test_a_declared_delete_key_shows_its_blast_radius_in_the_plan_and_converges_
     report = latest_xcom(home, "canary.report", "report", dag_id="posts_account_fk")
     assert report["final_state"] == "converged" and report["orphan_policy"] == "delete"
     assert report["archived"] == expected
+
+
+HIERARCHY = """
+CREATE TABLE goals (id int PRIMARY KEY, parent_id int, title text NOT NULL);
+CREATE TABLE goal_notes (id int PRIMARY KEY, goal_id int NOT NULL REFERENCES goals ON DELETE CASCADE, body text);
+-- Ten roots, goals below them, and every twentieth goal an orphan (its parent 1000 + id is gone).
+INSERT INTO goals SELECT g, CASE WHEN g <= 10 THEN NULL WHEN g % 20 = 0 THEN 1000 + g ELSE 1 + g % 10 END, 'goal ' || g
+FROM generate_series(1, 200) g;
+-- Below each orphan a child, and below that a grandchild.
+INSERT INTO goals SELECT 300 + g, 20 * g, 'child of an orphan' FROM generate_series(1, 10) g;
+INSERT INTO goals SELECT 400 + g, 300 + g, 'grandchild' FROM generate_series(1, 10) g;
+INSERT INTO goal_notes SELECT id, id, 'note ' || id FROM goals;
+"""
+GOALS = ForeignKeySpec(
+    schema="public",
+    table="goals",
+    columns=("parent_id",),
+    ref_table="goals",
+    ref_columns=("id",),
+    row_key=("id",),
+    on_delete="SET NULL",
+    constraint="goals_parent_id_fkey",
+    index="goals_parent_id_idx",
+    audit_table="goals_orphan_audit",
+    orphans="delete",
+)
+
+
+def test_deleting_orphans_of_a_self_referencing_set_null_key_nulls_their_children_as_the_key_will(db) -> None:
+    """Before the key exists PostgreSQL cannot act on it: the delete does what the declared SET NULL will do,
+    so an orphan's children become roots (archived, restorable) and are never deleted as orphans in turn."""
+    db.execute(HIERARCHY)
+    before = dict(db.query("SELECT id, g::text FROM goals g"))
+    with db.connect() as conn:
+        found = detect_orphans(conn, GOALS, replace(SETTINGS, dry_run=True))
+    radius = {
+        "public.goals": {"deleted": 10, "nulled": 10, "reset": 0},
+        "public.goal_notes": {"deleted": 10, "nulled": 0, "reset": 0},
+    }
+    assert found["blast_radius"] == radius
+    report = run_pipeline(db.connect, GOALS, SETTINGS, "run-g")["report"]
+    assert report["final_state"] == "converged" and report["archived"] == radius, report
+    assert db.query("SELECT count(*) FROM goals WHERE id BETWEEN 301 AND 310 AND parent_id IS NULL") == [(10,)]
+    assert db.query("SELECT count(*) FROM goals WHERE id BETWEEN 401 AND 410 AND parent_id = id - 100") == [(10,)]
+    db.execute("INSERT INTO goals SELECT 1000 + 20 * g, NULL, 'back' FROM generate_series(1, 10) g")
+    with db.connect() as conn:
+        restored = restore_run(conn, GOALS, SETTINGS, "run-g", "restore-g")
+    assert (restored["rows_restored"], restored["pointers_restored"]) == (20, 10), str(restored)
+    after = dict(db.query("SELECT id, g::text FROM goals g WHERE id < 1000"))
+    assert after == before

@@ -76,11 +76,14 @@ class Edge:
     columns: tuple[str, ...]
     ref_columns: tuple[str, ...]
     acts_on: tuple[str, ...]  # the columns SET NULL / SET DEFAULT changes: its column list, else every one
+    # The declared key itself, before its constraint exists: PostgreSQL does not act on it yet, so the delete
+    # does what it will do (deletes, nulls, resets the rows it reaches) itself, in the same transaction.
+    declared: bool = False
 
     def describe(self) -> str:
         return (
             f"{self.name} ({self.child.qualified} ({', '.join(self.columns)}) -> {self.parent.qualified}, ON DELETE "
-            f"{ON_DELETE_ACTIONS.get(self.action, self.action)})"
+            f"{ON_DELETE_ACTIONS.get(self.action, self.action)}{', declared, not added yet' if self.declared else ''})"
         )
 
 
@@ -132,14 +135,33 @@ def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
     while todo:
         parent = todo.pop(0)
         edges = []
-        for name, action, schema, table, oid, _kind, columns, ref_columns, set_columns in conn.execute(
-            statement("cascade", "referencing_keys"), {"relid": parent.oid}
-        ):
+        keys = [(*row, False) for row in conn.execute(statement("cascade", "referencing_keys"), {"relid": parent.oid})]
+        if (parent.schema, parent.name) == (spec.ref_schema, spec.ref_table) and not state.constraint.exists:
+            # The key this run adds, as it will act once added: deleting an orphan of a self-referencing key
+            # must null its children (SET NULL), not leave them orphans for a later pass to delete.
+            acts_on = spec.on_delete_columns or spec.columns
+            keys.append(
+                (
+                    spec.constraint,
+                    spec.on_delete_code,
+                    spec.schema,
+                    spec.table,
+                    root.oid,
+                    "r",
+                    spec.columns,
+                    spec.ref_columns,
+                    acts_on,
+                    True,
+                )
+            )
+        for name, action, schema, table, oid, _kind, columns, ref_columns, set_columns, declared in keys:
             child = known.get(f"{schema}.{table}")
             if child is None:
                 found = conn.execute(statement("cascade", "row_key_of"), {"relid": oid}).fetchone()
                 child = Rel(schema, table, oid, tuple(found[0]) if found else None)
-            edge = Edge(name, action, parent, child, tuple(columns), tuple(ref_columns), tuple(set_columns or columns))
+            edge = Edge(
+                name, action, parent, child, tuple(columns), tuple(ref_columns), tuple(set_columns or columns), declared
+            )
             edges.append(edge)
             if action in FORBIDS:
                 continue
@@ -196,6 +218,8 @@ class Found:
     action: str  # deleted, nulled, reset
     via: str  # the foreign key that reached it ("" for the orphan itself)
     columns: tuple[str, ...] = ()
+    # Reached through the declared key before it exists: the delete acts on it itself (Edge.declared).
+    by_us: bool = False
 
 
 @dataclass
@@ -280,7 +304,9 @@ def walk(
                 for row_key, row_data, relid in _reach(conn, edge, parents, locked):
                     taken = reached.deleted[edge.child.qualified]
                     if row_key not in taken:
-                        taken[row_key] = Found(depth, edge.child, relid, row_key, row_data, "deleted", edge.name)
+                        taken[row_key] = Found(
+                            depth, edge.child, relid, row_key, row_data, "deleted", edge.name, by_us=edge.declared
+                        )
                         following[edge.child.qualified].append(taken[row_key])
         frontier = following
     # Then what the deleted rows' SET NULL / SET DEFAULT keys change, and what RESTRICT / NO ACTION keys forbid,
@@ -309,6 +335,7 @@ def walk(
                             CHANGES[edge.action],
                             edge.name,
                             edge.acts_on,
+                            by_us=edge.declared,
                         )
                     )
     return reached
@@ -479,13 +506,22 @@ def _delete_once(
             statement("cascade", "archive_rows", archive=_archive(spec)),
             {"run_id": run_id, "batch": batch, "rows": _archive_json(rows)},
         ).fetchone()[0]
+        # The orphans, and the rows the declared key (not added yet) will take along: PostgreSQL's own keys
+        # do the rest.
+        ours = roots + [found for found in rows if found.by_us and found.action == "deleted"]
         deleted = conn.execute(
-            _delete_statement(spec), {"keys": _jsonb_array([found.row_key for found in roots])}
+            _delete_statement(spec), {"keys": _jsonb_array([found.row_key for found in ours])}
         ).fetchone()[0]
-        if archived != len(rows) or deleted != len(roots):
+        changed_by_us = 0
+        for action in CHANGES.values():
+            keys = [found.row_key for found in reached.changed if found.by_us and found.action == action]
+            if keys:
+                changed_by_us += conn.execute(_act_statement(spec, action), {"keys": _jsonb_array(keys)}).fetchone()[0]
+        wanted = sum(1 for found in reached.changed if found.by_us)
+        if archived != len(rows) or deleted != len(ours) or changed_by_us != wanted:
             raise RuntimeError(
-                f"delete: batch {batch} archived {archived} of {len(rows)} row(s) and deleted {deleted} of "
-                f"{len(roots)} orphan(s); rolled back"
+                f"delete: batch {batch} archived {archived} of {len(rows)} row(s), deleted {deleted} of {len(ours)} "
+                f"and changed {changed_by_us} of {wanted} through the declared key; rolled back"
             )
         _check_against_server(conn, spec, rows, batch, counted_before)
         conn.execute(
@@ -499,6 +535,20 @@ def _delete_once(
 @cache
 def _delete_statement(spec: ForeignKeySpec) -> sql.Composed:
     return statement("cascade", "delete_orphans", spec, c_is_o=keysql.equal("c", spec.row_key, "o", spec.row_key))
+
+
+@cache
+def _act_statement(spec: ForeignKeySpec, action: str) -> sql.Composed:
+    """SET NULL / SET DEFAULT on the columns the declared key's action names."""
+    value = sql.SQL("NULL" if action == "nulled" else "DEFAULT")
+    columns = spec.on_delete_columns or spec.columns
+    return statement(
+        "cascade",
+        "act_for_declared_key",
+        spec,
+        set_columns=sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(name), value) for name in columns),
+        c_is_o=keysql.equal("c", spec.row_key, "o", spec.row_key),
+    )
 
 
 def _archive_json(rows: list[Found]) -> str:
