@@ -45,7 +45,9 @@ SECTION_RESTORE = "What to restore"
 PLAN_RESTORE_DOC_MD = "The connections to restore on: the form's `conn_ids`, else the declared ones.\n\nLocks: none."
 RESTORE_DOC_MD = (
     "Puts back, in batches of `batch_size`, the audited pointers of `run_id` whose row is still parentless and "
-    "whose parent exists again; records each one in the restore log. A dry run only counts.\n\nLocks: ROW "
+    "whose parent exists again, and (orphans: delete) the rows it deleted and the pointers their cascade "
+    "changed, from the archive, parents first; records each one in the restore log. A dry run only counts."
+    "\n\nLocks: ROW "
     "EXCLUSIVE and the batch's row locks for the batch's milliseconds, under `lock_timeout_ms`; rows the app "
     "holds are skipped (SKIP LOCKED) and counted as still missing."
 )

@@ -65,8 +65,8 @@ ORDER BY {c_row_key}
 -- The rows of {child} that one foreign key ties to the given rows of {parent} (whole rows, as jsonb): the
 -- parent's referenced columns are read back typed from its jsonb (jsonb_populate_record), so any type of key
 -- joins as the key itself does.
-SELECT ({c_key_json})::text, to_jsonb(c)::text, c.tableoid::oid
-FROM jsonb_array_elements(%(parents)s::jsonb) AS j(parent_row)
+SELECT ({c_key_json})::text, to_jsonb(c)::text, c.tableoid::oid, j.parent_no
+FROM jsonb_array_elements(%(parents)s::jsonb) WITH ORDINALITY AS j(parent_row, parent_no)
 CROSS JOIN LATERAL jsonb_populate_record(NULL::{parent}, j.parent_row) AS p
 JOIN {child} c ON {c_references_p}
 ORDER BY {c_row_key}

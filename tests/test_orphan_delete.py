@@ -334,6 +334,14 @@ def test_orphans_delete_converges_while_the_app_writes_and_restore_brings_back_e
         "public.posts": {"deleted": expected["public.posts"]["deleted"] + written, "nulled": 0, "reset": 0},
     }
     assert report["blast_radius_rows"] == sum(sum(c.values()) for c in archived(shop, "run-1").values())
+    # A flag nulled through a reply sits one level below that reply (replies are at depth 2 and 3).
+    depths = shop.query(
+        "SELECT f.depth - c.depth, count(*) FROM fk_maintenance.posts_orphan_audit_archive f "
+        "JOIN fk_maintenance.posts_orphan_audit_archive c ON c.run_id = f.run_id AND c.table_name = 'comments' "
+        "AND c.row_key->>'id' = f.row_data->>'comment_id' WHERE f.run_id = 'run-1' AND f.table_name = 'flags' "
+        "GROUP BY 1"
+    )
+    assert depths == [(1, expected["public.flags"]["nulled"])], depths
     assert report["archived"] == archived(shop, "run-1")
     after = row_texts(shop)
     for table, rows in before.items():

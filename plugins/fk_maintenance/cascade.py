@@ -301,7 +301,7 @@ def walk(
             for edge in graph.from_rel(parents[0].rel):
                 if edge.action != DELETES:
                     continue
-                for row_key, row_data, relid in _reach(conn, edge, parents, locked):
+                for row_key, row_data, relid, _parent in _reach(conn, edge, parents, locked):
                     taken = reached.deleted[edge.child.qualified]
                     if row_key not in taken:
                         taken[row_key] = Found(
@@ -319,7 +319,7 @@ def walk(
             if edge.action == DELETES:
                 continue
             forbids = edge.action in FORBIDS
-            for row_key, row_data, relid in _reach(conn, edge, parents, locked and not forbids):
+            for row_key, row_data, relid, parent in _reach(conn, edge, parents, locked and not forbids):
                 if row_key in reached.deleted.get(edge.child.qualified, {}):
                     continue
                 if forbids:
@@ -327,7 +327,7 @@ def walk(
                 else:
                     reached.changed.append(
                         Found(
-                            parents[0].depth + 1,
+                            parents[parent - 1].depth + 1,  # one below the deleted row it pointed at
                             edge.child,
                             relid,
                             row_key,
@@ -341,7 +341,8 @@ def walk(
     return reached
 
 
-def _reach(conn: psycopg.Connection, edge: Edge, parents: list[Found], locked: bool) -> list[tuple[str, str, int]]:
+def _reach(conn: psycopg.Connection, edge: Edge, parents: list[Found], locked: bool) -> list[tuple[str, str, int, int]]:
+    """The rows ``edge`` ties to ``parents``: (row key, row, partition, which parent, counted from 1)."""
     return conn.execute(
         _edge_statement(edge, locked), {"parents": _jsonb_array([p.row_data for p in parents])}
     ).fetchall()

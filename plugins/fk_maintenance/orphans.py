@@ -250,9 +250,10 @@ def _sweep_deletes(
     *,
     step: str,
 ) -> dict[str, Any]:
-    """orphans: delete, batch by batch (fk_maintenance.cascade.delete_batch), in passes: a pass that deleted rows
-    of the referenced table (which the key, not there yet, cannot cascade from) or left busy orphans is followed
-    by another scan for orphans, until a pass deletes nothing more."""
+    """orphans: delete, batch by batch (fk_maintenance.cascade.delete_batch), in passes: a pass that left busy
+    orphans, or deleted rows of the referenced table (whose children the batch treated as the declared key will,
+    a second scan finds any written meanwhile), is followed by another scan for orphans, until a pass deletes
+    nothing more."""
     graph = require_graph(conn, spec, state)
     ensure_audit_table(conn, spec, state)  # the pipeline's schema, and the record of the batches' transactions
     ensure_archive_table(conn, spec)
