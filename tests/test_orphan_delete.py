@@ -485,7 +485,9 @@ def test_the_cascade_needs_no_delete_privilege_on_the_tables_it_reaches_only_sel
     shop.execute(
         f"CREATE ROLE {role} LOGIN; ALTER TABLE posts OWNER TO {role}; GRANT REFERENCES, SELECT ON accounts TO {role};"
         f"GRANT CREATE ON DATABASE {shop.name} TO {role}; GRANT CREATE ON SCHEMA public TO {role};"
-        f"GRANT USAGE ON SCHEMA social TO {role}; GRANT SELECT ON {reached} TO {role}"
+        f"GRANT USAGE ON SCHEMA social TO {role}; GRANT SELECT ON {reached} TO {role};"
+        # A DBA made the pipeline's schema, without CREATE for the role yet.
+        f"CREATE SCHEMA fk_maintenance; GRANT USAGE ON SCHEMA fk_maintenance TO {role}"
     )
     before = snapshots(shop)
     expected = expected_radius(shop)
@@ -495,8 +497,9 @@ def test_the_cascade_needs_no_delete_privilege_on_the_tables_it_reaches_only_sel
     for table in ("public.comments", 'social."Likes"', "public.pins", "public.flags", "public.views"):
         assert f"lacks UPDATE on {table} (SELECT ... FOR UPDATE" in message, (table, message)
     assert "invoices" not in message  # RESTRICT: read, never locked
+    assert "needed to create the archive fk_maintenance.posts_orphan_audit_archive there" in message, message
     assert snapshots(shop) == before
-    shop.execute(f"GRANT UPDATE ON {reached} TO {role}")
+    shop.execute(f"GRANT UPDATE ON {reached} TO {role}; GRANT CREATE ON SCHEMA fk_maintenance TO {role}")
     report = run_pipeline(lambda: psycopg.connect(shop.dsn, user=role, autocommit=True), SPEC, SETTINGS, "run-p")[
         "report"
     ]

@@ -203,7 +203,32 @@ def graph_problems(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Graph,
             if rel is graph.root:
                 needed.append((can_delete, f"DELETE on {table} (orphans: delete)", f"GRANT DELETE ON {table} TO {who}"))
         problems += [f"role {who} lacks {what}: {grant}" for ok, what, grant in needed if not ok]
-    return problems
+    return problems + (_archive_problems(conn, spec) if writes else [])
+
+
+def _archive_problems(conn: psycopg.Connection, spec: ForeignKeySpec) -> list[str]:
+    """The archive is created by the first delete (CREATE on the pipeline's schema) and written by every batch
+    (INSERT, and SELECT for the reports and restore); the schema itself is audit.audit_problems' to check."""
+    who, schema, archive = as_written(conn, conn.info.user, spec.audit_schema, (spec.audit_schema, spec.archive_table))
+    table = conn.execute(
+        statement("catalog", "table"), {"schema": spec.audit_schema, "table": spec.archive_table}
+    ).fetchone()
+    if table is None:
+        exists, _create_db, can_create, _use = conn.execute(
+            statement("catalog", "schema_privileges"), {"schema": spec.audit_schema}
+        ).fetchone()
+        if exists and not can_create:
+            return [
+                f"role {who} lacks CREATE on schema {schema}, needed to create the archive {archive} there: "
+                f"GRANT CREATE ON SCHEMA {schema} TO {who}"
+            ]
+        return []
+    can_select, can_insert, _update = conn.execute(
+        statement("catalog", "audit_privileges"), {"relid": table[0]}
+    ).fetchone()
+    if can_select and can_insert:
+        return []
+    return [f"role {who} lacks SELECT, INSERT on {archive}: GRANT SELECT, INSERT ON {archive} TO {who}"]
 
 
 @dataclass
@@ -627,16 +652,21 @@ def _check_against_server(
         )
 
 
-def delete_problems(
+def delete_key_problems(
+    conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, settings: RunSettings
+) -> list[str]:
+    """For preflight, with the other structural checks: every table a delete reaches needs a row key, and the
+    role every privilege the walk, the lock, the delete and the archive need (whether or not there are orphans
+    now: the re-sweep before VALIDATE may meet some)."""
+    return graph_problems(conn, spec, build_graph(conn, spec, state), writes=not settings.dry_run)
+
+
+def protected_rows(
     conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, keys: psycopg.Cursor[Any], settings: RunSettings
-) -> tuple[list[str], BlastRadius | None]:
-    """For preflight: the graph's problems and missing privileges, then, if there are none, the blast radius of
-    every orphan (read-only) and a refusal if any RESTRICT / NO ACTION key protects a row it would delete."""
-    graph = build_graph(conn, spec, state)
-    problems = graph_problems(conn, spec, graph, writes=not settings.dry_run)
-    if problems:
-        return problems, None
-    radius = blast_radius(conn, spec, state, graph, keys, settings.batch_size)
+) -> tuple[list[str], BlastRadius]:
+    """For preflight, once the structure passed: the blast radius of every orphan (read-only), and a refusal if
+    any RESTRICT / NO ACTION key protects a row it would delete."""
+    radius = blast_radius(conn, spec, state, build_graph(conn, spec, state), keys, settings.batch_size)
     return ([radius.refusal(spec)] if radius.protected else []), radius
 
 

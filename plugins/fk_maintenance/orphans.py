@@ -13,9 +13,8 @@ import psycopg
 from psycopg import sql
 
 from .audit import ensure_audit_table, find_audit_tables
-from .cascade import BlastRadius, DeleteCounts, delete_batch, ensure_archive_table, require_graph
+from .cascade import BlastRadius, DeleteCounts, delete_batch, ensure_archive_table, protected_rows, require_graph
 from .cascade import blast_radius as walk_blast_radius
-from .cascade import delete_problems as cascade_problems
 from .catalog import TargetState, require_target
 from .errors import OrphansCannotBeNulled
 from .session import run_lock, set_local_timeouts, step_session
@@ -121,15 +120,14 @@ def refused_orphans_message(spec: ForeignKeySpec, state: TargetState, orphans: i
 def delete_problems(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, state: TargetState
 ) -> list[str]:
-    """For preflight, under orphans: delete: every table the delete reaches needs a row key and the role's
-    privileges, and no RESTRICT / NO ACTION key may protect a row it would delete (walked read-only)."""
+    """For preflight, under orphans: delete, with orphans: no RESTRICT / NO ACTION key may protect a row the
+    delete would remove (walked read-only)."""
     keys, _total = _hold_orphan_keys(conn, spec, settings)
     try:
-        problems, radius = cascade_problems(conn, spec, state, keys, settings)
+        problems, radius = protected_rows(conn, spec, state, keys, settings)
     finally:
         keys.close()
-    if radius is not None:
-        log.info("preflight: orphans: delete would take %d row(s): %s", radius.rows, radius.per_table)
+    log.info("preflight: orphans: delete would take %d row(s): %s", radius.rows, radius.per_table)
     return problems
 
 

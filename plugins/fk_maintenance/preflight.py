@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from .audit import audit_problems, audit_summary, find_audit_tables
+from .cascade import delete_key_problems
 from .catalog import (
     TargetState,
     as_written,
@@ -55,6 +56,8 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
     if state.complete:
         problems.extend(_privilege_problems(conn, spec, settings, state))
         problems.extend(audit_problems(conn, spec, state, audit_tables, writes=not settings.dry_run))
+        if state.policy == "delete" and not state.problems:
+            problems.extend(delete_key_problems(conn, spec, state, settings))
         warnings.extend(_warnings(conn, spec, state))
     for warning in warnings:
         log.warning("preflight: %s", warning)
