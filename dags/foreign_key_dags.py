@@ -13,7 +13,9 @@ from typing import Any
 from airflow.sdk import DAG, AssetAlias, BaseSensorOperator, Param, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from fk_maintenance.alerts import failure_callback
+from fk_maintenance.airflow_approval import DeleteApproval
+from fk_maintenance.alerts import approval_waiting_notifiers, failure_callback
+from fk_maintenance.approval import APPROVAL_DOC_MD, APPROVAL_TASK
 from fk_maintenance.assets import converged_alias
 from fk_maintenance.fleet import (
     AFTER_STEPS,
@@ -45,7 +47,9 @@ SECTION_RESTORE = "What to restore"
 PLAN_RESTORE_DOC_MD = "The connections to restore on: the form's `conn_ids`, else the declared ones.\n\nLocks: none."
 RESTORE_DOC_MD = (
     "Puts back, in batches of `batch_size`, the audited pointers of `run_id` whose row is still parentless and "
-    "whose parent exists again; records each one in the restore log. A dry run only counts.\n\nLocks: ROW "
+    "whose parent exists again, and (orphans: delete) the rows it deleted and the pointers their cascade "
+    "changed, from the archive, parents first; records each one in the restore log. A dry run only counts."
+    "\n\nLocks: ROW "
     "EXCLUSIVE and the batch's row locks for the batch's milliseconds, under `lock_timeout_ms`; rows the app "
     "holds are skipped (SKIP LOCKED) and counted as still missing."
 )
@@ -72,6 +76,8 @@ RUNBOOK = """
 Gives `{schema}.{table}` a **validated** foreign key
 `{constraint} ({columns}) -> {ref_table}({ref_columns}) ON DELETE {on_delete}` and the btree index
 `{index} ({columns})`, while the app keeps writing. Declared for the Airflow connections {conn_ids}.
+
+**Orphans** (rows whose `{columns}` names a missing parent): {policy}
 
 ## The fleet
 
@@ -115,6 +121,7 @@ names the ids involved; fix the data in the app, then trigger again: every step 
 
 ## Undo the data change
 
+{undo_delete}
 Every nulled pointer is in `{audit}`, the pipeline's own schema (`run_id`, {audit_row_key} (the row's
 `{row_key}`), {audit_pointer} (the old `{columns}`), `nulled_at`), on each target database. Nulling sets
 {nulled} to NULL. To put back one run's pointers whose
@@ -123,9 +130,32 @@ lock timeouts, leaves rows the app has written since alone, and records each poi
 """
 
 
+# The runbook's sentence for each declared orphan policy ("" = undeclared: decided by the key's nullability).
+POLICY_TEXT = {
+    "": "not declared: `nullify` where a column of the key is nullable (each pointer nulled, audited), `refuse` "
+    "where the key is NOT NULL (preflight fails naming the count and `orphans: delete`, nothing changed).",
+    "nullify": "`nullify`: each dangling pointer is nulled, audited in the same transaction.",
+    "refuse": "`refuse`: preflight fails naming how many there are, and nothing is changed.",
+    "delete": "`delete`: each orphan row is deleted with everything the database's own foreign keys take along "
+    "(rows deleted by CASCADE keys, pointers nulled or reset by SET NULL / SET DEFAULT keys, recursively), every "
+    "such row locked and archived whole in the same transaction, before the DELETE. Rows a RESTRICT or NO ACTION "
+    "key protects make preflight refuse before any change. A dry run (and `detect_orphans`' result: "
+    "`blast_radius_rows`, `blast_radius` per table, `blast_radius_sample`) shows what a run would take. Above "
+    "`approve_deletes_above` rows, `approve_deletes` waits for a person's Approve or Reject (Browse > Required "
+    "Actions); rejected or unanswered within `approval_timeout_minutes`, nothing is deleted and the target fails.",
+}
+UNDO_DELETE = """Every row this key's runs deleted, and every pointer their cascade changed, is in `{archive}` (one
+row each: `run_id`, `batch`, `depth`, `table_schema`, `table_name`, `row_key`, `action` deleted / nulled /
+reset, `via` the foreign key, `columns`, `row_data` the whole row as jsonb before the change). The restore DAG
+`{name}_restore` puts them back, parents first, where the missing parent exists again.
+
+"""
+
+
 def _param(definition: SettingDef, target: Target) -> Param:
     # The form shows the connections this key is declared for; the library's own default (empty) means the same.
     default = list(target.conn_ids) if definition.name == "conn_ids" else definition.default
+    default = target.settings.get(definition.name, default)
     return Param(
         default,
         title=definition.title,
@@ -168,6 +198,10 @@ class WaitTurn(BaseSensorOperator):
         from fk_maintenance.airflow_tasks import run_wait_turn
 
         return run_wait_turn(self.group, self.conn_id, context)
+
+
+def restore_dag_id(target: Target) -> str:
+    return f"{target.name}_restore"
 
 
 def _target_group(group_id: str, declared: Target, doc: str, *, mapped: bool, alert: Any):
@@ -217,6 +251,19 @@ def _target_group(group_id: str, declared: Target, doc: str, *, mapped: bool, al
             )(run_step)(step_name=step.name, conn_id=conn_id)
             for upstream in step.upstream:
                 tasks[upstream] >> tasks[step.name]
+        if spec.orphans == "delete":
+            # A person approves a delete above approve_deletes_above before null_orphans acts on it.
+            approval = DeleteApproval(
+                task_id=APPROVAL_TASK,
+                doc_md=APPROVAL_DOC_MD,
+                spec=spec,
+                restore_dag=restore_dag_id(declared),
+                found=tasks["detect_orphans"],
+                conn_id=conn_id,
+                notifiers=approval_waiting_notifiers(declared),
+                **({"map_index_template": "{{ task.conn_id }}"} if mapped else {}),
+            )
+            approval >> tasks["null_orphans"]
         turn >> tasks[STEPS[0].name]
         # all_done: a target that failed still gets its summary; the report then fails too.
         summary = task(
@@ -268,6 +315,10 @@ def build_dag(target: Target) -> DAG:
             constraint=spec.constraint,
             index=spec.index,
             on_delete=spec.on_delete_sql,
+            policy=POLICY_TEXT[spec.orphans],
+            undo_delete=UNDO_DELETE.format(name=target.name, archive=spec.archive_qualified)
+            if spec.orphans == "delete"
+            else "",
             audit_row_key=", ".join(f"`{name}`" for name in spec.audit_row_key_columns),
             audit_pointer=", ".join(f"`{name}`" for name in spec.audit_pointer_columns),
             nulled=", ".join(f"`{name}`" for name in spec.on_delete_columns or spec.nullify_columns)
@@ -336,7 +387,7 @@ def build_restore_dag(target: Target) -> DAG:
 
     definitions = {definition.name: definition for definition in SETTING_DEFS}
     with DAG(
-        dag_id=f"{target.name}_restore",
+        dag_id=restore_dag_id(target),
         description=f"Put back the pointers a run of {target.name} nulled, where the parent exists again",
         doc_md=RESTORE_RUNBOOK.format(name=target.name, audit=spec.audit_qualified, log=spec.restore_log_qualified),
         schedule=None,

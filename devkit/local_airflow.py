@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +49,8 @@ class LocalAirflow:
     # Extra target databases, by Airflow connection id (kpi_fleet_1, ...), for trying a fleet run.
     fleet_dsns: dict[str, str]
 
-    def api(self, path: str, body: dict | None = None) -> dict:
-        """A call of Airflow's REST API as the admin user (a POST when ``body`` is given)."""
+    def api(self, path: str, body: dict | None = None, method: str | None = None) -> dict:
+        """A call of Airflow's REST API as the admin user (a POST when ``body`` is given, unless ``method``)."""
         login = urllib.request.Request(
             f"{self.url}/auth/token",
             data=json.dumps({"username": self.user, "password": self.password}).encode(),
@@ -62,6 +62,7 @@ class LocalAirflow:
             f"{self.url}{path}",
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            method=method,
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
@@ -126,13 +127,18 @@ def local_airflow(
     timeout: float = 180,
     turn_poke_seconds: int = 5,
     pool_slots: int = POOL_SLOTS,
+    targets_file: Path | None = None,
+    extra_databases: Callable[[PgServer], dict[str, str]] | None = None,
 ) -> Iterator[LocalAirflow]:
+    """``targets_file``: declared keys other than the shipped file's; ``extra_databases``: makes more target
+    databases on the server and returns them by the connection id to give each (the keys of that file name)."""
     home.mkdir(parents=True, exist_ok=True)
     server = PgServer.embedded()
     process: subprocess.Popen | None = None
     try:
         metadata_db = server.create_database("airflow_meta")
         kpi_db, fleet_dbs = target_databases(server, rows, fleet, fleet_rows)
+        fleet_dbs.update(extra_databases(server) if extra_databases else {})
         password = secrets.token_urlsafe(12)
         passwords_file = home / "simple_auth_manager_passwords.json"
         passwords_file.write_text(json.dumps({USER: password}))
@@ -155,6 +161,7 @@ def local_airflow(
                 f"AIRFLOW_CONN_{conn_id.upper()}": server.airflow_connection_json(database)
                 for conn_id, database in fleet_dbs.items()
             },
+            **({"FK_MAINTENANCE_TARGETS": str(targets_file)} if targets_file else {}),
             # standalone starts its components as `airflow ...` from PATH: make it this interpreter's.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }

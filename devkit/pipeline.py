@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from fk_maintenance.report import build_report, read_audited
+from fk_maintenance.report import build_report, read_archived, read_audited
 from fk_maintenance.settings import RunSettings
 from fk_maintenance.spec import ForeignKeySpec
 from fk_maintenance.steps import MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS
@@ -24,5 +24,6 @@ def run_pipeline(
         with connect() as conn:
             results[step.name] = step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
     audited = None if settings.dry_run else read_audited(connect, spec, settings, run_id)
-    results["report"] = build_report(spec, settings, run_id, results, audited=audited)
+    archived = None if settings.dry_run else read_archived(connect, spec, settings, run_id)
+    results["report"] = build_report(spec, settings, run_id, results, audited=audited, archived=archived)
     return results

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Lint and the test suite against real PostgreSQL: everything on the embedded PostgreSQL 18 (or KPI_TEST_DSN),
-# then every step, restore, declared-key and partitioned-key test again on PostgreSQL 16 and 15 (fresh clusters, devkit.cluster):
+# then every step, restore, declared-key, partitioned-key and orphan-delete test again on PostgreSQL 16 and 15
+# (fresh clusters, devkit.cluster):
 # the SQL is what differs between majors, the Airflow wiring is not.
 # The tests that run a whole Airflow (scheduler, triggerer, api-server, Celery workers, the browser) spend most
 # of their time waiting for it: they run beside the others, in a pytest process of their own (its own
@@ -29,7 +30,7 @@ if [ -z "${KPI_TEST_DSN:-}" ]; then
   for major in 16 15; do
     KPI_TEST_PG=$major .venv/bin/python -m pytest -q -p no:cacheprovider \
       tests/test_steps.py tests/test_restore.py tests/test_declared_keys.py tests/test_composite_keys.py \
-      tests/test_partitioned_keys.py > "$logs/$major.log" 2>&1 &
+      tests/test_partitioned_keys.py tests/test_orphan_delete.py > "$logs/$major.log" 2>&1 &
     echo $! > "$logs/$major.pid"
   done
   failed=0

@@ -16,8 +16,15 @@ SELECT (SELECT count(*) FROM orphan),
           FROM (SELECT fk_row_key, fk_pointer FROM orphan ORDER BY {row_key} LIMIT %(sample_size)s) s)
 
 -- name: keys
+SELECT {c_row_key}
+FROM {table} c
+WHERE {c_key_complete}
+  AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
+ORDER BY {c_row_key}
+
+-- name: keys_by_table
 -- With the table (partition) each row is in: a batch is nulled on its own partition, where the planner probes
--- one primary key per row (through the parent it plans the batch as a scan of every partition).
+-- one primary key per row (through the parent it planned the batch as a scan of every partition).
 SELECT c.tableoid, {c_row_key}
 FROM {table} c
 WHERE {c_key_complete}

@@ -190,7 +190,8 @@ def test_parsing_the_dag_file_loads_no_step_module_and_opens_no_connection() -> 
         # Only the stdlib-only modules (settings and what they use); no step module, which would import psycopg.
         "assert set(loaded) <= {'fk_maintenance.settings', 'fk_maintenance.spec', 'fk_maintenance.errors',"
         " 'fk_maintenance.window', 'fk_maintenance.steps', 'fk_maintenance.targets', 'fk_maintenance.fleet',"
-        " 'fk_maintenance.alerts', 'fk_maintenance.assets'}, loaded\n"
+        " 'fk_maintenance.alerts', 'fk_maintenance.assets', 'fk_maintenance.approval',"
+        " 'fk_maintenance.airflow_approval'}, loaded\n"
         "assert 'psycopg' not in sys.modules, 'psycopg imported at parse time'\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)

@@ -42,9 +42,58 @@ def chromium_installed() -> None:
         pytest.fail(f"{CHROMIUM} is missing: scripts/system-deps.sh installs Debian's chromium when run as root")
 
 
+# A key declared orphans: delete beside the shipped one, on three small databases of its own: posts whose account
+# is gone, each with two comments (CASCADE) and a pin (SET NULL).
+DELETE_DAG = "posts_account_fk"
+SHOPS = ("shop_a", "shop_b", "shop_c")
+SHOP_SCHEMA = """
+CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE posts (id int PRIMARY KEY, account_id int NOT NULL, title text NOT NULL);
+CREATE TABLE comments (id int PRIMARY KEY, post_id int NOT NULL REFERENCES posts ON DELETE CASCADE, body text);
+CREATE TABLE pins (id int PRIMARY KEY, post_id int REFERENCES posts ON DELETE SET NULL);
+INSERT INTO accounts SELECT g, 'account ' || g FROM generate_series(1, 20) g;
+INSERT INTO posts SELECT g, 1 + g % 25, 'post ' || g FROM generate_series(1, 100) g;  -- accounts 21-25: gone
+INSERT INTO comments SELECT g, 1 + g % 100, 'comment ' || g FROM generate_series(1, 200) g;
+INSERT INTO pins SELECT g, g FROM generate_series(1, 100) g;
+"""
+DELETE_KEY = f"""
+  - name: {DELETE_DAG}
+    table: posts
+    column: account_id
+    ref_table: accounts
+    ref_column: id
+    on_delete: CASCADE
+    orphans: delete
+    approve_deletes_above: 10
+    constraint: posts_account_id_fkey
+    index: posts_account_id_idx
+    audit_table: posts_orphan_audit
+    conn_ids: [{", ".join(SHOPS)}]
+"""
+
+
+def _shop_databases(server) -> dict[str, str]:
+    databases = {}
+    for conn_id in SHOPS:
+        name = server.create_database(conn_id)
+        with psycopg.connect(server.dsn(name), autocommit=True) as conn:
+            conn.execute(SHOP_SCHEMA)
+        databases[conn_id] = name
+    return databases
+
+
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAirflow]:
-    with local_airflow(tmp_path_factory.mktemp("ui-airflow"), port=free_port(), rows=5000, fleet=4) as running:
+    targets = tmp_path_factory.mktemp("ui-targets") / "targets.yaml"
+    targets.write_text((REPO / "dags" / "targets.yaml").read_text() + DELETE_KEY)
+    with local_airflow(
+        tmp_path_factory.mktemp("ui-airflow"),
+        port=free_port(),
+        rows=5000,
+        fleet=4,
+        targets_file=targets,
+        extra_databases=_shop_databases,
+    ) as running:
         yield running
 
 
@@ -262,3 +311,136 @@ def test_the_restore_form_puts_back_what_a_fleet_run_nulled_where_the_parent_exi
         ).fetchall()
     assert [row[0] for row in back] == children
     assert [row[0] for row in logged] == sorted(str(kpi) for kpi in children)
+
+
+# --- a person approves or rejects a large delete (issue 17) ----------------------------------------------------
+
+
+def _shop(airflow: LocalAirflow, conn_id: str) -> dict[str, int]:
+    with psycopg.connect(airflow.fleet_dsns[conn_id]) as conn:
+        return dict(
+            zip(
+                ("orphans", "posts", "comments", "pinned"),
+                conn.execute(
+                    "SELECT (SELECT count(*) FROM posts p WHERE NOT EXISTS "
+                    "(SELECT 1 FROM accounts a WHERE a.id = p.account_id)), (SELECT count(*) FROM posts), "
+                    "(SELECT count(*) FROM comments), (SELECT count(post_id) FROM pins)"
+                ).fetchone(),
+                strict=True,
+            )
+        )
+
+
+def _no_active_delete_runs(airflow: LocalAirflow) -> None:
+    """A deployment inside the window starts the key's scheduled run at once; it would wait for an approval no
+    one gives here and hold the DAG's one active run: fail it."""
+    for run in airflow.api(f"/api/v2/dags/{DELETE_DAG}/dagRuns?limit=100")["dag_runs"]:
+        if run["state"] not in ("success", "failed"):
+            quoted = urllib.request.quote(run["dag_run_id"], safe="")
+            airflow.api(f"/api/v2/dags/{DELETE_DAG}/dagRuns/{quoted}", {"state": "failed"}, method="PATCH")
+
+
+def _trigger_delete(airflow: LocalAirflow, conn_ids: list[str]) -> str:
+    run = airflow.api(
+        f"/api/v2/dags/{DELETE_DAG}/dagRuns",
+        {"logical_date": None, "conf": {"validate_now": True, "conn_ids": conn_ids}},
+    )
+    return run["dag_run_id"]
+
+
+def _waiting_approval(airflow: LocalAirflow, run_id: str, task_id: str, timeout: float = 180) -> dict:
+    """The gate's request once it has waited a few seconds: an answer within about a second of the request being
+    written can race the scheduler (the task ends failed although approved), which no person is fast enough for."""
+    quoted = urllib.request.quote(run_id, safe="")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for detail in airflow.api(f"/api/v2/dags/{DELETE_DAG}/dagRuns/{quoted}/hitlDetails?response_received=false")[
+            "hitl_details"
+        ]:
+            if detail["task_instance"]["task_id"] == task_id:
+                time.sleep(3)
+                return detail
+        time.sleep(1)
+    raise AssertionError(f"{task_id} never waited for an approval within {timeout:.0f} s")
+
+
+def _answer_by_rest(airflow: LocalAirflow, run_id: str, task_id: str, map_index: int, option: str) -> dict:
+    quoted = urllib.request.quote(run_id, safe="")
+    return airflow.api(
+        f"/api/v2/dags/{DELETE_DAG}/dagRuns/{quoted}/taskInstances/{task_id}/{map_index}/hitlDetails",
+        {"chosen_options": [option], "params_input": {}},
+        method="PATCH",
+    )
+
+
+def _answer_in_browser(page, airflow: LocalAirflow, run_id: str, task_id: str, map_index: int, option: str) -> None:
+    quoted = urllib.request.quote(run_id, safe="")
+    mapped = f"/mapped/{map_index}" if map_index >= 0 else ""
+    page.goto(f"{airflow.url}/dags/{DELETE_DAG}/runs/{quoted}/tasks/{task_id}{mapped}/required_actions")
+    page.get_by_text("rows deleted").first.wait_for()  # the request's table of what the delete takes
+    page.screenshot(path=str(SHOTS / f"approval-{option.lower()}-asked.png"), full_page=True)
+    page.get_by_test_id(f"hitl-option-{option}").click()
+    page.get_by_text("Response received").first.wait_for()
+    page.screenshot(path=str(SHOTS / f"approval-{option.lower()}-answered.png"), full_page=True)
+
+
+def _finished(airflow: LocalAirflow, run_id: str, timeout: float = 240) -> dict:
+    quoted = urllib.request.quote(run_id, safe="")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = airflow.api(f"/api/v2/dags/{DELETE_DAG}/dagRuns/{quoted}")
+        if run["state"] in ("success", "failed"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"run {run_id} did not finish within {timeout:.0f} s")
+
+
+def _target_line(airflow: LocalAirflow, run_id: str, group: str, map_index: int) -> dict:
+    quoted = urllib.request.quote(run_id, safe="")
+    return airflow.api(
+        f"/api/v2/dags/{DELETE_DAG}/dagRuns/{quoted}/taskInstances/{group}.report/xcomEntries/target_summary"
+        f"?map_index={map_index}&deserialize=true"
+    )["value"]
+
+
+@pytest.mark.parametrize(
+    ("canary", "canary_answer", "fleet_target", "fleet_answer"),
+    [
+        ("shop_a", "browser", "shop_b", "rest"),  # approved in the browser, rejected through the API
+        ("shop_c", "rest", "shop_b", "browser"),  # approved through the API, rejected in the browser
+    ],
+    ids=["approve-in-browser-reject-by-rest", "approve-by-rest-reject-in-browser"],
+)
+def test_a_large_delete_waits_for_a_person_approved_deletes_and_rejected_changes_nothing_naming_who(
+    page, airflow, canary, canary_answer, fleet_target, fleet_answer
+) -> None:
+    _no_active_delete_runs(airflow)
+    canary_before, fleet_before = _shop(airflow, canary), _shop(airflow, fleet_target)
+    assert canary_before["orphans"] == 20 and fleet_before["orphans"] == 20
+    run_id = _trigger_delete(airflow, [canary, fleet_target])
+
+    asked = _waiting_approval(airflow, run_id, "canary.approve_deletes")
+    assert "40" in asked["body"] and "rows deleted" in asked["body"]  # the comments the cascade takes along
+    assert _shop(airflow, canary) == canary_before  # nothing deleted while it waits
+    if canary_answer == "browser":
+        _answer_in_browser(page, airflow, run_id, "canary.approve_deletes", -1, "Approve")
+    else:
+        assert _answer_by_rest(airflow, run_id, "canary.approve_deletes", -1, "Approve")["chosen_options"] == [
+            "Approve"
+        ]
+    _waiting_approval(airflow, run_id, "fleet.approve_deletes")
+    if fleet_answer == "browser":
+        _answer_in_browser(page, airflow, run_id, "fleet.approve_deletes", 0, "Reject")
+    else:
+        _answer_by_rest(airflow, run_id, "fleet.approve_deletes", 0, "Reject")
+    run = _finished(airflow, run_id)
+
+    assert run["state"] == "failed"  # the rejected target failed
+    approved = _shop(airflow, canary)
+    assert approved == {"orphans": 0, "posts": 80, "comments": 160, "pinned": 80}
+    canary_line = _target_line(airflow, run_id, "canary", -1)
+    assert canary_line["succeeded"], canary_line
+    rejected = _target_line(airflow, run_id, "fleet", 0)
+    assert rejected["failed"] and rejected["final_state"] == "failed at approve_deletes", rejected
+    assert "rejected by admin" in rejected["error"] and "nothing was deleted" in rejected["error"]
+    assert _shop(airflow, fleet_target) == fleet_before

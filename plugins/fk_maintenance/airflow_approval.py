@@ -47,7 +47,20 @@ class DeleteApproval(ApprovalOperator):
         self.threshold = threshold
         self.timeout_minutes = timeout_minutes
 
+    def _fail(self, why: str) -> None:
+        """Fail without retries (a retry would ask again), the reason left where the target's report reads a
+        failed task's error."""
+
+        from .airflow_tasks import ERROR_KEY  # here, not at parse time: it imports psycopg
+
+        message = f"{self.task_id}: {why}"
+        context = getattr(self, "_context", None)
+        if context is not None:
+            context["ti"].xcom_push(key=ERROR_KEY, value=message)
+        raise AirflowFailException(message)
+
     def execute(self, context: Any) -> Any:
+        self._context = context
         threshold = int(self.threshold)
         rows = int(self.found.get("blast_radius_rows") or 0)
         if not approval_needed(self.found, threshold):
@@ -61,24 +74,19 @@ class DeleteApproval(ApprovalOperator):
 
     def process_trigger_event_error(self, event: dict[str, Any]) -> None:
         if event.get("error_type") == "timeout":
-            raise AirflowFailException(
-                f"approve_deletes: no answer within {self.timeout_minutes} min: nothing was deleted"
-            )
+            self._fail(f"no answer within {self.timeout_minutes} min: nothing was deleted")
         super().process_trigger_event_error(event)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        self._context = context
         try:
             answer = HITLOperator.execute_complete(self, context=context, event=event)
         except HITLTimeoutError:
-            raise AirflowFailException(
-                f"approve_deletes: no answer within {self.timeout_minutes} min: nothing was deleted"
-            ) from None
+            self._fail(f"no answer within {self.timeout_minutes} min: nothing was deleted")
         user = answer.get("responded_by_user") or {}
         who = f"{user.get('name')} (id {user.get('id')})" if user else "nobody"
         if answer["chosen_options"] != [self.APPROVE]:
-            raise AirflowFailException(
-                f"approve_deletes: the delete was rejected by {who} at {answer['responded_at']}: nothing was deleted"
-            )
+            self._fail(f"the delete was rejected by {who} at {answer['responded_at']}: nothing was deleted")
         self.log.info("approve_deletes: approved by %s", who)
         return {
             "approved": True,

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from .approval import APPROVAL_TASK
 from .errors import ConcurrentRun, InvalidSettings, PostChecksFailed, TargetUnreachable, is_final
 from .fleet import (
     CANARY_GROUP,
@@ -312,7 +313,7 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     target did not succeed, so that its instance shows red."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from .report import CONVERGED, build_report, read_audited
+    from .report import CONVERGED, build_report, read_archived, read_audited
 
     settings = settings_from(context)
     ti = context["ti"]
@@ -334,7 +335,10 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     results = {step.name: pull(step.name) if states.get(step.name) == "success" else None for step in STEPS}
     if states.get("post_checks") == "failed":
         results["post_checks"] = pull("post_checks", FAILED_CHECKS_KEY)
-    failed_step = next((name for name in (WAIT_TURN_TASK, *STEP_BY_NAME) if states.get(name) == "failed"), None)
+    # The approval gate of a delete key fails when a person rejects (or nobody answers): its reason is the error.
+    failed_step = next(
+        (name for name in (WAIT_TURN_TASK, APPROVAL_TASK, *STEP_BY_NAME) if states.get(name) == "failed"), None
+    )
     if failed_step == WAIT_TURN_TASK:
         error = f"{WAIT_TURN_TASK} failed before the target started (see its log); the target was not touched"
     else:
@@ -342,10 +346,15 @@ def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str
     # A target that never started has nothing in the audit; one that did may have committed batches in a try
     # that died before it could report them, which only the audit knows.
     audited = None if stopped else read_audited(connector(conn_id), spec, settings, context["run_id"])
-    report = build_report(spec, settings, context["run_id"], results, conn_id=conn_id, audited=audited)
+    archived = None if stopped else read_archived(connector(conn_id), spec, settings, context["run_id"])
+    report = build_report(
+        spec, settings, context["run_id"], results, conn_id=conn_id, audited=audited, archived=archived
+    )
     line = target_summary(
         conn_id, position_of(group, ti.map_index), None if stopped else report, error, stopped, failed_step
     )
+    if states.get(APPROVAL_TASK) == "success":
+        report["approval"] = pull(APPROVAL_TASK)
     ti.xcom_push(key=TARGET_REPORT_KEY, value=line)
     ti.xcom_push(key="report", value=report)
     if report["final_state"] == CONVERGED and not stopped:

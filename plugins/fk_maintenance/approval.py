@@ -13,6 +13,15 @@ from .spec import ForeignKeySpec
 
 # How many rows of the blast radius's sample the request shows.
 SAMPLE_LINES = 10
+# The gate's task, between detect_orphans and null_orphans, in the DAG of a key declared orphans: delete.
+APPROVAL_TASK = "approve_deletes"
+APPROVAL_DOC_MD = (
+    "nothing: a key declared `orphans: delete` whose planned delete takes more than `approve_deletes_above` rows "
+    "(detect_orphans' blast radius: orphans, the rows their cascade deletes, the pointers it nulls or resets) "
+    "waits here for a person's Approve or Reject (Browse > Required Actions, or the REST API's hitlDetails), "
+    "holding no worker or pool slot; at or below it, it passes at once. Reject, or no answer within "
+    "`approval_timeout_minutes`: nothing is deleted and the target fails, naming who rejected it.\n\nLocks: none."
+)
 
 
 def approval_needed(found: dict[str, Any], threshold: int) -> bool:

@@ -96,6 +96,8 @@ class TargetState:
     problems: list[str] = field(default_factory=list)
     # The key's columns nulling an orphan sets to NULL (see nulled_columns).
     nulled: tuple[str, ...] = ()
+    # What a run does to orphans (see orphan_policy).
+    policy: str = ""
     # A partitioned child's partitions (empty for a plain table): the index and the key are built on each.
     partitions: tuple[PartitionInfo, ...] = ()
 
@@ -175,11 +177,27 @@ def nulled_columns(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> tup
     return nullable if len(nullable) == 1 else ()
 
 
-def nulling_problems(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> list[str]:
+def orphan_policy(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> str:
+    """The declared ``orphans`` policy, or else nullify where a column of the key is nullable and refuse where
+    none is (a NOT NULL key): deleting rows is never done undeclared."""
+    return spec.orphans or ("nullify" if any(not info.not_null for info in columns) else "refuse")
+
+
+def nulling_problems(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...], policy: str = "nullify") -> list[str]:
     """A column nulling sets to NULL (``nulled_columns``) that is NOT NULL, or the choice left open (several
-    nullable columns, an action that nulls nothing, no declaration)."""
+    nullable columns, an action that nulls nothing, no declaration). Where the policy is not to null (delete,
+    refuse), only the key's own action matters: a plain SET NULL on a NOT NULL column would break the app's
+    deletes whatever a run does to orphans."""
     by_name = dict(zip(spec.columns, columns, strict=True))
-    not_null = [name for name in nulled_columns(spec, columns) if by_name[name].not_null]
+    nulled = nulled_columns(spec, columns)
+    if policy == "nullify" and spec.orphans == "nullify" and not nulled:
+        return [
+            f"orphans: nullify, but no column of {describe_columns(spec.columns, spec.table)} can be nulled (NOT "
+            "NULL, or an action that names none): declare orphans: delete (archived, restorable) or refuse"
+        ]
+    not_null = [name for name in nulled if by_name[name].not_null]
+    if policy != "nullify" and not (not_null and spec.on_delete == "SET NULL"):
+        return []
     if not_null and spec.on_delete == "SET NULL":
         # The app's delete of a parent would fail on these: the key itself would break the app's deletes.
         fix = (
@@ -329,11 +347,12 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
     if not state.complete:
         return state
     state.nulled = nulled_columns(spec, state.columns)  # type: ignore[arg-type]
+    state.policy = orphan_policy(spec, state.columns)  # type: ignore[arg-type]
     state.partitions = read_partitions(conn, spec, state)
     if state.partitioned:
         state.problems.extend(_partition_problems(conn, spec, state))
     state.problems.extend(_column_problems(conn, spec, state))
-    state.problems.extend(nulling_problems(spec, state.columns))  # type: ignore[arg-type]
+    state.problems.extend(nulling_problems(spec, state.columns, state.policy))  # type: ignore[arg-type]
     state.constraint = constraint_state(conn, spec, state)
     if state.constraint.exists and not state.constraint.matches:
         state.problems.append(

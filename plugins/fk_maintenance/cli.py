@@ -30,6 +30,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .airflow_tasks import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, LIBPQ_DEFAULTS
+from .approval import APPROVAL_TASK, approval_needed
 from .errors import (
     ConcurrentRun,
     InvalidSettings,
@@ -154,10 +155,13 @@ def select(targets: tuple[Target, ...], key: str | None, path: Path) -> tuple[Ta
     return chosen
 
 
-def settings_from(assignments: Sequence[str], *, dry_run: bool | None = None) -> RunSettings:
+def settings_from(
+    assignments: Sequence[str], *, dry_run: bool | None = None, defaults: dict[str, Any] | None = None
+) -> RunSettings:
     """The run's settings from ``NAME=VALUE`` pairs, checked by the trigger form's own schema. A value is read
-    as JSON when it is JSON (``500``, ``true``), else as text (``01:00``, ``Europe/Berlin``)."""
-    params: dict[str, Any] = {}
+    as JSON when it is JSON (``500``, ``true``), else as text (``01:00``, ``Europe/Berlin``). ``defaults``: the
+    key's own (its targets entry's), which an assignment overrides."""
+    params: dict[str, Any] = dict(defaults or {})
     for assignment in assignments:
         name, sep, text = assignment.partition("=")
         if not sep or not name:
@@ -227,6 +231,18 @@ def run_steps(
             return outcome
         outcome.results[step.name] = result
         echo(f"{step.name}: {_summary(result)} ({time.monotonic() - began:.1f} s)")
+        if step.name == "detect_orphans" and not step_settings.dry_run:
+            threshold = step_settings.approve_deletes_above
+            if approval_needed(result, threshold):
+                # The command line's approval is the operator's own: the setting raised to what they reviewed.
+                outcome.failed_step = APPROVAL_TASK
+                outcome.error = (
+                    f"the delete takes {result['blast_radius_rows']} row(s) in all, above approve_deletes_above "
+                    f"({threshold}); nothing was deleted. Review it ({PROG} plan --key ...), then approve it by "
+                    f"running again with --set approve_deletes_above={result['blast_radius_rows']}"
+                )
+                echo(f"{APPROVAL_TASK}: not approved: {outcome.error}")
+                return outcome
         if result.get("outcome") == "reschedule":
             outcome.waiting_for_window = result.get("reason") or f"try again at {result.get('retry_at')}"
             return outcome
@@ -353,21 +369,7 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
     if results.get("detect_orphans"):
         found = results["detect_orphans"]
         sample = ", ".join(found["sample"][:PLAN_SAMPLE]) or "none"
-        sections.insert(
-            0,
-            PlanSection(
-                "orphans",
-                [
-                    f"{found['orphans']} row(s) point at {found['dangling_parents']} missing parent(s); a run nulls "
-                    + (
-                        f"their {describe_columns(tuple(found['nulls']))} (audited in {target.spec.audit_qualified})"
-                        if found["nulls"]
-                        else "nothing: no column of the key can be nulled"
-                    ),
-                    f"sample: {sample}",
-                ],
-            ),
-        )
+        sections.insert(0, PlanSection("orphans", [*_orphan_lines(target, found), f"sample: {sample}"]))
     if results.get("preflight"):
         found = results["preflight"]
         sections.insert(
@@ -397,12 +399,42 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
     }
 
 
+def _orphan_lines(target: Target, found: dict[str, Any]) -> list[str]:
+    """What a run would do to the orphans, as the key's policy says; for a delete, its blast radius per table."""
+    policy = found.get("policy", "nullify")
+    head = f"{found['orphans']} row(s) point at {found['dangling_parents']} missing parent(s); orphans: {policy}; "
+    if policy == "delete":
+        return [
+            head + f"a run deletes them and what the database's keys take along, {found['blast_radius_rows']} "
+            f"row(s) in all (archived in {target.spec.archive_qualified}):",
+            *(
+                f"  {table}: " + ", ".join(f"{count} {action}" for action, count in counts.items() if count)
+                for table, counts in found["blast_radius"].items()
+            ),
+            *(f"  e.g. {line}" for line in found["blast_radius_sample"][:PLAN_SAMPLE]),
+            *(f"  protected (refused): {line}" for line in found.get("protected_sample", [])[:PLAN_SAMPLE]),
+        ]
+    if policy == "refuse":
+        return [head + "a run refuses them (declare orphans: delete to delete them, archived)"]
+    return [
+        head
+        + (
+            f"a run nulls their {describe_columns(tuple(found['nulls']))} (audited in {target.spec.audit_qualified})"
+            if found["nulls"]
+            else "a run nulls nothing: no column of the key can be nulled"
+        )
+    ]
+
+
 def _would(step: str, result: dict[str, Any], results: dict[str, dict[str, Any] | None]) -> str:
     """What a real run's ``step`` would do, from its dry run's ``result`` (and the steps before it)."""
     if step == "validate_fk" and "would_run_now" in result:
         return f"would validate {'now' if result['would_run_now'] else 'later'} ({result['reason']})"
     if step == "null_orphans":
-        orphans = (results.get("detect_orphans") or {}).get("orphans")
+        found = results.get("detect_orphans") or {}
+        orphans = found.get("orphans")
+        if found.get("policy") == "delete" and orphans:
+            return f"would delete {orphans} orphan(s), {found['blast_radius_rows']} row(s) in all, in archived batches"
         return "nothing to null" if orphans == 0 else f"would null {orphans} pointer(s) in audited batches"
     if step == "post_checks":
         checks = result.get("checks", [])
@@ -460,11 +492,11 @@ def cmd_plan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
-    from .report import build_report, format_report, read_audited
+    from .report import build_report, format_report, read_archived, read_audited
 
     path = targets_path(args)
     (target,) = select(load(path), args.key, path)
-    settings = settings_from(args.set or [])
+    settings = settings_from(args.set or [], defaults=target.settings)
     database = database_from(args)
     run_id = _now_id(RUN_ID_PREFIX)
     out(f"Run id: {run_id}")
@@ -475,13 +507,14 @@ def cmd_run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     logging.getLogger("fk_maintenance.report").disabled = True
     # Counted from the audit, as under Airflow: a step that failed after committing batches reported none of them.
     audited = None if settings.dry_run else read_audited(database.connect, target.spec, settings, run_id)
-    report = build_report(target.spec, settings, run_id, outcome.results, audited=audited)
+    archived = None if settings.dry_run else read_archived(database.connect, target.spec, settings, run_id)
+    report = build_report(target.spec, settings, run_id, outcome.results, audited=audited, archived=archived)
     out("")
     out(format_report(report))
     if outcome.error:
         out("")
         out(f"{outcome.failed_step} failed: {outcome.error}")
-    if report["audited"]:
+    if report["audited"] or report.get("archived"):
         out(f"Undo: {PROG} restore --key {target.name} --run-id '{run_id}' (with the same --dsn or --conn-id)")
     if outcome.unreachable:
         return EXIT_USAGE

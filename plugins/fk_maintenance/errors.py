@@ -68,6 +68,10 @@ class OrphansCannotBeNulled(MaintenanceError):
     """Orphans of a NOT NULL key appeared after preflight: nulling them would fail, and nothing was changed."""
 
 
+class DeleteRefused(MaintenanceError):
+    """orphans: delete met a row that a RESTRICT or NO ACTION key protects; the batch was rolled back."""
+
+
 # The library's errors that no retry can fix: the operator has to act.
 FINAL_ERRORS: tuple[type[MaintenanceError], ...] = (
     InvalidSettings,
@@ -77,6 +81,7 @@ FINAL_ERRORS: tuple[type[MaintenanceError], ...] = (
     StepOutOfOrder,
     WindowsExhausted,
     OrphansCannotBeNulled,
+    DeleteRefused,
 )
 # SQLSTATE classes of server errors that a retry meets again until someone changes the schema, the data, the
 # privileges or the declaration: feature not supported (0A), cardinality (21), data exception (22), integrity

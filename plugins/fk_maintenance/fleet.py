@@ -138,6 +138,10 @@ def target_summary(
         "orphans_found": report and report["orphans_found"],
         "nulled": report and report["nulled"],
         "audited": report and report["audited"],
+        "policy": report and report.get("orphan_policy"),
+        # orphans: delete: rows deleted (the orphans and their cascade) and pointers the cascade changed.
+        "deleted_rows": report and report.get("deleted_rows"),
+        "pointers_changed": report and report.get("pointers_changed_by_cascade"),
         "error": error,
     }
 
@@ -164,6 +168,8 @@ def build_fleet_report(run_id: str, conn_ids: list[str], reports: list[dict[str,
         "not_started": not_started,
         "orphans_found": sum(t["orphans_found"] or 0 for t in targets),
         "nulled": sum(t["nulled"] or 0 for t in targets),
+        "deleted_rows": sum(t.get("deleted_rows") or 0 for t in targets),
+        "pointers_changed": sum(t.get("pointers_changed") or 0 for t in targets),
         "succeeded": bool(targets) and not failed and not not_started,
     }
     for line in format_fleet_report(report).splitlines():
@@ -176,14 +182,24 @@ def format_fleet_report(report: dict[str, Any]) -> str:
     lines = [
         f"Run {report['run_id']}: {report['succeeded_count']} of {len(targets)} target(s) succeeded, "
         f"{len(report['failed'])} failed, {len(report['not_started'])} not started",
-        f"Orphans found {report['orphans_found']}, pointers nulled {report['nulled']} (all audited)",
+        f"Orphans found {report['orphans_found']}, pointers nulled {report['nulled']} (all audited)"
+        + (
+            f"; rows deleted {report['deleted_rows']} and pointers changed by their cascade "
+            f"{report['pointers_changed']} (all archived)"
+            if report.get("deleted_rows") or report.get("pointers_changed")
+            else ""
+        ),
         "",
-        f"{'#':>3}  {'connection':<28}{'orphans':>9}{'nulled':>9}  final state",
+        f"{'#':>3}  {'connection':<28}{'orphans':>9}{'nulled':>9}{'deleted':>9}{'cascade':>9}  final state",
     ]
     for t in targets:
         found = "-" if t["orphans_found"] is None else t["orphans_found"]
         nulled = "-" if t["nulled"] is None else t["nulled"]
-        lines.append(f"{t['position']:>3}  {t['conn_id']:<28}{found:>9}{nulled:>9}  {t['final_state']}")
+        deleted = "-" if t.get("deleted_rows") is None else t["deleted_rows"]
+        cascade = "-" if t.get("pointers_changed") is None else t["pointers_changed"]
+        lines.append(
+            f"{t['position']:>3}  {t['conn_id']:<28}{found:>9}{nulled:>9}{deleted:>9}{cascade:>9}  {t['final_state']}"
+        )
         if t["error"]:
             lines.append(f"{'':>5}error: {t['error']}")
     return "\n".join(lines)

@@ -127,3 +127,11 @@ def value_params(prefix: str, tuples: Sequence[Sequence[Any]], width: int) -> di
 def placeholders(prefix: str, width: int) -> sql.Composed:
     """``ROW(%(after_1)s, %(after_2)s)``: one bound tuple."""
     return sql.SQL("ROW({})").format(sql.SQL(", ").join(map(sql.Placeholder, numbered(prefix, width))))
+
+
+def json_object(alias: str, columns: Names) -> sql.Composed:
+    """``jsonb_build_object('a', c."a", 'b', c."b")``: a row key as the archive keeps it, readable by hand and
+    compared as a whole (jsonb's text form is canonical, so one row's key always reads the same)."""
+    return sql.SQL("jsonb_build_object({})").format(
+        sql.SQL(", ").join(sql.SQL("{}, {}").format(sql.Literal(name), column(alias, name)) for name in columns)
+    )

@@ -1,5 +1,6 @@
-"""Finding and nulling dangling parent pointers, every nulled pointer audited (its whole old key) in the same
-transaction."""
+"""Finding orphans and acting on them as the key's policy says (catalog.orphan_policy): nullify (every nulled
+pointer audited, its whole old key, in the same transaction), delete (fk_maintenance.cascade: the rows and
+everything the database's keys take along, archived in the same transaction) or refuse."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import psycopg
 from psycopg import sql
 
 from .audit import ensure_audit_table, find_audit_tables
+from .cascade import BlastRadius, DeleteCounts, delete_batch, ensure_archive_table, protected_rows, require_graph
+from .cascade import blast_radius as walk_blast_radius
 from .catalog import TargetState, require_target
 from .errors import OrphansCannotBeNulled
 from .session import run_lock, set_local_timeouts, step_session
@@ -41,29 +44,101 @@ def detect_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: Run
         orphans, dangling, sample = conn.execute(
             statement("orphans", "summary", spec), {"sample_size": settings.sample_size}
         ).fetchone()
+        radius = _blast_radius(conn, spec, settings, state, orphans, list(sample))
     log.info(
-        "detect_orphans: %d orphan row(s) pointing at %d missing parent(s) in %s.%s; sample: %s",
+        "detect_orphans: %d orphan row(s) pointing at %d missing parent(s) in %s.%s (policy: %s); sample: %s",
         orphans,
         dangling,
         spec.schema,
         spec.table,
+        state.policy,
         ", ".join(sample) or "none",
     )
+    if state.policy == "delete":
+        log.info(
+            "detect_orphans: deleting them takes %d row(s) in all: %s; sample: %s",
+            radius["blast_radius_rows"],
+            radius["blast_radius"],
+            "; ".join(radius["blast_radius_sample"]) or "none",
+        )
     return {
         "orphans": orphans,
         "dangling_parents": dangling,
         "sample": list(sample),
+        "policy": state.policy,
         # What nulling them sets to NULL (catalog.nulled_columns): the plan and the report name it.
-        "nulls": list(state.nulled),
+        "nulls": list(state.nulled) if state.policy == "nullify" else [],
+        **radius,
         "seconds": round(time.monotonic() - started, 3),
     }
 
 
+def _blast_radius(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    state: TargetState,
+    orphans: int,
+    sample: list[str],
+) -> dict[str, Any]:
+    """Every row the run would change, per table (deleted / nulled / reset) and in all, with a sample: what a
+    person approving the run reads. Nulling changes the orphans' pointers only; a delete is walked through the
+    catalog's keys (fk_maintenance.cascade); a refused key changes nothing."""
+    if state.policy == "delete" and orphans:
+        keys, _total = _hold_orphan_keys(conn, spec, settings)
+        try:
+            return walk_blast_radius(
+                conn, spec, state, require_graph(conn, spec, state), keys, settings.batch_size
+            ).summary()
+        finally:
+            keys.close()
+    radius = BlastRadius()
+    if state.policy == "nullify" and orphans:
+        radius.per_table[f"{spec.schema}.{spec.table}"] = {"deleted": 0, "nulled": orphans, "reset": 0}
+        radius.sample = sample
+    return radius.summary()
+
+
+def refused_orphans_message(spec: ForeignKeySpec, state: TargetState, orphans: int) -> str:
+    """Orphans of a key whose policy is refuse: the count, why, and the setting that would act on them."""
+    if state.not_null_key:
+        what = (
+            f"{describe_columns(spec.columns, spec.table)} {'is' if len(spec.columns) == 1 else 'are'} NOT NULL "
+            f"and {orphans} row(s) point at a missing parent: they cannot be nulled, and the key cannot be validated "
+            "while they exist (orphans: refuse" + ("" if spec.orphans else ", the default for a NOT NULL key") + ")"
+        )
+    else:
+        what = (
+            f"{orphans} row(s) of {spec.schema}.{spec.table} point at a missing parent, and the key declares "
+            "orphans: refuse"
+        )
+    return (
+        f"{what}. Declare orphans: delete for this key to delete them with everything the database's keys take "
+        "along (archived first, restorable), or delete them or point them at an existing parent in the app, then "
+        "run again"
+    )
+
+
+def delete_problems(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, state: TargetState
+) -> list[str]:
+    """For preflight, under orphans: delete, with orphans: no RESTRICT / NO ACTION key may protect a row the
+    delete would remove (walked read-only)."""
+    keys, _total = _hold_orphan_keys(conn, spec, settings)
+    try:
+        problems, radius = protected_rows(conn, spec, state, keys, settings)
+    finally:
+        keys.close()
+    log.info("preflight: orphans: delete would take %d row(s): %s", radius.rows, radius.per_table)
+    return problems
+
+
 def null_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str) -> dict[str, Any]:
-    """Null every dangling pointer in batches, auditing each one in the batch's own transaction."""
+    """Act on every orphan as the key's policy says, in batches: null its pointer (audited) or delete it with
+    everything its deletion takes along (archived), each batch in its own transaction."""
     if settings.dry_run:
-        log.info("null_orphans: dry run, nothing nulled")
-        return {"skipped": "dry run", "nulled": 0, "audited": 0, "seconds": 0.0}
+        log.info("null_orphans: dry run, nothing changed")
+        return {"skipped": "dry run", "nulled": 0, "audited": 0, "deleted": 0, "seconds": 0.0}
     with step_session(conn, "null_orphans", settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS):
         state = require_target(conn, spec)
         with run_lock(conn, spec):
@@ -142,14 +217,13 @@ def sweep_orphans(
     rolls back, and the next run finds the same orphans again. Every transaction sets its own timeouts, so
     this runs the same under any caller's session settings.
     """
-    keys, total = _hold_orphan_keys(conn, spec, settings)
+    if state.policy == "delete":
+        return _sweep_deletes(conn, spec, settings, run_id, state, step=step)
+    keys, total = _hold_orphan_keys(conn, spec, settings, by_table=True)
     try:
-        if total and state.not_null_key:
+        if total and state.policy == "refuse":
             raise OrphansCannotBeNulled(
-                f"{step}: {total} row(s) of {spec.schema}.{spec.table} point at a missing parent, and "
-                f"{describe_columns(spec.columns)} {'is' if len(spec.columns) == 1 else 'are'} NOT NULL, so they "
-                "cannot be nulled (written since preflight?); this step changed nothing. Delete them or point them "
-                "at an existing parent in the app, then run again"
+                f"{step}: {refused_orphans_message(spec, state, total)} (written since preflight?)"
             )
         ensure_audit_table(conn, spec, state)
         log.info("%s: %d orphan pointer(s) to null in batches of %d", step, total, settings.batch_size)
@@ -185,11 +259,84 @@ class TableNames(dict[int, tuple[str, str]]):
         return self[oid]
 
 
+def _sweep_deletes(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    state: TargetState,
+    *,
+    step: str,
+) -> dict[str, Any]:
+    """orphans: delete, batch by batch (fk_maintenance.cascade.delete_batch), in passes: a pass that left busy
+    orphans, or deleted rows of the referenced table (whose children the batch treated as the declared key will,
+    a second scan finds any written meanwhile), is followed by another scan for orphans, until a pass deletes
+    nothing more."""
+    graph = require_graph(conn, spec, state)
+    ensure_audit_table(conn, spec, state)  # the pipeline's schema, and the record of the batches' transactions
+    ensure_archive_table(conn, spec)
+    replicas = ReplicaGate(conn, settings.max_replica_lag_s, step=step)
+    started = time.monotonic()
+    totals, candidates, batches, passes = DeleteCounts(), 0, 0, 0
+    while True:
+        passes += 1
+        keys, total = _hold_orphan_keys(conn, spec, settings)
+        candidates += total
+        this_pass = DeleteCounts()
+        log.info("%s: pass %d, %d orphan(s) to delete in batches of %d", step, passes, total, settings.batch_size)
+        try:
+            while batch := keys.fetchmany(settings.batch_size):
+                replicas.wait()
+                counts = delete_batch(
+                    conn, spec, state, graph, settings, run_id, batch, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
+                )
+                this_pass.add(counts)
+                batches += 1
+                log.info(
+                    "%s: %d orphan(s) deleted (%d row(s) in all, %d pointer(s) changed), %d busy; %.0f rows/s",
+                    step,
+                    totals.orphans + this_pass.orphans,
+                    totals.rows + this_pass.rows,
+                    totals.changed + this_pass.changed,
+                    this_pass.busy,
+                    (totals.rows + this_pass.rows) / max(time.monotonic() - started, 1e-9),
+                )
+                if settings.batch_pause_ms:
+                    time.sleep(settings.batch_pause_ms / 1000)
+        finally:
+            if not conn.closed and not conn.broken:
+                keys.close()
+        busy = this_pass.busy
+        this_pass.busy = 0
+        totals.add(this_pass)
+        if not this_pass.orphans or not (this_pass.ref_rows or busy):
+            totals.busy = busy
+            break
+    seconds = time.monotonic() - started
+    return {
+        "candidates": candidates,
+        "nulled": 0,
+        "audited": 0,
+        "deleted": totals.orphans,
+        "rows_deleted": totals.rows,
+        "pointers_changed": totals.changed,
+        "archived": totals.rows + totals.changed,
+        # Held by the app through every pass: the re-sweep before VALIDATE, or the next run, tries again.
+        "left_alone": totals.busy,
+        "batches": batches,
+        "passes": passes,
+        "replica_waits": replicas.waits,
+        "replica_wait_seconds": round(replicas.waited_seconds, 3),
+        "rows_per_second": round(totals.rows / seconds, 1) if seconds else None,
+        "seconds": round(seconds, 3),
+    }
+
+
 def _hold_orphan_keys(
-    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, *, by_table: bool = False
 ) -> tuple[psycopg.Cursor[Any], int]:
-    """A held server-side cursor over every orphan's table oid and row key, in that order, and how many it
-    holds."""
+    """A held server-side cursor over every orphan's row key (``by_table``: its table's oid, then its row key,
+    grouped by table), in key order, and how many it holds."""
     with conn.transaction():
         # The scan reads only; its statement_timeout is the scan's, the batches keep the short one. A held
         # cursor is filled when this transaction commits: one scan, sorted by key, kept by the server, so the
@@ -201,7 +348,7 @@ def _hold_orphan_keys(
         # probe per row, ten times slower than the hashed anti-join at 10M rows. This one is read to the end.
         conn.execute(statement("orphans", "plan_for_all_rows"))
         keys = conn.cursor(ORPHAN_KEYS_CURSOR, withhold=True, scrollable=True)
-        keys.execute(statement("orphans", "keys", spec))
+        keys.execute(statement("orphans", "keys_by_table" if by_table else "keys", spec))
     total = conn.execute(statement("orphans", "count_held_keys", cursor=sql.Identifier(ORPHAN_KEYS_CURSOR))).rowcount
     keys.scroll(0, mode="absolute")
     return keys, total

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from .audit import audit_problems, audit_summary, find_audit_tables
+from .cascade import delete_key_problems
 from .catalog import (
     PartitionInfo,
     TargetState,
@@ -21,10 +22,10 @@ from .catalog import (
 from .checks import hierarchy_checks
 from .constraint import parent_takes_not_valid
 from .errors import PreflightFailed
-from .orphans import SCAN_STATEMENT_TIMEOUT_MS
+from .orphans import SCAN_STATEMENT_TIMEOUT_MS, delete_problems, refused_orphans_message
 from .session import CATALOG_STATEMENT_TIMEOUT_MS, set_local_timeouts, step_session
 from .settings import RunSettings
-from .spec import ForeignKeySpec, describe_columns
+from .spec import ForeignKeySpec
 from .sqlfiles import statement
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
     if state.complete:
         problems.extend(_privilege_problems(conn, spec, settings, state))
         problems.extend(audit_problems(conn, spec, state, audit_tables, writes=not settings.dry_run))
+        if state.policy == "delete" and not state.problems:
+            problems.extend(delete_key_problems(conn, spec, state, settings))
         warnings.extend(_warnings(conn, spec, state))
     for warning in warnings:
         log.warning("preflight: %s", warning)
@@ -126,20 +129,18 @@ def _data_problems(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, state: TargetState
 ) -> list[str]:
     problems = []
-    if state.not_null_key:
-        # Nulling is the only thing this pipeline does to an orphan, and no column of this key can take it.
+    if state.policy in ("refuse", "delete"):
+        # Nulling is not this key's way with an orphan: refused ones stop the run here, deleted ones are walked
+        # through the database's own keys first (what a delete would take along, and what would forbid it).
         with conn.transaction():
             set_local_timeouts(
                 conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=SCAN_STATEMENT_TIMEOUT_MS
             )
             orphans = conn.execute(statement("orphans", "count", spec)).fetchone()[0]
-        if orphans:
-            problems.append(
-                f"{describe_columns(spec.columns, spec.table)} {'is' if len(spec.columns) == 1 else 'are'} NOT NULL "
-                f"and {orphans} row(s) point at a missing parent: they cannot be nulled, and the key cannot be "
-                "validated while they exist. Delete them or point them at an existing parent in the app, then run "
-                "again"
-            )
+        if orphans and state.policy == "refuse":
+            problems.append(refused_orphans_message(spec, state, orphans))
+        elif orphans:
+            problems.extend(delete_problems(conn, spec, settings, state))
     if spec.hierarchy_checks:
         problems.extend(
             f"{check.name}: {check.detail}; fix the data in the app, then run again"

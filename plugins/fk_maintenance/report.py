@@ -43,6 +43,25 @@ def read_audited(
         return None
 
 
+def read_archived(
+    connect: Callable[[], psycopg.Connection], spec: ForeignKeySpec, settings: RunSettings, run_id: str
+) -> dict[str, dict[str, int]] | None:
+    """What the run's deletes removed and changed per table, from the archive ({} for a run that deleted nothing,
+    None when the database cannot be read now)."""
+    from .cascade import archived_for_run
+    from .session import CATALOG_STATEMENT_TIMEOUT_MS, step_session
+
+    try:
+        with (
+            closing(connect()) as conn,
+            step_session(conn, "report", settings, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS, read_only=True),
+        ):
+            return archived_for_run(conn, spec, run_id)
+    except Exception as exc:  # the report must be written whatever the database's state
+        log.warning("report: could not read the archive of run %s (%s)", run_id, exc)
+        return None
+
+
 def build_report(
     spec: ForeignKeySpec,
     settings: RunSettings,
@@ -51,15 +70,21 @@ def build_report(
     *,
     conn_id: str | None = None,
     audited: int | None = None,
+    archived: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The run's summary from each step's result (None: did not finish) and ``audited``, the pointers the audit
-    holds for the run (None: not read, then the steps' own counts stand in, which miss a killed try's)."""
+    holds for the run (None: not read, then the steps' own counts stand in, which miss a killed try's), and
+    ``archived``, what its deletes removed and changed per table (orphans: delete; None: not read)."""
     steps = _step_lines(results)
     resweep = (results.get("validate_fk") or {}).get("resweep") or {}
     checks = results.get("post_checks") or {}
     from_steps = (_get(results, "null_orphans", "audited") or 0) + (resweep.get("audited") or 0)
     final_state = _final_state([step for step in steps if not results.get(step)], settings, checks)
     nulled = from_steps if audited is None else audited
+    found = results.get("detect_orphans") or {}
+    archived = archived or {}
+    deleted_rows = sum(counts["deleted"] for counts in archived.values())
+    changed_pointers = sum(counts["nulled"] + counts["reset"] for counts in archived.values())
     report = {
         "run_id": run_id,
         "target": spec.describe(),
@@ -73,6 +98,14 @@ def build_report(
         "orphans_found": _get(results, "detect_orphans", "orphans"),
         "dangling_parents": _get(results, "detect_orphans", "dangling_parents"),
         "orphan_sample": _get(results, "detect_orphans", "sample") or [],
+        "orphan_policy": found.get("policy") or spec.orphans or "by nullability (not read)",
+        # What the run would change (a dry run: detect_orphans' walk) or changed (the archive), in rows.
+        "blast_radius_rows": (deleted_rows + changed_pointers) if archived else found.get("blast_radius_rows"),
+        "blast_radius": archived or found.get("blast_radius") or {},
+        "blast_radius_sample": found.get("blast_radius_sample") or [],
+        "archived": archived,
+        "deleted_rows": deleted_rows,
+        "pointers_changed_by_cascade": changed_pointers,
         # Each pointer is audited and nulled in one transaction, so the audit's count is the nulled count.
         "nulled": nulled,
         "audited": nulled,
@@ -96,6 +129,10 @@ def build_report(
             f"{sql.Identifier(spec.audit_schema, spec.audit_table).as_string(None)} "
             f"WHERE run_id = {sql.Literal(run_id).as_string(None)}"
             if nulled
+            else f"rows deleted by this run, whole: SELECT * FROM "
+            f"{sql.Identifier(spec.audit_schema, spec.archive_table).as_string(None)} "
+            f"WHERE run_id = {sql.Literal(run_id).as_string(None)} ORDER BY depth, seq"
+            if archived
             else "no pointer was nulled"
         ),
     }
@@ -159,6 +196,19 @@ def format_report(report: dict[str, Any]) -> str:
         f"Orphans found: {report['orphans_found']} (pointing at {report['dangling_parents']} missing parent(s))",
         f"Pointers nulled and audited: {report['nulled']} (re-sweep {report['resweep_nulled']}; counted from "
         f"{report.get('counted_from', 'the audit table')})",
+        f"Orphan policy: {report.get('orphan_policy', 'nullify')}",
+        *(
+            [
+                f"Deleted and archived: {report['deleted_rows']} row(s), {report['pointers_changed_by_cascade']} "
+                "pointer(s) changed by the cascade (counted from the archive): "
+                + "; ".join(
+                    f"{table} {', '.join(f'{n} {action}' for action, n in counts.items() if n)}"
+                    for table, counts in report["archived"].items()
+                )
+            ]
+            if report.get("archived")
+            else []
+        ),
         f"Lock retries (timed out, or deferred for a long transaction): {report['lock_retries']}",
         f"Connection: {report['connection']}",
         "Replica lag after the index build and VALIDATE (not throttled): "

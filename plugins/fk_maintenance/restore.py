@@ -19,6 +19,7 @@ from .session import LockAttempts, run_lock, set_local_timeouts, step_session, w
 from .settings import RunSettings
 from .spec import ForeignKeySpec
 from .sqlfiles import batch_params, statement
+from .unarchive import archived_run_rows, restore_archived
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ def restore_run(
             else:
                 ensure_audit_table(conn, spec, state)
                 _ensure_restore_log(conn, spec, settings)
-            versions = _our_versions(conn, spec, run_id)
-            for keys in _audit_batches(conn, spec, run_id, settings.batch_size):
+            # An orphans: delete run has nothing in the audit table (its rows are in the archive, below).
+            versions = _our_versions(conn, spec, run_id) if _audit_holds(conn, spec, run_id) else {}
+            for keys in _audit_batches(conn, spec, run_id, settings.batch_size) if versions else ():
                 counts = _restore_batch(conn, spec, state, settings, run_id, restore_id, keys, versions)
                 for name, value in counts.items():
                     totals[name] += value
@@ -71,6 +73,10 @@ def restore_run(
                 )
                 if settings.batch_pause_ms:
                     time.sleep(settings.batch_pause_ms / 1000)
+            if archived_run_rows(conn, spec, run_id):
+                # An orphans: delete run: the rows it deleted and the pointers its cascade changed.
+                for name, value in restore_archived(conn, spec, state, settings, run_id, restore_id).items():
+                    totals[name] = totals.get(name, 0) + value
     return _finish(spec, settings, run_id, totals, started)
 
 
@@ -86,11 +92,18 @@ def _require_audited_run(conn: psycopg.Connection, spec: ForeignKeySpec, run_id:
         conn.execute(statement("restore", "audited_rows", audited=table), {"run_id": run_id}).fetchone()[0]
         for table in where
     )
-    if not audited:
+    if not audited and not archived_run_rows(conn, spec, run_id):
         raise InvalidSettings(
-            f"the audit table {spec.audit_qualified} holds no pointer of run {run_id!r}: check the run id (the run's "
-            "report names it, and only a run that nulled pointers has something to restore); nothing was changed"
+            f"the audit table {spec.audit_qualified} holds no pointer of run {run_id!r}, and the archive "
+            f"{spec.archive_qualified} no row of it: check the run id (the run's report names it, and only a run that "
+            "nulled pointers or deleted rows has something to restore); nothing was changed"
         )
+
+
+def _audit_holds(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> bool:
+    if find_audit_tables(conn, spec).current is None:
+        return False
+    return bool(conn.execute(statement("restore", "first_batch", spec), {"run_id": run_id, "limit": 1}).fetchone())
 
 
 def _ensure_restore_log(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings) -> None:
@@ -223,7 +236,10 @@ def _finish(
     return totals | {
         "run_id": run_id,
         "dry_run": settings.dry_run,
-        "still_missing": totals["parent_still_missing"] + totals["busy"],
+        "still_missing": totals["parent_still_missing"]
+        + totals["busy"]
+        + totals.get("rows_parent_still_missing", 0)
+        + totals.get("pointers_parent_still_missing", 0),
         "restore_log": None if settings.dry_run else spec.restore_log_qualified,
         "seconds": round(time.monotonic() - started, 3),
     }
@@ -244,4 +260,13 @@ def format_restore_report(report: dict[str, Any]) -> str:
             f"{t['conn_id']:<28}{t['audited']:>9}{t['restored']:>10}{t['still_missing']:>9}"
             f"{t['repointed_by_app']:>12}{t['changed_since']:>15}{t['row_deleted']:>9}"
         )
+        if "rows_restored" in t:
+            # An orphans: delete run: the archive's rows and the pointers its cascade changed.
+            lines.append(
+                f"{'':<28}archive: {t['rows_restored']} row(s) and {t['pointers_restored']} pointer(s) put back; "
+                f"already back {t['rows_already_restored']} row(s), {t['pointers_already_restored']} pointer(s); "
+                f"parent still missing {t['rows_parent_still_missing']} row(s), "
+                f"{t['pointers_parent_still_missing']} pointer(s); written since (left alone) "
+                f"{t['rows_written_since']} row(s), {t['pointers_written_since']} pointer(s); busy {t['busy']}"
+            )
     return "\n".join(lines)

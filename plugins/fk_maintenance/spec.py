@@ -26,7 +26,23 @@ _ACTION_WITH_COLUMNS = re.compile(r"^\s*(SET\s+NULL|SET\s+DEFAULT)\s*\((.*)\)\s*
 # version gave it (the shipped key's audit table is unchanged); a composite key adds _2, _3, ...
 AUDIT_ROW_KEY_COLUMN = "kpi_id"
 AUDIT_POINTER_COLUMN = "old_parent_kpi_id"
-NAME_FIELDS = ("schema", "table", "ref_table", "constraint", "index", "audit_table", "audit_schema", "ref_schema")
+NAME_FIELDS = (
+    "schema",
+    "table",
+    "ref_table",
+    "constraint",
+    "index",
+    "audit_table",
+    "audit_schema",
+    "ref_schema",
+    "archive_table",
+)
+# What a run does to an orphan (a row whose key names a missing parent): null the key's nullable column(s)
+# (audited), delete the row and everything the database's own keys take with it (archived), or refuse the run.
+# Undeclared: nullify for a nullable key, refuse for a NOT NULL one (catalog.orphan_policy).
+ORPHAN_POLICIES = ("nullify", "delete", "refuse")
+# The archive of a key whose policy is delete: its audit table's name with this suffix, unless declared.
+ARCHIVE_SUFFIX = "_archive"
 COLUMN_LIST_FIELDS = ("columns", "ref_columns", "row_key", "on_delete_columns", "nullify_columns")
 
 
@@ -95,6 +111,10 @@ class ForeignKeySpec:
     # Which of the key's columns nulling an orphan sets to NULL, where the ON DELETE action does not say
     # (catalog.nulled_columns): one NULL is enough for the key to stop checking a row.
     nullify_columns: tuple[str, ...] = ()
+    # The declared orphan policy (ORPHAN_POLICIES); empty: decided by the key's nullability.
+    orphans: str = ""
+    # Where orphans: delete archives every row and pointer a delete takes along (in audit_schema).
+    archive_table: str = ""
 
     def __post_init__(self) -> None:
         normalized = {name: _column_list(getattr(self, name)) for name in COLUMN_LIST_FIELDS}
@@ -103,7 +123,11 @@ class ForeignKeySpec:
             if normalized["on_delete_columns"] and normalized["on_delete_columns"] != listed:
                 raise ValueError("foreign-key spec: on_delete lists columns, and on_delete_columns lists others")
             normalized["on_delete_columns"] = listed
-        for name, value in {**normalized, "on_delete": action, "ref_schema": self.ref_schema or self.schema}.items():
+        archive = self.archive_table or (
+            f"{self.audit_table}{ARCHIVE_SUFFIX}" if isinstance(self.audit_table, str) else self.archive_table
+        )
+        derived = {"on_delete": action, "ref_schema": self.ref_schema or self.schema, "archive_table": archive}
+        for name, value in {**normalized, **derived}.items():
             object.__setattr__(self, name, value)
         problems = [problem for field in fields(self) for problem in self._field_problems(field.name)]
         problems += self._shape_problems()
@@ -116,6 +140,15 @@ class ForeignKeySpec:
             return [] if isinstance(value, bool) else ["hierarchy_checks must be true or false"]
         if name == "on_delete":
             return [] if isinstance(value, str) else ["on_delete must be a string"]
+        if name == "orphans":
+            return (
+                []
+                if value in ("", *ORPHAN_POLICIES)
+                else [
+                    f"orphans {value!r} is not one of {list(ORPHAN_POLICIES)} (undeclared: nullify for a nullable "
+                    "key, refuse for a NOT NULL one)"
+                ]
+            )
         names = value if name in COLUMN_LIST_FIELDS else (value,)
         if name in COLUMN_LIST_FIELDS[:3] and not names:
             return [f"{name} must name at least one column"]
@@ -125,7 +158,12 @@ class ForeignKeySpec:
                 problems.append(f"{name} must be a non-empty string" + (" in each place" if len(names) > 1 else ""))
             elif len(item.encode()) > 63:
                 # PostgreSQL silently truncates longer names, which would make our catalog lookups miss.
-                problems.append(f"{name} {item!r} is longer than 63 bytes")
+                hint = (
+                    f" (audit_table + {ARCHIVE_SUFFIX!r}): declare a shorter archive_table"
+                    if name == "archive_table"
+                    else ""
+                )
+                problems.append(f"{name} {item!r} is longer than 63 bytes{hint}")
             elif "\x00" in item:
                 problems.append(f"{name} contains a NUL character")
         if name in COLUMN_LIST_FIELDS and len(set(names)) != len(names):
@@ -231,6 +269,10 @@ class ForeignKeySpec:
     def restore_log_table(self) -> str:
         """Every pointer a restore run put back, for all keys whose audit lives in ``audit_schema``."""
         return "restore_log"
+
+    @property
+    def archive_qualified(self) -> str:
+        return f"{self.audit_schema}.{self.archive_table}"
 
     @property
     def restore_log_qualified(self) -> str:

@@ -46,8 +46,8 @@ STEPS: tuple[Step, ...] = (
         "preflight:preflight",
         (),
         "nothing: checks tables, columns, types, the key's shape, every privilege the run needs, same-named "
-        "constraint/index/audit table, and that the data can take the key (no orphans of a NOT NULL key, no "
-        "cycle or too-deep chain)",
+        "constraint/index/audit table, and that the data can take the key (no orphans where the orphans policy is "
+        "refuse, none a RESTRICT or NO ACTION key protects where it is delete, no cycle or too-deep chain)",
         "ACCESS SHARE: catalog reads, one walk of a self-referencing hierarchy and one orphan count of a NOT NULL key",
         # It changes nothing: a target it refuses (unreachable, wrong shape, bad data) fails at once, without
         # holding a fleet slot through retries, and the next run looks again.
@@ -64,9 +64,12 @@ STEPS: tuple[Step, ...] = (
         "null_orphans",
         "orphans:null_orphans",
         ("detect_orphans",),
-        "nulls dangling pointers in batches of `batch_size`; each batch audits then nulls its rows in one transaction",
-        "ROW EXCLUSIVE and the batch's row locks for the batch's milliseconds, under `lock_timeout_ms`; rows "
-        "the app holds are skipped (SKIP LOCKED), never waited for",
+        "acts on orphans as the key's `orphans` policy says, in batches of `batch_size`: nullify audits then "
+        "nulls their pointers; delete locks and archives each orphan and everything its deletion takes along, "
+        "then deletes it, in one transaction per batch",
+        "ROW EXCLUSIVE and the batch's row locks for the batch's milliseconds, under `lock_timeout_ms`; orphans "
+        "the app holds are skipped (SKIP LOCKED), never waited for; a delete's cascade waits at most "
+        "`lock_timeout_ms` for a row below an orphan, then leaves that orphan for a later pass",
         needs=(RUN_ID,),
     ),
     Step(

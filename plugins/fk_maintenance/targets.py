@@ -17,7 +17,7 @@ import yaml
 
 from .errors import MaintenanceError
 from .settings import AIRFLOW_KEY, CONN_ID_SCHEMA
-from .spec import ON_DELETE_ACTIONS, ForeignKeySpec
+from .spec import ON_DELETE_ACTIONS, ORPHAN_POLICIES, ForeignKeySpec
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 63}
 ON_DELETE_PATTERN = (
@@ -77,6 +77,12 @@ TARGETS_SCHEMA: dict[str, Any] = {
                     "audit_schema": _NAME,
                     "audit_table": _NAME,
                     "hierarchy_checks": {"type": "boolean"},
+                    # What a run does to orphans: nullify (a nullable key's default), delete (archived with
+                    # everything the database's keys take along), refuse (a NOT NULL key's default).
+                    "orphans": {"enum": list(ORPHAN_POLICIES)},
+                    "archive_table": _NAME,
+                    # This key's default for the form's approve_deletes_above (rows in a delete's blast radius).
+                    "approve_deletes_above": {"type": "integer", "minimum": 0},
                     "conn_ids": {
                         "type": "array",
                         "minItems": 1,
@@ -109,6 +115,11 @@ class NotifierSpec:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+# An entry's fields that are not the key's (ForeignKeySpec's), and the run settings an entry may set a default of.
+NOT_SPEC_FIELDS = ("name", "conn_ids", "notifiers")
+KEY_SETTINGS = ("approve_deletes_above",)
+
+
 @dataclass(frozen=True)
 class Target:
     """One declared foreign key: its DAG id, its spec, the Airflow connections it applies to, and the notifiers
@@ -118,6 +129,8 @@ class Target:
     spec: ForeignKeySpec
     conn_ids: tuple[str, ...]
     notifiers: dict[str, tuple[NotifierSpec, ...]] = field(default_factory=dict)
+    # Run settings this key declares its own defaults for (the form starts from them): approve_deletes_above.
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def load_targets(path: Path) -> tuple[Target, ...]:
@@ -136,7 +149,7 @@ def load_targets(path: Path) -> tuple[Target, ...]:
     targets = []
     for number, entry in enumerate(entries):
         where = f"{path}: foreign_keys[{number}] ({entry['name']!r})"
-        fields = {key: value for key, value in entry.items() if key not in ("name", "conn_ids", "notifiers")}
+        fields = {key: value for key, value in entry.items() if key not in (*NOT_SPEC_FIELDS, *KEY_SETTINGS)}
         spelling = []
         for one, many in COLUMN_SPELLINGS:
             given = [key for key in (one, many) if key in fields]
@@ -162,7 +175,8 @@ def load_targets(path: Path) -> tuple[Target, ...]:
             event: tuple(NotifierSpec(n["class"], dict(n.get("args") or {})) for n in listed)
             for event, listed in (entry.get("notifiers") or {}).items()
         }
-        targets.append(Target(entry["name"], spec, tuple(entry["conn_ids"]), notifiers))
+        settings = {name: entry[name] for name in KEY_SETTINGS if name in entry}
+        targets.append(Target(entry["name"], spec, tuple(entry["conn_ids"]), notifiers, settings))
     _refuse_shared_objects(path, targets)
     return tuple(targets)
 
@@ -173,8 +187,11 @@ def _refuse_shared_objects(path: Path, targets: list[Target]) -> None:
     owners: dict[tuple[str, ...], list[str]] = {}
     for target in targets:
         spec = target.spec
+        # The archive is used only by orphans: delete.
+        archive = [("archive table", spec.audit_schema, spec.archive_table)] if spec.orphans == "delete" else []
         for what in (
             ("audit table", spec.audit_schema, spec.audit_table),
+            *archive,
             ("index", spec.schema, spec.index),
             ("constraint", spec.schema, spec.table, spec.constraint),
         ):
