@@ -444,3 +444,20 @@ def test_a_large_delete_waits_for_a_person_approved_deletes_and_rejected_changes
     assert rejected["failed"] and rejected["final_state"] == "failed at approve_deletes", rejected
     assert "rejected by admin" in rejected["error"] and "nothing was deleted" in rejected["error"]
     assert _shop(airflow, fleet_target) == fleet_before
+
+
+def test_a_large_delete_nobody_answers_in_time_deletes_nothing_and_fails_saying_so(airflow) -> None:
+    _no_active_delete_runs(airflow)
+    before = _shop(airflow, "shop_b")
+    run_id = airflow.api(
+        f"/api/v2/dags/{DELETE_DAG}/dagRuns",
+        {"logical_date": None, "conf": {"validate_now": True, "conn_ids": ["shop_b"], "approval_timeout_minutes": 1}},
+    )["dag_run_id"]
+    _waiting_approval(airflow, run_id, "canary.approve_deletes")
+    # The scheduler looks for timed-out requests every 15 s ([scheduler] trigger_timeout_check_interval).
+    run = _finished(airflow, run_id, timeout=180)
+    assert run["state"] == "failed"
+    line = _target_line(airflow, run_id, "canary", -1)
+    assert line["final_state"] == "failed at approve_deletes", line
+    assert "no answer within 1 min: nothing was deleted" in line["error"]
+    assert _shop(airflow, "shop_b") == before
