@@ -244,6 +244,13 @@ def test_a_dry_run_shows_the_blast_radius_per_table_with_a_sample_and_changes_no
     assert found["blast_radius_sample"][0].startswith('public.posts {"id": 20}: deleted (orphan)')
     assert results["report"]["final_state"] == "dry run: nothing changed"
     assert snapshots(shop) == before
+    # What a person approving the delete is shown is this blast radius.
+    from fk_maintenance.approval import approval_body, approval_needed
+
+    assert approval_needed(found, 10) and not approval_needed(found, found["blast_radius_rows"])
+    body = approval_body(SPEC, "kpi_db", found, 10, restore_dag="posts_account_fk_restore")
+    comments = expected["public.comments"]["deleted"]
+    assert f"| `public.comments` | {comments} | 0 | 0 |" in body and found["blast_radius_sample"][0] in body
 
 
 class AppWriter:
@@ -642,3 +649,54 @@ def test_deleting_orphans_of_a_self_referencing_set_null_key_nulls_their_childre
     assert (restored["rows_restored"], restored["pointers_restored"]) == (20, 10), str(restored)
     after = dict(db.query("SELECT id, g::text FROM goals g WHERE id < 1000"))
     assert after == before
+
+
+READINGS = """
+CREATE TABLE devices (id int PRIMARY KEY);
+CREATE TABLE readings (id bigint, taken_on date NOT NULL, device_id int NOT NULL, value float8,
+                       PRIMARY KEY (id, taken_on)) PARTITION BY RANGE (taken_on);
+CREATE TABLE readings_2026 PARTITION OF readings FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+CREATE TABLE readings_other PARTITION OF readings DEFAULT;
+CREATE TABLE reading_notes (id int PRIMARY KEY, reading_id bigint NOT NULL, taken_on date NOT NULL, note text,
+                            FOREIGN KEY (reading_id, taken_on) REFERENCES readings ON DELETE CASCADE);
+INSERT INTO devices SELECT generate_series(1, 20);
+INSERT INTO readings SELECT g, date '2025-12-01' + g % 90, CASE WHEN g % 10 = 0 THEN 99 ELSE 1 + g % 20 END, g / 7.0
+FROM generate_series(1, 500) g;
+INSERT INTO reading_notes SELECT id, id, taken_on, 'note' FROM readings WHERE id % 5 = 0;
+"""
+READINGS_KEY = ForeignKeySpec(
+    schema="public",
+    table="readings",
+    columns=("device_id",),
+    ref_table="devices",
+    ref_columns=("id",),
+    row_key=("id", "taken_on"),
+    on_delete="CASCADE",
+    constraint="readings_device_id_fkey",
+    index="readings_device_id_idx",
+    audit_table="readings_orphan_audit",
+    orphans="delete",
+)
+
+
+def test_orphans_of_a_partitioned_table_are_deleted_in_every_partition_and_restored(db) -> None:
+    """The orphans live in two partitions, each with a note below it: the server's counts are per partition,
+    and the archive keeps each row's partition."""
+    db.execute(READINGS)
+    before = dict(db.query("SELECT ROW(id, taken_on)::text, r::text FROM readings r"))
+    report = run_pipeline(db.connect, READINGS_KEY, SETTINGS, "run-r")["report"]
+    assert report["final_state"] == "converged", report
+    assert report["archived"] == {
+        "public.readings": {"deleted": 50, "nulled": 0, "reset": 0},
+        "public.reading_notes": {"deleted": 50, "nulled": 0, "reset": 0},
+    }
+    partitions = db.query(
+        "SELECT relid::regclass::text, count(*) FROM fk_maintenance.readings_orphan_audit_archive "
+        "WHERE table_name = 'readings' GROUP BY 1 ORDER BY 1"
+    )
+    assert [name for name, _ in partitions] == ["readings_2026", "readings_other"], partitions
+    db.execute("INSERT INTO devices VALUES (99)")
+    with db.connect() as conn:
+        restored = restore_run(conn, READINGS_KEY, SETTINGS, "run-r", "restore-r")
+    assert restored["rows_restored"] == 100, str(restored)
+    assert dict(db.query("SELECT ROW(id, taken_on)::text, r::text FROM readings r")) == before

@@ -136,7 +136,8 @@ def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
         parent = todo.pop(0)
         edges = []
         keys = [(*row, False) for row in conn.execute(statement("cascade", "referencing_keys"), {"relid": parent.oid})]
-        if (parent.schema, parent.name) == (spec.ref_schema, spec.ref_table) and not state.constraint.exists:
+        # Added means on the table or, before PostgreSQL 18, on its partitions (PostgreSQL acts through those).
+        if (parent.schema, parent.name) == (spec.ref_schema, spec.ref_table) and not state.key_added:
             # The key this run adds, as it will act once added: deleting an orphan of a self-referencing key
             # must null its children (SET NULL), not leave them orphans for a later pass to delete.
             acts_on = spec.on_delete_columns or spec.columns
