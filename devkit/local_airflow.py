@@ -48,6 +48,8 @@ class LocalAirflow:
     process: subprocess.Popen
     # Extra target databases, by Airflow connection id (kpi_fleet_1, ...), for trying a fleet run.
     fleet_dsns: dict[str, str]
+    # The databases extra_databases made, by their connection id.
+    extra_dsns: dict[str, str]
 
     def api(self, path: str, body: dict | None = None, method: str | None = None) -> dict:
         """A call of Airflow's REST API as the admin user (a POST when ``body`` is given, unless ``method``)."""
@@ -138,7 +140,7 @@ def local_airflow(
     try:
         metadata_db = server.create_database("airflow_meta")
         kpi_db, fleet_dbs = target_databases(server, rows, fleet, fleet_rows)
-        fleet_dbs.update(extra_databases(server) if extra_databases else {})
+        extra_dbs = extra_databases(server) if extra_databases else {}
         password = secrets.token_urlsafe(12)
         passwords_file = home / "simple_auth_manager_passwords.json"
         passwords_file.write_text(json.dumps({USER: password}))
@@ -159,7 +161,7 @@ def local_airflow(
             "FK_MAINTENANCE_TURN_POKE_SECONDS": str(turn_poke_seconds),
             **{
                 f"AIRFLOW_CONN_{conn_id.upper()}": server.airflow_connection_json(database)
-                for conn_id, database in fleet_dbs.items()
+                for conn_id, database in {**fleet_dbs, **extra_dbs}.items()
             },
             **({"FK_MAINTENANCE_TARGETS": str(targets_file)} if targets_file else {}),
             # standalone starts its components as `airflow ...` from PATH: make it this interpreter's.
@@ -178,7 +180,8 @@ def local_airflow(
             raise RuntimeError(f"{exc}; last lines of {home / 'standalone.log'}:\n{tail}") from None
         create_pool(env, pool_slots)
         fleet_dsns = {conn_id: server.dsn(database) for conn_id, database in fleet_dbs.items()}
-        yield LocalAirflow(url, USER, password, home, server.dsn(kpi_db), process, fleet_dsns)
+        extra_dsns = {conn_id: server.dsn(database) for conn_id, database in extra_dbs.items()}
+        yield LocalAirflow(url, USER, password, home, server.dsn(kpi_db), process, fleet_dsns, extra_dsns)
     finally:
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

@@ -317,7 +317,7 @@ def test_the_restore_form_puts_back_what_a_fleet_run_nulled_where_the_parent_exi
 
 
 def _shop(airflow: LocalAirflow, conn_id: str) -> dict[str, int]:
-    with psycopg.connect(airflow.fleet_dsns[conn_id]) as conn:
+    with psycopg.connect(airflow.extra_dsns[conn_id]) as conn:
         return dict(
             zip(
                 ("orphans", "posts", "comments", "pinned"),
