@@ -37,7 +37,7 @@ from devkit.workload import WRITE_KINDS, AppWorkload, Op  # noqa: E402
 from fk_maintenance.report import build_report  # noqa: E402
 from fk_maintenance.settings import AUTO_PARALLEL_WORKERS, SERVER_PARALLEL_WORKERS, RunSettings  # noqa: E402
 from fk_maintenance.spec import VISION_KPIS_PARENT_FK as SPEC  # noqa: E402
-from fk_maintenance.steps import MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS  # noqa: E402
+from fk_maintenance.steps import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS  # noqa: E402
 
 SETTINGS = {
     "-1 (server's own, the old default)": SERVER_PARALLEL_WORKERS,
@@ -132,7 +132,12 @@ def measure(bench: Bench, rows: int, parallel_workers: int, alone_s: float, batc
         alone_machine = alone_load.end()
         run_load = MachineLoad()
         choices = ParallelChoices().__enter__()
-        available = {RUN_ID: run_id, RUN_STARTED_AT: datetime.now(UTC), MONITOR_CONNECT: connect}
+        available = {
+            RUN_ID: run_id,
+            RUN_STARTED_AT: datetime.now(UTC),
+            MONITOR_CONNECT: connect,
+            APPROVED_ORPHANS: None,
+        }
         for step in STEPS:  # the DAG's order, each step on its own connection as its task would be
             started = time.time() - app.started_at
             with connect() as conn:

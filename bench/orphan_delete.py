@@ -130,9 +130,7 @@ def template(server: PgServer, rows: int, ratio: float) -> str:
     with psycopg.connect(server.dsn(name), autocommit=True) as conn:
         for part in BUILD.split(";\n"):
             if part.strip():
-                conn.execute(
-                    part, {"rows": rows, "every": round(1 / ratio), "accounts": max(100, rows // 100)}
-                )
+                conn.execute(part, {"rows": rows, "every": round(1 / ratio), "accounts": max(100, rows // 100)})
     return name
 
 

@@ -33,7 +33,7 @@ from bench.run import machine  # noqa: E402
 from devkit.pg import PgServer  # noqa: E402
 from fk_maintenance.settings import RunSettings  # noqa: E402
 from fk_maintenance.spec import ForeignKeySpec  # noqa: E402
-from fk_maintenance.steps import MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS  # noqa: E402
+from fk_maintenance.steps import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS  # noqa: E402
 
 SPEC = ForeignKeySpec(
     schema="public",
@@ -156,7 +156,7 @@ def measure(server: PgServer, template: str, rows: int) -> dict[str, Any]:
         return psycopg.connect(dsn, autocommit=True)
 
     settings = RunSettings(validate_now=True)
-    available = {RUN_ID: "bench", RUN_STARTED_AT: datetime.now(UTC), MONITOR_CONNECT: connect}
+    available = {RUN_ID: "bench", RUN_STARTED_AT: datetime.now(UTC), MONITOR_CONNECT: connect, APPROVED_ORPHANS: None}
     steps: dict[str, float] = {}
     app = App(dsn, rows)
     app.start()

@@ -11,14 +11,20 @@ import psycopg
 from fk_maintenance.report import build_report, read_archived, read_audited
 from fk_maintenance.settings import RunSettings
 from fk_maintenance.spec import ForeignKeySpec
-from fk_maintenance.steps import MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS
+from fk_maintenance.steps import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS
 
 
 def run_pipeline(
     connect: Callable[[], psycopg.Connection], spec: ForeignKeySpec, settings: RunSettings, run_id: str
 ) -> dict[str, Any]:
     """Run every step on its own connection, as the DAG's tasks do; returns each step's summary and the report."""
-    available = {RUN_ID: run_id, RUN_STARTED_AT: datetime.now(UTC), MONITOR_CONNECT: connect}
+    # No one is asked here: the delete goes ahead as the library's own run of it.
+    available = {
+        RUN_ID: run_id,
+        RUN_STARTED_AT: datetime.now(UTC),
+        MONITOR_CONNECT: connect,
+        APPROVED_ORPHANS: None,
+    }
     results: dict[str, Any] = {}
     for step in STEPS:  # listed in an order that respects every upstream
         with connect() as conn:

@@ -574,7 +574,13 @@ def test_a_declared_delete_key_shows_its_blast_radius_in_the_plan_and_converges_
     assert report["final_state"] == "converged" and report["orphan_policy"] == "delete"
     assert report["archived"] == expected
     # Within approve_deletes_above (1000 by default) the gate asked nobody (tests/test_ui.py: a person answers).
-    assert report["approval"] == {"approved": True, "asked": False, "blast_radius_rows": total, "approved_by": None}
+    assert report["approval"] == {
+        "approved": True,
+        "asked": False,
+        "orphans": 60,
+        "blast_radius_rows": total,
+        "approved_by": None,
+    }
 
 
 def test_the_command_line_deletes_above_approve_deletes_above_only_once_the_operator_raises_it(
@@ -700,3 +706,20 @@ def test_orphans_of_a_partitioned_table_are_deleted_in_every_partition_and_resto
         restored = restore_run(conn, READINGS_KEY, SETTINGS, "run-r", "restore-r")
     assert restored["rows_restored"] == 100, str(restored)
     assert dict(db.query("SELECT ROW(id, taken_on)::text, r::text FROM readings r")) == before
+
+
+def test_a_delete_approved_for_fewer_orphans_than_are_there_now_deletes_nothing(shop) -> None:
+    """A person approved the delete as detect_orphans saw it; if more orphans than a delete needing no approval
+    were added while it waited, null_orphans refuses: that delete is one nobody has seen."""
+    from fk_maintenance.errors import DeleteNotApproved
+
+    shop.execute("DELETE FROM invoices WHERE id < 100")  # the rows a RESTRICT key protects
+    settings = RunSettings(validate_now=True, approve_deletes_above=10)
+    before = snapshots(shop)
+    with shop.connect() as conn, pytest.raises(DeleteNotApproved) as refused:
+        null_orphans(conn, SPEC, settings, "run-1", approved_orphans=49)  # 60 now: 11 more than approved
+    assert "60 orphan(s) are there to delete now, 49 when the delete was approved" in str(refused.value)
+    assert snapshots(shop) == before
+    with shop.connect() as conn:  # within what needs no approval beyond the approved: the delete goes ahead
+        done = null_orphans(conn, SPEC, settings, "run-1", approved_orphans=50)
+    assert done["deleted"] == 60 and orphan_count(shop, SPEC) == 0

@@ -65,7 +65,13 @@ class DeleteApproval(ApprovalOperator):
         rows = int(self.found.get("blast_radius_rows") or 0)
         if not approval_needed(self.found, threshold):
             self.log.info("approve_deletes: a delete of %d row(s) is within %d: no approval needed", rows, threshold)
-            return {"approved": True, "asked": False, "blast_radius_rows": rows, "approved_by": None}
+            return {
+                "approved": True,
+                "asked": False,
+                "orphans": int(self.found.get("orphans") or 0),
+                "blast_radius_rows": rows,
+                "approved_by": None,
+            }
         self.subject = approval_subject(self.spec, self.conn_id, self.found)
         self.body = approval_body(self.spec, self.conn_id, self.found, threshold, restore_dag=self.restore_dag)
         self.response_timeout = timedelta(minutes=int(self.timeout_minutes))
@@ -91,6 +97,8 @@ class DeleteApproval(ApprovalOperator):
         return {
             "approved": True,
             "asked": True,
+            # null_orphans deletes no more than this (plus what would need no approval): run_task passes it on.
+            "orphans": int(self.found.get("orphans") or 0),
             "blast_radius_rows": int(self.found.get("blast_radius_rows") or 0),
             "approved_by": user,
             "approved_at": str(answer["responded_at"]),

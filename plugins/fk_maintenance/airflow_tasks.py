@@ -37,7 +37,15 @@ from .fleet import (
 )
 from .settings import RunSettings
 from .spec import ForeignKeySpec
-from .steps import MONITOR_CONNECT, REPORT_TASK, RUN_ID, RUN_STARTED_AT, STEP_BY_NAME, STEPS
+from .steps import (
+    APPROVED_ORPHANS,
+    MONITOR_CONNECT,
+    REPORT_TASK,
+    RUN_ID,
+    RUN_STARTED_AT,
+    STEP_BY_NAME,
+    STEPS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +127,7 @@ def run_task(step_name: str, spec: ForeignKeySpec, conn_id: str, context: dict[s
                 # validate_fk counts its windows from here: its own first attempt, not the run's start.
                 RUN_STARTED_AT: clocks.validation_started_at,
                 MONITOR_CONNECT: connect,
+                APPROVED_ORPHANS: approved_orphans(context) if APPROVED_ORPHANS in step.needs else None,
             }
             with closing(connect()) as conn:
                 result = step.load()(conn, spec, settings, **{name: available[name] for name in step.needs})
@@ -306,6 +315,17 @@ def turn_trigger(group: str, context: dict[str, Any]) -> Any:
         max_failures=settings.max_failures,
         poke_seconds=TURN_POKE_INTERVAL.total_seconds(),
     )
+
+
+def approved_orphans(context: dict[str, Any]) -> int | None:
+    """How many orphans a person approved deleting, from this target's approve_deletes gate (None: the key has no
+    gate, or it asked nobody)."""
+    ti = context.get("ti")
+    if ti is None:
+        return None
+    group = ti.task_id.rpartition(".")[0]
+    answer = ti.xcom_pull(task_ids=f"{group}.{APPROVAL_TASK}", map_indexes=ti.map_index)
+    return int(answer["orphans"]) if answer and answer.get("asked") else None
 
 
 def run_report(spec: ForeignKeySpec, group: str, conn_id: str, context: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from .errors import (
 from .progress import ProgressHandler
 from .settings import SECTION_FLEET, SETTING_DEFS, RunSettings
 from .spec import ForeignKeySpec, describe_columns
-from .steps import MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS, Step
+from .steps import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS, Step
 from .targets import Target, TargetsFileInvalid, load_targets
 
 PROG = "fk-maintenance"
@@ -209,7 +209,13 @@ def run_steps(
     that fails or that has to wait for the validation window. ``settings_of`` may give a step other settings
     (plan judges preflight as for a real run and dry-runs the rest)."""
     started_at = datetime.now(UTC)
-    available = {RUN_ID: run_id, RUN_STARTED_AT: started_at, MONITOR_CONNECT: database.connect}
+    # The command line's approval is checked after detect_orphans (below), right before the delete.
+    available = {
+        RUN_ID: run_id,
+        RUN_STARTED_AT: started_at,
+        MONITOR_CONNECT: database.connect,
+        APPROVED_ORPHANS: None,
+    }
     outcome = StepsOutcome(results=dict.fromkeys((s.name for s in STEPS), None))
     for step in STEPS:
         step_settings = settings_of(step) if settings_of else settings

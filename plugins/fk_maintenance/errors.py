@@ -68,6 +68,10 @@ class OrphansCannotBeNulled(MaintenanceError):
     """Orphans of a NOT NULL key appeared after preflight: nulling them would fail, and nothing was changed."""
 
 
+class DeleteNotApproved(MaintenanceError):
+    """More orphans are there to delete than a person approved: nothing was deleted."""
+
+
 class DeleteRefused(MaintenanceError):
     """orphans: delete met a row that a RESTRICT or NO ACTION key protects; the batch was rolled back."""
 
@@ -82,6 +86,7 @@ FINAL_ERRORS: tuple[type[MaintenanceError], ...] = (
     WindowsExhausted,
     OrphansCannotBeNulled,
     DeleteRefused,
+    DeleteNotApproved,
 )
 # SQLSTATE classes of server errors that a retry meets again until someone changes the schema, the data, the
 # privileges or the declaration: feature not supported (0A), cardinality (21), data exception (22), integrity

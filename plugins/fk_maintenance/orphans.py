@@ -18,7 +18,7 @@ from .audit import ensure_audit_table, find_audit_tables
 from .cascade import BlastRadius, DeleteCounts, delete_batch, ensure_archive_table, protected_rows, require_graph
 from .cascade import blast_radius as walk_blast_radius
 from .catalog import TargetState, require_target
-from .errors import OrphansCannotBeNulled
+from .errors import DeleteNotApproved, OrphansCannotBeNulled
 from .session import run_lock, set_local_timeouts, step_session
 from .settings import RunSettings
 from .spec import ForeignKeySpec, describe_columns
@@ -133,16 +133,25 @@ def delete_problems(
     return problems
 
 
-def null_orphans(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, run_id: str) -> dict[str, Any]:
+def null_orphans(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    run_id: str,
+    approved_orphans: int | None = None,
+) -> dict[str, Any]:
     """Act on every orphan as the key's policy says, in batches: null its pointer (audited) or delete it with
-    everything its deletion takes along (archived), each batch in its own transaction."""
+    everything its deletion takes along (archived), each batch in its own transaction. ``approved_orphans``: how
+    many orphans a person approved deleting (None: nobody was asked, the delete was within the threshold)."""
     if settings.dry_run:
         log.info("null_orphans: dry run, nothing changed")
         return {"skipped": "dry run", "nulled": 0, "audited": 0, "deleted": 0, "seconds": 0.0}
     with step_session(conn, "null_orphans", settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS):
         state = require_target(conn, spec)
         with run_lock(conn, spec):
-            return sweep_orphans(conn, spec, settings, run_id, state, step="null_orphans")
+            return sweep_orphans(
+                conn, spec, settings, run_id, state, step="null_orphans", approved_orphans=approved_orphans
+            )
 
 
 def audited_for_run(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> int:
@@ -208,6 +217,7 @@ def sweep_orphans(
     state: TargetState,
     *,
     step: str,
+    approved_orphans: int | None = None,
 ) -> dict[str, Any]:
     """The batches themselves, for a caller that holds the run lock.
 
@@ -218,7 +228,7 @@ def sweep_orphans(
     this runs the same under any caller's session settings.
     """
     if state.policy == "delete":
-        return _sweep_deletes(conn, spec, settings, run_id, state, step=step)
+        return _sweep_deletes(conn, spec, settings, run_id, state, step=step, approved_orphans=approved_orphans)
     keys, total = _hold_orphan_keys(conn, spec, settings, by_table=True)
     try:
         if total and state.policy == "refuse":
@@ -267,20 +277,31 @@ def _sweep_deletes(
     state: TargetState,
     *,
     step: str,
+    approved_orphans: int | None = None,
 ) -> dict[str, Any]:
     """orphans: delete, batch by batch (fk_maintenance.cascade.delete_batch), in passes: a pass that left busy
     orphans, or deleted rows of the referenced table (whose children the batch treated as the declared key will,
     a second scan finds any written meanwhile), is followed by another scan for orphans, until a pass deletes
     nothing more."""
     graph = require_graph(conn, spec, state)
-    ensure_audit_table(conn, spec, state)  # the pipeline's schema, and the record of the batches' transactions
-    ensure_archive_table(conn, spec)
     replicas = ReplicaGate(conn, settings.max_replica_lag_s, step=step)
     started = time.monotonic()
     totals, candidates, batches, passes = DeleteCounts(), 0, 0, 0
     while True:
         passes += 1
         keys, total = _hold_orphan_keys(conn, spec, settings)
+        if passes == 1 and approved_orphans is not None and total > approved_orphans + settings.approve_deletes_above:
+            # The approval was for the delete as detect_orphans saw it, perhaps hours ago: more than a delete
+            # that needs no approval has been added since, so this one is a delete nobody has seen.
+            keys.close()
+            raise DeleteNotApproved(
+                f"{step}: {total} orphan(s) are there to delete now, {approved_orphans} when the delete was approved "
+                f"(more than approve_deletes_above, {settings.approve_deletes_above}, were added since); nothing was "
+                "deleted. Trigger a new run to have the delete as it is now approved"
+            )
+        if passes == 1:
+            ensure_audit_table(conn, spec, state)  # the pipeline's schema, and the batches' transactions' record
+            ensure_archive_table(conn, spec)
         candidates += total
         this_pass = DeleteCounts()
         log.info("%s: pass %d, %d orphan(s) to delete in batches of %d", step, passes, total, settings.batch_size)

@@ -17,6 +17,8 @@ from typing import Any
 RUN_ID = "run_id"
 RUN_STARTED_AT = "run_started_at"
 MONITOR_CONNECT = "monitor_connect"
+# The orphans a person approved deleting (the approve_deletes gate's answer; None when nobody was asked).
+APPROVED_ORPHANS = "approved_orphans"
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ STEPS: tuple[Step, ...] = (
         "ROW EXCLUSIVE and the batch's row locks for the batch's milliseconds, under `lock_timeout_ms`; orphans "
         "the app holds are skipped (SKIP LOCKED), never waited for; a delete's cascade waits at most "
         "`lock_timeout_ms` for a row below an orphan, then leaves that orphan for a later pass",
-        needs=(RUN_ID,),
+        needs=(RUN_ID, APPROVED_ORPHANS),
     ),
     Step(
         "create_index_concurrently",
