@@ -114,11 +114,14 @@ WITH archived AS (
 SELECT count(*) FROM archived
 
 -- name: delete_orphans
+-- Still an orphan, checked again by this statement's own snapshot: a parent the app put back while the batch
+-- waited for a lock keeps its child (the count then differs from the archive, and the batch rolls back).
 WITH gone AS (
     DELETE FROM {table} c
     USING jsonb_array_elements(%(keys)s::jsonb) AS j(k)
     CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, j.k) AS o
-    WHERE {c_is_o}
+    WHERE {c_is_o} AND {c_key_complete}
+      AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
     RETURNING 1
 )
 SELECT count(*) FROM gone

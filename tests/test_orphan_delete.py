@@ -568,7 +568,13 @@ def test_a_declared_delete_key_shows_its_blast_radius_in_the_plan_and_converges_
     assert not bag.import_errors, bag.import_errors
     dag = bag.dags["posts_account_fk"]
     assert "**Orphans** (rows whose `account_id` names a missing parent): `delete`" in dag.doc_md
-    run = dag.test(run_conf={**{d.name: d.default for d in SETTING_DEFS}, "validate_now": True})
+    defaults = {d.name: d.default for d in SETTING_DEFS}
+    # A dry run deletes nothing, so nobody is asked, whatever the threshold.
+    dry = dag.test(run_conf={**defaults, "dry_run": True, "approve_deletes_above": 0})
+    assert str(dry.state) == "success"
+    assert latest_xcom(home, "canary.report", "report", dag_id="posts_account_fk")["approval"]["dry_run"] is True
+    assert snapshots(shop) == before
+    run = dag.test(run_conf={**defaults, "validate_now": True})
     assert str(run.state) == "success"
     report = latest_xcom(home, "canary.report", "report", dag_id="posts_account_fk")
     assert report["final_state"] == "converged" and report["orphan_policy"] == "delete"
@@ -723,3 +729,72 @@ def test_a_delete_approved_for_fewer_orphans_than_are_there_now_deletes_nothing(
     with shop.connect() as conn:  # within what needs no approval beyond the approved: the delete goes ahead
         done = null_orphans(conn, SPEC, settings, "run-1", approved_orphans=50)
     assert done["deleted"] == 60 and orphan_count(shop, SPEC) == 0
+
+
+KIDS = ForeignKeySpec(
+    schema="public",
+    table="kids",
+    columns=("parent_id",),
+    ref_table="parents",
+    ref_columns=("id",),
+    row_key=("id",),
+    on_delete="CASCADE",
+    constraint="kids_parent_fk",
+    index="kids_parent_idx",
+    audit_table="kids_orphan_audit",
+    orphans="delete",
+)
+KIDS_SCHEMA = """
+CREATE TABLE parents (id int PRIMARY KEY);
+CREATE TABLE kids (id int PRIMARY KEY, parent_id int NOT NULL);
+CREATE TABLE toys (id int PRIMARY KEY, kid_id int NOT NULL REFERENCES kids ON DELETE CASCADE);
+INSERT INTO parents VALUES (1);
+INSERT INTO kids VALUES (1, 1), (2, 2);
+INSERT INTO toys VALUES (1, 1), (2, 2);
+"""
+
+
+def test_a_parent_put_back_while_the_batch_waits_keeps_its_child_and_the_childs_cascade(db) -> None:
+    """The batch waits for a row of the cascade the app holds; meanwhile the missing parent comes back (a restore
+    from backup): the DELETE checks again, so kid 2 and its toy stay, and the batch rolls back whole."""
+    db.execute(KIDS_SCHEMA)
+    app = db.connect()
+    app.autocommit = False
+    app.execute("SELECT * FROM toys WHERE id = 2 FOR UPDATE")
+    outcome: dict[str, Any] = {}
+
+    def delete() -> None:
+        with db.connect() as conn:
+            try:
+                outcome["result"] = null_orphans(conn, KIDS, RunSettings(validate_now=True, lock_timeout_ms=3000), "r")
+            except Exception as error:
+                outcome["error"] = error
+
+    worker = threading.Thread(target=delete)
+    worker.start()
+    time.sleep(1.0)
+    db.execute("INSERT INTO parents VALUES (2)")
+    time.sleep(0.3)
+    app.rollback()
+    app.close()
+    worker.join(timeout=30)
+    assert db.query("SELECT id FROM kids ORDER BY id") == [(1,), (2,)]
+    assert db.query("SELECT id FROM toys ORDER BY id") == [(1,), (2,)]
+    assert "deleted 0 of 1" in str(outcome.get("error")) and "rolled back" in str(outcome["error"]), outcome
+
+
+def test_a_trigger_that_changes_a_table_the_archive_does_not_cover_rolls_the_batch_back(db) -> None:
+    db.execute(
+        KIDS_SCHEMA
+        + """
+        CREATE TABLE toy_stats (id int PRIMARY KEY, toys int);
+        INSERT INTO toy_stats VALUES (1, 2);
+        CREATE FUNCTION count_toy_delete() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN UPDATE toy_stats SET toys = toys - 1 WHERE id = 1; RETURN OLD; END $$;
+        CREATE TRIGGER toy_deleted AFTER DELETE ON toys FOR EACH ROW EXECUTE FUNCTION count_toy_delete();
+        """
+    )
+    with db.connect() as conn, pytest.raises(RuntimeError) as refused:
+        null_orphans(conn, KIDS, RunSettings(validate_now=True), "r")
+    assert "toy_stats: the server counts 0 deleted and 1 updated, the archive nothing" in str(refused.value)
+    assert db.query("SELECT toys FROM toy_stats") == [(2,)] and db.query("SELECT count(*) FROM kids") == [(2,)]

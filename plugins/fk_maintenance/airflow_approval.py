@@ -25,7 +25,14 @@ class DeleteApproval(ApprovalOperator):
     """``found``: detect_orphans' result (an XComArg, resolved per mapped target); ``threshold`` and
     ``timeout_minutes``: the run's settings (templated from the form's params)."""
 
-    template_fields = (*ApprovalOperator.template_fields, "found", "threshold", "timeout_minutes", "conn_id")
+    template_fields = (
+        *ApprovalOperator.template_fields,
+        "found",
+        "threshold",
+        "timeout_minutes",
+        "conn_id",
+        "dry_run",
+    )
 
     def __init__(
         self,
@@ -36,6 +43,7 @@ class DeleteApproval(ApprovalOperator):
         conn_id: Any,
         threshold: Any = "{{ params.approve_deletes_above }}",
         timeout_minutes: Any = "{{ params.approval_timeout_minutes }}",
+        dry_run: Any = "{{ params.dry_run }}",
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("retries", 0)  # a retry would ask again; the DAG's default_args retry 3 times
@@ -46,6 +54,7 @@ class DeleteApproval(ApprovalOperator):
         self.conn_id = conn_id
         self.threshold = threshold
         self.timeout_minutes = timeout_minutes
+        self.dry_run = dry_run
 
     def _fail(self, why: str) -> None:
         """Fail without retries (a retry would ask again), the reason left where the target's report reads a
@@ -63,6 +72,9 @@ class DeleteApproval(ApprovalOperator):
         self._context = context
         threshold = int(self.threshold)
         rows = int(self.found.get("blast_radius_rows") or 0)
+        if str(self.dry_run).lower() == "true":  # a dry run deletes nothing: nothing to approve
+            self.log.info("approve_deletes: dry run, nothing to approve")
+            return {"approved": False, "asked": False, "dry_run": True, "orphans": 0, "blast_radius_rows": rows}
         if not approval_needed(self.found, threshold):
             self.log.info("approve_deletes: a delete of %d row(s) is within %d: no approval needed", rows, threshold)
             return {

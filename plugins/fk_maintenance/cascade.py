@@ -639,7 +639,10 @@ def _check_against_server(
         if not deleted and not updated:
             continue
         seen.add(relid)
-        want_deleted, want_changed = expected.get(relid, (0, 0))
+        if relid not in expected:
+            wrong.append(f"{name}: the server counts {deleted} deleted and {updated} updated, the archive nothing")
+            continue
+        want_deleted, want_changed = expected[relid]
         if deleted != want_deleted or updated < want_changed:
             wrong.append(
                 f"{name}: the server counts {deleted} deleted and {updated} updated, the archive {want_deleted} "

@@ -389,7 +389,9 @@ def validate_with_resweep(
         )
     step = "validate_fk re-sweep"
     with step_session(conn, step, settings, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS):
-        resweep = sweep_orphans(conn, spec, settings, run_id, state, step=step)
+        # Nobody approves the re-sweep: a delete key's re-sweep deletes no more than needs no approval.
+        approved = 0 if state.policy == "delete" else None
+        resweep = sweep_orphans(conn, spec, settings, run_id, state, step=step, approved_orphans=approved)
     validate()
     return resweep
 
