@@ -197,3 +197,7 @@ ORDER BY pt.level, c.relname
 SELECT n.nspname::text, c.relname::text
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = %(oid)s
+
+-- name: is_partition
+-- Whether a partition listed earlier is still below the table (the app may detach one meanwhile).
+SELECT EXISTS (SELECT 1 FROM pg_partition_tree(%(relid)s::oid::regclass) WHERE relid = %(partition)s::oid::regclass)

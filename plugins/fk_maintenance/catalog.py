@@ -483,6 +483,17 @@ def partition_index_name(spec: ForeignKeySpec, partition: str) -> str:
     return f"{cut}_{digest}"
 
 
+def still_partition(conn: psycopg.Connection, state: TargetState, part: PartitionInfo) -> bool:
+    """Whether ``part``, listed earlier, is still a partition of the table: a loop over a list read once checks
+    this before changing a partition, rather than reading every partition's state again."""
+    assert state.table is not None
+    return bool(
+        conn.execute(
+            statement("catalog", "is_partition"), {"relid": state.table.oid, "partition": part.oid}
+        ).fetchone()[0]
+    )
+
+
 def _partition_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
     """Partitions this version cannot give the key, what stands in the way on one (an index of the name ours
     would take, a key of our name that is not ours: a parent's ADD would not adopt it but add a second key beside

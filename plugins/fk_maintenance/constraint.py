@@ -12,7 +12,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from .catalog import TargetState, require_target
+from .catalog import TargetState, require_target, still_partition, table_info
 from .errors import LockNotAcquired, StepOutOfOrder, ValidationCutShort, WindowsExhausted
 from .orphans import BATCH_STATEMENT_TIMEOUT_MS, TableNames, sweep_orphans
 from .session import (
@@ -146,10 +146,16 @@ def add_key_not_valid(
     on_child = table == (spec.schema, spec.table)
 
     def exists() -> bool:
-        state = require_target(conn, spec)
         if on_child:
-            return state.constraint.exists
-        return any(part.qualified == table and part.key_exists for part in state.partitions)
+            return require_target(conn, spec).constraint.exists
+        # One partition's own catalog rows: the whole target's state reads every partition.
+        partition = table_info(conn, *table)
+        return partition is not None and (
+            conn.execute(
+                statement("catalog", "constraint_by_name"), {"relid": partition.oid, "name": spec.constraint}
+            ).fetchone()
+            is not None
+        )
 
     def attempt(lock_timeout_ms: int) -> None:
         with conn.transaction():
@@ -181,12 +187,14 @@ def add_partition_keys(
     record: LockAttempts,
     sleep: Callable[[float], None],
 ) -> list[str]:
-    """A NOT VALID key on every partition without one (before PostgreSQL 18), re-listed after each: a partition
-    created during the run has none until the parent holds the key."""
+    """A NOT VALID key on every partition without one (before PostgreSQL 18), listed again once the list is done:
+    a partition created during the run has none until the parent holds the key."""
     added: list[str] = []
-    while missing := require_target(conn, spec).partitions_missing_key:
-        add_key_not_valid(conn, spec, settings, record, sleep, missing[0].qualified)
-        added.append(missing[0].described)
+    while (state := require_target(conn, spec)).partitions_missing_key:
+        for part in state.partitions_missing_key:
+            if still_partition(conn, state, part):  # the app may detach one while the others get theirs
+                add_key_not_valid(conn, spec, settings, record, sleep, part.qualified)
+                added.append(part.described)
     return added
 
 

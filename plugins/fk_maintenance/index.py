@@ -24,6 +24,7 @@ from .catalog import (
     inspect_target,
     partition_index_name,
     require_target,
+    still_partition,
 )
 from .errors import MaintenanceError
 from .session import (
@@ -265,16 +266,23 @@ def _build_on_partitions(
         )
     built, attached, waited_on = [], [], []
     # Re-listed after each partition: the app may create or attach partitions meanwhile (those get the index).
+    # Listed again once the list is done: the app may create or attach partitions meanwhile (those get the
+    # index from PostgreSQL itself, so the second look usually finds none). One look per pass, not per partition:
+    # each look reads every partition's state.
     while todo := [part for part in require_target(conn, spec).partitions if part.attached_index is None]:
-        part = todo[0]
-        name = partition_index_name(spec, part.name)
-        existing = index_on(conn, spec, (part.schema, name), part.qualified, part.oid, state)
-        if not (existing.exists and existing.valid):
-            waited_on += build_concurrently(conn, spec, part.qualified, name, existing, monitor_connect, poll_seconds)
-            built.append(part.described)
-        _attach(conn, spec, settings, part, name, record)
-        attached.append(part.described)
-        log.info("create_index_concurrently: %s built and attached on %s", name, part.described)
+        for part in todo:
+            if not still_partition(conn, state, part):
+                continue
+            name = partition_index_name(spec, part.name)
+            existing = index_on(conn, spec, (part.schema, name), part.qualified, part.oid, state)
+            if not (existing.exists and existing.valid):
+                waited_on += build_concurrently(
+                    conn, spec, part.qualified, name, existing, monitor_connect, poll_seconds
+                )
+                built.append(part.described)
+            _attach(conn, spec, settings, part, name, record)
+            attached.append(part.described)
+            log.info("create_index_concurrently: %s built and attached on %s", name, part.described)
     return {
         "action": f"built on {len(built)} and attached {len(attached)} partition(s)",
         "partitions_built": built,
