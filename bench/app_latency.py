@@ -34,10 +34,10 @@ import psycopg  # noqa: E402
 from bench.run import FLOOR_OF, Bench, machine  # noqa: E402
 from devkit.pg import PgServer  # noqa: E402
 from devkit.workload import WRITE_KINDS, AppWorkload, Op  # noqa: E402
-from fk_maintenance.report import build_report  # noqa: E402
-from fk_maintenance.settings import AUTO_PARALLEL_WORKERS, SERVER_PARALLEL_WORKERS, RunSettings  # noqa: E402
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK as SPEC  # noqa: E402
-from fk_maintenance.steps import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS  # noqa: E402
+from fk_maintenance.keys.settings import AUTO_PARALLEL_WORKERS, SERVER_PARALLEL_WORKERS, RunSettings  # noqa: E402
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK as SPEC  # noqa: E402
+from fk_maintenance.steps.registry import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS  # noqa: E402
+from fk_maintenance.steps.report import build_report  # noqa: E402
 
 SETTINGS = {
     "-1 (server's own, the old default)": SERVER_PARALLEL_WORKERS,
@@ -96,7 +96,7 @@ def latency(ops: list[Op]) -> dict[str, Any]:
 
 
 class ParallelChoices(logging.Handler):
-    """What each step chose for its parallel workers, as its log says (fk_maintenance.parallelism)."""
+    """What each step chose for its parallel workers, as its log says (fk_maintenance.db.parallelism)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -106,13 +106,13 @@ class ParallelChoices(logging.Handler):
         self.lines.append(record.getMessage())
 
     def __enter__(self) -> ParallelChoices:
-        logger = logging.getLogger("fk_maintenance.parallelism")
+        logger = logging.getLogger("fk_maintenance.db.parallelism")
         logger.setLevel(logging.INFO)
         logger.addHandler(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        logging.getLogger("fk_maintenance.parallelism").removeHandler(self)
+        logging.getLogger("fk_maintenance.db.parallelism").removeHandler(self)
 
 
 def measure(bench: Bench, rows: int, parallel_workers: int, alone_s: float, batch_pause_ms: int = 0) -> dict[str, Any]:

@@ -34,14 +34,14 @@ MAX_TASK_ATTEMPTS = 3
 STEP_SCRIPT = """
 import json, sys, time
 import psycopg
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK as spec
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK as spec
 step, dsn, settings = sys.argv[1], sys.argv[2], RunSettings(**json.loads(sys.argv[3]))
 if step == "add_fk_not_valid":
-    from fk_maintenance.constraint import add_fk_not_valid as function
+    from fk_maintenance.steps.constraint import add_fk_not_valid as function
     kwargs = {}
 else:
-    from fk_maintenance.orphans import null_orphans as function
+    from fk_maintenance.steps.orphans import null_orphans as function
     kwargs = {"run_id": "bench"}
 started = time.monotonic()
 try:
@@ -81,10 +81,10 @@ def run_step(plugins: Path, step: str, dsn: str, settings: dict[str, Any]) -> di
 
 def hot_lock(bench: Any, versions: dict[str, Path], share: float, rows: int) -> dict[str, Any]:
     """Time to add the constraint while an app transaction holds a row lock ``share`` of the time."""
-    from fk_maintenance.index import create_index_concurrently
-    from fk_maintenance.orphans import null_orphans
-    from fk_maintenance.settings import RunSettings
-    from fk_maintenance.spec import VISION_KPIS_PARENT_FK as SPEC
+    from fk_maintenance.keys.settings import RunSettings
+    from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK as SPEC
+    from fk_maintenance.steps.index import create_index_concurrently
+    from fk_maintenance.steps.orphans import null_orphans
 
     figures: dict[str, Any] = {}
     for label, plugins in versions.items():

@@ -71,10 +71,10 @@ DELETE FROM posts p WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.id = p.ac
 WORKER = """
 import json, resource, sys, time
 import psycopg
-from fk_maintenance.orphans import detect_orphans, null_orphans
-from fk_maintenance.preflight import preflight
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import ForeignKeySpec
+from fk_maintenance.steps.orphans import detect_orphans, null_orphans
+from fk_maintenance.steps.preflight import preflight
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.spec import ForeignKeySpec
 spec = ForeignKeySpec(schema="public", table="posts", columns="account_id", ref_table="accounts", ref_columns="id",
                       row_key="id", on_delete="CASCADE", constraint="posts_account_id_fkey", index="posts_account_idx",
                       audit_table="posts_orphan_audit", orphans="delete")

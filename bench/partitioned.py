@@ -31,9 +31,9 @@ from psycopg import sql  # noqa: E402
 
 from bench.run import machine  # noqa: E402
 from devkit.pg import PgServer  # noqa: E402
-from fk_maintenance.settings import RunSettings  # noqa: E402
-from fk_maintenance.spec import ForeignKeySpec  # noqa: E402
-from fk_maintenance.steps import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS  # noqa: E402
+from fk_maintenance.keys.settings import RunSettings  # noqa: E402
+from fk_maintenance.keys.spec import ForeignKeySpec  # noqa: E402
+from fk_maintenance.steps.registry import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS  # noqa: E402
 
 SPEC = ForeignKeySpec(
     schema="public",

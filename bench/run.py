@@ -34,8 +34,8 @@ from devkit.app_db import build_app_database  # noqa: E402
 from devkit.pg import PgServer  # noqa: E402
 from devkit.pipeline import run_pipeline  # noqa: E402
 from devkit.workload import WRITE_KINDS, AppWorkload, WorkloadResult  # noqa: E402
-from fk_maintenance.settings import RunSettings  # noqa: E402
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK as SPEC  # noqa: E402
+from fk_maintenance.keys.settings import RunSettings  # noqa: E402
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK as SPEC  # noqa: E402
 
 SEED = 42
 ORPHAN_RATIO = 0.01
@@ -155,8 +155,8 @@ class Bench:
         settings = RunSettings(validate_now=True, lock_timeout_ms=LOCK_TIMEOUT_MS, lock_attempts=20)
         if not naive:
             # Everything up to the constraint first, so the blocker meets ADD CONSTRAINT itself.
-            from fk_maintenance.index import create_index_concurrently
-            from fk_maintenance.orphans import null_orphans
+            from fk_maintenance.steps.index import create_index_concurrently
+            from fk_maintenance.steps.orphans import null_orphans
 
             with connect() as conn:
                 null_orphans(conn, SPEC, settings, "bench")

@@ -1,6 +1,6 @@
 """One DAG per foreign key declared in targets.yaml beside this file (or the file FK_MAINTENANCE_TARGETS names):
-wiring, schedule, form and runbook. The steps, their order and their lock table live in ``fk_maintenance.steps``;
-the settings and their form in ``fk_maintenance.settings``; the targets file's schema in ``fk_maintenance.targets``.
+wiring, schedule, form and runbook. The steps, their order and their lock table live in ``fk_maintenance.steps.registry``;
+the settings and their form in ``fk_maintenance.keys.settings``; the targets file's schema in ``fk_maintenance.keys.targets``.
 Reads no database at parse time."""
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import Any
 from airflow.sdk import DAG, AssetAlias, BaseSensorOperator, Param, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from fk_maintenance.airflow_approval import DeleteApproval
-from fk_maintenance.alerts import approval_waiting_notifiers, failure_callback
-from fk_maintenance.approval import APPROVAL_DOC_MD, APPROVAL_TASK
-from fk_maintenance.assets import converged_alias
-from fk_maintenance.fleet import (
+from fk_maintenance.airflow.alerts import approval_waiting_notifiers, failure_callback
+from fk_maintenance.airflow.approval_gate import DeleteApproval
+from fk_maintenance.airflow.assets import converged_alias
+from fk_maintenance.airflow.fleet import (
     AFTER_STEPS,
     BEFORE_STEPS,
     CANARY_GROUP,
@@ -31,9 +30,10 @@ from fk_maintenance.fleet import (
     WAIT_TURN_TASK,
     task_doc_md,
 )
-from fk_maintenance.settings import SETTING_DEFS, RunSettings, SettingDef
-from fk_maintenance.steps import REPORT_DOC_MD, REPORT_TASK, STEPS, lock_table_markdown
-from fk_maintenance.targets import Target, load_targets
+from fk_maintenance.keys.settings import SETTING_DEFS, RunSettings, SettingDef
+from fk_maintenance.keys.targets import Target, load_targets
+from fk_maintenance.records.approval import APPROVAL_DOC_MD, APPROVAL_TASK
+from fk_maintenance.steps.registry import REPORT_DOC_MD, REPORT_TASK, STEPS, lock_table_markdown
 
 TARGETS_FILE = Path(os.environ.get("FK_MAINTENANCE_TARGETS") or Path(__file__).with_name("targets.yaml"))
 DEFAULTS = RunSettings()
@@ -166,8 +166,8 @@ def _param(definition: SettingDef, target: Target) -> Param:
 
 
 class WaitTurn(BaseSensorOperator):
-    """A target's turn in its fleet (fk_maintenance.fleet.turn). Under a scheduler it looks once, then waits
-    deferred: the triggerer looks and ends the task itself when the turn comes (fk_maintenance.turn_trigger), the
+    """A target's turn in its fleet (fk_maintenance.airflow.fleet.turn). Under a scheduler it looks once, then waits
+    deferred: the triggerer looks and ends the task itself when the turn comes (fk_maintenance.airflow.turn_trigger), the
     task holds no worker slot and cannot be failed by apache/airflow#71172 as a rescheduled sensor can. Under
     ``airflow dags test`` (triggers run inline there) it pokes, rescheduled."""
 
@@ -179,7 +179,7 @@ class WaitTurn(BaseSensorOperator):
         self.conn_id = conn_id
 
     def execute(self, context: Any) -> None:
-        from fk_maintenance.airflow_tasks import triggers_run_inline
+        from fk_maintenance.airflow.tasks import triggers_run_inline
 
         if triggers_run_inline():
             super().execute(context)
@@ -189,13 +189,13 @@ class WaitTurn(BaseSensorOperator):
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
         """Decide from the targets' reports; still waiting: defer. The trigger ends the task itself when the turn
         comes; a trigger deferred by an earlier version of this DAG fires an event instead and resumes here."""
-        from fk_maintenance.airflow_tasks import run_wait_turn, turn_trigger
+        from fk_maintenance.airflow.tasks import run_wait_turn, turn_trigger
 
         if not run_wait_turn(self.group, self.conn_id, context):
             self.defer(trigger=turn_trigger(self.group, context), method_name="execute_complete", timeout=self.timeout)
 
     def poke(self, context: Any) -> bool:
-        from fk_maintenance.airflow_tasks import run_wait_turn
+        from fk_maintenance.airflow.tasks import run_wait_turn
 
         return run_wait_turn(self.group, self.conn_id, context)
 
@@ -212,12 +212,12 @@ def _target_group(group_id: str, declared: Target, doc: str, *, mapped: bool, al
     label = {"map_index_template": LABEL} if mapped else {}
 
     def run_step(step_name: str, conn_id: str, **context: Any) -> dict:
-        from fk_maintenance.airflow_tasks import run_task
+        from fk_maintenance.airflow.tasks import run_task
 
         return run_task(step_name, spec, conn_id, context)
 
     def report(conn_id: str, **context: Any) -> dict:
-        from fk_maintenance.airflow_tasks import run_report
+        from fk_maintenance.airflow.tasks import run_report
 
         return run_report(spec, group_id, conn_id, context)
 
@@ -288,12 +288,12 @@ def build_dag(target: Target) -> DAG:
     alert = failure_callback(target)  # None when the targets file names no notifier for this key
 
     def plan(**context: Any) -> dict:
-        from fk_maintenance.airflow_tasks import run_plan
+        from fk_maintenance.airflow.tasks import run_plan
 
         return run_plan(target.conn_ids, context)
 
     def fleet_report(**context: Any) -> dict:
-        from fk_maintenance.airflow_tasks import run_fleet_report
+        from fk_maintenance.airflow.tasks import run_fleet_report
 
         return run_fleet_report(context)
 
@@ -371,17 +371,17 @@ def build_restore_dag(target: Target) -> DAG:
     spec = target.spec
 
     def plan(**context: Any) -> list:
-        from fk_maintenance.airflow_tasks import run_restore_plan
+        from fk_maintenance.airflow.tasks import run_restore_plan
 
         return run_restore_plan(target.conn_ids, context)
 
     def restore(conn_id: str, **context: Any) -> dict:
-        from fk_maintenance.airflow_tasks import run_restore
+        from fk_maintenance.airflow.tasks import run_restore
 
         return run_restore(spec, conn_id, context)
 
     def restore_report(conn_ids: list, **context: Any) -> dict:
-        from fk_maintenance.airflow_tasks import run_restore_report
+        from fk_maintenance.airflow.tasks import run_restore_report
 
         return run_restore_report(conn_ids, context)
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
-from fk_maintenance.spec import ForeignKeySpec
+from fk_maintenance.keys.spec import ForeignKeySpec
 
 
 class Connects(Protocol):

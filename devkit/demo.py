@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO / "plugins"))
 from devkit.airflow_env import DAG_ID, airflow_cli, latest_xcom, migrate  # noqa: E402
 from devkit.app_db import build_app_database  # noqa: E402
 from devkit.pg import PgServer  # noqa: E402
-from fk_maintenance.fleet import format_fleet_report  # noqa: E402
-from fk_maintenance.report import format_report  # noqa: E402
+from fk_maintenance.airflow.fleet import format_fleet_report  # noqa: E402
+from fk_maintenance.steps.report import format_report  # noqa: E402
 
 
 def main() -> int:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "plugins"))
 from devkit.airflow_env import airflow_env  # noqa: E402
 from devkit.app_db import build_app_database  # noqa: E402
 from devkit.pg import PgServer  # noqa: E402
-from fk_maintenance.fleet import POOL  # noqa: E402
+from fk_maintenance.airflow.fleet import POOL  # noqa: E402
 
 USER = "admin"
 POOL_SLOTS = 8

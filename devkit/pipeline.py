@@ -8,10 +8,10 @@ from typing import Any
 
 import psycopg
 
-from fk_maintenance.report import build_report, read_archived, read_audited
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import ForeignKeySpec
-from fk_maintenance.steps import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.spec import ForeignKeySpec
+from fk_maintenance.steps.registry import APPROVED_ORPHANS, MONITOR_CONNECT, RUN_ID, RUN_STARTED_AT, STEPS
+from fk_maintenance.steps.report import build_report, read_archived, read_audited
 
 
 def run_pipeline(

@@ -10,10 +10,10 @@ import re
 import sys
 from pathlib import Path
 
-from fk_maintenance.fleet import AFTER_STEPS, BEFORE_STEPS
-from fk_maintenance.settings import form_table_markdown
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK
-from fk_maintenance.steps import lock_table_markdown
+from fk_maintenance.airflow.fleet import AFTER_STEPS, BEFORE_STEPS
+from fk_maintenance.keys.settings import form_table_markdown
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK
+from fk_maintenance.steps.registry import lock_table_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

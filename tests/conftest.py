@@ -27,7 +27,7 @@ import psycopg  # noqa: E402
 
 from devkit.app_db import Generated, build_app_database  # noqa: E402
 from devkit.pg import PgServer  # noqa: E402
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK, ForeignKeySpec  # noqa: E402
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK, ForeignKeySpec  # noqa: E402
 
 Connect = Callable[[], psycopg.Connection]
 

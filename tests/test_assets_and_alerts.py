@@ -16,7 +16,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from devkit.cluster import free_port
-from fk_maintenance.settings import SETTING_DEFS
+from fk_maintenance.keys.settings import SETTING_DEFS
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "vision_kpis_parent_fk"

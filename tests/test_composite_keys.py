@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from fk_maintenance.catalog import inspect_target
-from fk_maintenance.checks import _rejects_missing_parent
+from fk_maintenance.db.catalog import inspect_target
 from fk_maintenance.errors import PreflightFailed
-from fk_maintenance.preflight import preflight
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import ForeignKeySpec
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.spec import ForeignKeySpec
+from fk_maintenance.steps.checks import _rejects_missing_parent
+from fk_maintenance.steps.preflight import preflight
 
 TREE = ForeignKeySpec(
     schema="public",

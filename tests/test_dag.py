@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from devkit.db_state import snapshot
-from fk_maintenance.settings import SETTING_DEFS
+from fk_maintenance.keys.settings import SETTING_DEFS
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "vision_kpis_parent_fk"
 
-# The graph of DESIGN.md, written out independently of fk_maintenance.steps so that a change to the step list
+# The graph of DESIGN.md, written out independently of fk_maintenance.steps.registry so that a change to the step list
 # that breaks the contract fails here. Each target (the canary, then every other) runs it after its turn.
 TARGET_EDGES = {
     ("wait_turn", "preflight"),
@@ -56,8 +56,8 @@ def test_dag_folder_imports_without_errors_and_holds_the_contract_dag_id(bag) ->
 
 
 def test_the_report_and_the_library_know_every_task_of_the_graph(dag) -> None:
-    from fk_maintenance.fleet import FLEET_REPORT_TASK, PLAN_TASK, WAIT_TURN_TASK
-    from fk_maintenance.steps import REPORT_TASK, STEPS
+    from fk_maintenance.airflow.fleet import FLEET_REPORT_TASK, PLAN_TASK, WAIT_TURN_TASK
+    from fk_maintenance.steps.registry import REPORT_TASK, STEPS
 
     per_target = {step.name for step in STEPS} | {REPORT_TASK, WAIT_TURN_TASK}
     groups = {f"{group}.{name}" for group in ("canary", "fleet") for name in per_target}
@@ -74,8 +74,8 @@ def test_graph_and_order_are_as_designed(dag) -> None:
 
 
 def test_fleet_targets_are_mapped_over_connections_in_the_project_pool_and_labelled_by_connection(dag) -> None:
-    from fk_maintenance.fleet import POOL
-    from fk_maintenance.steps import STEPS
+    from fk_maintenance.airflow.fleet import POOL
+    from fk_maintenance.steps.registry import STEPS
 
     for group in ("canary", "fleet"):
         for step in STEPS:
@@ -148,7 +148,7 @@ def test_the_form_refuses_bad_values(dag, conf: dict) -> None:
     from airflow.sdk.exceptions import ParamValidationError
 
     from fk_maintenance.errors import InvalidSettings
-    from fk_maintenance.settings import RunSettings
+    from fk_maintenance.keys.settings import RunSettings
 
     ((name, value),) = conf.items()
     with pytest.raises(ParamValidationError):
@@ -188,10 +188,10 @@ def test_parsing_the_dag_file_loads_no_step_module_and_opens_no_connection() -> 
         f"runpy.run_path({str(REPO / 'dags' / 'foreign_key_dags.py')!r})\n"
         "loaded = [m for m in sys.modules if m.startswith('fk_maintenance.')]\n"
         # Only the stdlib-only modules (settings and what they use); no step module, which would import psycopg.
-        "assert set(loaded) <= {'fk_maintenance.settings', 'fk_maintenance.spec', 'fk_maintenance.errors',"
-        " 'fk_maintenance.window', 'fk_maintenance.steps', 'fk_maintenance.targets', 'fk_maintenance.fleet',"
-        " 'fk_maintenance.alerts', 'fk_maintenance.assets', 'fk_maintenance.approval',"
-        " 'fk_maintenance.airflow_approval'}, loaded\n"
+        "parse_time = {'errors', 'keys', 'keys.settings', 'keys.spec', 'keys.window', 'keys.targets', 'steps',"
+        " 'steps.registry', 'airflow', 'airflow.fleet', 'airflow.alerts', 'airflow.assets', 'airflow.approval_gate',"
+        " 'records', 'records.approval'}\n"
+        "assert set(loaded) <= {f'fk_maintenance.{name}' for name in parse_time}, loaded\n"
         "assert 'psycopg' not in sys.modules, 'psycopg imported at parse time'\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
@@ -256,8 +256,8 @@ def test_dry_run_through_the_dag_changes_nothing(dag, db, spec, monkeypatch, air
 def test_bad_settings_stop_a_task_before_it_connects(monkeypatch, airflow_home) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from fk_maintenance.airflow_tasks import run_task
-    from fk_maintenance.spec import VISION_KPIS_PARENT_FK
+    from fk_maintenance.airflow.tasks import run_task
+    from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK
 
     monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 1}))
     with pytest.raises(AirflowFailException, match="window_timezone 'Nowhere/Land' is not a known IANA timezone"):
@@ -272,10 +272,10 @@ def test_a_step_that_finds_another_session_at_our_work_waits_rescheduled_and_giv
 
     from airflow.sdk.exceptions import AirflowRescheduleException
 
-    from fk_maintenance.airflow_tasks import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, run_task
+    from fk_maintenance.airflow.tasks import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, run_task
+    from fk_maintenance.db.session import run_lock
     from fk_maintenance.errors import ConcurrentRun
-    from fk_maintenance.session import run_lock
-    from fk_maintenance.settings import RunSettings
+    from fk_maintenance.keys.settings import RunSettings
 
     db.build(300)
     monkeypatch.setenv("AIRFLOW_CONN_KPI_DB", db.server.airflow_connection_json(db.name))
@@ -350,10 +350,10 @@ def test_outside_the_window_validate_fk_is_rescheduled_and_succeeds_once_the_win
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    from fk_maintenance.constraint import add_fk_not_valid
-    from fk_maintenance.index import create_index_concurrently
-    from fk_maintenance.orphans import null_orphans
-    from fk_maintenance.settings import RunSettings
+    from fk_maintenance.keys.settings import RunSettings
+    from fk_maintenance.steps.constraint import add_fk_not_valid
+    from fk_maintenance.steps.index import create_index_concurrently
+    from fk_maintenance.steps.orphans import null_orphans
 
     db.build(500)
     # Everything but VALIDATE done beforehand, so the DAG's earlier steps are quick no-ops.

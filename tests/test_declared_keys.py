@@ -22,10 +22,10 @@ from psycopg import sql
 from devkit.db_state import orphan_count, snapshot
 from devkit.pipeline import run_pipeline
 from fk_maintenance.errors import PreflightFailed
-from fk_maintenance.preflight import preflight
-from fk_maintenance.settings import SETTING_DEFS, RunSettings
-from fk_maintenance.spec import ForeignKeySpec
-from fk_maintenance.targets import Target, load_targets
+from fk_maintenance.keys.settings import SETTING_DEFS, RunSettings
+from fk_maintenance.keys.spec import ForeignKeySpec
+from fk_maintenance.keys.targets import Target, load_targets
+from fk_maintenance.steps.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -630,7 +630,7 @@ def test_the_lock_gap_watch_covers_the_referenced_table_so_app_writes_never_queu
     import time
 
     from devkit.workload import HotRowLock
-    from fk_maintenance.constraint import add_fk_not_valid
+    from fk_maintenance.steps.constraint import add_fk_not_valid
 
     spec = declared["orders_customer_fk"].spec
     create(db, "orders_customer_fk")
@@ -705,7 +705,7 @@ def test_the_lock_gap_watch_covers_the_partitions_of_a_partitioned_referenced_ta
     import time
 
     from devkit.workload import HotRowLock
-    from fk_maintenance.constraint import add_fk_not_valid
+    from fk_maintenance.steps.constraint import add_fk_not_valid
 
     spec = declared["events_sensor_fk"].spec
     create(db, "events_sensor_fk")
@@ -727,7 +727,7 @@ def test_a_tenant_scoped_composite_key_nulls_only_its_set_null_column_and_the_re
     """MATCH SIMPLE with the tenant trap: a parent_id that exists in another tenant is an orphan all the same.
     Only parent_id is nulled (tenant_id is NOT NULL and part of the row key), the audit keeps the whole old key,
     and a restore puts back the pointers whose parent exists again, in its own tenant only."""
-    from fk_maintenance.restore import restore_run
+    from fk_maintenance.records.restore import restore_run
 
     spec = declared["tenant_tree_fk"].spec
     create(db, "tenant_tree_fk")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from devkit.pipeline import run_pipeline
-from fk_maintenance.settings import RunSettings
+from fk_maintenance.keys.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"}
@@ -51,7 +51,7 @@ def test_compose_file_is_valid_and_has_every_airflow_component(compose) -> None:
 
 
 def test_airflow_init_creates_the_pool_every_target_task_runs_in(compose) -> None:
-    from fk_maintenance.fleet import POOL
+    from fk_maintenance.airflow.fleet import POOL
 
     command = " ".join(compose["services"]["airflow-init"]["command"])
     assert re.search(rf"airflow db migrate && airflow pools set {POOL} \S+ ", command), command

@@ -10,8 +10,8 @@ from devkit.app_db import populate
 from devkit.db_state import snapshot
 from devkit.drizzle import app_copy, drizzle_kit
 from devkit.pipeline import run_pipeline
-from fk_maintenance.catalog import inspect_target
-from fk_maintenance.settings import RunSettings
+from fk_maintenance.db.catalog import inspect_target
+from fk_maintenance.keys.settings import RunSettings
 
 NOW = RunSettings(validate_now=True)
 

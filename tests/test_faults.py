@@ -27,13 +27,13 @@ import pytest
 from devkit.db_state import orphan_count
 from devkit.pipeline import run_pipeline
 from devkit.workload import WRITE_KINDS, AppWorkload, WorkloadResult
-from fk_maintenance.checks import post_checks
-from fk_maintenance.constraint import add_fk_not_valid, validate_fk
 from fk_maintenance.errors import ConcurrentRun, LockNotAcquired
-from fk_maintenance.index import create_index_concurrently
-from fk_maintenance.orphans import null_orphans
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK, ForeignKeySpec
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK, ForeignKeySpec
+from fk_maintenance.steps.checks import post_checks
+from fk_maintenance.steps.constraint import add_fk_not_valid, validate_fk
+from fk_maintenance.steps.index import create_index_concurrently
+from fk_maintenance.steps.orphans import null_orphans
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 20_000
@@ -236,7 +236,7 @@ def test_outside_the_window_the_airflow_task_is_rescheduled_to_the_window_start(
 ) -> None:
     from airflow.sdk.exceptions import AirflowRescheduleException
 
-    from fk_maintenance.airflow_tasks import run_task
+    from fk_maintenance.airflow.tasks import run_task
 
     db.build(2000)
     with db.connect() as conn:
@@ -410,7 +410,7 @@ def test_database_restart_mid_batch_and_between_steps_then_the_run_converges(db,
 def test_an_unreachable_database_is_refused_with_one_clear_message_that_does_not_contain_the_password(
     db, restartable, monkeypatch, airflow_home, caplog
 ) -> None:
-    from fk_maintenance.airflow_tasks import run_task
+    from fk_maintenance.airflow.tasks import run_task
     from fk_maintenance.errors import TargetUnreachable
 
     def refusal(connection: dict) -> str:
@@ -446,10 +446,10 @@ STEP_IN_SUBPROCESS = """
 import sys
 sys.path[:0] = [{plugins!r}, {repo!r}]
 import psycopg
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK as spec
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.orphans import null_orphans
-from fk_maintenance.index import create_index_concurrently
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK as spec
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.steps.orphans import null_orphans
+from fk_maintenance.steps.index import create_index_concurrently
 settings = RunSettings(batch_size=50)
 with psycopg.connect({dsn!r}, autocommit=True) as conn:
     if sys.argv[1] == "null":
@@ -560,8 +560,8 @@ def test_only_an_anti_wraparound_vacuum_of_the_target_table_itself_holds_validat
     from psycopg import sql
 
     from devkit.app_db import create_app_table, populate
-    from fk_maintenance.catalog import require_target
-    from fk_maintenance.constraint import validation_gate
+    from fk_maintenance.db.catalog import require_target
+    from fk_maintenance.steps.constraint import validation_gate
 
     quoted = ForeignKeySpec(
         schema="App Data",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from devkit.db_state import orphan_count, snapshot
-from fk_maintenance.fleet import build_fleet_report, plan_fleet, target_summary, turn
-from fk_maintenance.settings import SETTING_DEFS, RunSettings
+from fk_maintenance.airflow.fleet import build_fleet_report, plan_fleet, target_summary, turn
+from fk_maintenance.keys.settings import SETTING_DEFS, RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "vision_kpis_parent_fk"
@@ -167,9 +167,9 @@ def test_a_connection_id_airflow_does_not_know_stops_the_run_before_any_target_i
 def test_validate_fk_reached_eight_days_into_a_run_counts_its_windows_from_its_own_first_attempt() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from fk_maintenance.airflow_tasks import FINISHED_AT, clocks_from
-    from fk_maintenance.constraint import decide_window
+    from fk_maintenance.airflow.tasks import FINISHED_AT, clocks_from
     from fk_maintenance.errors import WindowsExhausted
+    from fk_maintenance.steps.constraint import decide_window
 
     now = datetime.now(UTC)
     opens = (now + timedelta(hours=2)).strftime("%H:%M")  # a window that is closed now
@@ -192,7 +192,7 @@ def test_a_turn_stamped_by_the_trigger_starts_the_targets_clock_like_one_stamped
     import json
     from datetime import UTC, datetime, timedelta
 
-    from fk_maintenance.airflow_tasks import clocks_from, from_trigger
+    from fk_maintenance.airflow.tasks import clocks_from, from_trigger
 
     run_started, turn_came = datetime.now(UTC) - timedelta(days=2), datetime.now(UTC) - timedelta(hours=1)
     for pulled in (json.dumps(turn_came.isoformat()), turn_came.isoformat()):

@@ -12,7 +12,7 @@ import psycopg
 from devkit.celery_airflow import celery_airflow
 from devkit.db_state import snapshot
 from devkit.fleet_runs import run_fleet_over, xcom
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK
 
 FLEET = 4  # after the canary
 MAX_PARALLEL = 2

@@ -9,8 +9,8 @@ from pathlib import Path
 from devkit.cluster import free_port
 from devkit.fleet_runs import run_fleet_over, xcom
 from devkit.local_airflow import local_airflow
-from fk_maintenance.airflow_tasks import from_trigger
-from fk_maintenance.fleet import TARGET_STARTED_KEY
+from fk_maintenance.airflow.fleet import TARGET_STARTED_KEY
+from fk_maintenance.airflow.tasks import from_trigger
 
 FLEET = 7  # targets after the canary
 MAX_PARALLEL = 2

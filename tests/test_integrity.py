@@ -1,4 +1,4 @@
-"""The DAG integrity checks a deployment imports into its own CI (fk_maintenance.integrity), and the command's
+"""The DAG integrity checks a deployment imports into its own CI (fk_maintenance.airflow.integrity), and the command's
 ``--conn-id``, which resolves an Airflow connection through the DAG's own PostgresHook (so it runs here, where
 Airflow is installed)."""
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from devkit.airflow_env import airflow_env
-from fk_maintenance.integrity import assert_dag_integrity, check_dag_integrity
+from fk_maintenance.airflow.integrity import assert_dag_integrity, check_dag_integrity
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO / "dags" / "foreign_key_dags.py"

@@ -30,14 +30,14 @@ from psycopg import errors as pgerrors
 
 from devkit.db_state import orphan_count, snapshot
 from devkit.pipeline import run_pipeline
+from fk_maintenance.airflow.fleet import build_fleet_report, format_fleet_report, target_summary
 from fk_maintenance.errors import PreflightFailed
-from fk_maintenance.fleet import build_fleet_report, format_fleet_report, target_summary
-from fk_maintenance.orphans import detect_orphans, null_orphans
-from fk_maintenance.preflight import preflight
-from fk_maintenance.restore import restore_run
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import ForeignKeySpec
-from fk_maintenance.targets import load_targets
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.spec import ForeignKeySpec
+from fk_maintenance.keys.targets import load_targets
+from fk_maintenance.records.restore import restore_run
+from fk_maintenance.steps.orphans import detect_orphans, null_orphans
+from fk_maintenance.steps.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,7 +245,7 @@ def test_a_dry_run_shows_the_blast_radius_per_table_with_a_sample_and_changes_no
     assert results["report"]["final_state"] == "dry run: nothing changed"
     assert snapshots(shop) == before
     # What a person approving the delete is shown is this blast radius.
-    from fk_maintenance.approval import approval_body, approval_needed
+    from fk_maintenance.records.approval import approval_body, approval_needed
 
     assert approval_needed(found, 10) and not approval_needed(found, found["blast_radius_rows"])
     body = approval_body(SPEC, "kpi_db", found, 10, restore_dag="posts_account_fk_restore")
@@ -415,7 +415,7 @@ import sys
 sys.path[:0] = [{plugins!r}, {repo!r}]
 import psycopg
 from dataclasses import replace
-from fk_maintenance.orphans import null_orphans
+from fk_maintenance.steps.orphans import null_orphans
 from tests.test_orphan_delete import SETTINGS, SPEC
 with psycopg.connect({dsn!r}, autocommit=True) as conn:
     null_orphans(conn, SPEC, replace(SETTINGS, batch_size=2), "run-k")
@@ -539,7 +539,7 @@ def test_a_declared_delete_key_shows_its_blast_radius_in_the_plan_and_converges_
 ) -> None:
     """The targets file's orphans: delete, the plan's text, and (on the main major) the DAG: its runbook names
     the policy, and the target's report counts from the archive."""
-    from fk_maintenance import cli
+    from fk_maintenance.cli import commands as cli
 
     path = tmp_path / "targets.yaml"
     path.write_text(TARGETS_YAML)
@@ -559,7 +559,7 @@ def test_a_declared_delete_key_shows_its_blast_radius_in_the_plan_and_converges_
     from airflow.dag_processing.dagbag import DagBag
 
     from devkit.airflow_env import latest_xcom
-    from fk_maintenance.settings import SETTING_DEFS
+    from fk_maintenance.keys.settings import SETTING_DEFS
 
     home = request.getfixturevalue("airflow_home")
     monkeypatch.setenv("FK_MAINTENANCE_TARGETS", str(path))
@@ -594,7 +594,7 @@ def test_the_command_line_deletes_above_approve_deletes_above_only_once_the_oper
 ) -> None:
     """fk-maintenance run has no one to ask: a delete above the key's approve_deletes_above stops before
     anything is deleted, naming the setting that approves it, which the operator passes after reviewing."""
-    from fk_maintenance import cli
+    from fk_maintenance.cli import commands as cli
 
     path = tmp_path / "targets.yaml"
     path.write_text(

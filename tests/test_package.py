@@ -28,7 +28,7 @@ def test_the_installed_package_reads_its_sql_with_no_sql_folder_anywhere(wheel: 
         capture_output=True,
     )
     probe = (
-        "import fk_maintenance.sqlfiles as s, fk_maintenance.spec as spec\n"
+        "import fk_maintenance.db.sqlfiles as s, fk_maintenance.keys.spec as spec\n"
         f"assert str(s.SQL_DIR).startswith({str(site)!r}), s.SQL_DIR\n"
         "for family, name in [('orphans', 'keys'), ('constraint', 'add_not_valid'), ('session', 'configure')]:\n"
         "    assert s.statement(family, name, spec.VISION_KPIS_PARENT_FK)\n"

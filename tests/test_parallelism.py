@@ -14,13 +14,13 @@ from dataclasses import replace
 import psycopg
 from psycopg import sql
 
-from fk_maintenance.parallelism import (
+from fk_maintenance.db.parallelism import (
     ServerParallelism,
     choose_parallel_workers,
     read_server_parallelism,
 )
-from fk_maintenance.session import step_session
-from fk_maintenance.settings import AUTO_PARALLEL_WORKERS, SERVER_PARALLEL_WORKERS, RunSettings
+from fk_maintenance.db.session import step_session
+from fk_maintenance.keys.settings import AUTO_PARALLEL_WORKERS, SERVER_PARALLEL_WORKERS, RunSettings
 
 AUTO = RunSettings(validate_now=True)
 PARALLEL_SETTINGS = ("max_parallel_workers_per_gather", "max_parallel_maintenance_workers")
@@ -67,7 +67,7 @@ def test_auto_leaves_every_core_to_sessions_busy_on_the_server_and_says_so(db, c
         cores = read_server_parallelism(conn).cpus
     # As many sessions as the server has cores, each running a statement all the time.
     busy = _busy_sessions(db.dsn, cores, statement="SELECT pg_sleep(0.2)", every_s=0.0)
-    logs = caplog.at_level(logging.INFO, logger="fk_maintenance.parallelism")
+    logs = caplog.at_level(logging.INFO, logger="fk_maintenance.db.parallelism")
     with (
         busy,
         logs,

@@ -20,15 +20,15 @@ import pytest
 
 from devkit.db_state import orphan_count, snapshot
 from devkit.pipeline import run_pipeline
-from fk_maintenance.constraint import add_fk_not_valid, validate_fk
+from fk_maintenance.db.session import LockBudgetSpent, lock_budget
+from fk_maintenance.db.sqlfiles import statement
 from fk_maintenance.errors import PreflightFailed
-from fk_maintenance.index import create_index_concurrently
-from fk_maintenance.orphans import null_orphans
-from fk_maintenance.preflight import preflight
-from fk_maintenance.session import LockBudgetSpent, lock_budget
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import ForeignKeySpec
-from fk_maintenance.sqlfiles import statement
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.spec import ForeignKeySpec
+from fk_maintenance.steps.constraint import add_fk_not_valid, validate_fk
+from fk_maintenance.steps.index import create_index_concurrently
+from fk_maintenance.steps.orphans import null_orphans
+from fk_maintenance.steps.preflight import preflight
 
 READINGS = ForeignKeySpec(
     schema="public",

@@ -11,8 +11,8 @@ import pytest
 
 from devkit.db_state import revive_parent, snapshot
 from devkit.pipeline import run_pipeline
-from fk_maintenance.restore import restore_run
-from fk_maintenance.settings import SETTING_DEFS, RunSettings
+from fk_maintenance.keys.settings import SETTING_DEFS, RunSettings
+from fk_maintenance.records.restore import restore_run
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = RunSettings(validate_now=True)

@@ -8,10 +8,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from fk_maintenance.constraint import decide_window
 from fk_maintenance.errors import InvalidSettings, WindowsExhausted
-from fk_maintenance.settings import SETTING_DEFS, RunSettings
-from fk_maintenance.window import Window
+from fk_maintenance.keys.settings import SETTING_DEFS, RunSettings
+from fk_maintenance.keys.window import Window
+from fk_maintenance.steps.constraint import decide_window
 
 
 def test_defaults_are_valid_and_match_the_form_defaults() -> None:

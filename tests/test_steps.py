@@ -15,15 +15,15 @@ from psycopg import sql
 from devkit.app_db import build_app_database
 from devkit.db_state import orphan_count, revive_parent, snapshot
 from devkit.pipeline import run_pipeline
-from fk_maintenance.checks import post_checks
-from fk_maintenance.constraint import add_fk_not_valid, validate_fk
 from fk_maintenance.errors import ConcurrentRun, LockNotAcquired, PostChecksFailed, PreflightFailed
-from fk_maintenance.index import create_index_concurrently
-from fk_maintenance.orphans import detect_orphans, null_orphans
-from fk_maintenance.preflight import preflight
-from fk_maintenance.restore import restore_run
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import ForeignKeySpec
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.spec import ForeignKeySpec
+from fk_maintenance.records.restore import restore_run
+from fk_maintenance.steps.checks import post_checks
+from fk_maintenance.steps.constraint import add_fk_not_valid, validate_fk
+from fk_maintenance.steps.index import create_index_concurrently
+from fk_maintenance.steps.orphans import detect_orphans, null_orphans
+from fk_maintenance.steps.preflight import preflight
 
 NOW = RunSettings(validate_now=True)
 
@@ -433,7 +433,7 @@ def test_null_orphans_skips_rows_the_app_holds_and_the_re_sweep_gets_them(db, sp
 
 
 def test_the_report_of_a_run_whose_step_failed_says_incomplete_even_in_a_dry_run(spec) -> None:
-    from fk_maintenance.report import build_report
+    from fk_maintenance.steps.report import build_report
 
     only_preflight = {"preflight": {"seconds": 0.01, "server_version": "18"}}
     for settings in (NOW, RunSettings(dry_run=True)):
@@ -443,7 +443,7 @@ def test_the_report_of_a_run_whose_step_failed_says_incomplete_even_in_a_dry_run
 
 
 def test_the_report_counts_what_the_audit_holds_for_the_run_not_what_the_last_try_returned(db, spec) -> None:
-    from fk_maintenance.report import build_report, read_audited
+    from fk_maintenance.steps.report import build_report, read_audited
 
     generated = db.build(2000, orphan_ratio=0.02)
     # A first try commits every batch, then dies before it can return; the retry finds nothing left to null.
@@ -463,7 +463,7 @@ def test_the_report_counts_what_the_audit_holds_for_the_run_not_what_the_last_tr
 def test_failed_post_checks_are_in_the_report_and_a_check_that_could_not_be_tried_is_not_counted_passed(
     db, spec
 ) -> None:
-    from fk_maintenance.report import build_report
+    from fk_maintenance.steps.report import build_report
 
     db.build(500)
     results = run_pipeline(db.connect, spec, NOW, "run-1")
@@ -526,7 +526,7 @@ def test_errors_no_retry_can_fix_are_final_and_waits_that_pass_with_time_are_not
 
 
 def test_each_step_sets_its_own_timeouts_whatever_the_database_defaults_are(db, spec) -> None:
-    from fk_maintenance.session import step_session
+    from fk_maintenance.db.session import step_session
 
     db.build(200)
     db.execute(sql.SQL("ALTER DATABASE {} SET lock_timeout = 0").format(sql.Identifier(db.name)))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK
-from fk_maintenance.targets import TargetsFileInvalid, load_targets
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK
+from fk_maintenance.keys.targets import TargetsFileInvalid, load_targets
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "dags" / "targets.yaml"
@@ -154,8 +154,8 @@ def test_a_key_declared_for_several_connections_offers_them_all_in_order_on_its_
 
 def test_two_declared_keys_give_two_dags_that_both_converge(monkeypatch, tmp_path, airflow_home, db) -> None:
     from devkit.db_state import orphan_count
-    from fk_maintenance.settings import SETTING_DEFS
-    from fk_maintenance.targets import load_targets
+    from fk_maintenance.keys.settings import SETTING_DEFS
+    from fk_maintenance.keys.targets import load_targets
 
     targets = tmp_path / "targets.yaml"
     targets.write_text(SHIPPED.read_text() + GOALS_KEY)

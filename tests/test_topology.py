@@ -25,10 +25,10 @@ from devkit.pipeline import run_pipeline
 from devkit.pooler import PGBOUNCER, PgBouncer
 from devkit.workload import AppWorkload
 from fk_maintenance.errors import PoolerNotSupported, PreflightFailed, TargetUnreachable
-from fk_maintenance.orphans import null_orphans
-from fk_maintenance.preflight import preflight
-from fk_maintenance.settings import RunSettings
-from fk_maintenance.spec import VISION_KPIS_PARENT_FK
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.spec import VISION_KPIS_PARENT_FK
+from fk_maintenance.steps.orphans import null_orphans
+from fk_maintenance.steps.preflight import preflight
 
 NOW = RunSettings(validate_now=True)
 DRY = RunSettings(dry_run=True, validate_now=True)
@@ -241,7 +241,7 @@ def _airflow_connection(monkeypatch, server: Cluster, **extra: object) -> None:
 def test_tls_with_verify_ca_and_the_root_certificate_in_the_extras_connects_encrypted(
     tls_cluster, monkeypatch, airflow_home
 ) -> None:
-    from fk_maintenance.airflow_tasks import connector
+    from fk_maintenance.airflow.tasks import connector
 
     server, root_cert = tls_cluster
     _airflow_connection(monkeypatch, server, sslmode="verify-ca", sslrootcert=str(root_cert))
@@ -253,7 +253,7 @@ def test_tls_with_verify_ca_and_the_root_certificate_in_the_extras_connects_encr
 def test_a_certificate_the_root_does_not_sign_is_refused_in_one_line_without_the_password(
     tls_cluster, monkeypatch, airflow_home, tmp_path
 ) -> None:
-    from fk_maintenance.airflow_tasks import connector
+    from fk_maintenance.airflow.tasks import connector
 
     server, _ = tls_cluster
     other = tmp_path / "other.crt"
@@ -267,7 +267,7 @@ def test_a_certificate_the_root_does_not_sign_is_refused_in_one_line_without_the
 
 
 def test_libpq_keywords_the_old_allowlist_dropped_reach_libpq(tls_cluster, monkeypatch, airflow_home) -> None:
-    from fk_maintenance.airflow_tasks import connector
+    from fk_maintenance.airflow.tasks import connector
 
     server, root_cert = tls_cluster
     # The server trusts every local connection; require_auth makes libpq refuse a server that asks for none.

@@ -1,7 +1,7 @@
-"""``python -m fk_maintenance``: the ``fk-maintenance`` command (see fk_maintenance.cli)."""
+"""``python -m fk_maintenance``: the ``fk-maintenance`` command (see fk_maintenance.cli.commands)."""
 
 import sys
 
-from .cli import main
+from fk_maintenance.cli.commands import main
 
 sys.exit(main())
