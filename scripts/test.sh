@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Lint and the test suite against real PostgreSQL: everything on the embedded PostgreSQL 18 (or KPI_TEST_DSN),
-# then every step, restore, declared-key, partitioned-key and orphan-delete test again on PostgreSQL 16 and 15
-# (fresh clusters, devkit.cluster):
+# Lint, the documentation site (mkdocs build --strict), and the test suite against real PostgreSQL: everything on
+# the embedded PostgreSQL 18 (or KPI_TEST_DSN), then every step, restore, declared-key, partitioned-key and
+# orphan-delete test again on PostgreSQL 16 and 15 (fresh clusters, devkit.cluster):
 # the SQL is what differs between majors, the Airflow wiring is not.
 # The tests that run a whole Airflow (scheduler, triggerer, api-server, Celery workers, the browser) spend most
 # of their time waiting for it: they run beside the others, in a pytest process of their own (its own
@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 scripts/system-deps.sh
 .venv/bin/ruff check .
+# The documentation site, strict: a broken link or anchor fails it (built into a temporary folder, no site/ left).
+docs_site=$(mktemp -d)
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$docs_site"
+rm -rf "$docs_site"
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q --durations=12 "$@"
 fi
