@@ -146,6 +146,21 @@ def lock_budget(conn: psycopg.Connection, *, lock_timeout_ms: int, budget_ms: in
         raise LockBudgetSpent(f"the attempt's {budget_ms} ms were spent waiting for locks") from cancelled
 
 
+def budgeted_statement(conn: psycopg.Connection, settings: RunSettings, query: sql.Composable) -> Callable[[int], None]:
+    """An attempt for with_lock_retries: ``query`` alone in its own transaction, each lock wait within the attempt's
+    timeout and all of them together within the configured one (a statement on a partitioned table locks one
+    partition after the other, and the app waits on every lock it took so far)."""
+
+    def attempt(lock_timeout_ms: int) -> None:
+        with (
+            conn.transaction(),
+            lock_budget(conn, lock_timeout_ms=lock_timeout_ms, budget_ms=settings.lock_timeout_ms),
+        ):
+            conn.execute(query)
+
+    return attempt
+
+
 @contextmanager
 def run_lock(conn: psycopg.Connection, spec: ForeignKeySpec) -> Iterator[None]:
     """Hold the session-level advisory lock that serialises runs changing this foreign key.
@@ -270,16 +285,15 @@ def with_lock_retries(
     what: str,
     body: Callable[[int], T],
     *,
-    lock_timeout_ms: int,
-    attempts: int,
+    settings: RunSettings,
     record: LockAttempts,
     avoid_queueing_behind: list[str] | None = None,
-    watch_seconds: float = 10.0,
     sleep: Callable[[float], None] = time.sleep,
     tables: tuple[tuple[str, str], ...] | None = None,
     whole_trees: bool = True,
 ) -> T:
-    """Run ``body(lock_timeout_ms_for_this_attempt)`` until it gets its lock, at most ``attempts`` times.
+    """Run ``body(lock_timeout_ms_for_this_attempt)`` until it gets its lock, at most ``lock_attempts`` times,
+    never waiting longer than ``lock_timeout_ms`` (the run's settings).
 
     ``body`` runs its own transaction with ``SET LOCAL lock_timeout``. With ``avoid_queueing_behind`` (the lock
     modes that make app statements queue behind ours), each attempt first watches pg_locks on both of the key's
@@ -291,26 +305,19 @@ def with_lock_retries(
     statement locks the parent alone (not ``whole_trees``: CREATE INDEX ON ONLY).
     """
     tables = tables or spec.tables
-    described = " and ".join(".".join(pair) for pair in tables)
+    lock_timeout_ms, attempts, watch_seconds = (
+        settings.lock_timeout_ms,
+        settings.lock_attempts,
+        settings.gap_watch_seconds,
+    )
     timeouts = attempt_timeouts(lock_timeout_ms, attempts)
-    # "Long" is fixed at the first, shortest timeout: a conflicting transaction already open that long is not
-    # an OLTP write about to commit, whatever an attempt's timeout.
-    watch = partial(
-        await_lock_gap,
-        conn,
-        spec,
-        avoid_queueing_behind or [],
-        long_ms=timeouts[0],
-        watch_seconds=watch_seconds,
-        record=record,
-        sleep=sleep,
-        tables=tables,
-        whole_trees=whole_trees,
+    watch = _gap_watch(
+        conn, spec, avoid_queueing_behind, timeouts[0], watch_seconds, record, sleep, tables, whole_trees
     )
     holders: list[LockHolder] = []
     for number, timeout_ms in enumerate(timeouts, start=1):
         record.attempts += 1
-        holders = watch() if avoid_queueing_behind else []
+        holders = watch()
         if holders:
             record.deferred += 1
             outcome = f"not tried: no free moment in {watch_seconds:g} s, so the app does not queue behind us"
@@ -323,19 +330,48 @@ def with_lock_retries(
                 outcome = f"did not get its lock within {timeout_ms} ms ({exc.sqlstate})"
         log.warning(
             "%s: attempt %d/%d %s; sessions holding locks on %s: %s",
-            what,
-            number,
-            attempts,
-            outcome,
-            described,
-            "; ".join(map(str, holders)) or "none now",
+            *(what, number, attempts, outcome, _described(tables), "; ".join(map(str, holders)) or "none now"),
         )
         if number < attempts and not avoid_queueing_behind:
             sleep(random.uniform(0, min(30.0, 0.5 * 2**number)))
     raise LockNotAcquired(
         f"{what}: no lock within {attempts} attempts (lock_timeout up to {lock_timeout_ms} ms, "
         f"{record.deferred} not tried because of long transactions); nothing was changed. Sessions holding locks "
-        f"on {described}: {'; '.join(map(str, holders)) or 'none now'}. Airflow retries the task later."
+        f"on {_described(tables)}: {'; '.join(map(str, holders)) or 'none now'}. Airflow retries the task later."
+    )
+
+
+def _described(tables: tuple[tuple[str, str], ...]) -> str:
+    return " and ".join(".".join(pair) for pair in tables)
+
+
+def _gap_watch(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    modes: list[str] | None,
+    long_ms: int,
+    watch_seconds: float,
+    record: LockAttempts,
+    sleep: Callable[[float], None],
+    tables: tuple[tuple[str, str], ...],
+    whole_trees: bool,
+) -> Callable[[], list[LockHolder]]:
+    """What each attempt waits for first: a lock gap (await_lock_gap) when there are modes to avoid queueing
+    behind, else nothing. "Long" is fixed at the first, shortest timeout (``long_ms``): a conflicting
+    transaction already open that long is not an OLTP write about to commit, whatever an attempt's timeout."""
+    if not modes:
+        return list
+    return partial(
+        await_lock_gap,
+        conn,
+        spec,
+        modes,
+        long_ms=long_ms,
+        watch_seconds=watch_seconds,
+        record=record,
+        sleep=sleep,
+        tables=tables,
+        whole_trees=whole_trees,
     )
 
 

@@ -315,9 +315,16 @@ def walk(
     root = graph.root
     for row_key, row_data, relid in conn.execute(_root_statement(spec, state, locked), batch_params(spec, keys)):
         reached.deleted[root.qualified][row_key] = Found(0, root, relid, row_key, row_data, "deleted", "")
+    _take_cascades(conn, graph, reached, root, locked)
+    _take_side_effects(conn, graph, reached, locked)
+    return reached
+
+
+def _take_cascades(conn: psycopg.Connection, graph: Graph, reached: Reached, root: Rel, locked: bool) -> None:
+    """Level by level down the CASCADE keys from the orphans: a row already taken (a self-reference, a cycle) is
+    not taken again."""
     frontier = {root.qualified: list(reached.deleted[root.qualified].values())}
     depth = 0
-    # Level by level down the CASCADE keys: a row already taken (a self-reference, a cycle) is not taken again.
     while any(frontier.values()):
         depth += 1
         following: dict[str, list[Found]] = defaultdict(list)
@@ -336,8 +343,11 @@ def walk(
                         )
                         following[edge.child.qualified].append(taken[row_key])
         frontier = following
-    # Then what the deleted rows' SET NULL / SET DEFAULT keys change, and what RESTRICT / NO ACTION keys forbid,
-    # on rows that are not themselves deleted.
+
+
+def _take_side_effects(conn: psycopg.Connection, graph: Graph, reached: Reached, locked: bool) -> None:
+    """What the deleted rows' SET NULL / SET DEFAULT keys change, and what RESTRICT / NO ACTION keys forbid, on
+    rows that are not themselves deleted."""
     for parent_name in sorted(reached.deleted):
         parents = list(reached.deleted[parent_name].values())
         if not parents:
@@ -365,7 +375,6 @@ def walk(
                             by_us=edge.declared,
                         )
                     )
-    return reached
 
 
 def _reach(conn: psycopg.Connection, edge: Edge, parents: list[Found], locked: bool) -> list[tuple[str, str, int, int]]:

@@ -209,8 +209,7 @@ def _restore_batch(
         spec,
         "restore",
         attempt,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        attempts=settings.lock_attempts,
+        settings=settings,
         record=LockAttempts(),
     )
 

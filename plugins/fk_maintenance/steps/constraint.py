@@ -171,11 +171,9 @@ def add_key_not_valid(
         spec,
         "add_fk_not_valid" if on_child else f"add_fk_not_valid (on {'.'.join(table)})",
         attempt,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        attempts=settings.lock_attempts,
+        settings=settings,
         record=record,
         avoid_queueing_behind=CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
-        watch_seconds=settings.gap_watch_seconds,
         sleep=sleep,
         tables=tuple(dict.fromkeys((table, (spec.ref_schema, spec.ref_table)))),
     )
@@ -295,8 +293,7 @@ def validate_once(
         spec,
         "validate_fk" if table is None else f"validate_fk (on {'.'.join(table)})",
         attempt,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        attempts=settings.lock_attempts,
+        settings=settings,
         record=record,
         sleep=sleep,
         tables=None if table is None else (table, (spec.ref_schema, spec.ref_table)),
@@ -364,12 +361,10 @@ def adopt_partition_keys(
         spec,
         "validate_fk (the parent adopts the partitions' keys)",
         attempt,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        attempts=settings.lock_attempts,
+        settings=settings,
         record=record,
         # It takes ACCESS EXCLUSIVE on the referenced table: the app's reads of it would queue behind it too.
         avoid_queueing_behind=CONFLICTS_WITH_ACCESS_EXCLUSIVE,
-        watch_seconds=settings.gap_watch_seconds,
         sleep=sleep,
     )
 
@@ -444,23 +439,8 @@ def validate_fk(
             min_validate_seconds=min_validate_seconds,
         )
         if settings.dry_run:
-            log.info(
-                "validate_fk: dry run; a real run would %s (%s)",
-                "validate now" if decision.run_now else "wait",
-                decision.reason,
-            )
-            return {
-                "outcome": "dry run",
-                "would_run_now": decision.run_now,
-                "reason": decision.reason,
-                **_partition_progress(conn, spec, state, []),
-                "seconds": 0.0,
-            }
-        if not state.key_added:
-            raise StepOutOfOrder(
-                f"validate_fk: {spec.constraint} does not exist on {spec.schema}.{spec.table}; add_fk_not_valid must "
-                "succeed first (clear add_fk_not_valid and its downstream tasks, or trigger a new run)"
-            )
+            return _dry_run_outcome(conn, spec, state, decision)
+        _require_key_added(spec, state)
         if not decision.run_now:
             return _reschedule(decision.retry_at, decision.reason, started)
         return _validate_in_window(
@@ -474,6 +454,31 @@ def validate_fk(
             sleep=sleep,
             min_validate_seconds=min_validate_seconds,
             started=started,
+        )
+
+
+def _dry_run_outcome(
+    conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, decision: WindowDecision
+) -> dict[str, Any]:
+    log.info(
+        "validate_fk: dry run; a real run would %s (%s)",
+        "validate now" if decision.run_now else "wait",
+        decision.reason,
+    )
+    return {
+        "outcome": "dry run",
+        "would_run_now": decision.run_now,
+        "reason": decision.reason,
+        **_partition_progress(conn, spec, state, []),
+        "seconds": 0.0,
+    }
+
+
+def _require_key_added(spec: ForeignKeySpec, state: TargetState) -> None:
+    if not state.key_added:
+        raise StepOutOfOrder(
+            f"validate_fk: {spec.constraint} does not exist on {spec.schema}.{spec.table}; add_fk_not_valid must "
+            "succeed first (clear add_fk_not_valid and its downstream tasks, or trigger a new run)"
         )
 
 
@@ -518,13 +523,7 @@ def _validate_in_window(
         with run_lock(conn, spec):
             resweep = validate_with_resweep(conn, spec, settings, run_id, state, validate)
     except ValidationCutShort as cut:
-        log.warning("validate_fk: %s; the constraint stays NOT VALID", cut)
-        if decision.windows_used + 1 >= settings.max_windows:
-            raise WindowsExhausted(
-                f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s) ({cut}); "
-                "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
-            ) from None
-        later = _reschedule(_next_window_start(settings.window, now()), str(cut), started)
+        later = _after_cut_short(cut, settings, decision, now(), started)
         return {**later, **_partition_progress(conn, spec, state, partitions_done)}
     lag = worst_replica_lag(conn)  # VALIDATE cannot be throttled for replicas; its cost to them is reported
     seconds = time.monotonic() - started
@@ -539,6 +538,19 @@ def _validate_in_window(
         "lock_timeouts": record.lock_timeouts,
         "seconds": round(seconds, 3),
     }
+
+
+def _after_cut_short(
+    cut: ValidationCutShort, settings: RunSettings, decision: WindowDecision, now: datetime, started: float
+) -> dict[str, Any]:
+    """A VALIDATE the window's end cut short: tried again in the next window, unless it was the last allowed."""
+    log.warning("validate_fk: %s; the constraint stays NOT VALID", cut)
+    if decision.windows_used + 1 >= settings.max_windows:
+        raise WindowsExhausted(
+            f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s) ({cut}); "
+            "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
+        ) from None
+    return _reschedule(_next_window_start(settings.window, now), str(cut), started)
 
 
 def _partition_progress(

@@ -21,7 +21,7 @@ from fk_maintenance.db.session import (
     CONFLICTS_WITH_ACCESS_EXCLUSIVE,
     CONFLICTS_WITH_SHARE,
     LockAttempts,
-    lock_budget,
+    budgeted_statement,
     run_lock,
     step_session,
     with_lock_retries,
@@ -235,24 +235,14 @@ def _build_on_partitions(
     goes on from the first partition without an attached index (a partition created since already has one)."""
     record = LockAttempts()
     if not state.index.exists:
-
-        def create_on_only(lock_timeout_ms: int) -> None:
-            with (
-                conn.transaction(),
-                lock_budget(conn, lock_timeout_ms=lock_timeout_ms, budget_ms=settings.lock_timeout_ms),
-            ):
-                conn.execute(statement("index", "create_on_only", spec))
-
         with_lock_retries(
             conn,
             spec,
             "create_index_concurrently (ON ONLY the parent)",
-            create_on_only,
-            lock_timeout_ms=settings.lock_timeout_ms,
-            attempts=settings.lock_attempts,
+            budgeted_statement(conn, settings, statement("index", "create_on_only", spec)),
+            settings=settings,
             record=record,
             avoid_queueing_behind=CONFLICTS_WITH_SHARE,
-            watch_seconds=settings.gap_watch_seconds,
             tables=((spec.schema, spec.table),),
             whole_trees=False,  # SHARE on the parent alone: writes straight into a partition never meet it
         )
@@ -293,22 +283,14 @@ def _attach(
     name: str,
     record: LockAttempts,
 ) -> None:
-    def attach(lock_timeout_ms: int) -> None:
-        with (
-            conn.transaction(),
-            lock_budget(conn, lock_timeout_ms=lock_timeout_ms, budget_ms=settings.lock_timeout_ms),
-        ):
-            conn.execute(statement("index", "attach", spec, partition_index=sql.Identifier(part.schema, name)))
-
+    attach = statement("index", "attach", spec, partition_index=sql.Identifier(part.schema, name))
     with_lock_retries(
         conn,
         spec,
         f"create_index_concurrently (attach on {part.described})",
-        attach,
-        lock_timeout_ms=settings.lock_timeout_ms,
-        attempts=settings.lock_attempts,
+        budgeted_statement(conn, settings, attach),
+        settings=settings,
         record=record,
         avoid_queueing_behind=CONFLICTS_WITH_ACCESS_EXCLUSIVE,
-        watch_seconds=settings.gap_watch_seconds,
         tables=(part.qualified,),
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import itemgetter
@@ -93,13 +95,10 @@ def _blast_radius(
     person approving the run reads. Nulling changes the orphans' pointers only; a delete is walked through the
     catalog's keys (fk_maintenance.records.cascade); a refused key changes nothing."""
     if state.policy == "delete" and orphans:
-        keys, _total = _hold_orphan_keys(conn, spec, settings)
-        try:
+        with _held_orphan_keys(conn, spec, settings) as (keys, _total):
             return walk_blast_radius(
                 conn, spec, state, require_graph(conn, spec, state), keys, settings.batch_size
             ).summary()
-        finally:
-            keys.close()
     radius = BlastRadius()
     if state.policy == "nullify" and orphans:
         radius.per_table[f"{spec.schema}.{spec.table}"] = {"deleted": 0, "nulled": orphans, "reset": 0}
@@ -132,11 +131,8 @@ def delete_problems(
 ) -> list[str]:
     """For preflight, under orphans: delete, with orphans: no RESTRICT / NO ACTION key may protect a row the
     delete would remove (walked read-only)."""
-    keys, _total = _hold_orphan_keys(conn, spec, settings)
-    try:
+    with _held_orphan_keys(conn, spec, settings) as (keys, _total):
         problems, radius = protected_rows(conn, spec, state, keys, settings)
-    finally:
-        keys.close()
     log.info("preflight: orphans: delete would take %d row(s): %s", radius.rows, radius.per_table)
     return problems
 
@@ -237,8 +233,7 @@ def sweep_orphans(
     """
     if state.policy == "delete":
         return _sweep_deletes(conn, spec, settings, run_id, state, step=step, approved_orphans=approved_orphans)
-    keys, total = _hold_orphan_keys(conn, spec, settings, by_table=True)
-    try:
+    with _held_orphan_keys(conn, spec, settings, by_table=True) as (keys, total):
         if total and state.policy == "refuse":
             raise OrphansCannotBeNulled(
                 f"{step}: {refused_orphans_message(spec, state, total)} (written since preflight?)"
@@ -248,20 +243,11 @@ def sweep_orphans(
         progress = SweepProgress(step, total)
         replicas = ReplicaGate(conn, settings.max_replica_lag_s, step=step)
         tables = TableNames(conn)
-        while fetched := keys.fetchmany(settings.batch_size):
-            # Keys come ordered by the partition they are in: a fetch that spans two is two batches.
-            for table_oid, rows in groupby(fetched, key=itemgetter(0)):
-                batch = [row[1:] for row in rows]
-                replicas.wait()
-                audited, nulled = _null_batch(
-                    conn, spec, state, settings, run_id, batch, table=tables[table_oid], step=step, offset=progress.done
-                )
-                progress.add(len(batch), audited, nulled)
-                if settings.batch_pause_ms:
-                    time.sleep(settings.batch_pause_ms / 1000)
-    finally:
-        if not conn.closed and not conn.broken:
-            keys.close()
+        for table_oid, batch in _batches(keys, settings, replicas, by_table=True):
+            audited, nulled = _null_batch(
+                conn, spec, state, settings, run_id, batch, table=tables[table_oid], step=step, offset=progress.done
+            )
+            progress.add(len(batch), audited, nulled)
     return progress.summary(replicas)
 
 
@@ -287,78 +273,155 @@ def _sweep_deletes(
     step: str,
     approved_orphans: int | None = None,
 ) -> dict[str, Any]:
-    """orphans: delete, batch by batch (fk_maintenance.records.cascade.delete_batch), in passes: a pass that left busy
-    orphans, or deleted rows of the referenced table (whose children the batch treated as the declared key will,
-    a second scan finds any written meanwhile), is followed by another scan for orphans, until a pass deletes
-    nothing more."""
-    graph = require_graph(conn, spec, state)
-    replicas = ReplicaGate(conn, settings.max_replica_lag_s, step=step)
-    started = time.monotonic()
-    totals, candidates, batches, passes = DeleteCounts(), 0, 0, 0
+    """orphans: delete, batch by batch (fk_maintenance.records.cascade.delete_batch), in passes: a pass that left
+    busy orphans, or deleted rows of the referenced table (whose children the batch treated as the declared key
+    will, a second scan finds any written meanwhile), is followed by another scan for orphans, until a pass
+    deletes nothing more."""
+    sweep = _DeleteSweep(conn, spec, settings, run_id, state, step)
     while True:
-        passes += 1
-        keys, total = _hold_orphan_keys(conn, spec, settings)
-        if passes == 1 and approved_orphans is not None and total > approved_orphans + settings.approve_deletes_above:
-            # The approval was for the delete as detect_orphans saw it, perhaps hours ago: more than a delete
-            # that needs no approval has been added since, so this one is a delete nobody has seen.
-            keys.close()
-            raise DeleteNotApproved(
-                f"{step}: {total} orphan(s) are there to delete now, {approved_orphans} when the delete was approved "
-                f"(more than approve_deletes_above, {settings.approve_deletes_above}, were added since); nothing was "
-                "deleted. Trigger a new run to have the delete as it is now approved"
-            )
-        if passes == 1:
-            ensure_audit_table(conn, spec, state)  # the pipeline's schema, and the batches' transactions' record
-            ensure_archive_table(conn, spec)
-        candidates += total
-        this_pass = DeleteCounts()
-        log.info("%s: pass %d, %d orphan(s) to delete in batches of %d", step, passes, total, settings.batch_size)
-        try:
-            while batch := keys.fetchmany(settings.batch_size):
-                replicas.wait()
-                counts = delete_batch(
-                    conn, spec, state, graph, settings, run_id, batch, statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS
-                )
-                this_pass.add(counts)
-                batches += 1
-                log.info(
-                    "%s: %d orphan(s) deleted (%d row(s) in all, %d pointer(s) changed), %d busy; %.0f rows/s",
-                    step,
-                    totals.orphans + this_pass.orphans,
-                    totals.rows + this_pass.rows,
-                    totals.changed + this_pass.changed,
-                    this_pass.busy,
-                    (totals.rows + this_pass.rows) / max(time.monotonic() - started, 1e-9),
-                )
-                if settings.batch_pause_ms:
-                    time.sleep(settings.batch_pause_ms / 1000)
-        finally:
-            if not conn.closed and not conn.broken:
-                keys.close()
-        busy = this_pass.busy
-        this_pass.busy = 0
-        totals.add(this_pass)
+        with _held_orphan_keys(conn, spec, settings) as (keys, total):
+            if sweep.passes == 0:
+                _refuse_unapproved_growth(step, total, approved_orphans, settings)
+                ensure_audit_table(conn, spec, state)  # the pipeline's schema, and the batches' transactions' record
+                ensure_archive_table(conn, spec)
+            this_pass, busy = sweep.run_pass(keys, total)
         if not this_pass.orphans or not (this_pass.ref_rows or busy):
-            totals.busy = busy
-            break
-    seconds = time.monotonic() - started
-    return {
-        "candidates": candidates,
-        "nulled": 0,
-        "audited": 0,
-        "deleted": totals.orphans,
-        "rows_deleted": totals.rows,
-        "pointers_changed": totals.changed,
-        "archived": totals.rows + totals.changed,
-        # Held by the app through every pass: the re-sweep before VALIDATE, or the next run, tries again.
-        "left_alone": totals.busy,
-        "batches": batches,
-        "passes": passes,
-        "replica_waits": replicas.waits,
-        "replica_wait_seconds": round(replicas.waited_seconds, 3),
-        "rows_per_second": round(totals.rows / seconds, 1) if seconds else None,
-        "seconds": round(seconds, 3),
-    }
+            sweep.totals.busy = busy
+            return sweep.summary()
+
+
+def _refuse_unapproved_growth(step: str, total: int, approved_orphans: int | None, settings: RunSettings) -> None:
+    """The approval was for the delete as detect_orphans saw it, perhaps hours ago: when more than a delete that
+    needs no approval has been added since, this one is a delete nobody has seen."""
+    if approved_orphans is not None and total > approved_orphans + settings.approve_deletes_above:
+        raise DeleteNotApproved(
+            f"{step}: {total} orphan(s) are there to delete now, {approved_orphans} when the delete was approved "
+            f"(more than approve_deletes_above, {settings.approve_deletes_above}, were added since); nothing was "
+            "deleted. Trigger a new run to have the delete as it is now approved"
+        )
+
+
+class _DeleteSweep:
+    """The passes of one delete sweep and what they did so far."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        spec: ForeignKeySpec,
+        settings: RunSettings,
+        run_id: str,
+        state: TargetState,
+        step: str,
+    ) -> None:
+        self.conn, self.spec, self.settings, self.run_id, self.state, self.step = (
+            conn,
+            spec,
+            settings,
+            run_id,
+            state,
+            step,
+        )
+        self.graph = require_graph(conn, spec, state)
+        self.replicas = ReplicaGate(conn, settings.max_replica_lag_s, step=step)
+        self.started = time.monotonic()
+        self.totals = DeleteCounts()
+        self.candidates = self.batches = self.passes = 0
+
+    def run_pass(self, keys: psycopg.Cursor[Any], total: int) -> tuple[DeleteCounts, int]:
+        """One pass over the orphans a scan found: what it deleted (added to the totals), and how many orphans
+        it left busy."""
+        self.passes += 1
+        self.candidates += total
+        this_pass = DeleteCounts()
+        log.info(
+            "%s: pass %d, %d orphan(s) to delete in batches of %d",
+            self.step,
+            self.passes,
+            total,
+            self.settings.batch_size,
+        )
+        for _table, batch in _batches(keys, self.settings, self.replicas):
+            this_pass.add(
+                delete_batch(
+                    self.conn,
+                    self.spec,
+                    self.state,
+                    self.graph,
+                    self.settings,
+                    self.run_id,
+                    batch,
+                    statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS,
+                )
+            )
+            self.batches += 1
+            self._log_progress(this_pass)
+        busy, this_pass.busy = this_pass.busy, 0
+        self.totals.add(this_pass)
+        return this_pass, busy
+
+    def _log_progress(self, this_pass: DeleteCounts) -> None:
+        rows = self.totals.rows + this_pass.rows
+        log.info(
+            "%s: %d orphan(s) deleted (%d row(s) in all, %d pointer(s) changed), %d busy; %.0f rows/s",
+            self.step,
+            self.totals.orphans + this_pass.orphans,
+            rows,
+            self.totals.changed + this_pass.changed,
+            this_pass.busy,
+            rows / max(time.monotonic() - self.started, 1e-9),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        seconds = time.monotonic() - self.started
+        totals = self.totals
+        return {
+            "candidates": self.candidates,
+            "nulled": 0,
+            "audited": 0,
+            "deleted": totals.orphans,
+            "rows_deleted": totals.rows,
+            "pointers_changed": totals.changed,
+            "archived": totals.rows + totals.changed,
+            # Held by the app through every pass: the re-sweep before VALIDATE, or the next run, tries again.
+            "left_alone": totals.busy,
+            "batches": self.batches,
+            "passes": self.passes,
+            "replica_waits": self.replicas.waits,
+            "replica_wait_seconds": round(self.replicas.waited_seconds, 3),
+            "rows_per_second": round(totals.rows / seconds, 1) if seconds else None,
+            "seconds": round(seconds, 3),
+        }
+
+
+def _batches(
+    keys: psycopg.Cursor[Any], settings: RunSettings, replicas: ReplicaGate, *, by_table: bool = False
+) -> Iterator[tuple[int | None, list[tuple[Any, ...]]]]:
+    """The held orphan keys, ``batch_size`` at a time, each batch once the replicas have caught up and with the
+    configured pause after it. ``by_table``: keys come ordered by the partition they are in (its oid first), and
+    a fetch that spans two partitions is two batches, each with its partition's oid."""
+    while fetched := keys.fetchmany(settings.batch_size):
+        if by_table:
+            groups = [(oid, [row[1:] for row in rows]) for oid, rows in groupby(fetched, key=itemgetter(0))]
+        else:
+            groups = [(None, fetched)]
+        for table_oid, batch in groups:
+            replicas.wait()
+            yield table_oid, batch
+            if settings.batch_pause_ms:
+                time.sleep(settings.batch_pause_ms / 1000)
+
+
+@contextmanager
+def _held_orphan_keys(
+    conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, *, by_table: bool = False
+) -> Iterator[tuple[psycopg.Cursor[Any], int]]:
+    """``_hold_orphan_keys``, closed at the end (unless the connection is gone, which closed it)."""
+    keys, total = _hold_orphan_keys(conn, spec, settings, by_table=by_table)
+    try:
+        yield keys, total
+    finally:
+        if not conn.closed and not conn.broken:
+            keys.close()
 
 
 def _hold_orphan_keys(

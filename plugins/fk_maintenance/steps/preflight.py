@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -149,67 +149,101 @@ def _data_problems(
     return problems
 
 
+class _Privileges(NamedTuple):
+    """What the role may do, in the order the catalog's ``privileges`` statement reads it."""
+
+    owns: bool
+    can_select: bool
+    can_update: bool
+    can_use: bool
+    can_create_in: bool
+    can_select_ref: bool
+    can_use_ref_schema: bool
+    can_reference: bool
+    owner_is_superuser: bool
+    member_of_owner: bool
+
+
+class _Names(NamedTuple):
+    """The names a GRANT is written with, quoted as PostgreSQL would need them."""
+
+    who: str
+    table: str
+    ref_table: str
+    schema: str
+    ref_schema: str
+    owner: str
+
+
+# (held, what is needed, the statement that grants it)
+_Need = tuple[bool, str, str]
+
+
 def _privilege_problems(
     conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSettings, state: TargetState
 ) -> list[str]:
     """Every privilege the run will need that the role it connects as lacks, each with the statement that grants
     it; a dry run needs only to read."""
     assert state.table is not None and state.ref_table is not None
-    (
-        owns,
-        can_select,
-        can_update,
-        can_use,
-        can_create_in,
-        can_select_ref,
-        can_use_ref_schema,
-        can_reference,
-        owner_is_superuser,
-        member_of_owner,
-    ) = conn.execute(
-        statement("catalog", "privileges"), {"relid": state.table.oid, "ref_relid": state.ref_table.oid}
-    ).fetchone()
-    who, table, ref_table, schema, ref_schema, owner = as_written(
-        conn,
-        conn.info.user,
-        (spec.schema, spec.table),
-        (spec.ref_schema, spec.ref_table),
-        spec.schema,
-        spec.ref_schema,
-        state.table.owner,
+    held = _Privileges(
+        *conn.execute(
+            statement("catalog", "privileges"), {"relid": state.table.oid, "ref_relid": state.ref_table.oid}
+        ).fetchone()
     )
-    needed = [
-        (can_use, f"USAGE on schema {schema}", f"GRANT USAGE ON SCHEMA {schema} TO {who}"),
-        *(
-            [(can_use_ref_schema, f"USAGE on schema {ref_schema}", f"GRANT USAGE ON SCHEMA {ref_schema} TO {who}")]
-            if spec.ref_schema != spec.schema
-            else []
-        ),
-        (can_select, f"SELECT on {table}", f"GRANT SELECT ON {table} TO {who}"),
-        (can_select_ref, f"SELECT on {ref_table}", f"GRANT SELECT ON {ref_table} TO {who}"),
-    ]
+    names = _Names(
+        *as_written(
+            conn,
+            conn.info.user,
+            (spec.schema, spec.table),
+            (spec.ref_schema, spec.ref_table),
+            spec.schema,
+            spec.ref_schema,
+            state.table.owner,
+        )
+    )
+    needed = _read_needs(spec, held, names)
     if not settings.dry_run:
-        needed += [
-            (
-                owns,
-                f"ownership of {table} (owner: {owner}; ALTER TABLE and CREATE INDEX need the owner's rights)",
-                _ownership_fix(
-                    conn, table, who, owner, owner_is_superuser=owner_is_superuser, member_of_owner=member_of_owner
-                ),
-            ),
-            (
-                can_create_in,
-                f"CREATE on schema {schema} (CREATE INDEX needs it, even for the table's owner)",
-                f"GRANT CREATE ON SCHEMA {schema} TO {who}",
-            ),
-            (can_update, f"UPDATE on {table} (to null orphan pointers)", f"GRANT UPDATE ON {table} TO {who}"),
-            (
-                can_reference,
-                f"REFERENCES on {ref_table} (ADD FOREIGN KEY needs it on the referenced table)",
-                f"GRANT REFERENCES ON {ref_table} TO {who}",
-            ),
-        ]
-    return [f"role {who} lacks {what}: {grant}" for ok, what, grant in needed if not ok]
+        needed += _write_needs(conn, held, names)
+    return [f"role {names.who} lacks {what}: {grant}" for ok, what, grant in needed if not ok]
+
+
+def _read_needs(spec: ForeignKeySpec, held: _Privileges, names: _Names) -> list[_Need]:
+    who, table, ref_table, schema, ref_schema, _owner = names
+    needed = [(held.can_use, f"USAGE on schema {schema}", f"GRANT USAGE ON SCHEMA {schema} TO {who}")]
+    if spec.ref_schema != spec.schema:
+        needed.append(
+            (held.can_use_ref_schema, f"USAGE on schema {ref_schema}", f"GRANT USAGE ON SCHEMA {ref_schema} TO {who}")
+        )
+    return [
+        *needed,
+        (held.can_select, f"SELECT on {table}", f"GRANT SELECT ON {table} TO {who}"),
+        (held.can_select_ref, f"SELECT on {ref_table}", f"GRANT SELECT ON {ref_table} TO {who}"),
+    ]
+
+
+def _write_needs(conn: psycopg.Connection, held: _Privileges, names: _Names) -> list[_Need]:
+    who, table, ref_table, schema, _ref_schema, owner = names
+    ownership_fix = _ownership_fix(
+        conn, table, who, owner, owner_is_superuser=held.owner_is_superuser, member_of_owner=held.member_of_owner
+    )
+    return [
+        (
+            held.owns,
+            f"ownership of {table} (owner: {owner}; ALTER TABLE and CREATE INDEX need the owner's rights)",
+            ownership_fix,
+        ),
+        (
+            held.can_create_in,
+            f"CREATE on schema {schema} (CREATE INDEX needs it, even for the table's owner)",
+            f"GRANT CREATE ON SCHEMA {schema} TO {who}",
+        ),
+        (held.can_update, f"UPDATE on {table} (to null orphan pointers)", f"GRANT UPDATE ON {table} TO {who}"),
+        (
+            held.can_reference,
+            f"REFERENCES on {ref_table} (ADD FOREIGN KEY needs it on the referenced table)",
+            f"GRANT REFERENCES ON {ref_table} TO {who}",
+        ),
+    ]
 
 
 def _ownership_fix(
