@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,11 @@ def run_steps(
     for step in STEPS:
         step_settings = settings_of(step) if settings_of else settings
         began = time.monotonic()
-        result = _run_step(step, outcome, database, spec, step_settings, available, started_at, echo)
+        result = _result_or_failure(
+            outcome,
+            step.name,
+            partial(_step_waiting_for_other_runs, step, database, spec, step_settings, available, started_at, echo),
+        )
         if result is None:
             echo(f"{step.name}: failed after {time.monotonic() - began:.1f} s")
             return outcome
@@ -238,30 +243,23 @@ def run_steps(
     return outcome
 
 
-def _run_step(
-    step: Step,
-    outcome: StepsOutcome,
-    database: Database,
-    spec: ForeignKeySpec,
-    settings: RunSettings,
-    available: dict[str, Any],
-    started_at: datetime,
-    echo: Callable[[str], None],
+def _result_or_failure(
+    outcome: StepsOutcome, step_name: str, call: Callable[[], dict[str, Any]]
 ) -> dict[str, Any] | None:
-    """The step's result; or None, with why it failed written into ``outcome`` (each kind of failure keeps
-    what the report and the plan show of it)."""
+    """``call()``'s result, the step's; or None, with why it failed written into ``outcome`` (each kind of
+    failure keeps what the report and the plan show of it)."""
     try:
-        return _step_waiting_for_other_runs(step, database, spec, settings, available, started_at, echo)
+        return call()
     except TargetUnreachable as exc:
-        outcome.failed_step, outcome.error, outcome.unreachable = step.name, str(exc), True
+        outcome.failed_step, outcome.error, outcome.unreachable = step_name, str(exc), True
     except PreflightFailed as exc:
-        outcome.failed_step, outcome.error, outcome.problems = step.name, str(exc), list(exc.problems)
+        outcome.failed_step, outcome.error, outcome.problems = step_name, str(exc), list(exc.problems)
     except PostChecksFailed as exc:
         # Every check with its outcome, for the report, as the DAG's report task reads it.
-        outcome.results[step.name] = exc.summary
-        outcome.failed_step, outcome.error = step.name, f"{type(exc).__name__}: {exc}"
+        outcome.results[step_name] = exc.summary
+        outcome.failed_step, outcome.error = step_name, f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # any error of a step ends the run here, as a failed task ends its target
-        outcome.failed_step, outcome.error = step.name, f"{type(exc).__name__}: {exc}"
+        outcome.failed_step, outcome.error = step_name, f"{type(exc).__name__}: {exc}"
     return None
 
 
@@ -624,6 +622,12 @@ def _add_targets(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_database_and_targets(parser: argparse.ArgumentParser) -> None:
+    """What plan, run and restore all work on: one database, and the keys the targets file declares."""
+    _add_database(parser)
+    _add_targets(parser)
+
+
 def _settings_help() -> str:
     names = ", ".join(d.name for d in SETTING_DEFS if d.name not in FLEET_SETTINGS)
     return f"a run setting of the DAG's trigger form, checked by the same schema; repeatable. Settings: {names}"
@@ -658,8 +662,7 @@ def _add_plan(commands: _SubcommandsWithVerbose) -> None:
         f"Exit {EXIT_OK} when every key would converge, {EXIT_REFUSED} when any would be refused (each reason "
         f"printed), {EXIT_USAGE} for a usage error or an unreachable database.",
     )
-    _add_database(plan)
-    _add_targets(plan)
+    _add_database_and_targets(plan)
     plan.add_argument("--key", metavar="NAME", help="only this declared key (its name, the DAG id)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
 
@@ -676,8 +679,7 @@ def _add_run(commands: _SubcommandsWithVerbose) -> None:
         f"{EXIT_USAGE} for a usage error, bad settings or an unreachable database, {EXIT_WAITING} when "
         "validate_fk waits for the low-traffic window (run again then, or --set validate_now=true).",
     )
-    _add_database(run)
-    _add_targets(run)
+    _add_database_and_targets(run)
     run.add_argument("--key", metavar="NAME", required=True, help="the declared key to run (its name, the DAG id)")
     run.add_argument("--set", metavar="NAME=VALUE", action="append", help=_settings_help())
 
@@ -692,8 +694,7 @@ def _add_restore(commands: _SubcommandsWithVerbose) -> None:
         f"Exit {EXIT_OK} when done, {EXIT_REFUSED} when it failed, {EXIT_USAGE} for a usage error or an "
         "unreachable database.",
     )
-    _add_database(restore)
-    _add_targets(restore)
+    _add_database_and_targets(restore)
     restore.add_argument("--key", metavar="NAME", required=True, help="the declared key (its name, the DAG id)")
     restore.add_argument(
         "--run-id", required=True, help="the run whose nulled pointers to put back (its report names it)"
