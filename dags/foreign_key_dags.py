@@ -6,6 +6,7 @@ Reads no database at parse time."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ DEFAULTS = RunSettings()
 TURN_TIMEOUT = timedelta(days=30)
 # Mapped instances are labelled in the UI by the connection they work on.
 LABEL = "{{ task.op_kwargs['conn_id'] }}"
+# The same for the operators (turn, approval), which hold conn_id as their own field.
+OPERATOR_LABEL = "{{ task.conn_id }}"
 
 DOC_MD = {name: task_doc_md(does) for name, does in (*BEFORE_STEPS, *AFTER_STEPS)}
 SECTION_RESTORE = "What to restore"
@@ -204,12 +207,61 @@ def restore_dag_id(target: Target) -> str:
     return f"{target.name}_restore"
 
 
+def _wait_turn(group_id: str, conn_id: str, *, mapped: bool) -> WaitTurn:
+    return WaitTurn(
+        task_id=WAIT_TURN_TASK,
+        group=group_id,
+        conn_id=conn_id,
+        doc_md=DOC_MD[WAIT_TURN_TASK],
+        mode="reschedule",  # only under `airflow dags test`; elsewhere it defers
+        poke_interval=TURN_POKE_INTERVAL,
+        timeout=TURN_TIMEOUT,
+        **({"map_index_template": OPERATOR_LABEL} if mapped else {}),
+        # Waiting is deferred, so the executor race of rescheduled sensors (apache/airflow#71172) cannot fail it;
+        # retries are for what can still go wrong (a worker or the triggerer lost mid-look).
+        retries=2,
+        retry_delay=TURN_POKE_INTERVAL,
+        retry_exponential_backoff=False,
+    )
+
+
+def _step_tasks(run_step: Callable[..., dict], conn_id: str, *, mapped: bool) -> dict[str, Any]:
+    """Every step of the registry as a task, wired to the steps it follows, by step name."""
+    tasks: dict[str, Any] = {}
+    for step in STEPS:
+        overrides = {} if step.retried else {"retries": 0}
+        tasks[step.name] = task(
+            task_id=step.name,
+            doc_md=step.doc_md,
+            multiple_outputs=False,
+            pool=POOL,
+            **({"map_index_template": LABEL} if mapped else {}),
+            **overrides,
+        )(run_step)(step_name=step.name, conn_id=conn_id)
+        for upstream in step.upstream:
+            tasks[upstream] >> tasks[step.name]
+    return tasks
+
+
+def _delete_approval(declared: Target, found: Any, conn_id: str, *, mapped: bool) -> DeleteApproval:
+    """The person's Approve or Reject of a delete above approve_deletes_above, before null_orphans acts on it."""
+    return DeleteApproval(
+        task_id=APPROVAL_TASK,
+        doc_md=APPROVAL_DOC_MD,
+        spec=declared.spec,
+        restore_dag=restore_dag_id(declared),
+        found=found,
+        conn_id=conn_id,
+        notifiers=approval_waiting_notifiers(declared),
+        **({"map_index_template": OPERATOR_LABEL} if mapped else {}),
+    )
+
+
 def _target_group(group_id: str, declared: Target, doc: str, *, mapped: bool, alert: Any):
     """One target's steps, its turn before them and its report after them; the fleet's is mapped over
     connection ids, each instance labelled by its connection in the UI. The report emits the converged table's
     asset event and, when the target failed, calls the key's failure notifiers (``alert``)."""
     spec = declared.spec
-    label = {"map_index_template": LABEL} if mapped else {}
 
     def run_step(step_name: str, conn_id: str, **context: Any) -> dict:
         from fk_maintenance.airflow.tasks import run_task
@@ -223,47 +275,10 @@ def _target_group(group_id: str, declared: Target, doc: str, *, mapped: bool, al
 
     @task_group(group_id=group_id, tooltip=doc)
     def target(conn_id: str) -> Any:
-        turn = WaitTurn(
-            task_id=WAIT_TURN_TASK,
-            group=group_id,
-            conn_id=conn_id,
-            doc_md=DOC_MD[WAIT_TURN_TASK],
-            mode="reschedule",  # only under `airflow dags test`; elsewhere it defers
-            poke_interval=TURN_POKE_INTERVAL,
-            timeout=TURN_TIMEOUT,
-            **({"map_index_template": "{{ task.conn_id }}"} if mapped else {}),
-            # Waiting is deferred, so the executor race of rescheduled sensors (apache/airflow#71172) cannot fail it;
-            # retries are for what can still go wrong (a worker or the triggerer lost mid-look).
-            retries=2,
-            retry_delay=TURN_POKE_INTERVAL,
-            retry_exponential_backoff=False,
-        )
-        tasks = {}
-        for step in STEPS:
-            overrides = {} if step.retried else {"retries": 0}
-            tasks[step.name] = task(
-                task_id=step.name,
-                doc_md=step.doc_md,
-                multiple_outputs=False,
-                pool=POOL,
-                **label,
-                **overrides,
-            )(run_step)(step_name=step.name, conn_id=conn_id)
-            for upstream in step.upstream:
-                tasks[upstream] >> tasks[step.name]
+        turn = _wait_turn(group_id, conn_id, mapped=mapped)
+        tasks = _step_tasks(run_step, conn_id, mapped=mapped)
         if spec.orphans == "delete":
-            # A person approves a delete above approve_deletes_above before null_orphans acts on it.
-            approval = DeleteApproval(
-                task_id=APPROVAL_TASK,
-                doc_md=APPROVAL_DOC_MD,
-                spec=spec,
-                restore_dag=restore_dag_id(declared),
-                found=tasks["detect_orphans"],
-                conn_id=conn_id,
-                notifiers=approval_waiting_notifiers(declared),
-                **({"map_index_template": "{{ task.conn_id }}"} if mapped else {}),
-            )
-            approval >> tasks["null_orphans"]
+            _delete_approval(declared, tasks["detect_orphans"], conn_id, mapped=mapped) >> tasks["null_orphans"]
         turn >> tasks[STEPS[0].name]
         # all_done: a target that failed still gets its summary; the report then fails too.
         summary = task(
@@ -274,12 +289,50 @@ def _target_group(group_id: str, declared: Target, doc: str, *, mapped: bool, al
             multiple_outputs=False,
             outlets=[AssetAlias(converged_alias(declared.name))],
             on_failure_callback=alert,
-            **label,
+            **({"map_index_template": LABEL} if mapped else {}),
         )(report)(conn_id=conn_id)
         tasks[STEPS[-1].name] >> summary
         return summary
 
     return target
+
+
+def _runbook(target: Target) -> str:
+    spec = target.spec
+    return RUNBOOK.format(
+        name=target.name,
+        conn_ids=", ".join(f"`{conn_id}`" for conn_id in target.conn_ids),
+        audit=spec.audit_qualified,
+        lock_table=lock_table_markdown(spec.table, BEFORE_STEPS, AFTER_STEPS),
+        pool=POOL,
+        schema=spec.schema,
+        table=spec.table,
+        ref_table=f"{spec.ref_schema}.{spec.ref_table}",
+        columns=", ".join(spec.columns),
+        ref_columns=", ".join(spec.ref_columns),
+        row_key=", ".join(spec.row_key),
+        constraint=spec.constraint,
+        index=spec.index,
+        on_delete=spec.on_delete_sql,
+        policy=POLICY_TEXT[spec.orphans],
+        undo_delete=UNDO_DELETE.format(name=target.name, archive=spec.archive_qualified)
+        if spec.orphans == "delete"
+        else "",
+        audit_row_key=", ".join(f"`{name}`" for name in spec.audit_row_key_columns),
+        audit_pointer=", ".join(f"`{name}`" for name in spec.audit_pointer_columns),
+        nulled=", ".join(f"`{name}`" for name in spec.on_delete_columns or spec.nullify_columns)
+        or ("every column of the key" if spec.on_delete == "SET NULL" else "the key's one nullable column"),
+    )
+
+
+def _window_schedule() -> CronTriggerTimetable:
+    # No start_date: a freshly deployed DAG runs at once only if it lands inside the window, and otherwise
+    # waits for the next one instead of starting at deploy time, which may be the middle of the business day.
+    return CronTriggerTimetable(
+        f"{DEFAULTS.window.start.minute} {DEFAULTS.window.start.hour} * * *",
+        timezone=DEFAULTS.window_timezone,
+        run_immediately=DEFAULTS.window.nominal_length,
+    )
 
 
 def build_dag(target: Target) -> DAG:
@@ -300,37 +353,8 @@ def build_dag(target: Target) -> DAG:
     with DAG(
         dag_id=target.name,
         description=f"Validated FK {spec.constraint} and index {spec.index} on {spec.table}, without stalling the app",
-        doc_md=RUNBOOK.format(
-            name=target.name,
-            conn_ids=", ".join(f"`{conn_id}`" for conn_id in target.conn_ids),
-            audit=spec.audit_qualified,
-            lock_table=lock_table_markdown(spec.table, BEFORE_STEPS, AFTER_STEPS),
-            pool=POOL,
-            schema=spec.schema,
-            table=spec.table,
-            ref_table=f"{spec.ref_schema}.{spec.ref_table}",
-            columns=", ".join(spec.columns),
-            ref_columns=", ".join(spec.ref_columns),
-            row_key=", ".join(spec.row_key),
-            constraint=spec.constraint,
-            index=spec.index,
-            on_delete=spec.on_delete_sql,
-            policy=POLICY_TEXT[spec.orphans],
-            undo_delete=UNDO_DELETE.format(name=target.name, archive=spec.archive_qualified)
-            if spec.orphans == "delete"
-            else "",
-            audit_row_key=", ".join(f"`{name}`" for name in spec.audit_row_key_columns),
-            audit_pointer=", ".join(f"`{name}`" for name in spec.audit_pointer_columns),
-            nulled=", ".join(f"`{name}`" for name in spec.on_delete_columns or spec.nullify_columns)
-            or ("every column of the key" if spec.on_delete == "SET NULL" else "the key's one nullable column"),
-        ),
-        # No start_date: a freshly deployed DAG runs at once only if it lands inside the window, and otherwise
-        # waits for the next one instead of starting at deploy time, which may be the middle of the business day.
-        schedule=CronTriggerTimetable(
-            f"{DEFAULTS.window.start.minute} {DEFAULTS.window.start.hour} * * *",
-            timezone=DEFAULTS.window_timezone,
-            run_immediately=DEFAULTS.window.nominal_length,
-        ),
+        doc_md=_runbook(target),
+        schedule=_window_schedule(),
         catchup=False,
         max_active_runs=1,
         params={definition.name: _param(definition, target) for definition in SETTING_DEFS},
@@ -366,6 +390,23 @@ def build_dag(target: Target) -> DAG:
 RESTORE_SETTINGS = ("conn_ids", "dry_run", "batch_size", "batch_pause_ms", "lock_timeout_ms", "lock_attempts")
 
 
+def _restore_params(target: Target) -> dict[str, Param]:
+    """The restore form: the run to undo first, then the few run settings a restore uses."""
+    definitions = {definition.name: definition for definition in SETTING_DEFS}
+    return {
+        RESTORE_RUN_ID_PARAM: Param(
+            type="string",
+            minLength=1,
+            maxLength=250,
+            title="Run to undo",
+            description=f"The run id of the {target.name} run whose nulled pointers to put back (its report "
+            f"and {target.spec.audit_qualified}.run_id name it).",
+            section=SECTION_RESTORE,
+        ),
+        **{name: _param(definitions[name], target) for name in RESTORE_SETTINGS},
+    }
+
+
 def build_restore_dag(target: Target) -> DAG:
     """Put back, per target connection, the pointers one run nulled whose parent exists again."""
     spec = target.spec
@@ -385,7 +426,6 @@ def build_restore_dag(target: Target) -> DAG:
 
         return run_restore_report(conn_ids, context)
 
-    definitions = {definition.name: definition for definition in SETTING_DEFS}
     with DAG(
         dag_id=restore_dag_id(target),
         description=f"Put back the pointers a run of {target.name} nulled, where the parent exists again",
@@ -393,18 +433,7 @@ def build_restore_dag(target: Target) -> DAG:
         schedule=None,
         catchup=False,
         max_active_runs=1,
-        params={
-            RESTORE_RUN_ID_PARAM: Param(
-                type="string",
-                minLength=1,
-                maxLength=250,
-                title="Run to undo",
-                description=f"The run id of the {target.name} run whose nulled pointers to put back (its report "
-                f"and {spec.audit_qualified}.run_id name it).",
-                section=SECTION_RESTORE,
-            ),
-            **{name: _param(definitions[name], target) for name in RESTORE_SETTINGS},
-        },
+        params=_restore_params(target),
         default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
         tags=["postgres", "restore", spec.table],
     ) as dag:

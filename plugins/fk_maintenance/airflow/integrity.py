@@ -136,9 +136,28 @@ def check_dag_integrity(
     except Exception as exc:  # a bad file is the first thing a CI job must name
         report.problems.append(f"the targets file is invalid: {exc}")
         return report
+    conn_ids = {conn_id for target in declared for conn_id in target.conn_ids}
+    child, report.database_connections_during_parse = _parse_in_child(dag_path, targets_path, conn_ids, python)
+    if child.returncode != 0:
+        report.problems.append(f"parsing failed in its own process (exit {child.returncode}): {child.stderr[-2000:]}")
+        return report
+    parsed = json.loads(child.stdout.strip().splitlines()[-1])
+    report.parse_seconds = parsed["seconds"]
+    report.dag_ids = sorted(parsed["dags"])
+    report.problems += _parse_problems(parsed, report.database_connections_during_parse, max_parse_seconds)
+    expected = {target.name: key_dag_edges() for target in declared}
+    expected |= {target.name + RESTORE_SUFFIX: restore_dag_edges() for target in declared}
+    report.problems += _graph_problems(expected, parsed["dags"], targets)
+    return report
+
+
+def _parse_in_child(
+    dag_path: Path, targets_path: Path, conn_ids: set[str], python: str
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """The child's run of ``_parse``, and how many connections it attempted: every database address it could
+    reach (the declared connections, libpq's defaults) is the trap's."""
     with _ConnectionTrap() as trap, tempfile.TemporaryDirectory(prefix="fk-integrity-") as home:
         trap_uri = f"postgresql://integrity:integrity@127.0.0.1:{trap.port}/parse_must_not_connect"
-        conn_ids = {conn_id for target in declared for conn_id in target.conn_ids}
         env = {
             **os.environ,
             "FK_MAINTENANCE_TARGETS": str(targets_path),
@@ -153,48 +172,52 @@ def check_dag_integrity(
         child = subprocess.run(
             [python, "-m", __name__, str(dag_path)], env=env, capture_output=True, text=True, timeout=300
         )
-        report.database_connections_during_parse = trap.attempts
-    if child.returncode != 0:
-        report.problems.append(f"parsing failed in its own process (exit {child.returncode}): {child.stderr[-2000:]}")
-        return report
-    parsed = json.loads(child.stdout.strip().splitlines()[-1])
-    report.parse_seconds = parsed["seconds"]
-    report.dag_ids = sorted(parsed["dags"])
-    for path, error in parsed["import_errors"].items():
-        report.problems.append(f"import error in {path}: {error}")
-    if report.database_connections_during_parse:
-        report.problems.append(
-            f"parsing opened {report.database_connections_during_parse} database connection(s); a DAG file must "
-            "not touch a database at parse time"
+        return child, trap.attempts
+
+
+def _parse_problems(parsed: dict[str, Any], connections: int, max_parse_seconds: float) -> list[str]:
+    """What is wrong with the parse itself: import errors, database connections, its time."""
+    problems = [f"import error in {path}: {error}" for path, error in parsed["import_errors"].items()]
+    if connections:
+        problems.append(
+            f"parsing opened {connections} database connection(s); a DAG file must not touch a database at parse time"
         )
-    if report.parse_seconds > max_parse_seconds:
-        report.problems.append(
-            f"parsing took {report.parse_seconds:.3f} s, more than the allowed {max_parse_seconds} s"
-        )
-    expected = {target.name: key_dag_edges() for target in declared}
-    expected |= {target.name + RESTORE_SUFFIX: restore_dag_edges() for target in declared}
+    if parsed["seconds"] > max_parse_seconds:
+        problems.append(f"parsing took {parsed['seconds']:.3f} s, more than the allowed {max_parse_seconds} s")
+    return problems
+
+
+def _graph_problems(
+    expected: dict[str, set[tuple[str, str]]], parsed_dags: dict[str, Any], targets: str | os.PathLike[str]
+) -> list[str]:
+    """Each expected DAG missing or unlike its contract's graph, then each DAG the targets file does not declare."""
+    problems = []
     for dag_id, edges in sorted(expected.items()):
-        found = parsed["dags"].get(dag_id)
+        found = parsed_dags.get(dag_id)
         if found is None:
-            report.problems.append(f"DAG {dag_id} is missing")
+            problems.append(f"DAG {dag_id} is missing")
             continue
-        actual = {tuple(edge) for edge in found["edges"]}
-        tasks = {task for edge in edges for task in edge}
-        differences = [
-            f"{what} {sorted(items)}"
-            for what, items in (
-                ("tasks missing", tasks - set(found["tasks"])),
-                ("unexpected tasks", set(found["tasks"]) - tasks),
-                ("edges missing", edges - actual),
-                ("unexpected edges", actual - edges),
-            )
-            if items
-        ]
+        differences = _graph_differences(edges, found)
         if differences:
-            report.problems.append(f"DAG {dag_id} differs from the contract's graph: {'; '.join(differences)}")
-    for dag_id in sorted(set(parsed["dags"]) - set(expected)):
-        report.problems.append(f"DAG {dag_id} is not declared in {targets}")
-    return report
+            problems.append(f"DAG {dag_id} differs from the contract's graph: {'; '.join(differences)}")
+    problems += [f"DAG {dag_id} is not declared in {targets}" for dag_id in sorted(set(parsed_dags) - set(expected))]
+    return problems
+
+
+def _graph_differences(edges: set[tuple[str, str]], found: dict[str, Any]) -> list[str]:
+    """Each way the parsed DAG (``found``: its tasks and edges) differs from ``edges``; empty when it does not."""
+    actual = {tuple(edge) for edge in found["edges"]}
+    tasks = {task for edge in edges for task in edge}
+    return [
+        f"{what} {sorted(items)}"
+        for what, items in (
+            ("tasks missing", tasks - set(found["tasks"])),
+            ("unexpected tasks", set(found["tasks"]) - tasks),
+            ("edges missing", edges - actual),
+            ("unexpected edges", actual - edges),
+        )
+        if items
+    ]
 
 
 def assert_dag_integrity(

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -220,39 +221,58 @@ def run_steps(
     for step in STEPS:
         step_settings = settings_of(step) if settings_of else settings
         began = time.monotonic()
-        try:
-            result = _step_waiting_for_other_runs(step, database, spec, step_settings, available, started_at, echo)
-        except TargetUnreachable as exc:
-            outcome.failed_step, outcome.error, outcome.unreachable = step.name, str(exc), True
-        except PreflightFailed as exc:
-            outcome.failed_step, outcome.error, outcome.problems = step.name, str(exc), list(exc.problems)
-        except PostChecksFailed as exc:
-            # Every check with its outcome, for the report, as the DAG's report task reads it.
-            outcome.results[step.name] = exc.summary
-            outcome.failed_step, outcome.error = step.name, f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # any error of a step ends the run here, as a failed task ends its target
-            outcome.failed_step, outcome.error = step.name, f"{type(exc).__name__}: {exc}"
-        if outcome.failed_step:
+        result = _result_or_failure(
+            outcome,
+            step.name,
+            partial(_step_waiting_for_other_runs, step, database, spec, step_settings, available, started_at, echo),
+        )
+        if result is None:
             echo(f"{step.name}: failed after {time.monotonic() - began:.1f} s")
             return outcome
         outcome.results[step.name] = result
         echo(f"{step.name}: {_summary(result)} ({time.monotonic() - began:.1f} s)")
         if step.name == "detect_orphans" and not step_settings.dry_run:
-            threshold = step_settings.approve_deletes_above
-            if approval_needed(result, threshold):
-                # The command line's approval is the operator's own: the setting raised to what they reviewed.
-                outcome.failed_step = APPROVAL_TASK
-                outcome.error = (
-                    f"the delete takes {result['blast_radius_rows']} row(s) in all, above approve_deletes_above "
-                    f"({threshold}); nothing was deleted. Review it ({PROG} plan --key ...), then approve it by "
-                    f"running again with --set approve_deletes_above={result['blast_radius_rows']}"
-                )
+            refusal = _approval_refusal(result, step_settings.approve_deletes_above)
+            if refusal:
+                outcome.failed_step, outcome.error = APPROVAL_TASK, refusal
                 echo(f"{APPROVAL_TASK}: not approved: {outcome.error}")
                 return outcome
         if result.get("outcome") == "reschedule":
             outcome.waiting_for_window = result.get("reason") or f"try again at {result.get('retry_at')}"
             return outcome
     return outcome
+
+
+def _result_or_failure(
+    outcome: StepsOutcome, step_name: str, call: Callable[[], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """``call()``'s result, the step's; or None, with why it failed written into ``outcome`` (each kind of
+    failure keeps what the report and the plan show of it)."""
+    try:
+        return call()
+    except TargetUnreachable as exc:
+        outcome.failed_step, outcome.error, outcome.unreachable = step_name, str(exc), True
+    except PreflightFailed as exc:
+        outcome.failed_step, outcome.error, outcome.problems = step_name, str(exc), list(exc.problems)
+    except PostChecksFailed as exc:
+        # Every check with its outcome, for the report, as the DAG's report task reads it.
+        outcome.results[step_name] = exc.summary
+        outcome.failed_step, outcome.error = step_name, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # any error of a step ends the run here, as a failed task ends its target
+        outcome.failed_step, outcome.error = step_name, f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _approval_refusal(found: dict[str, Any], threshold: int) -> str | None:
+    """Why the delete detect_orphans sized may not go ahead, or None. The command line's approval is the
+    operator's own: the setting raised to what they reviewed, since there is no approval task to wait on."""
+    if not approval_needed(found, threshold):
+        return None
+    return (
+        f"the delete takes {found['blast_radius_rows']} row(s) in all, above approve_deletes_above "
+        f"({threshold}); nothing was deleted. Review it ({PROG} plan --key ...), then approve it by "
+        f"running again with --set approve_deletes_above={found['blast_radius_rows']}"
+    )
 
 
 def _step_waiting_for_other_runs(
@@ -372,26 +392,11 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
         stopped = "could not connect" if outcome.unreachable else "refused (below)"
         steps.append(f"{outcome.failed_step}: {stopped}; no later step would run")
     sections = [PlanSection("steps", steps)]
+    # What the database is comes first, then what is wrong in it, then what the steps would do about it.
     if results.get("detect_orphans"):
-        found = results["detect_orphans"]
-        sample = ", ".join(found["sample"][:PLAN_SAMPLE]) or "none"
-        sections.insert(0, PlanSection("orphans", [*_orphan_lines(target, found), f"sample: {sample}"]))
+        sections.insert(0, _orphans_section(target, results["detect_orphans"]))
     if results.get("preflight"):
-        found = results["preflight"]
-        sections.insert(
-            0,
-            PlanSection(
-                "preflight",
-                [
-                    f"PostgreSQL {found['server_version']}, {found['table']} {found['table_size']} "
-                    f"(~{found['estimated_rows']} rows)",
-                    f"constraint {target.spec.constraint}: {found['constraint']}",
-                    f"index {target.spec.index}: {found['index']}",
-                    *(f"partition {line}" for line in found.get("partitions", [])),
-                    *(f"warning: {warning}" for warning in found.get("warnings", [])),
-                ],
-            ),
-        )
+        sections.insert(0, _preflight_section(target, results["preflight"]))
     return {
         "key": target.name,
         "target": target.spec.describe(),
@@ -403,6 +408,25 @@ def plan_key(database: Database, target: Target, echo: Callable[[str], None]) ->
         "steps": results,
         "sections": [{"title": s.title, "lines": s.lines} for s in sections],
     }
+
+
+def _preflight_section(target: Target, found: dict[str, Any]) -> PlanSection:
+    return PlanSection(
+        "preflight",
+        [
+            f"PostgreSQL {found['server_version']}, {found['table']} {found['table_size']} "
+            f"(~{found['estimated_rows']} rows)",
+            f"constraint {target.spec.constraint}: {found['constraint']}",
+            f"index {target.spec.index}: {found['index']}",
+            *(f"partition {line}" for line in found.get("partitions", [])),
+            *(f"warning: {warning}" for warning in found.get("warnings", [])),
+        ],
+    )
+
+
+def _orphans_section(target: Target, found: dict[str, Any]) -> PlanSection:
+    sample = ", ".join(found["sample"][:PLAN_SAMPLE]) or "none"
+    return PlanSection("orphans", [*_orphan_lines(target, found), f"sample: {sample}"])
 
 
 def _orphan_lines(target: Target, found: dict[str, Any]) -> list[str]:
@@ -598,6 +622,12 @@ def _add_targets(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_database_and_targets(parser: argparse.ArgumentParser) -> None:
+    """What plan, run and restore all work on: one database, and the keys the targets file declares."""
+    _add_database(parser)
+    _add_targets(parser)
+
+
 def _settings_help() -> str:
     names = ", ".join(d.name for d in SETTING_DEFS if d.name not in FLEET_SETTINGS)
     return f"a run setting of the DAG's trigger form, checked by the same schema; repeatable. Settings: {names}"
@@ -613,24 +643,7 @@ class _SubcommandsWithVerbose:
         return self._subparsers.add_parser(name, parents=[self._verbose], **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Bring a PostgreSQL database to the foreign keys declared in a targets file, without Airflow: "
-        "the same steps, settings, run lock, timeouts, audit and report as the DAGs.",
-        epilog=f"Exit codes: {EXIT_OK} success; {EXIT_REFUSED} problems found (check), a key would be refused (plan), "
-        f"the run did not converge or failed (run, restore); {EXIT_USAGE} a usage error, bad settings or an "
-        f"unreachable database; {EXIT_WAITING} (run) done up to validate_fk, which waits for the window; "
-        f"{EXIT_INTERRUPTED} interrupted (Ctrl-C): run it again to carry on.",
-    )
-    verbose = argparse.ArgumentParser(add_help=False)
-    verbose.add_argument(
-        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show the steps' own log lines (INFO)"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the steps' own log lines (INFO)")
-    # -v also after the subcommand, where a user types it.
-    commands = _SubcommandsWithVerbose(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), verbose)
-
+def _add_check(commands: _SubcommandsWithVerbose) -> None:
     check = commands.add_parser(
         "check",
         help="validate the targets file (no database)",
@@ -639,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_targets(check)
 
+
+def _add_plan(commands: _SubcommandsWithVerbose) -> None:
     plan = commands.add_parser(
         "plan",
         help="read-only: would each declared key converge on this database?",
@@ -647,11 +662,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"Exit {EXIT_OK} when every key would converge, {EXIT_REFUSED} when any would be refused (each reason "
         f"printed), {EXIT_USAGE} for a usage error or an unreachable database.",
     )
-    _add_database(plan)
-    _add_targets(plan)
+    _add_database_and_targets(plan)
     plan.add_argument("--key", metavar="NAME", help="only this declared key (its name, the DAG id)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
 
+
+def _add_run(commands: _SubcommandsWithVerbose) -> None:
     run = commands.add_parser(
         "run",
         help="run one key's steps on one database, in the DAG's order",
@@ -663,11 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{EXIT_USAGE} for a usage error, bad settings or an unreachable database, {EXIT_WAITING} when "
         "validate_fk waits for the low-traffic window (run again then, or --set validate_now=true).",
     )
-    _add_database(run)
-    _add_targets(run)
+    _add_database_and_targets(run)
     run.add_argument("--key", metavar="NAME", required=True, help="the declared key to run (its name, the DAG id)")
     run.add_argument("--set", metavar="NAME=VALUE", action="append", help=_settings_help())
 
+
+def _add_restore(commands: _SubcommandsWithVerbose) -> None:
     restore = commands.add_parser(
         "restore",
         help="put back the pointers one run nulled",
@@ -677,8 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"Exit {EXIT_OK} when done, {EXIT_REFUSED} when it failed, {EXIT_USAGE} for a usage error or an "
         "unreachable database.",
     )
-    _add_database(restore)
-    _add_targets(restore)
+    _add_database_and_targets(restore)
     restore.add_argument("--key", metavar="NAME", required=True, help="the declared key (its name, the DAG id)")
     restore.add_argument(
         "--run-id", required=True, help="the run whose nulled pointers to put back (its report names it)"
@@ -691,6 +707,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run setting, as for run (the restore uses batch_size, batch_pause_ms, lock_timeout_ms and "
         "lock_attempts); repeatable",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Bring a PostgreSQL database to the foreign keys declared in a targets file, without Airflow: "
+        "the same steps, settings, run lock, timeouts, audit and report as the DAGs.",
+        epilog=f"Exit codes: {EXIT_OK} success; {EXIT_REFUSED} problems found (check), a key would be refused (plan), "
+        f"the run did not converge or failed (run, restore); {EXIT_USAGE} a usage error, bad settings or an "
+        f"unreachable database; {EXIT_WAITING} (run) done up to validate_fk, which waits for the window; "
+        f"{EXIT_INTERRUPTED} interrupted (Ctrl-C): run it again to carry on.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the steps' own log lines (INFO)")
+    verbose = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand without -v must not reset a -v given before it.
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show the steps' own log lines (INFO)"
+    )
+    # -v also after the subcommand, where a user types it.
+    commands = _SubcommandsWithVerbose(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), verbose)
+    # In this order in the help's list of commands.
+    for add in (_add_check, _add_plan, _add_run, _add_restore):
+        add(commands)
     return parser
 
 

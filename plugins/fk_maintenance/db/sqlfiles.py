@@ -50,6 +50,17 @@ def identifiers(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
     """Names and the fragments of the key every statement shares (fk_maintenance.db.keysql): ``c`` is a child row,
     ``p`` a referenced row, ``a`` an audit row, ``t`` the app's row a statement changes. Composed once per spec
     (every batch's statement reads them); the caller copies the dict before adding to it."""
+    return {
+        **_key_names(spec),
+        **_audit_names(spec),
+        **_child_row_fragments(spec),
+        **_audit_fragments(spec),
+        **_probe_fragments(spec),
+    }
+
+
+def _key_names(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
+    """The app's objects the key's DDL names (constraint.sql, index.sql) and every statement reads."""
     on_delete = sql.SQL(spec.on_delete)  # one of a fixed set of keywords, checked by the spec
     if spec.on_delete_columns:
         on_delete = sql.SQL("{} ({})").format(on_delete, keysql.names(spec.on_delete_columns))
@@ -60,14 +71,16 @@ def identifiers(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
         "columns": keysql.names(spec.columns),
         "ref_columns": keysql.names(spec.ref_columns),
         "row_key": keysql.names(spec.row_key),
-        "c_row_key": keysql.names(spec.row_key, "c"),
-        "c_row_key_text": keysql.as_text("c", spec.row_key),
-        "c_pointer_text": keysql.as_text("c", spec.columns),
-        "c_key_complete": keysql.all_not_null("c", spec.columns),
-        "parent_of_c": keysql.equal("p", spec.ref_columns, "c", spec.columns),
         "constraint": sql.Identifier(spec.constraint),
         "index": sql.Identifier(spec.index),
         "qualified_index": sql.Identifier(spec.schema, spec.index),
+        "on_delete": on_delete,
+    }
+
+
+def _audit_names(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
+    """The pipeline's own tables in its audit schema (audit.sql creates them; nulling, cascade and restore write)."""
+    return {
         "audit": sql.Identifier(spec.audit_schema, spec.audit_table),
         "audit_row_key": keysql.names(spec.audit_row_key_columns),
         "audit_pointer": keysql.names(spec.audit_pointer_columns),
@@ -76,7 +89,25 @@ def identifiers(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
         "nulling_transactions": sql.Identifier(spec.audit_schema, spec.nulling_transactions_table),
         # Where an earlier version kept the audit table: in the app's schema.
         "legacy_audit": sql.Identifier(spec.schema, spec.audit_table),
-        "on_delete": on_delete,
+    }
+
+
+def _child_row_fragments(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
+    """A child row ``c`` and its parent ``p``: how the orphan, cascade and check statements find orphans."""
+    return {
+        "c_row_key": keysql.names(spec.row_key, "c"),
+        "c_row_key_text": keysql.as_text("c", spec.row_key),
+        "c_pointer_text": keysql.as_text("c", spec.columns),
+        "c_key_complete": keysql.all_not_null("c", spec.columns),
+        "parent_of_c": keysql.equal("p", spec.ref_columns, "c", spec.columns),
+        "c_is_batch_key": keysql.equal("c", spec.row_key, BATCH, spec.row_key),
+    }
+
+
+def _audit_fragments(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
+    """An audit row ``a`` against the app's row ``t``: nulling writes the audit (orphans.sql), restore reads it
+    back (restore.sql)."""
+    return {
         "c_as_audit": sql.SQL(", ").join(
             [
                 keysql.aliased("c", spec.row_key, spec.audit_row_key_columns),
@@ -88,7 +119,6 @@ def identifiers(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
         ),
         "t_is_audited_row": keysql.equal("t", spec.row_key, "a", spec.audit_row_key_columns),
         "t_points_as_audited": keysql.equal("t", spec.columns, "a", spec.audit_pointer_columns),
-        "c_is_batch_key": keysql.equal("c", spec.row_key, BATCH, spec.row_key),
         "a_is_batch_key": keysql.equal("a", spec.audit_row_key_columns, BATCH, spec.row_key),
         "p_is_audited_parent": keysql.equal("p", spec.ref_columns, "a", spec.audit_pointer_columns),
         "t_pointer_row": keysql.row("t", spec.columns),
@@ -97,7 +127,13 @@ def identifiers(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
         "t_row_key_text": keysql.as_text("t", spec.row_key),
         "t_pointer_text": keysql.as_text("t", spec.columns),
         "after": keysql.placeholders("after", len(spec.row_key)),
-        # post_checks' probes and the hierarchy walk
+    }
+
+
+def _probe_fragments(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
+    """post_checks' probes and the hierarchy walks (checks.sql): ``tree`` is a row the walk down from the roots
+    reached, ``up`` one the walk up from a row reached."""
+    return {
         "columns_are_values": keysql.equal_values(spec.columns, "value"),
         "c_columns_as_text": keysql.texts("c", spec.columns),
         "p_ref_columns_as_text": keysql.texts("p", spec.ref_columns),

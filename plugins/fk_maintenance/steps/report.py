@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import closing
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -15,6 +15,7 @@ from fk_maintenance.keys.spec import ForeignKeySpec
 from fk_maintenance.steps.registry import STEPS
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONVERGED = "converged"
 DRY_RUN_STATE = "dry run: nothing changed"
@@ -27,20 +28,15 @@ def read_audited(
 ) -> int | None:
     """How many pointers the run nulled, from the audit table (every try of every step, also one killed before
     it could report); None, and a warning, when the database cannot be read now."""
-    from fk_maintenance.db.session import CATALOG_STATEMENT_TIMEOUT_MS, step_session
     from fk_maintenance.steps.orphans import audited_for_run
 
-    try:
-        with (
-            closing(connect()) as conn,
-            step_session(conn, "report", settings, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS, read_only=True),
-        ):
-            return audited_for_run(conn, spec, run_id)
-    except Exception as exc:  # the report must be written whatever the database's state
-        log.warning(
-            "report: could not read the audit of run %s (%s); counts come from the steps' own results", run_id, exc
-        )
-        return None
+    return _read_for_report(
+        connect,
+        settings,
+        lambda conn: audited_for_run(conn, spec, run_id),
+        f"the audit of run {run_id}",
+        "; counts come from the steps' own results",
+    )
 
 
 def read_archived(
@@ -48,17 +44,32 @@ def read_archived(
 ) -> dict[str, dict[str, int]] | None:
     """What the run's deletes removed and changed per table, from the archive ({} for a run that deleted nothing,
     None when the database cannot be read now)."""
-    from fk_maintenance.db.session import CATALOG_STATEMENT_TIMEOUT_MS, step_session
     from fk_maintenance.records.cascade import archived_for_run
+
+    return _read_for_report(
+        connect, settings, lambda conn: archived_for_run(conn, spec, run_id), f"the archive of run {run_id}"
+    )
+
+
+def _read_for_report(
+    connect: Callable[[], psycopg.Connection],
+    settings: RunSettings,
+    read: Callable[[psycopg.Connection], T],
+    what: str,
+    fallback: str = "",
+) -> T | None:
+    """``read`` in a read-only session of its own; None, and a warning naming ``what`` could not be read and
+    what the report uses instead (``fallback``), when it fails."""
+    from fk_maintenance.db.session import CATALOG_STATEMENT_TIMEOUT_MS, step_session
 
     try:
         with (
             closing(connect()) as conn,
             step_session(conn, "report", settings, statement_timeout_ms=CATALOG_STATEMENT_TIMEOUT_MS, read_only=True),
         ):
-            return archived_for_run(conn, spec, run_id)
+            return read(conn)
     except Exception as exc:  # the report must be written whatever the database's state
-        log.warning("report: could not read the archive of run %s (%s)", run_id, exc)
+        log.warning("report: could not read %s (%s)%s", what, exc, fallback)
         return None
 
 
@@ -81,10 +92,7 @@ def build_report(
     from_steps = (_get(results, "null_orphans", "audited") or 0) + (resweep.get("audited") or 0)
     final_state = _final_state([step for step in steps if not results.get(step)], settings, checks)
     nulled = from_steps if audited is None else audited
-    found = results.get("detect_orphans") or {}
     archived = archived or {}
-    deleted_rows = sum(counts["deleted"] for counts in archived.values())
-    changed_pointers = sum(counts["nulled"] + counts["reset"] for counts in archived.values())
     report = {
         "run_id": run_id,
         "target": spec.describe(),
@@ -95,17 +103,7 @@ def build_report(
         "partitions": len(_get(results, "preflight", "partitions") or []),
         "partitions_validated": _get(results, "validate_fk", "partitions_validated"),
         "warnings": _get(results, "preflight", "warnings") or [],
-        "orphans_found": _get(results, "detect_orphans", "orphans"),
-        "dangling_parents": _get(results, "detect_orphans", "dangling_parents"),
-        "orphan_sample": _get(results, "detect_orphans", "sample") or [],
-        "orphan_policy": found.get("policy") or spec.orphans or "by nullability (not read)",
-        # What the run would change (a dry run: detect_orphans' walk) or changed (the archive), in rows.
-        "blast_radius_rows": (deleted_rows + changed_pointers) if archived else found.get("blast_radius_rows"),
-        "blast_radius": archived or found.get("blast_radius") or {},
-        "blast_radius_sample": found.get("blast_radius_sample") or [],
-        "archived": archived,
-        "deleted_rows": deleted_rows,
-        "pointers_changed_by_cascade": changed_pointers,
+        **_orphan_fields(spec, results, archived),
         # Each pointer is audited and nulled in one transaction, so the audit's count is the nulled count.
         "nulled": nulled,
         "audited": nulled,
@@ -117,28 +115,59 @@ def build_report(
             (s["replica_lag_after_s"] for s in steps.values() if s["replica_lag_after_s"] is not None), default=None
         ),
         "steps": steps,
+        **_check_fields(checks),
+        "final_state": final_state,
+        "succeeded": final_state in (CONVERGED, DRY_RUN_STATE),
+        "restore_hint": _restore_hint(spec, run_id, nulled, archived),
+    }
+    for line in format_report(report).splitlines():
+        log.info("report: %s", line)
+    return report
+
+
+def _orphan_fields(
+    spec: ForeignKeySpec, results: dict[str, dict[str, Any] | None], archived: dict[str, dict[str, int]]
+) -> dict[str, Any]:
+    """The orphans found, and what the run would change (a dry run: detect_orphans' walk) or changed (the
+    archive, which also counts a try killed before it reported), in rows."""
+    found = results.get("detect_orphans") or {}
+    deleted_rows = sum(counts["deleted"] for counts in archived.values())
+    changed_pointers = sum(counts["nulled"] + counts["reset"] for counts in archived.values())
+    return {
+        "orphans_found": found.get("orphans"),
+        "dangling_parents": found.get("dangling_parents"),
+        "orphan_sample": found.get("sample") or [],
+        "orphan_policy": found.get("policy") or spec.orphans or "by nullability (not read)",
+        "blast_radius_rows": (deleted_rows + changed_pointers) if archived else found.get("blast_radius_rows"),
+        "blast_radius": archived or found.get("blast_radius") or {},
+        "blast_radius_sample": found.get("blast_radius_sample") or [],
+        "archived": archived,
+        "deleted_rows": deleted_rows,
+        "pointers_changed_by_cascade": changed_pointers,
+    }
+
+
+def _check_fields(checks: dict[str, Any]) -> dict[str, Any]:
+    return {
         "checks_passed": checks.get("passed"),
         "checks_failed": checks.get("failed"),
         "checks_not_tried": checks.get("not_tried"),
         "failed_checks": [c["name"] for c in checks.get("checks", []) if c["ok"] is False],
         "not_tried_checks": [c["name"] for c in checks.get("checks", []) if c["ok"] is None],
-        "final_state": final_state,
-        "succeeded": final_state in (CONVERGED, DRY_RUN_STATE),
-        "restore_hint": (
-            f"pointers nulled by this run: SELECT * FROM "
-            f"{sql.Identifier(spec.audit_schema, spec.audit_table).as_string(None)} "
-            f"WHERE run_id = {sql.Literal(run_id).as_string(None)}"
-            if nulled
-            else f"rows deleted by this run, whole: SELECT * FROM "
-            f"{sql.Identifier(spec.audit_schema, spec.archive_table).as_string(None)} "
-            f"WHERE run_id = {sql.Literal(run_id).as_string(None)} ORDER BY depth, seq"
-            if archived
-            else "no pointer was nulled"
-        ),
     }
-    for line in format_report(report).splitlines():
-        log.info("report: %s", line)
-    return report
+
+
+def _restore_hint(spec: ForeignKeySpec, run_id: str, nulled: int, archived: dict[str, dict[str, int]]) -> str:
+    """Where the run's changes are kept, as a query an operator can paste: the audit for nulled pointers, else the
+    archive for deleted rows (parents first, as a restore puts them back)."""
+    run = sql.Literal(run_id).as_string(None)
+    if nulled:
+        audit = sql.Identifier(spec.audit_schema, spec.audit_table).as_string(None)
+        return f"pointers nulled by this run: SELECT * FROM {audit} WHERE run_id = {run}"
+    if archived:
+        archive = sql.Identifier(spec.audit_schema, spec.archive_table).as_string(None)
+        return f"rows deleted by this run, whole: SELECT * FROM {archive} WHERE run_id = {run} ORDER BY depth, seq"
+    return "no pointer was nulled"
 
 
 def _get(results: dict[str, dict[str, Any] | None], step: str, key: str) -> Any:
