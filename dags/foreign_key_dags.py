@@ -77,7 +77,7 @@ RUNBOOK = """
 # {name}
 
 Gives `{schema}.{table}` a **validated** foreign key
-`{constraint} ({columns}) -> {ref_table}({ref_columns}) ON DELETE {on_delete}` and the btree index
+`{constraint} ({columns}) -> {ref_table}({ref_columns}) {definition}` and the btree index
 `{index} ({columns})`, while the app keeps writing. Declared for the Airflow connections {conn_ids}.
 
 **Orphans** (rows whose `{columns}` names a missing parent): {policy}
@@ -313,7 +313,7 @@ def _runbook(target: Target) -> str:
         row_key=", ".join(spec.row_key),
         constraint=spec.constraint,
         index=spec.index,
-        on_delete=spec.on_delete_sql,
+        definition=spec.definition_sql,
         policy=POLICY_TEXT[spec.orphans],
         undo_delete=UNDO_DELETE.format(name=target.name, archive=spec.archive_qualified)
         if spec.orphans == "delete"

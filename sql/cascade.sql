@@ -56,7 +56,7 @@ FROM pg_class c WHERE c.oid = %(relid)s
 SELECT ({root_key_json})::text, to_jsonb(c)::text, c.tableoid::oid
 FROM {table} c
 JOIN {batch_keys} ON {c_is_batch_key}
-WHERE {c_key_complete}
+WHERE {c_key_checked}
   AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
 ORDER BY {c_row_key}
 {lock}
@@ -120,7 +120,7 @@ WITH gone AS (
     DELETE FROM {table} c
     USING jsonb_array_elements(%(keys)s::jsonb) AS j(k)
     CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, j.k) AS o
-    WHERE {c_is_o} AND {c_key_complete}
+    WHERE {c_is_o} AND {c_key_checked}
       AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
     RETURNING 1
 )

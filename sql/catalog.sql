@@ -31,7 +31,7 @@ WHERE con.conrelid = %(relid)s AND con.conname = %(name)s
 -- differ from its parent's). confdelsetcols (the columns of ON DELETE SET NULL (...)) exists from PostgreSQL 15;
 -- read through to_jsonb so the same query runs on 13 and 14, where it is absent.
 SELECT con.oid, con.contype::text, con.confrelid, con.confdeltype::text, con.confupdtype::text,
-       con.confmatchtype::text, con.condeferrable,
+       con.confmatchtype::text, con.condeferrable, con.condeferred,
        (SELECT array_agg(a.attname::text ORDER BY k.ord)
         FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
         JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum),

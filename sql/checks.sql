@@ -20,6 +20,11 @@ SELECT {c_row_key}, {c_columns_as_text} FROM {table} c WHERE {c_key_complete} LI
 -- name: some_row
 SELECT {c_row_key}, {c_columns_as_text} FROM {table} c LIMIT 1 FOR UPDATE OF c SKIP LOCKED
 
+-- name: check_keys_now
+-- A DEFERRABLE INITIALLY DEFERRED key checks at COMMIT, which the probe's transaction never reaches: checked at
+-- once instead, for this transaction (always rolled back) only.
+SET CONSTRAINTS ALL IMMEDIATE
+
 -- name: reject_missing_parent
 UPDATE {table} SET {columns_to_probe} WHERE ROW({row_key}) = {row_key_values}
 

@@ -4,7 +4,7 @@
 -- name: add_not_valid
 ALTER TABLE {table}
     ADD CONSTRAINT {constraint} FOREIGN KEY ({columns})
-    REFERENCES {ref_table} ({ref_columns}) ON DELETE {on_delete}
+    REFERENCES {ref_table} ({ref_columns}) {key_definition}
     NOT VALID
 
 -- name: validate
@@ -25,4 +25,4 @@ LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE
 -- that lock, which is why the caller checks them all inside the same transaction.
 ALTER TABLE {table}
     ADD CONSTRAINT {constraint} FOREIGN KEY ({columns})
-    REFERENCES {ref_table} ({ref_columns}) ON DELETE {on_delete}
+    REFERENCES {ref_table} ({ref_columns}) {key_definition}

@@ -1,13 +1,15 @@
 -- Orphans: rows whose key names a parent that does not exist. Always an anti-join (NOT EXISTS): NOT IN is
--- wrong when the subquery yields a NULL and cannot be planned as a hashed anti-join at scale. A row with any
--- NULL in the key is not checked by the foreign key (MATCH SIMPLE), so it is never an orphan; a composite
--- key's orphan is a row whose whole tuple has no match (a parent_id that exists in another tenant included).
+-- wrong when the subquery yields a NULL and cannot be planned as a hashed anti-join at scale. Only rows the key
+-- checks are looked at ({c_key_checked}): under MATCH SIMPLE a row with any NULL in the key is never an orphan;
+-- under MATCH FULL only an all-NULL key passes, and one with some columns NULL equals no parent, so it is an
+-- orphan. A composite key's orphan is a row whose whole tuple has no match (a parent_id that exists in another
+-- tenant included).
 
 -- name: summary
 WITH orphan AS MATERIALIZED (
     SELECT {c_row_key_text} AS fk_row_key, {c_pointer_text} AS fk_pointer, {c_row_key}
     FROM {table} c
-    WHERE {c_key_complete}
+    WHERE {c_key_checked}
       AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
 )
 SELECT (SELECT count(*) FROM orphan),
@@ -18,7 +20,7 @@ SELECT (SELECT count(*) FROM orphan),
 -- name: keys
 SELECT {c_row_key}
 FROM {table} c
-WHERE {c_key_complete}
+WHERE {c_key_checked}
   AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
 ORDER BY {c_row_key}
 
@@ -27,7 +29,7 @@ ORDER BY {c_row_key}
 -- one primary key per row (through the parent it planned the batch as a scan of every partition).
 SELECT c.tableoid, {c_row_key}
 FROM {table} c
-WHERE {c_key_complete}
+WHERE {c_key_checked}
   AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
 ORDER BY c.tableoid, {c_row_key}
 
@@ -41,7 +43,7 @@ MOVE FORWARD ALL IN {cursor}
 -- name: count
 SELECT count(*)
 FROM {table} c
-WHERE {c_key_complete}
+WHERE {c_key_checked}
   AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
 
 -- name: null_batch
@@ -56,7 +58,7 @@ WITH still_orphaned AS (
     CROSS JOIN LATERAL (
         SELECT {c_as_audit}
         FROM {table} c
-        WHERE {c_is_batch_key} AND {c_key_complete}
+        WHERE {c_is_batch_key} AND {c_key_checked}
           AND NOT EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
         FOR UPDATE OF c SKIP LOCKED
     ) still

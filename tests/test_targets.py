@@ -34,6 +34,29 @@ def test_a_composite_key_across_schemas_is_declared_with_lists_and_a_referenced_
     assert (single.columns, single.ref_columns, single.row_key, single.ref_schema) == (("p",), ("k",), ("k",), "public")
 
 
+def test_on_update_match_and_deferrability_are_declared_whole_with_the_defaults_postgresql_has(tmp_path):
+    path = tmp_path / "targets.yaml"
+    path.write_text(
+        "foreign_keys:\n"
+        "  - {name: lines_fk, table: lines, columns: [tenant_id, order_no], ref_table: orders,\n"
+        "     ref_columns: [tenant_id, order_no], row_key: id, on_delete: restrict, on_update: cascade,\n"
+        "     match: full, deferrable: initially deferred, constraint: c, index: i, audit_table: a, conn_ids: [db]}\n"
+        "  - {name: plain_fk, table: t, column: p, ref_table: t, ref_column: k, deferrable: true,\n"
+        "     constraint: c2, index: i2, audit_table: a2, conn_ids: [db]}\n"
+    )
+    declared, plain = (target.spec for target in load_targets(path))
+    assert (declared.on_delete, declared.on_update, declared.match) == ("RESTRICT", "CASCADE", "FULL")
+    assert (declared.deferrable, declared.initially_deferred) == (True, True)
+    assert declared.definition_sql == "MATCH FULL ON UPDATE CASCADE ON DELETE RESTRICT DEFERRABLE INITIALLY DEFERRED"
+    assert (plain.on_update, plain.match, plain.deferrable, plain.initially_deferred) == (
+        "NO ACTION",
+        "SIMPLE",
+        True,
+        False,
+    )
+    assert plain.definition_sql == "ON DELETE SET NULL DEFERRABLE INITIALLY IMMEDIATE"
+
+
 def test_the_shipped_file_declares_exactly_todays_key():
     (target,) = load_targets(SHIPPED)
     assert (
@@ -92,6 +115,18 @@ def test_the_shipped_file_declares_exactly_todays_key():
         (
             lambda t: t.replace("    row_key: id\n", "    row_key: [id, id]\n"),
             "row_key ['id', 'id'] names a column twice",
+        ),
+        (
+            lambda t: t.replace("on_delete: SET NULL", "on_delete: SET NULL\n    on_update: SET NULL (parent_kpi_id)"),
+            "on_update: 'SET NULL (parent_kpi_id)' is not one of ['CASCADE', 'NO ACTION', 'RESTRICT', 'SET DEFAULT'",
+        ),
+        (
+            lambda t: t.replace("on_delete: SET NULL", "on_delete: SET NULL\n    match: partial"),
+            "match: 'partial' is not one of ['FULL', 'SIMPLE'] (PostgreSQL does not implement MATCH PARTIAL)",
+        ),
+        (
+            lambda t: t.replace("on_delete: SET NULL", "on_delete: SET NULL\n    deferrable: later"),
+            "deferrable: 'later' is not one of false, true or 'initially deferred'",
         ),
     ],
 )

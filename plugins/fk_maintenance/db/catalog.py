@@ -17,7 +17,13 @@ from fk_maintenance.db.target_state import (
     TargetState,
 )
 from fk_maintenance.errors import ConcurrentRun, PreflightFailed
-from fk_maintenance.keys.spec import ON_DELETE_ACTIONS, ForeignKeySpec, describe_columns
+from fk_maintenance.keys.spec import (
+    MATCH_TYPES,
+    ON_DELETE_ACTIONS,
+    ON_UPDATE_ACTIONS,
+    ForeignKeySpec,
+    describe_columns,
+)
 
 
 def nulled_columns(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> tuple[str, ...]:
@@ -25,7 +31,10 @@ def nulled_columns(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> tup
     ``SET DEFAULT (...)`` lists, every column for plain SET NULL), or the declared ``nullify_columns``, or else
     the key's one nullable column. One NULL is enough for MATCH SIMPLE to stop checking a row, and nulling more
     would change more of the row than the key needs (a nullable tenant_id is not ours to clear); with several
-    nullable columns and no declaration, ``nulling_problems`` refuses the key."""
+    nullable columns and no declaration, ``nulling_problems`` refuses the key. Under MATCH FULL only an all-NULL
+    key passes: every column is nulled."""
+    if spec.match == "FULL":
+        return spec.columns
     if spec.on_delete_columns:
         return spec.on_delete_columns
     if spec.on_delete == "SET NULL":
@@ -39,7 +48,10 @@ def nulled_columns(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> tup
 def orphan_policy(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...]) -> str:
     """The declared ``orphans`` policy, or else nullify where a column of the key is nullable and refuse where
     none is (a NOT NULL key): deleting rows is never done undeclared."""
-    return spec.orphans or ("nullify" if any(not info.not_null for info in columns) else "refuse")
+    nullable = [not info.not_null for info in columns]
+    # MATCH FULL: nulling releases an orphan only when every column can be nulled.
+    can_null = all(nullable) if spec.match == "FULL" else any(nullable)
+    return spec.orphans or ("nullify" if can_null else "refuse")
 
 
 def nulling_problems(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...], policy: str = "nullify") -> list[str]:
@@ -48,6 +60,10 @@ def nulling_problems(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...], poli
     refuse), only the key's own action matters: a plain SET NULL on a NOT NULL column would break the app's
     deletes whatever a run does to orphans."""
     by_name = dict(zip(spec.columns, columns, strict=True))
+    if spec.on_update == "SET NULL" and any(info.not_null for info in columns):
+        # The app's update of a referenced key would fail on these: the key would break the app's updates.
+        not_null = [name for name in spec.columns if by_name[name].not_null]
+        return [f"{spec.table}.{', '.join(not_null)} NOT NULL, so ON UPDATE SET NULL could never apply"]
     nulled = nulled_columns(spec, columns)
     if policy == "nullify" and spec.orphans == "nullify" and not nulled:
         return [
@@ -69,11 +85,17 @@ def nulling_problems(spec: ForeignKeySpec, columns: tuple[ColumnInfo, ...], poli
             f"{spec.table}.{', '.join(not_null)} {'is' if len(not_null) == 1 else 'are'} NOT NULL, so ON DELETE "
             f"{spec.on_delete_sql} could never apply{fix}"
         ]
+    if not_null and spec.match == "FULL":
+        return [
+            f"MATCH FULL releases an orphan only when every column of the key is NULL, and {', '.join(not_null)} "
+            f"{'is' if len(not_null) == 1 else 'are'} NOT NULL: declare orphans: delete (archived, restorable) or "
+            "refuse"
+        ]
     if not_null:
         where = f"ON DELETE {spec.on_delete_sql}" if spec.on_delete_columns else "nullify_columns"
         return [f"{where} names {', '.join(not_null)}, NOT NULL, which nulling an orphan cannot set to NULL"]
     nullable = [name for name in spec.columns if not by_name[name].not_null]
-    declared = spec.on_delete == "SET NULL" or spec.on_delete_columns or spec.nullify_columns
+    declared = spec.match == "FULL" or spec.on_delete == "SET NULL" or spec.on_delete_columns or spec.nullify_columns
     if not declared and len(nullable) > 1:
         return [
             f"the key's nullable columns {', '.join(nullable)} could each be nulled to release an orphan (one NULL "
@@ -276,6 +298,7 @@ class KeyDefinition:
     on_update: str
     match: str
     deferrable: bool
+    deferred: bool
     columns: tuple[str, ...]
     ref_columns: tuple[str, ...]
     set_columns: tuple[str, ...]
@@ -286,8 +309,8 @@ def key_definitions(conn: psycopg.Connection, oids: list[int]) -> dict[int, KeyD
         return {}
     rows = conn.execute(statement("catalog", "key_definitions"), {"oids": oids}).fetchall()
     return {
-        oid: KeyDefinition(contype, ref_oid, on_delete, on_update, match, deferrable, *map(_names, lists))
-        for oid, contype, ref_oid, on_delete, on_update, match, deferrable, *lists in rows
+        oid: KeyDefinition(contype, ref_oid, on_delete, on_update, match, deferrable, deferred, *map(_names, lists))
+        for oid, contype, ref_oid, on_delete, on_update, match, deferrable, deferred, *lists in rows
     }
 
 
@@ -322,12 +345,16 @@ def definition_mismatches(spec: ForeignKeySpec, state: TargetState, found: KeyDe
                 f"its ON DELETE acts on {', '.join(acts_on) or 'every key column'}, not on "
                 f"{', '.join(declared) or 'every key column'}"
             )
-    if found.on_update != "a":
-        mismatches.append(f"it is ON UPDATE {ON_DELETE_ACTIONS.get(found.on_update, found.on_update)}, not NO ACTION")
-    if found.match != "s":
-        mismatches.append(f"it is MATCH {'FULL' if found.match == 'f' else found.match}, not MATCH SIMPLE")
-    if found.deferrable:
-        mismatches.append("it is DEFERRABLE")
+    if found.on_update != spec.on_update_code:
+        action = ON_UPDATE_ACTIONS.get(found.on_update, found.on_update)
+        mismatches.append(f"it is ON UPDATE {action}, not ON UPDATE {spec.on_update}")
+    if found.match != spec.match_code:
+        mismatches.append(f"it is MATCH {MATCH_TYPES.get(found.match, found.match)}, not MATCH {spec.match}")
+    if (found.deferrable, found.deferred) != (spec.deferrable, spec.initially_deferred):
+        deferrability = "NOT DEFERRABLE"
+        if found.deferrable:
+            deferrability = "DEFERRABLE INITIALLY " + ("DEFERRED" if found.deferred else "IMMEDIATE")
+        mismatches.append(f"it is {deferrability}, not {spec.deferrability_sql}")
     return mismatches
 
 

@@ -63,6 +63,15 @@ def all_not_null(alias: str, columns: Names) -> sql.Composed:
     return sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(column(alias, name)) for name in columns)
 
 
+def checked_by_key(alias: str, columns: Names, match: str) -> sql.Composed:
+    """The foreign key checks the row: MATCH SIMPLE checks a complete key only (one NULL lets the row pass), MATCH
+    FULL every key but an all-NULL one (a key with some columns NULL is a violation: no parent can equal it, so
+    the anti-join's NOT EXISTS counts it an orphan)."""
+    if match == "FULL":
+        return sql.SQL("NOT ({})").format(all_null(alias, columns))
+    return all_not_null(alias, columns)
+
+
 def all_null(alias: str, columns: Names) -> sql.Composed:
     return sql.SQL(" AND ").join(sql.SQL("{} IS NULL").format(column(alias, name)) for name in columns)
 

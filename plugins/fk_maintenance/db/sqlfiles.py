@@ -61,9 +61,6 @@ def identifiers(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
 
 def _key_names(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
     """The app's objects the key's DDL names (constraint.sql, index.sql) and every statement reads."""
-    on_delete = sql.SQL(spec.on_delete)  # one of a fixed set of keywords, checked by the spec
-    if spec.on_delete_columns:
-        on_delete = sql.SQL("{} ({})").format(on_delete, keysql.names(spec.on_delete_columns))
     return {
         "schema": sql.Identifier(spec.schema),
         "table": sql.Identifier(spec.schema, spec.table),
@@ -74,8 +71,19 @@ def _key_names(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
         "constraint": sql.Identifier(spec.constraint),
         "index": sql.Identifier(spec.index),
         "qualified_index": sql.Identifier(spec.schema, spec.index),
-        "on_delete": on_delete,
+        "key_definition": _key_definition(spec),
     }
+
+
+def _key_definition(spec: ForeignKeySpec) -> sql.Composed:
+    """What follows REFERENCES in the key's DDL: every part of the declared definition, defaults spelled out, so
+    the key created is exactly the declared one. Keywords only, each from a fixed set the spec checked."""
+    on_delete = sql.SQL(spec.on_delete)
+    if spec.on_delete_columns:
+        on_delete = sql.SQL("{} ({})").format(on_delete, keysql.names(spec.on_delete_columns))
+    return sql.SQL("MATCH {} ON DELETE {} ON UPDATE {} {}").format(
+        sql.SQL(spec.match), on_delete, sql.SQL(spec.on_update), sql.SQL(spec.deferrability_sql)
+    )
 
 
 def _audit_names(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
@@ -99,6 +107,9 @@ def _child_row_fragments(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
         "c_row_key_text": keysql.as_text("c", spec.row_key),
         "c_pointer_text": keysql.as_text("c", spec.columns),
         "c_key_complete": keysql.all_not_null("c", spec.columns),
+        # Where an orphan is looked for: the rows the key checks (MATCH SIMPLE: complete keys; FULL: all but
+        # all-NULL ones).
+        "c_key_checked": keysql.checked_by_key("c", spec.columns, spec.match),
         "parent_of_c": keysql.equal("p", spec.ref_columns, "c", spec.columns),
         "c_is_batch_key": keysql.equal("c", spec.row_key, BATCH, spec.row_key),
     }
@@ -118,7 +129,10 @@ def _audit_fragments(spec: ForeignKeySpec) -> dict[str, sql.Composable]:
             "excluded", spec.audit_pointer_columns, spec.audit_pointer_columns
         ),
         "t_is_audited_row": keysql.equal("t", spec.row_key, "a", spec.audit_row_key_columns),
-        "t_points_as_audited": keysql.equal("t", spec.columns, "a", spec.audit_pointer_columns),
+        # NULL-safe: a MATCH FULL orphan's key may be half NULL.
+        "t_points_as_audited": sql.SQL("{} IS NOT DISTINCT FROM {}").format(
+            keysql.row("t", spec.columns), keysql.row("a", spec.audit_pointer_columns)
+        ),
         "a_is_batch_key": keysql.equal("a", spec.audit_row_key_columns, BATCH, spec.row_key),
         "p_is_audited_parent": keysql.equal("p", spec.ref_columns, "a", spec.audit_pointer_columns),
         "t_pointer_row": keysql.row("t", spec.columns),
@@ -162,10 +176,20 @@ def state_fragments(spec: ForeignKeySpec, state: TargetState) -> dict[str, sql.C
             "a", state.nulled, [spec.audit_pointer_columns[spec.columns.index(name)] for name in state.nulled]
         ),
         "audit_column_definitions": sql.SQL(",\n    ").join(
-            sql.SQL("{} {} NOT NULL").format(sql.Identifier(name), sql.SQL(type_name))  # type: ignore[arg-type]
+            sql.SQL("{} {}{}").format(
+                sql.Identifier(name),
+                sql.SQL(type_name),  # type: ignore[arg-type]
+                sql.SQL("" if _may_be_null(spec, name) else " NOT NULL"),
+            )
             for name, type_name in audit_columns(spec, state).items()
         ),
     }
+
+
+def _may_be_null(spec: ForeignKeySpec, audit_column: str) -> bool:
+    """An old pointer of a MATCH FULL key may be half NULL (that made it an orphan); every other audited value is
+    a whole key."""
+    return spec.match == "FULL" and audit_column in spec.audit_pointer_columns
 
 
 def audit_columns(spec: ForeignKeySpec, state: TargetState) -> dict[str, str]:

@@ -19,6 +19,10 @@ ON_DELETE_ACTIONS = {
     "a": "NO ACTION",
     "d": "SET DEFAULT",
 }
+# ON UPDATE takes the same actions (pg_constraint.confupdtype, same codes), never a column list.
+ON_UPDATE_ACTIONS = ON_DELETE_ACTIONS
+# pg_constraint.confmatchtype code -> SQL spelling. MATCH PARTIAL is in the SQL standard, not in PostgreSQL.
+MATCH_TYPES = {"s": "SIMPLE", "f": "FULL"}
 # ON DELETE SET NULL (col, ...) / SET DEFAULT (col, ...): PostgreSQL 15+ acts on only the listed key columns.
 ACTIONS_WITH_COLUMNS = ("SET NULL", "SET DEFAULT")
 _ACTION_WITH_COLUMNS = re.compile(r"^\s*(SET\s+NULL|SET\s+DEFAULT)\s*\((.*)\)\s*$", re.IGNORECASE | re.DOTALL)
@@ -56,6 +60,11 @@ def parse_on_delete(text: str) -> tuple[str, tuple[str, ...]]:
         return (words.upper() if words.upper() in ON_DELETE_ACTIONS.values() else text), ()
     names = [_unquoted(name.strip()) for name in _LIST_ITEM.findall(match.group(2) + ",")]
     return " ".join(match.group(1).split()).upper(), tuple(names)
+
+
+def _words(text: object) -> object:
+    """A keyword spelling as PostgreSQL prints it (``set  null`` -> ``SET NULL``); anything else as it is."""
+    return " ".join(text.split()).upper() if isinstance(text, str) else text
 
 
 # One item of a column list: a double-quoted name (with "" for a quote) or anything up to the next comma.
@@ -115,6 +124,12 @@ class ForeignKeySpec:
     orphans: str = ""
     # Where orphans: delete archives every row and pointer a delete takes along (in audit_schema).
     archive_table: str = ""
+    # The rest of the key's definition, as the schema declares it: created exactly, compared on every part.
+    on_update: str = "NO ACTION"
+    # FULL: a key with some but not all columns NULL is a violation (an orphan), not a row the key ignores.
+    match: str = "SIMPLE"
+    deferrable: bool = False
+    initially_deferred: bool = False
 
     def __post_init__(self) -> None:
         normalized = {name: _column_list(getattr(self, name)) for name in COLUMN_LIST_FIELDS}
@@ -126,7 +141,13 @@ class ForeignKeySpec:
         archive = self.archive_table or (
             f"{self.audit_table}{ARCHIVE_SUFFIX}" if isinstance(self.audit_table, str) else self.archive_table
         )
-        derived = {"on_delete": action, "ref_schema": self.ref_schema or self.schema, "archive_table": archive}
+        derived = {
+            "on_delete": action,
+            "ref_schema": self.ref_schema or self.schema,
+            "archive_table": archive,
+            "on_update": _words(self.on_update),
+            "match": _words(self.match),
+        }
         for name, value in {**normalized, **derived}.items():
             object.__setattr__(self, name, value)
         problems = [problem for field in fields(self) for problem in self._field_problems(field.name)]
@@ -138,8 +159,10 @@ class ForeignKeySpec:
         value = getattr(self, name)
         if name == "hierarchy_checks":
             return [] if isinstance(value, bool) else ["hierarchy_checks must be true or false"]
-        if name == "on_delete":
-            return [] if isinstance(value, str) else ["on_delete must be a string"]
+        if name in ("on_delete", "on_update", "match"):
+            return [] if isinstance(value, str) else [f"{name} must be a string"]
+        if name in ("deferrable", "initially_deferred"):
+            return [] if isinstance(value, bool) else [f"{name} must be true or false"]
         if name == "orphans":
             return (
                 []
@@ -194,6 +217,7 @@ class ForeignKeySpec:
                 f"on_delete {self.on_delete!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}, optionally with "
                 "a column list for SET NULL / SET DEFAULT, e.g. 'SET NULL (parent_id)'"
             )
+        problems += self._definition_problems()
         strangers = [name for name in self.nullify_columns if name not in self.columns]
         if strangers:
             problems.append(
@@ -214,6 +238,28 @@ class ForeignKeySpec:
                 )
         return problems
 
+    def _definition_problems(self) -> list[str]:
+        """ON UPDATE, MATCH and deferrability: what PostgreSQL can create, and what this pipeline can keep."""
+        problems = []
+        if self.on_update not in ON_UPDATE_ACTIONS.values():
+            problems.append(
+                f"on_update {self.on_update!r} is not one of {sorted(ON_UPDATE_ACTIONS.values())} (ON UPDATE takes "
+                "no column list)"
+            )
+        if self.match not in MATCH_TYPES.values():
+            fix = " (PostgreSQL does not implement MATCH PARTIAL)" if self.match == "PARTIAL" else ""
+            problems.append(f"match {self.match!r} is not one of {sorted(MATCH_TYPES.values())}{fix}")
+        if self.initially_deferred and not self.deferrable:
+            problems.append("initially_deferred needs deferrable: a key checked at commit must be deferrable")
+        if self.match == "FULL" and len(self.columns) > 1 and (self.on_delete_columns or self.nullify_columns):
+            # Under MATCH FULL a row passes only with every column NULL or none: nulling some of them makes it
+            # a violation, so an action or a nulling that lists columns could never leave a valid row.
+            problems.append(
+                "MATCH FULL passes a row only when every column of the key is NULL or none is: declare no column "
+                "list (on_delete: SET NULL, nullify_columns) for it"
+            )
+        return problems
+
     @property
     def self_referential(self) -> bool:
         """A hierarchy (a row points at a row of its own table): then cycles and depth are checked too."""
@@ -222,6 +268,31 @@ class ForeignKeySpec:
     @property
     def on_delete_code(self) -> str:
         return next(code for code, words in ON_DELETE_ACTIONS.items() if words == self.on_delete)
+
+    @property
+    def on_update_code(self) -> str:
+        return next(code for code, words in ON_UPDATE_ACTIONS.items() if words == self.on_update)
+
+    @property
+    def match_code(self) -> str:
+        return next(code for code, words in MATCH_TYPES.items() if words == self.match)
+
+    @property
+    def deferrability_sql(self) -> str:
+        if not self.deferrable:
+            return "NOT DEFERRABLE"
+        return "DEFERRABLE INITIALLY " + ("DEFERRED" if self.initially_deferred else "IMMEDIATE")
+
+    @property
+    def definition_sql(self) -> str:
+        """Everything after REFERENCES, as pg_get_constraintdef prints it (defaults left out), for messages."""
+        parts = [f"MATCH {self.match}"] if self.match != "SIMPLE" else []
+        if self.on_update != "NO ACTION":
+            parts.append(f"ON UPDATE {self.on_update}")
+        parts.append(f"ON DELETE {self.on_delete_sql}")
+        if self.deferrable:
+            parts.append(self.deferrability_sql)
+        return " ".join(parts)
 
     @property
     def on_delete_sql(self) -> str:
@@ -286,7 +357,7 @@ class ForeignKeySpec:
     def describe(self) -> str:
         return (
             f"{self.schema}.{self.table}({', '.join(self.columns)}) -> "
-            f"{self.ref_schema}.{self.ref_table}({', '.join(self.ref_columns)}) ON DELETE {self.on_delete_sql} as "
+            f"{self.ref_schema}.{self.ref_table}({', '.join(self.ref_columns)}) {self.definition_sql} as "
             f"{self.constraint}, index {self.index}"
         )
 

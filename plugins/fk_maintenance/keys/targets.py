@@ -17,12 +17,15 @@ import yaml
 
 from fk_maintenance.errors import MaintenanceError
 from fk_maintenance.keys.settings import AIRFLOW_KEY, CONN_ID_SCHEMA
-from fk_maintenance.keys.spec import ON_DELETE_ACTIONS, ORPHAN_POLICIES, ForeignKeySpec
+from fk_maintenance.keys.spec import MATCH_TYPES, ON_DELETE_ACTIONS, ON_UPDATE_ACTIONS, ORPHAN_POLICIES, ForeignKeySpec
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 63}
 ON_DELETE_PATTERN = (
     "(?i)^(" + "|".join(sorted(ON_DELETE_ACTIONS.values())) + r")(\s*\(\s*[^(),]+(\s*,\s*[^(),]+)*\s*\))?\s*$"
 )
+ON_UPDATE_PATTERN = "(?i)^(" + "|".join(sorted(ON_UPDATE_ACTIONS.values())).replace(" ", r"\s+") + r")\s*$"
+# deferrable: false | true (initially immediate) | "initially deferred" (checked at COMMIT).
+DEFERRED_SPELLINGS = ("initially deferred", "INITIALLY DEFERRED")
 # A list's repeated name is the spec's to name (a schema's anyOf or uniqueItems message would not say which).
 _NAMES = {"type": "array", "minItems": 1, "items": _NAME}
 # Each of the key's column lists is spelled one way or the other in an entry: a name, or a list of names.
@@ -72,6 +75,11 @@ TARGETS_SCHEMA: dict[str, Any] = {
                     "nullify_columns": _NAMES,
                     # An action, optionally with the columns it acts on: "SET NULL (parent_id)" (PostgreSQL 15+).
                     "on_delete": {"type": "string", "pattern": ON_DELETE_PATTERN},
+                    # The rest of the key's definition, as the app's schema declares it (defaults: NO ACTION,
+                    # SIMPLE, not deferrable): the key is created exactly so.
+                    "on_update": {"type": "string", "pattern": ON_UPDATE_PATTERN},
+                    "match": {"type": "string", "pattern": "(?i)^(SIMPLE|FULL)$"},
+                    "deferrable": {"enum": [False, True, *DEFERRED_SPELLINGS]},
                     "constraint": _NAME,
                     "index": _NAME,
                     "audit_schema": _NAME,
@@ -161,6 +169,8 @@ def load_targets(path: Path) -> tuple[Target, ...]:
                 fields[many] = [fields.pop(one)]
         if spelling:
             raise TargetsFileInvalid(f"{where}: " + "; ".join(spelling))
+        if fields.get("deferrable") in DEFERRED_SPELLINGS:
+            fields["deferrable"], fields["initially_deferred"] = True, True
         fields.setdefault("schema", "public")
         same_table = (fields.get("ref_schema", fields["schema"]), fields["ref_table"]) == (
             fields["schema"],
@@ -220,6 +230,13 @@ def _describe(error: jsonschema.ValidationError, document: Any) -> str:
             f"{where}: on_delete: {error.instance!r} is not one of {sorted(ON_DELETE_ACTIONS.values())}, optionally "
             "with a column list for SET NULL / SET DEFAULT, e.g. 'SET NULL (parent_id)'"
         )
+    if error.validator == "pattern" and field == "on_update":
+        return f"{where}: on_update: {error.instance!r} is not one of {sorted(ON_UPDATE_ACTIONS.values())}"
+    if error.validator == "pattern" and field == "match":
+        fix = " (PostgreSQL does not implement MATCH PARTIAL)" if str(error.instance).upper() == "PARTIAL" else ""
+        return f"{where}: match: {error.instance!r} is not one of {sorted(MATCH_TYPES.values())}{fix}"
+    if error.validator == "enum" and field == "deferrable":
+        return f"{where}: deferrable: {error.instance!r} is not one of false, true or 'initially deferred'"
     if error.validator == "additionalProperties":
         known = set(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - known)

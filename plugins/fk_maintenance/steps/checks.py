@@ -73,7 +73,7 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
     checks.append(Check("constraint exists", con.exists, con.definition or f"{spec.constraint} is missing"))
     checks.append(
         Check(
-            "constraint is a foreign key on the declared columns with ON DELETE " + spec.on_delete,
+            "constraint is a foreign key on the declared columns, " + spec.definition_sql,
             con.exists and con.matches,
             "; ".join(con.mismatches) or con.definition or "missing",
         )
@@ -232,6 +232,8 @@ def _rejects_missing_parent(conn: psycopg.Connection, spec: ForeignKeySpec, stat
         params = bind("probe", probe) | bind("row_key", row[:width])
         try:
             with conn.transaction():  # a savepoint, so the outer rollback stays clean
+                if spec.initially_deferred:
+                    conn.execute(statement("checks", "check_keys_now"))
                 conn.execute(statement("checks", "reject_missing_parent", spec), params)
         except pgerrors.ForeignKeyViolation as violation:
             if violation.diag.constraint_name == spec.constraint:
