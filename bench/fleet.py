@@ -41,7 +41,7 @@ from devkit.local_airflow import LocalAirflow, local_airflow  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 STEP_TASKS = ("preflight", "detect_orphans", "null_orphans", "create_index_concurrently", "add_fk_not_valid")
-# Each task of a fleet target and the tasks it waits for (the graph of DESIGN.md).
+# Each task of a fleet target and the tasks it waits for (the graph of docs/index.md).
 UPSTREAMS = {
     "preflight": ("wait_turn",),
     "detect_orphans": ("preflight",),

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS {audit} (
 COMMENT ON COLUMN {audit_column} IS {comment}
 
 -- name: comment_table
-COMMENT ON TABLE {audit} IS 'kpi-fk-maintenance: dangling parent pointers nulled before adding a foreign key; restore with the restore DAG or the README''s UPDATE'
+COMMENT ON TABLE {audit} IS 'kpi-fk-maintenance: dangling parent pointers nulled before adding a foreign key; restore with the restore DAG or fk-maintenance restore'
 
 -- name: create_nulling_transactions
 -- The transactions that nulled each run's pointers (one row per batch), shared by every audit table of the

@@ -1,5 +1,5 @@
 -- The foreign key: added NOT VALID (no scan), validated later (one scan). The locks each takes and for how
--- long are listed once, in fk_maintenance/steps.py.
+-- long are listed once, in fk_maintenance/steps/registry.py.
 
 -- name: add_not_valid
 ALTER TABLE {table}

@@ -12,7 +12,7 @@ SELECT set_config('max_parallel_workers_per_gather', %(per_gather)s, false),
        set_config('max_parallel_maintenance_workers', %(maintenance)s, false)
 
 -- name: parallel_facts
--- What the server allows a statement of ours and how busy it is (fk_maintenance.parallelism). Busy: another
+-- What the server allows a statement of ours and how busy it is (fk_maintenance.db.parallelism). Busy: another
 -- session (any database: the cores are the server's) running a statement now or within the last
 -- busy_within_ms, or one of another role whose state we may not read (pg_read_all_stats shows it). The run's
 -- own other sessions count too: a step running beside this one (the graph's other branch) takes a core as well.

@@ -16,7 +16,7 @@ from fk_maintenance.keys.settings import SETTING_DEFS
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "vision_kpis_parent_fk"
 
-# The graph of DESIGN.md, written out independently of fk_maintenance.steps.registry so that a change to the step list
+# The graph of docs/index.md, written out apart from fk_maintenance.steps.registry so that a change to the step list
 # that breaks the contract fails here. Each target (the canary, then every other) runs it after its turn.
 TARGET_EDGES = {
     ("wait_turn", "preflight"),
@@ -272,8 +272,8 @@ def test_a_step_that_finds_another_session_at_our_work_waits_rescheduled_and_giv
 
     from airflow.sdk.exceptions import AirflowRescheduleException
 
-    from fk_maintenance.airflow.tasks import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, run_task
-    from fk_maintenance.db.session import run_lock
+    from fk_maintenance.airflow.tasks import run_task
+    from fk_maintenance.db.session import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, run_lock
     from fk_maintenance.errors import ConcurrentRun
     from fk_maintenance.keys.settings import RunSettings
 

@@ -130,3 +130,14 @@ def test_a_stale_generated_table_is_caught_on_any_page(tmp_path: Path) -> None:
     page.write_text(re.sub(r"<!-- (generated|end): lock table.*?-->", "", page.read_text()))
     with pytest.raises(LookupError, match="lock table"):
         doc_tables.stale_pages(tmp_path)
+
+
+def test_the_readme_step_table_names_every_step_of_the_registry_in_order() -> None:
+    """The README's short table of the steps is written by hand (the generated one, with every lock, is in
+    docs/safety.md): it must name exactly the registry's steps, in their order, and the report."""
+    from fk_maintenance.steps.registry import REPORT_TASK, STEPS
+
+    section = README.read_text().split("## The steps and their locks", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    named = [name.strip() for row in rows[1:] for name in row.split(",")]
+    assert named == [step.name for step in STEPS] + [REPORT_TASK], named

@@ -16,8 +16,10 @@ def test_the_wheel_carries_every_module_and_the_sql_exactly_as_written_in_sql(wh
         names = set(archive.namelist())
         for sql_file in (REPO / "sql").glob("*.sql"):
             assert archive.read(f"fk_maintenance/sql/{sql_file.name}") == sql_file.read_bytes()
-    modules = {f"fk_maintenance/{p.name}" for p in (REPO / "plugins" / "fk_maintenance").glob("*.py")}
-    assert modules <= names
+    # Every module of every room: a room missing from pyproject.toml's package list would leave the wheel without it.
+    package = REPO / "plugins" / "fk_maintenance"
+    modules = {f"fk_maintenance/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
 
 
 def test_the_installed_package_reads_its_sql_with_no_sql_folder_anywhere(wheel: Path, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 (the canary first and alone, then at most ``max_parallel`` at once, none after ``max_failures`` failures), and
 the run's summary over every target.
 
-Pure functions of the run's settings and the targets' reports: the Airflow side (airflow_tasks) feeds them from
+Pure functions of the run's settings and the targets' reports: the Airflow side (airflow.tasks) feeds them from
 XComs, and they are tested without Airflow. Standard library only: the DAG file imports the names below.
 """
 

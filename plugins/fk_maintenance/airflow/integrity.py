@@ -9,7 +9,7 @@ What it proves, all in one report (every problem listed, not only the first):
 
 - the DAG file imports with no error for that targets file (parsed by Airflow's own DagBag);
 - every declared key has its DAG ``<name>`` and restore DAG ``<name>_restore``, with the contract's graph (the
-  steps of ``fk_maintenance.steps.registry.STEPS`` once per target group, as DESIGN.md draws them) and nothing else;
+  steps of ``fk_maintenance.steps.registry.STEPS`` once per target group, as docs/index.md draws them) and nothing else;
 - parsing touches no database: every Airflow connection the file declares, and libpq's defaults (PGHOST,
   PGPORT), point at a listener that counts connection attempts, and it must count none;
 - parsing the DAG file (Airflow already imported) takes at most ``max_parse_seconds``.

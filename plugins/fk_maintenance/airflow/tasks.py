@@ -33,6 +33,7 @@ from fk_maintenance.airflow.fleet import (
     target_summary,
     turn,
 )
+from fk_maintenance.db.session import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, LIBPQ_DEFAULTS
 from fk_maintenance.errors import ConcurrentRun, InvalidSettings, PostChecksFailed, TargetUnreachable, is_final
 from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ForeignKeySpec
@@ -49,14 +50,6 @@ from fk_maintenance.steps.registry import (
 
 log = logging.getLogger(__name__)
 
-# What every target connection gets unless its extra says otherwise: a dead host fails in seconds, and a
-# connection that goes quiet behind a firewall is noticed.
-LIBPQ_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30}
-# A step that finds another session at our work waits this long between looks, and at most as long as our own
-# index build may take (index_timeout_min) plus this grace, counted from its target's start (in a fleet, a target
-# may start hours into the run); then it fails and Airflow's retries take over.
-CONCURRENT_RUN_RECHECK = timedelta(seconds=15)
-CONCURRENT_RUN_GRACE = timedelta(hours=1)
 # The XCom key under which a failed step leaves its error for the target's report.
 ERROR_KEY = "error"
 # The XCom key under which post_checks leaves every check's outcome when some failed (it raises, so it has no

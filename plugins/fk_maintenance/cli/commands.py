@@ -1,9 +1,10 @@
 """``fk-maintenance``: the declared foreign keys outside Airflow, for a CI job or an operator's laptop.
 
     fk-maintenance check   [--targets FILE]                                 the targets file, no database
-    fk-maintenance plan    (--dsn DSN | --conn-id ID) [--key NAME] [--json]   read-only: would each key converge?
-    fk-maintenance run     (--dsn DSN | --conn-id ID) --key NAME [--set NAME=VALUE ...]
-    fk-maintenance restore (--dsn DSN | --conn-id ID) --key NAME --run-id ID [--dry-run]
+    fk-maintenance plan    (--dsn DSN | --conn-id ID) [--targets FILE] [--key NAME] [--json]   read-only
+    fk-maintenance run     (--dsn DSN | --conn-id ID) [--targets FILE] --key NAME [--set NAME=VALUE ...]
+    fk-maintenance restore (--dsn DSN | --conn-id ID) [--targets FILE] --key NAME --run-id ID [--dry-run]
+                           [--set NAME=VALUE ...]
 
 The steps are the DAG's (``steps.registry.STEPS``, in that order), the settings the trigger form's (validated
 by the same schema), and each writing step takes the same run lock as under Airflow: a run from here and a DAG run
@@ -30,8 +31,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from fk_maintenance.airflow.tasks import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, LIBPQ_DEFAULTS
 from fk_maintenance.cli.progress import ProgressHandler
+from fk_maintenance.db.session import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, LIBPQ_DEFAULTS
 from fk_maintenance.errors import (
     ConcurrentRun,
     InvalidSettings,

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import TypeVar
 
@@ -24,6 +25,15 @@ from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ForeignKeySpec
 
 log = logging.getLogger(__name__)
+
+# What every target connection gets unless its extra (or the --dsn) says otherwise: a dead host fails in
+# seconds, and a connection that goes quiet behind a firewall is noticed.
+LIBPQ_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30}
+# A step that finds another session at our work (the run lock, our index being built) waits this long between
+# looks, and at most as long as our own index build may take (index_timeout_min) plus this grace, counted from
+# its target's start (in a fleet, a target may start hours into the run); then it fails and retries take over.
+CONCURRENT_RUN_RECHECK = timedelta(seconds=15)
+CONCURRENT_RUN_GRACE = timedelta(hours=1)
 T = TypeVar("T")
 
 APPLICATION_NAME = "kpi-fk-maintenance"
@@ -305,14 +315,18 @@ def with_lock_retries(
     statement locks the parent alone (not ``whole_trees``: CREATE INDEX ON ONLY).
     """
     tables = tables or spec.tables
-    lock_timeout_ms, attempts, watch_seconds = (
-        settings.lock_timeout_ms,
-        settings.lock_attempts,
-        settings.gap_watch_seconds,
-    )
-    timeouts = attempt_timeouts(lock_timeout_ms, attempts)
+    attempts = settings.lock_attempts
+    timeouts = attempt_timeouts(settings.lock_timeout_ms, attempts)
     watch = _gap_watch(
-        conn, spec, avoid_queueing_behind, timeouts[0], watch_seconds, record, sleep, tables, whole_trees
+        conn,
+        spec,
+        avoid_queueing_behind,
+        timeouts[0],
+        settings.gap_watch_seconds,
+        record,
+        sleep,
+        tables=tables,
+        whole_trees=whole_trees,
     )
     holders: list[LockHolder] = []
     for number, timeout_ms in enumerate(timeouts, start=1):
@@ -320,7 +334,9 @@ def with_lock_retries(
         holders = watch()
         if holders:
             record.deferred += 1
-            outcome = f"not tried: no free moment in {watch_seconds:g} s, so the app does not queue behind us"
+            outcome = (
+                f"not tried: no free moment in {settings.gap_watch_seconds:g} s, so the app does not queue behind us"
+            )
         else:
             try:
                 return body(timeout_ms)
@@ -328,14 +344,20 @@ def with_lock_retries(
                 record.lock_timeouts += 1
                 holders = lock_holders(conn, spec, tables=tables, whole_trees=whole_trees)
                 outcome = f"did not get its lock within {timeout_ms} ms ({exc.sqlstate})"
+        held = "; ".join(map(str, holders)) or "none now"
         log.warning(
             "%s: attempt %d/%d %s; sessions holding locks on %s: %s",
-            *(what, number, attempts, outcome, _described(tables), "; ".join(map(str, holders)) or "none now"),
+            what,
+            number,
+            attempts,
+            outcome,
+            _described(tables),
+            held,
         )
         if number < attempts and not avoid_queueing_behind:
             sleep(random.uniform(0, min(30.0, 0.5 * 2**number)))
     raise LockNotAcquired(
-        f"{what}: no lock within {attempts} attempts (lock_timeout up to {lock_timeout_ms} ms, "
+        f"{what}: no lock within {attempts} attempts (lock_timeout up to {settings.lock_timeout_ms} ms, "
         f"{record.deferred} not tried because of long transactions); nothing was changed. Sessions holding locks "
         f"on {_described(tables)}: {'; '.join(map(str, holders)) or 'none now'}. Airflow retries the task later."
     )
@@ -353,6 +375,7 @@ def _gap_watch(
     watch_seconds: float,
     record: LockAttempts,
     sleep: Callable[[float], None],
+    *,
     tables: tuple[tuple[str, str], ...],
     whole_trees: bool,
 ) -> Callable[[], list[LockHolder]]:
@@ -360,7 +383,7 @@ def _gap_watch(
     behind, else nothing. "Long" is fixed at the first, shortest timeout (``long_ms``): a conflicting
     transaction already open that long is not an OLTP write about to commit, whatever an attempt's timeout."""
     if not modes:
-        return list
+        return lambda: []  # nothing to avoid: every attempt is made at once
     return partial(
         await_lock_gap,
         conn,

@@ -330,7 +330,7 @@ def _cross_field_problems(values: dict[str, Any], malformed: set[str]) -> list[s
 
 
 def form_table_markdown() -> str:
-    """The trigger form as a Markdown table (the README's), from the same definitions as the form."""
+    """The trigger form as a Markdown table (docs/running.md's), from the same definitions as the form."""
     lines = ["| field | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for d in SETTING_DEFS:
         default = (

@@ -1,5 +1,5 @@
 """A person's approval of a large delete (keys declared ``orphans: delete``): whether a target's planned delete
-needs one, and what the person is shown. Airflow's human-in-the-loop operator asks (airflow_approval); this
+needs one, and what the person is shown. Airflow's human-in-the-loop operator asks (airflow.approval_gate); this
 module decides and words it, without Airflow.
 
 Standard library only: the DAG file imports this at parse time.

@@ -523,7 +523,7 @@ def _validate_in_window(
         with run_lock(conn, spec):
             resweep = validate_with_resweep(conn, spec, settings, run_id, state, validate)
     except ValidationCutShort as cut:
-        later = _after_cut_short(cut, settings, decision, now(), started)
+        later = _after_cut_short(cut, settings, decision, at=now(), started=started)
         return {**later, **_partition_progress(conn, spec, state, partitions_done)}
     lag = worst_replica_lag(conn)  # VALIDATE cannot be throttled for replicas; its cost to them is reported
     seconds = time.monotonic() - started
@@ -541,7 +541,7 @@ def _validate_in_window(
 
 
 def _after_cut_short(
-    cut: ValidationCutShort, settings: RunSettings, decision: WindowDecision, now: datetime, started: float
+    cut: ValidationCutShort, settings: RunSettings, decision: WindowDecision, *, at: datetime, started: float
 ) -> dict[str, Any]:
     """A VALIDATE the window's end cut short: tried again in the next window, unless it was the last allowed."""
     log.warning("validate_fk: %s; the constraint stays NOT VALID", cut)
@@ -550,7 +550,7 @@ def _after_cut_short(
             f"validate_fk: VALIDATE did not finish within the window {settings.max_windows} time(s) ({cut}); "
             "the constraint stays NOT VALID. Widen the window or trigger with validate_now."
         ) from None
-    return _reschedule(_next_window_start(settings.window, now), str(cut), started)
+    return _reschedule(_next_window_start(settings.window, at), str(cut), started)
 
 
 def _partition_progress(

@@ -1,6 +1,6 @@
 """The pipeline's steps: the one list of their names, order, functions, what each changes and which locks it
 takes. The DAG wires its tasks from it, the report reads it, devkit runs it without Airflow, and the runbook's
-lock table (in the DAG's docs and the README) is printed from it.
+lock table (in the DAG's docs and docs/safety.md) is printed from it.
 
 Standard library only: the DAG file imports this at parse time. Step functions are named, not imported, so
 psycopg is loaded only when a task runs.
@@ -24,7 +24,7 @@ APPROVED_ORPHANS = "approved_orphans"
 @dataclass(frozen=True)
 class Step:
     name: str
-    function: str  # "module:function" inside fk_maintenance
+    function: str  # "module:function", the module one of fk_maintenance.steps
     upstream: tuple[str, ...]
     changes: str
     locks: str
