@@ -201,3 +201,44 @@ WHERE c.oid = %(oid)s
 -- name: is_partition
 -- Whether a partition listed earlier is still below the table (the app may detach one meanwhile).
 SELECT EXISTS (SELECT 1 FROM pg_partition_tree(%(relid)s::oid::regclass) WHERE relid = %(partition)s::oid::regclass)
+
+-- name: declared_foreign_keys
+-- Every foreign key a reference database declares (fk-maintenance declare), whole, columns by name in key order:
+-- its definition's parts, the child's primary key (the row key), whether a column of the key is nullable, and
+-- the first valid plain btree index whose leading columns are the key's (the index that serves it). Keys a
+-- partition inherits from its parent are the parent's (conparentid); system schemas are left out.
+SELECT con.conname::text, n.nspname::text, c.relname::text, rn.nspname::text, r.relname::text,
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum),
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum),
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM jsonb_array_elements_text(coalesce(nullif(to_jsonb(con) -> 'confdelsetcols', 'null'), '[]'))
+             WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum::int2),
+       con.confdeltype::text, con.confupdtype::text, con.confmatchtype::text, con.condeferrable, con.condeferred,
+       c.relispartition,
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = c.oid AND i.indisprimary),
+       (SELECT bool_or(NOT a.attnotnull) FROM pg_attribute a
+        WHERE a.attrelid = con.conrelid AND a.attnum = ANY(con.conkey)),
+       (SELECT ic.relname::text
+        FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+        WHERE i.indrelid = c.oid AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL
+          AND i.indexprs IS NULL
+          AND (SELECT array_agg(k.attnum ORDER BY k.ord) FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               WHERE k.ord <= cardinality(con.conkey)) = con.conkey::int2[]
+        ORDER BY ic.relname LIMIT 1)
+FROM pg_constraint con
+JOIN pg_class c ON c.oid = con.conrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class r ON r.oid = con.confrelid
+JOIN pg_namespace rn ON rn.oid = r.relnamespace
+WHERE con.contype = 'f' AND con.conparentid = 0
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_toast%%'
+  AND (%(schemas)s::text[] IS NULL OR n.nspname = ANY(%(schemas)s::text[]))
+ORDER BY n.nspname, c.relname, con.conname

@@ -1,6 +1,7 @@
 """``fk-maintenance``: the declared foreign keys outside Airflow, for a CI job or an operator's laptop.
 
     fk-maintenance check   [--targets FILE]                                 the targets file, no database
+    fk-maintenance declare --from-dsn DSN [--schema NAME ...] [--conn-ids ID ...]   a reference database's keys
     fk-maintenance plan    (--dsn DSN | --conn-id ID) [--targets FILE] [--key NAME] [--json]   read-only
     fk-maintenance run     (--dsn DSN | --conn-id ID) [--targets FILE] --key NAME [--set NAME=VALUE ...]
     fk-maintenance restore (--dsn DSN | --conn-id ID) [--targets FILE] --key NAME --run-id ID [--dry-run]
@@ -31,6 +32,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from fk_maintenance.cli.declare import declare
 from fk_maintenance.cli.progress import ProgressHandler
 from fk_maintenance.db.session import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, LIBPQ_DEFAULTS
 from fk_maintenance.errors import (
@@ -654,6 +656,28 @@ def _add_check(commands: _SubcommandsWithVerbose) -> None:
     _add_targets(check)
 
 
+def _add_declare(commands: _SubcommandsWithVerbose) -> None:
+    declare_command = commands.add_parser(
+        "declare",
+        help="print a targets file declaring every foreign key a reference database has",
+        description="Read every foreign key of a reference database (staging, or a scratch database the app's own "
+        "migrations made) and print a targets file that declares each exactly as it is: its whole definition under "
+        "its own name, the index that already serves it. Keys that cannot be declared are printed commented out, "
+        "with the reason. Read-only.",
+    )
+    declare_command.add_argument("--from-dsn", required=True, help="libpq connection string of the reference database")
+    declare_command.add_argument(
+        "--schema", action="append", metavar="NAME", help="only the keys of tables in this schema (repeatable)"
+    )
+    declare_command.add_argument(
+        "--conn-ids",
+        nargs="+",
+        default=["kpi_db"],
+        metavar="ID",
+        help="the Airflow connections the keys are to land on, the first the canary (default: kpi_db)",
+    )
+
+
 def _add_plan(commands: _SubcommandsWithVerbose) -> None:
     plan = commands.add_parser(
         "plan",
@@ -729,13 +753,27 @@ def build_parser() -> argparse.ArgumentParser:
     # -v also after the subcommand, where a user types it.
     commands = _SubcommandsWithVerbose(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), verbose)
     # In this order in the help's list of commands.
-    for add in (_add_check, _add_plan, _add_run, _add_restore):
+    for add in (_add_check, _add_declare, _add_plan, _add_run, _add_restore):
         add(commands)
     return parser
 
 
+def cmd_declare(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    """Print a targets file declaring every foreign key of a reference database; exit 1 when none can be."""
+    database = dsn_database(args.from_dsn)
+    text, declared = declare(database.connect, args.schema, args.conn_ids, database.label)
+    out(text.rstrip("\n"))
+    if not declared:
+        print(
+            f"{PROG} declare: no foreign key of {database.label} could be declared (see the comments)", file=sys.stderr
+        )
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], int]] = {
     "check": cmd_check,
+    "declare": cmd_declare,
     "plan": cmd_plan,
     "run": cmd_run,
     "restore": cmd_restore,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import psycopg
@@ -23,6 +22,7 @@ from fk_maintenance.keys.spec import (
     ON_UPDATE_ACTIONS,
     ForeignKeySpec,
     describe_columns,
+    fitting_identifier,
 )
 
 
@@ -175,9 +175,15 @@ def index_on(
     if unique:
         mismatches.append("it is UNIQUE")
     wanted = list(spec.columns)
-    if has_exprs or list(names or []) != wanted or natts != len(wanted) or nkeyatts != len(wanted):
+    # An index that leads with the key's columns serves the key's lookups as well as one on those columns alone
+    # (a second index would only cost writes). On a partitioned table each partition's index must equal the
+    # parent's to be attached, and ours are built on the key's columns alone: there, only those.
+    serves = not has_exprs and list(names or [])[: len(wanted)] == wanted and nkeyatts >= len(wanted)
+    exact = serves and natts == len(wanted) and nkeyatts == len(wanted)
+    if not (exact or (serves and not state.partitioned)):
         in_order = ", in that order" if len(wanted) > 1 else ""
-        mismatches.append(f"its columns are not exactly ({', '.join(spec.columns)}){in_order}")
+        lead = "" if state.partitioned else " nor does it lead with them"
+        mismatches.append(f"its columns are not exactly ({', '.join(spec.columns)}){in_order}{lead}")
     if has_pred:
         mismatches.append("it is partial (has a WHERE clause)")
     building = conn.execute(statement("catalog", "index_build_in_progress"), {"oid": oid}).fetchone()
@@ -193,8 +199,6 @@ def index_on(
     )
 
 
-# PostgreSQL's NAMEDATALEN - 1: a longer name is cut short silently.
-MAX_IDENTIFIER_BYTES = 63
 ROLE_OF_LIST = {"columns": "column", "ref_columns": "referenced column", "row_key": "row key column"}
 # Kinds of relation a key can live on: an ordinary table or a partitioned one.
 TABLE_KINDS = {"r": "table", "p": "partitioned table"}
@@ -361,12 +365,7 @@ def definition_mismatches(spec: ForeignKeySpec, state: TargetState, found: KeyDe
 def partition_index_name(spec: ForeignKeySpec, partition: str) -> str:
     """Our index on one partition: the partition's name and the key's index name, within PostgreSQL's 63 bytes
     (a name cut short ends in a hash of the whole, so two long partition names never collide)."""
-    name = f"{partition}_{spec.index}"
-    if len(name.encode()) <= MAX_IDENTIFIER_BYTES:
-        return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    cut = name.encode()[: MAX_IDENTIFIER_BYTES - 9].decode(errors="ignore")
-    return f"{cut}_{digest}"
+    return fitting_identifier(f"{partition}_{spec.index}")
 
 
 def still_partition(conn: psycopg.Connection, state: TargetState, part: PartitionInfo) -> bool:

@@ -8,6 +8,7 @@ columns), and what nulling an orphan sets to NULL. Every statement is composed f
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, fields
 
@@ -83,6 +84,20 @@ def _column_list(value: object) -> tuple[str, ...]:
     if isinstance(value, list | tuple):
         return tuple(value)
     raise ValueError(f"a column list must be a name or a list of names, not {value!r}")
+
+
+# PostgreSQL cuts longer names silently (NAMEDATALEN - 1).
+MAX_IDENTIFIER_BYTES = 63
+
+
+def fitting_identifier(name: str) -> str:
+    """A name we make up, within PostgreSQL's 63 bytes: a name cut short ends in a hash of the whole, so two long
+    names that share their start never collide."""
+    if len(name.encode()) <= MAX_IDENTIFIER_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    cut = name.encode()[: MAX_IDENTIFIER_BYTES - 9].decode(errors="ignore")
+    return f"{cut}_{digest}"
 
 
 def audit_column_names(base: str, count: int) -> tuple[str, ...]:
@@ -179,7 +194,7 @@ class ForeignKeySpec:
         for item in names:
             if not isinstance(item, str) or not item:
                 problems.append(f"{name} must be a non-empty string" + (" in each place" if len(names) > 1 else ""))
-            elif len(item.encode()) > 63:
+            elif len(item.encode()) > MAX_IDENTIFIER_BYTES:
                 # PostgreSQL silently truncates longer names, which would make our catalog lookups miss.
                 hint = (
                     f" (audit_table + {ARCHIVE_SUFFIX!r}): declare a shorter archive_table"

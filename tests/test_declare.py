@@ -1,0 +1,104 @@
+"""fk-maintenance declare: a targets file declaring every foreign key a reference database has, exactly as it has
+them; landing that file on a database that lacks the keys gives back the very keys the reference holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from devkit.pipeline import run_pipeline
+from fk_maintenance.cli import commands as cli
+from fk_maintenance.keys.settings import RunSettings
+from fk_maintenance.keys.targets import load_targets
+
+# Keys of every shape the file can say, on names a parser would trip on.
+SCHEMA = """
+CREATE SCHEMA "Sales";
+CREATE TABLE "Sales"."Customers" (tenant_id int, id int, PRIMARY KEY (tenant_id, id));
+CREATE TABLE "Sales"."Orders" (
+    tenant_id int NOT NULL, "order no" int NOT NULL, customer_id int,
+    PRIMARY KEY (tenant_id, "order no"),
+    CONSTRAINT "Orders, to customer" FOREIGN KEY (tenant_id, customer_id)
+        REFERENCES "Sales"."Customers" ON UPDATE CASCADE ON DELETE SET NULL (customer_id)
+);
+CREATE INDEX orders_by_customer ON "Sales"."Orders" (tenant_id, customer_id, "order no");
+CREATE TABLE public.lines (
+    id bigint PRIMARY KEY, tenant_id int NOT NULL, "order no" int NOT NULL,
+    FOREIGN KEY (tenant_id, "order no") REFERENCES "Sales"."Orders" ON UPDATE CASCADE ON DELETE RESTRICT
+);
+CREATE TABLE public.notes (
+    id int PRIMARY KEY, tenant_id int, "order no" int,
+    CONSTRAINT notes_order_fkey FOREIGN KEY (tenant_id, "order no") REFERENCES "Sales"."Orders"
+        MATCH FULL ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED
+);
+CREATE TABLE public.tree (id int PRIMARY KEY, parent_id int REFERENCES public.tree DEFERRABLE);
+CREATE TABLE public.readings (device int, at date, tree_id int REFERENCES public.tree ON DELETE SET NULL,
+                              PRIMARY KEY (device, at)) PARTITION BY RANGE (at);
+CREATE TABLE public.readings_2025 PARTITION OF public.readings FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE public.loose (tree_id int REFERENCES public.tree);
+"""
+KEYS = """
+SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+FROM pg_constraint WHERE contype = 'f' AND conparentid = 0 ORDER BY 1
+"""
+DROP_KEYS = """
+DO $$ DECLARE k record; BEGIN
+  FOR k IN SELECT conrelid::regclass AS t, conname FROM pg_constraint WHERE contype = 'f' AND conparentid = 0 LOOP
+    EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', k.t, k.conname);
+  END LOOP;
+END $$
+"""
+
+
+def _declare(db, capsys, *extra: str) -> tuple[int, str, str]:
+    code = cli.main(["declare", "--from-dsn", db.dsn, "--conn-ids", "app_db", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_every_key_is_declared_as_the_reference_has_it_and_lands_exactly_so(db, capsys, tmp_path: Path) -> None:
+    db.execute(SCHEMA)
+    reference = db.query(KEYS)
+    code, text, err = _declare(db, capsys)
+    assert code == cli.EXIT_OK, err
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(text)
+    declared = {target.spec.constraint: target for target in load_targets(targets)}
+    assert sorted(declared) == [
+        "Orders, to customer",
+        "lines_tenant_id_order no_fkey",
+        "notes_order_fkey",
+        "readings_tree_id_fkey",
+        "tree_parent_id_fkey",
+    ], text
+    # The table without a primary key is there, commented out, with what to add.
+    assert "# public.loose (tree_id) -> public.tree(id): loose has no primary key" in text, text
+    # The index that already serves a key is the key's: no second one is built.
+    assert declared["Orders, to customer"].spec.index == "orders_by_customer"
+    assert all(target.conn_ids == ("app_db",) for target in declared.values())
+
+    db.execute(DROP_KEYS)
+    for target in declared.values():
+        report = run_pipeline(db.connect, target.spec, RunSettings(validate_now=True), "declared")["report"]
+        assert report["final_state"] == "converged", (target.name, report)
+    # Every key but the one that could not be declared is back, exactly as the reference had it.
+    assert db.query(KEYS) == [key for key in reference if not key[0].startswith("loose ")]
+    assert db.scalar("SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_by_customer'") == 1
+
+
+def test_one_schema_only_and_a_database_without_keys_says_so(db, capsys) -> None:
+    db.execute(SCHEMA)
+    code, text, _ = _declare(db, capsys, "--schema", "Sales")
+    assert code == cli.EXIT_OK and '\n  - name: "Orders__to_customer"' in text, text
+    assert "lines" not in text.replace("# Every", "")
+    db.execute(DROP_KEYS)
+    code, text, err = _declare(db, capsys)
+    assert code == cli.EXIT_REFUSED and "no foreign key" in err, (text, err)
+
+
+@pytest.mark.parametrize("dsn", ["host=127.0.0.1 port=1 dbname=x password=s3cret connect_timeout=2"])
+def test_an_unreachable_reference_database_is_exit_2_without_its_password(dsn: str, capsys) -> None:
+    code = cli.main(["declare", "--from-dsn", dsn])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and "cannot connect" in err and "s3cret" not in err, err
