@@ -32,7 +32,7 @@ from fk_maintenance.airflow.fleet import (
 )
 from fk_maintenance.keys.settings import SETTING_DEFS, RunSettings, SettingDef
 from fk_maintenance.keys.targets import Target, load_targets
-from fk_maintenance.records.approval import APPROVAL_DOC_MD, APPROVAL_TASK
+from fk_maintenance.records.approval import APPROVAL_DOC_MD, APPROVAL_TASK, approvers_runbook
 from fk_maintenance.steps.registry import REPORT_DOC_MD, REPORT_TASK, STEPS, lock_table_markdown
 
 TARGETS_FILE = Path(os.environ.get("FK_MAINTENANCE_TARGETS") or Path(__file__).with_name("targets.yaml"))
@@ -258,6 +258,7 @@ def _target_group(group_id: str, declared: Target, doc: str, *, mapped: bool, al
                 doc_md=APPROVAL_DOC_MD,
                 spec=spec,
                 restore_dag=restore_dag_id(declared),
+                approvers=declared.approvers,
                 found=tasks["detect_orphans"],
                 conn_id=conn_id,
                 notifiers=approval_waiting_notifiers(declared),
@@ -315,7 +316,8 @@ def build_dag(target: Target) -> DAG:
             constraint=spec.constraint,
             index=spec.index,
             on_delete=spec.on_delete_sql,
-            policy=POLICY_TEXT[spec.orphans],
+            policy=POLICY_TEXT[spec.orphans]
+            + (" " + approvers_runbook(target.approvers) if spec.orphans == "delete" else ""),
             undo_delete=UNDO_DELETE.format(name=target.name, archive=spec.archive_qualified)
             if spec.orphans == "delete"
             else "",
