@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lint and the test suite against real PostgreSQL: everything on the embedded PostgreSQL 18 (or KPI_TEST_DSN),
-# then every step, restore, declared-key, partitioned-key and orphan-delete test again on PostgreSQL 16 and 15
-# (fresh clusters, devkit.cluster):
+# then every step, restore, declared-key, partitioned-key, orphan-delete and record-privilege test again on
+# PostgreSQL 16 and 15 (fresh clusters, devkit.cluster):
 # the SQL is what differs between majors, the Airflow wiring is not.
 # The tests that run a whole Airflow (scheduler, triggerer, api-server, Celery workers, the browser) spend most
 # of their time waiting for it: they run beside the others, in a pytest process of their own (its own
@@ -15,9 +15,9 @@ scripts/system-deps.sh
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q --durations=12 "$@"
 fi
-WHOLE_AIRFLOW=(tests/test_fleet_scheduler.py tests/test_fleet_celery.py tests/test_ui.py)
+WHOLE_AIRFLOW=(tests/test_fleet_scheduler.py tests/test_fleet_celery.py tests/test_ui.py tests/test_approvers.py)
 PER_MAJOR=(tests/test_steps.py tests/test_restore.py tests/test_declared_keys.py tests/test_composite_keys.py
-  tests/test_partitioned_keys.py tests/test_orphan_delete.py)
+  tests/test_partitioned_keys.py tests/test_orphan_delete.py tests/test_record_privileges.py)
 logs=$(mktemp -d)
 # Beside the main pass, one after the other: the whole-Airflow tests, then the two majors' passes at once (each its
 # own cluster and Airflow home). That lane ends before the main pass does, so it adds nothing to the wall time.
@@ -44,7 +44,8 @@ echo "--- the tests that run a whole Airflow (scheduler, Celery workers, the bro
 cat "$logs/airflow.log"
 for major in 16 15; do
   if [ -f "$logs/$major.log" ]; then
-    echo "--- the step, restore, declared-key, partitioned-key and orphan-delete tests on PostgreSQL $major" >&2
+    echo "--- the step, restore, declared-key, partitioned-key, orphan-delete and record-privilege tests on" \
+      "PostgreSQL $major" >&2
     cat "$logs/$major.log"
   fi
 done
