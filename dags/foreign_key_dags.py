@@ -156,12 +156,18 @@ def _param(definition: SettingDef, target: Target) -> Param:
     # The form shows the connections this key is declared for; the library's own default (empty) means the same.
     default = list(target.conn_ids) if definition.name == "conn_ids" else definition.default
     default = target.settings.get(definition.name, default)
+    schema, description = definition.schema, definition.description
+    if definition.name == "approve_deletes_above":
+        # A run may ask a person more often, never less: one who triggers a run must not lift its delete past the
+        # approvers. Raising the bar is a change to the targets file.
+        schema = {**schema, "maximum": default}
+        description += f" At most {default}, this key's own value (the targets file's to raise)."
     return Param(
         default,
         title=definition.title,
-        description=definition.description,
+        description=description,
         section=definition.section,
-        **definition.schema,
+        **schema,
     )
 
 

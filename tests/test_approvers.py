@@ -7,6 +7,8 @@ itself calls (PATCH .../hitlDetails), as the user who gives them.
   admin (no approver) and bob are refused by Airflow with 403 and nothing changes; alice's approval converges.
 - Four eyes: on the key without approvers Airflow lets anyone answer; alice triggers and approves her own delete:
   the target fails naming why, and the database is as it was (catalog and data, db_state.snapshot).
+- No way around the gate for the one who triggers: the form's approve_deletes_above above the key's is refused,
+  and the request set to success by hand instead of answered deletes nothing.
 """
 
 from __future__ import annotations
@@ -166,6 +168,10 @@ def test_only_a_named_approver_who_did_not_trigger_the_run_may_answer_and_their_
 ) -> None:
     shop, spec = _Database(airflow.extra_dsns[f"{GATED}_db"]), _spec(targets, GATED)
     before = snapshot(shop, spec)
+    # Nor can the one who triggers lift the delete past the approvers: the form's threshold is capped at the key's.
+    with pytest.raises(urllib.error.HTTPError) as lifted:
+        airflow.api(f"/api/v2/dags/{GATED}/dagRuns", {"logical_date": None, "conf": {"approve_deletes_above": 11}})
+    assert lifted.value.code == 400 and "approve_deletes_above" in lifted.value.read().decode()
     run_id = _trigger(airflow, GATED, "bob")
     asked = _waiting_approval(airflow, GATED, run_id)
     # bob is an approver, but triggered this run: the request is alice's alone, and says so.
@@ -217,4 +223,24 @@ def test_the_user_who_triggered_a_delete_cannot_approve_it_their_approval_fails_
         in line["error"]
     ), line
     assert "nothing was deleted" in line["error"]
+    assert snapshot(shop, spec) == before
+
+
+def test_a_request_set_to_success_by_hand_instead_of_answered_deletes_nothing(airflow, targets) -> None:
+    """Mark as success (the UI's, or the REST API's) on the waiting request is no approval: the delete step finds
+    the gate left no decision and refuses."""
+    shop, spec = _Database(airflow.extra_dsns[f"{OPEN}_db"]), _spec(targets, OPEN)
+    before = snapshot(shop, spec)
+    run_id = _trigger(airflow, OPEN, "bob")
+    _waiting_approval(airflow, OPEN, run_id)
+    airflow.api(
+        f"/api/v2/dags/{OPEN}/dagRuns/{_quoted(run_id)}/taskInstances/canary.approve_deletes",
+        {"new_state": "success"},
+        "PATCH",
+        user="bob",
+    )
+    run = _finished(airflow, OPEN, run_id)
+    line = _canary_line(airflow, OPEN, run_id)
+    assert run["state"] == "failed" and line["final_state"] == "failed at null_orphans", line
+    assert "canary.approve_deletes succeeded without deciding (set to success by hand?)" in line["error"], line
     assert snapshot(shop, spec) == before

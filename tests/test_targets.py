@@ -292,6 +292,9 @@ def test_a_delete_key_s_dag_assigns_its_approval_to_its_approvers_and_its_runboo
         ]
     assert "**Who may approve**: `alice`, `bob` (the key's `approvers`)" in dag.doc_md
     assert "Who may approve" not in bag.dags["vision_kpis_parent_fk"].doc_md  # it never deletes
+    # A run may lower the threshold (ask more often), never lift it past the key's own: the form refuses that.
+    threshold = dag.params.get_param("approve_deletes_above")
+    assert (threshold.value, threshold.schema["maximum"]) == (1000, 1000)
 
     targets.write_text(SHIPPED.read_text() + own)
     bag = _bag(monkeypatch, targets)
