@@ -271,7 +271,7 @@ def test_the_request_leaves_out_the_user_who_triggered_the_run_and_says_who_may_
     open_request = who_may_answer([], "carol")
     assert "anyone who may act on this DAG" in open_request and "no `approvers`" in open_request
     assert "**carol**, who triggered this run, may not approve it" in open_request
-    assert "This run was scheduled: no one triggered it." in who_may_answer([alice, bob], None)
+    assert "No one triggered this run (scheduled, or started by an asset)" in who_may_answer([alice, bob], None)
     assert "`alice`, `bob (id 7)` (the key's `approvers`)" in approvers_runbook([alice, bob])
     assert "declares no `approvers`, so anyone who may act on this DAG" in approvers_runbook([])
 

@@ -2,7 +2,7 @@
 needs one, and what the person is shown. Airflow's human-in-the-loop operator asks (airflow_approval); this
 module decides and words it, without Airflow.
 
-Standard library only: the DAG file imports this at parse time.
+Standard library and fk_maintenance.keys only: the DAG file imports this at parse time.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def who_may_answer(approvers: Sequence[Approver], triggered_by: str | None) -> s
             "(targets file), which would name who may."
         )
     if triggered_by is None:
-        return who + " This run was scheduled: no one triggered it."
+        return who + " No one triggered this run (scheduled, or started by an asset): no one is left out."
     return (
         f"{who} **{triggered_by}**, who triggered this run, may not approve it (four eyes): an approval by them fails "
         "this target and deletes nothing."
