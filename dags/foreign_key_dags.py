@@ -33,7 +33,7 @@ from fk_maintenance.airflow.fleet import (
 )
 from fk_maintenance.keys.settings import SETTING_DEFS, RunSettings, SettingDef
 from fk_maintenance.keys.targets import Target, load_targets
-from fk_maintenance.records.approval import APPROVAL_DOC_MD, APPROVAL_TASK
+from fk_maintenance.records.approval import APPROVAL_DOC_MD, APPROVAL_TASK, approvers_runbook
 from fk_maintenance.steps.registry import REPORT_DOC_MD, REPORT_TASK, STEPS, lock_table_markdown
 
 TARGETS_FILE = Path(os.environ.get("FK_MAINTENANCE_TARGETS") or Path(__file__).with_name("targets.yaml"))
@@ -159,12 +159,18 @@ def _param(definition: SettingDef, target: Target) -> Param:
     # The form shows the connections this key is declared for; the library's own default (empty) means the same.
     default = list(target.conn_ids) if definition.name == "conn_ids" else definition.default
     default = target.settings.get(definition.name, default)
+    schema, description = definition.schema, definition.description
+    if definition.name == "approve_deletes_above":
+        # A run may ask a person more often, never less: one who triggers a run must not lift its delete past the
+        # approvers. Raising the bar is a change to the targets file.
+        schema = {**schema, "maximum": default}
+        description += f" At most {default}, this key's own value (the targets file's to raise)."
     return Param(
         default,
         title=definition.title,
-        description=definition.description,
+        description=description,
         section=definition.section,
-        **definition.schema,
+        **schema,
     )
 
 
@@ -250,6 +256,7 @@ def _delete_approval(declared: Target, found: Any, conn_id: str, *, mapped: bool
         doc_md=APPROVAL_DOC_MD,
         spec=declared.spec,
         restore_dag=restore_dag_id(declared),
+        approvers=declared.approvers,
         found=found,
         conn_id=conn_id,
         notifiers=approval_waiting_notifiers(declared),
@@ -314,7 +321,8 @@ def _runbook(target: Target) -> str:
         constraint=spec.constraint,
         index=spec.index,
         definition=spec.definition_sql,
-        policy=POLICY_TEXT[spec.orphans],
+        policy=POLICY_TEXT[spec.orphans]
+        + (" " + approvers_runbook(target.approvers) if spec.orphans == "delete" else ""),
         undo_delete=UNDO_DELETE.format(name=target.name, archive=spec.archive_qualified)
         if spec.orphans == "delete"
         else "",

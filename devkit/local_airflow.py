@@ -20,7 +20,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -50,12 +50,16 @@ class LocalAirflow:
     fleet_dsns: dict[str, str]
     # The databases extra_databases made, by their connection id.
     extra_dsns: dict[str, str]
+    # Every user's password, the admin's and the extra users' (local_airflow's ``users``).
+    passwords: dict[str, str] = field(default_factory=dict)
 
-    def api(self, path: str, body: dict | None = None, method: str | None = None) -> dict:
-        """A call of Airflow's REST API as the admin user (a POST when ``body`` is given, unless ``method``)."""
+    def api(self, path: str, body: dict | None = None, method: str | None = None, *, user: str | None = None) -> dict:
+        """A call of Airflow's REST API as the admin user, or ``user`` (a POST when ``body`` is given, unless
+        ``method``). A refusal raises urllib.error.HTTPError (its ``code``: 403 for a user Airflow refuses)."""
+        user = user or self.user
         login = urllib.request.Request(
             f"{self.url}/auth/token",
-            data=json.dumps({"username": self.user, "password": self.password}).encode(),
+            data=json.dumps({"username": user, "password": self.passwords.get(user, self.password)}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(login, timeout=10) as response:
@@ -131,9 +135,12 @@ def local_airflow(
     pool_slots: int = POOL_SLOTS,
     targets_file: Path | None = None,
     extra_databases: Callable[[PgServer], dict[str, str]] | None = None,
+    users: dict[str, str] | None = None,
 ) -> Iterator[LocalAirflow]:
     """``targets_file``: declared keys other than the shipped file's; ``extra_databases``: makes more target
-    databases on the server and returns them by the connection id to give each (the keys of that file name)."""
+    databases on the server and returns them by the connection id to give each (the keys of that file name);
+    ``users``: more users beside the admin, by name, each with its simple auth manager role (viewer, user, op,
+    admin)."""
     home.mkdir(parents=True, exist_ok=True)
     server = PgServer.embedded()
     process: subprocess.Popen | None = None
@@ -141,15 +148,17 @@ def local_airflow(
         metadata_db = server.create_database("airflow_meta")
         kpi_db, fleet_dbs = target_databases(server, rows, fleet, fleet_rows)
         extra_dbs = extra_databases(server) if extra_databases else {}
-        password = secrets.token_urlsafe(12)
+        roles = {USER: "admin", **(users or {})}
+        passwords = {name: secrets.token_urlsafe(12) for name in roles}
+        password = passwords[USER]
         passwords_file = home / "simple_auth_manager_passwords.json"
-        passwords_file.write_text(json.dumps({USER: password}))
+        passwords_file.write_text(json.dumps(passwords))
         env = {
             **os.environ,
             **airflow_env(home, server.airflow_connection_json(kpi_db)),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url(server, metadata_db),
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{name}:{role}" for name, role in roles.items()),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__API__PORT": str(port),
@@ -181,7 +190,7 @@ def local_airflow(
         create_pool(env, pool_slots)
         fleet_dsns = {conn_id: server.dsn(database) for conn_id, database in fleet_dbs.items()}
         extra_dsns = {conn_id: server.dsn(database) for conn_id, database in extra_dbs.items()}
-        yield LocalAirflow(url, USER, password, home, server.dsn(kpi_db), process, fleet_dsns, extra_dsns)
+        yield LocalAirflow(url, USER, password, home, server.dsn(kpi_db), process, fleet_dsns, extra_dsns, passwords)
     finally:
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

@@ -19,9 +19,10 @@ rm -rf "$docs_site"
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q --durations=12 "$@"
 fi
-WHOLE_AIRFLOW=(tests/test_fleet_scheduler.py tests/test_fleet_celery.py tests/test_ui.py)
+WHOLE_AIRFLOW=(tests/test_fleet_scheduler.py tests/test_fleet_celery.py tests/test_ui.py tests/test_approvers.py)
 PER_MAJOR=(tests/test_steps.py tests/test_restore.py tests/test_declared_keys.py tests/test_composite_keys.py
-  tests/test_partitioned_keys.py tests/test_orphan_delete.py tests/test_key_definition.py tests/test_declare.py)
+  tests/test_partitioned_keys.py tests/test_orphan_delete.py tests/test_key_definition.py tests/test_declare.py
+  tests/test_record_privileges.py)
 logs=$(mktemp -d)
 # Beside the main pass, one after the other: the whole-Airflow tests, then the two majors' passes at once (each its
 # own cluster and Airflow home). That lane ends before the main pass does, so it adds nothing to the wall time.
@@ -48,7 +49,7 @@ echo "--- the tests that run a whole Airflow (scheduler, Celery workers, the bro
 cat "$logs/airflow.log"
 for major in 16 15; do
   if [ -f "$logs/$major.log" ]; then
-    echo "--- the step, restore, declared-key, partitioned-key and orphan-delete tests on PostgreSQL $major" >&2
+    echo "--- the tests whose SQL differs between majors, on PostgreSQL $major" >&2
     cat "$logs/$major.log"
   fi
 done

@@ -213,3 +213,126 @@ def test_two_declared_keys_give_two_dags_that_both_converge(monkeypatch, tmp_pat
         assert str(run.state) == "success", target.name
         assert orphan_count(db, target.spec) == 0
         assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = %s", [target.spec.constraint])
+
+
+# --- who may approve a delete (issue 31) ----------------------------------------------------------------------
+
+DELETE_KEY = """
+  - name: posts_account_fk
+    table: posts
+    column: account_id
+    ref_table: accounts
+    ref_column: id
+    orphans: delete
+    constraint: posts_account_id_fkey
+    index: posts_account_id_idx
+    audit_table: posts_orphan_audit
+    conn_ids: [shop]
+"""
+
+
+def test_approvers_are_declared_per_key_or_for_the_whole_file_as_airflow_user_ids(tmp_path) -> None:
+    from fk_maintenance.keys.targets import Approver
+
+    path = tmp_path / "targets.yaml"
+    own = DELETE_KEY.replace("posts_", "own_posts_")  # its own name, audit table, index and constraint
+    path.write_text(
+        "approvers: [alice, {id: '7', name: bob}]\n"
+        + SHIPPED.read_text()
+        + DELETE_KEY
+        + own
+        + "    approvers: [carol]\n"
+    )
+    nullify, file_default, declared = load_targets(path)
+    assert nullify.approvers == ()  # a key that never deletes asks nobody
+    assert file_default.approvers == (Approver("alice", "alice"), Approver("7", "bob"))
+    assert declared.approvers == (Approver("carol", "carol"),)  # the key's own list, not added to the file's
+    assert file_default.approvers[1].as_hitl_user() == {"id": "7", "name": "bob"}
+    assert file_default.approvers[1].described() == "bob (id 7)"
+
+
+@pytest.mark.parametrize(
+    ("approvers", "message"),
+    [
+        ("approvers: alice", "approvers must be a non-empty list of Airflow user ids, e.g. approvers: [alice, bob]"),
+        ("approvers: []", "approvers must be a non-empty list of Airflow user ids"),
+        ("approvers: [alice, 5]", "approvers[1]: 5 is not an Airflow user id"),
+        ("approvers: [' alice']", "approvers[0]: ' alice' is not an Airflow user id"),
+        ("approvers: [{id: 7, name: bob}]", "approvers[0]: {'id': 7, 'name': 'bob'} is not an Airflow user id"),
+        ("approvers: [{id: '7'}]", "is not an Airflow user id"),
+        ("approvers: [alice, {id: alice, name: Alice}]", "the user id(s) 'alice' are listed more than once"),
+    ],
+)
+@pytest.mark.parametrize("where", ["file", "key"])
+def test_bad_approvers_are_refused_when_the_file_is_parsed_naming_the_entry(
+    tmp_path, approvers, message, where
+) -> None:
+    path = tmp_path / "targets.yaml"
+    if where == "file":
+        path.write_text(approvers + "\n" + SHIPPED.read_text() + DELETE_KEY)
+    else:
+        path.write_text(SHIPPED.read_text() + DELETE_KEY + "    " + approvers + "\n")
+    with pytest.raises(TargetsFileInvalid) as caught:
+        load_targets(path)
+    assert message in str(caught.value), str(caught.value)
+    assert ("foreign_keys[1] ('posts_account_fk')" in str(caught.value)) == (where == "key"), str(caught.value)
+
+
+def test_approvers_on_a_key_that_never_deletes_are_refused(tmp_path) -> None:
+    path = tmp_path / "targets.yaml"
+    path.write_text(SHIPPED.read_text().replace("conn_ids: [kpi_db]", "conn_ids: [kpi_db]\n    approvers: [alice]"))
+    with pytest.raises(TargetsFileInvalid) as caught:
+        load_targets(path)
+    assert "foreign_keys[0] ('vision_kpis_parent_fk'): approvers name who may approve a delete" in str(caught.value)
+    assert "remove approvers, or declare orphans: delete" in str(caught.value)
+
+
+def test_the_request_leaves_out_the_user_who_triggered_the_run_and_says_who_may_answer() -> None:
+    from fk_maintenance.keys.targets import Approver
+    from fk_maintenance.records.approval import answerable_by, approvers_runbook, own_approval, who_may_answer
+
+    alice, bob = Approver("alice", "alice"), Approver("7", "bob")
+    assert answerable_by((alice, bob), "bob") == [alice]  # Airflow records the trigger user by name
+    assert answerable_by((alice, bob), None) == [alice, bob]  # a scheduled run: any approver
+    assert answerable_by((alice,), "alice") == []  # the gate then fails without asking
+    assert own_approval({"id": "alice", "name": "alice"}, "alice")
+    assert own_approval({"id": "7", "name": "bob"}, "bob") and not own_approval({"id": "7", "name": "bob"}, "alice")
+    assert not own_approval({"id": "alice", "name": "alice"}, None)
+
+    assert "**alice**" in who_may_answer([alice], "bob") and "Airflow refuses anyone else's answer" in who_may_answer(
+        [alice], "bob"
+    )
+    assert "**bob**, who triggered this run, may not approve it (four eyes)" in who_may_answer([alice], "bob")
+    open_request = who_may_answer([], "carol")
+    assert "anyone who may act on this DAG" in open_request and "no `approvers`" in open_request
+    assert "**carol**, who triggered this run, may not approve it" in open_request
+    assert "No one triggered this run (scheduled, or started by an asset)" in who_may_answer([alice, bob], None)
+    assert "`alice`, `bob (id 7)` (the key's `approvers`)" in approvers_runbook([alice, bob])
+    assert "declares no `approvers`, so anyone who may act on this DAG" in approvers_runbook([])
+
+
+def test_a_delete_key_s_dag_assigns_its_approval_to_its_approvers_and_its_runbook_names_them(
+    monkeypatch, tmp_path, airflow_home
+) -> None:
+    targets = tmp_path / "targets.yaml"
+    own = DELETE_KEY.replace("name: posts_account_fk", "name: open_posts_fk")
+    targets.write_text("approvers: [alice, bob]\n" + SHIPPED.read_text() + DELETE_KEY)
+    bag = _bag(monkeypatch, targets)
+    assert bag.import_errors == {}
+    dag = bag.dags["posts_account_fk"]
+    for task_id in ("canary.approve_deletes", "fleet.approve_deletes"):
+        assert dag.get_task(task_id).assigned_users == [
+            {"id": "alice", "name": "alice"},
+            {"id": "bob", "name": "bob"},
+        ]
+    assert "**Who may approve**: `alice`, `bob` (the key's `approvers`)" in dag.doc_md
+    assert "Who may approve" not in bag.dags["vision_kpis_parent_fk"].doc_md  # it never deletes
+    # A run may lower the threshold (ask more often), never lift it past the key's own: the form refuses that.
+    threshold = dag.params.get_param("approve_deletes_above")
+    assert (threshold.value, threshold.schema["maximum"]) == (1000, 1000)
+
+    targets.write_text(SHIPPED.read_text() + own)
+    bag = _bag(monkeypatch, targets)
+    dag = bag.dags["open_posts_fk"]
+    assert dag.get_task("canary.approve_deletes").assigned_users is None
+    assert "declares no `approvers`, so anyone who may act on this DAG in Airflow" in dag.doc_md

@@ -45,6 +45,7 @@ def chromium_installed() -> None:
 # A key declared orphans: delete beside the shipped one, on three small databases of its own: posts whose account
 # is gone, each with two comments (CASCADE) and a pin (SET NULL).
 DELETE_DAG = "posts_account_fk"
+REQUESTER = "requester"
 SHOPS = ("shop_a", "shop_b", "shop_c")
 SHOP_SCHEMA = """
 CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL);
@@ -93,6 +94,8 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalAirflow]:
         fleet=4,
         targets_file=targets,
         extra_databases=_shop_databases,
+        # Four eyes (issue 31): the deletes the admin approves are triggered by someone else.
+        users={REQUESTER: "user"},
     ) as running:
         yield running
 
@@ -341,9 +344,11 @@ def _no_active_delete_runs(airflow: LocalAirflow) -> None:
 
 
 def _trigger_delete(airflow: LocalAirflow, conn_ids: list[str]) -> str:
+    """Triggered by REQUESTER: the one who triggers a delete may not approve it, and the admin answers here."""
     run = airflow.api(
         f"/api/v2/dags/{DELETE_DAG}/dagRuns",
         {"logical_date": None, "conf": {"validate_now": True, "conn_ids": conn_ids}},
+        user=REQUESTER,
     )
     return run["dag_run_id"]
 

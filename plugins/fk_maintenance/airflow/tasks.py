@@ -34,7 +34,14 @@ from fk_maintenance.airflow.fleet import (
     turn,
 )
 from fk_maintenance.db.session import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, LIBPQ_DEFAULTS
-from fk_maintenance.errors import ConcurrentRun, InvalidSettings, PostChecksFailed, TargetUnreachable, is_final
+from fk_maintenance.errors import (
+    ConcurrentRun,
+    DeleteNotApproved,
+    InvalidSettings,
+    PostChecksFailed,
+    TargetUnreachable,
+    is_final,
+)
 from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ForeignKeySpec
 from fk_maintenance.records.approval import APPROVAL_TASK
@@ -312,12 +319,20 @@ def turn_trigger(group: str, context: dict[str, Any]) -> Any:
 
 def approved_orphans(context: dict[str, Any]) -> int | None:
     """How many orphans a person approved deleting, from this target's approve_deletes gate (None: the key has no
-    gate, or it asked nobody)."""
+    gate, or it asked nobody). A gate that left no result never decided: it was set to success by hand (the UI's
+    Mark as success, the REST API), and the delete is refused."""
     ti = context.get("ti")
     if ti is None:
         return None
     group = ti.task_id.rpartition(".")[0]
-    answer = ti.xcom_pull(task_ids=f"{group}.{APPROVAL_TASK}", map_indexes=ti.map_index)
+    gate = f"{group}.{APPROVAL_TASK}" if group else APPROVAL_TASK
+    answer = ti.xcom_pull(task_ids=gate, map_indexes=ti.map_index)
+    task = context.get("task")
+    if not answer and task is not None and gate in task.upstream_task_ids:
+        raise DeleteNotApproved(
+            f"{gate} succeeded without deciding (set to success by hand?): no one approved this delete, and nothing "
+            "was deleted. Trigger a new run, and have one of the key's approvers answer its request"
+        )
     return int(answer["orphans"]) if answer and answer.get("asked") else None
 
 

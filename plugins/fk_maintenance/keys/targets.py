@@ -46,11 +46,34 @@ _NOTIFIERS = {
     },
 }
 
+# Who may answer a key's delete approval: Airflow user ids, as the auth manager's ``get_id()`` gives them (the
+# simple auth manager's username, FAB's numeric id, Keycloak's subject), which is what Airflow compares with the
+# human-in-the-loop request's ``assigned_users`` before it accepts an answer. A bare string is the id and the
+# name shown; ``{id, name}`` shows another name beside an id that does not read as one (FAB, Keycloak).
+_USER_ID = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": r"^\S(.*\S)?$"}
+_APPROVERS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "oneOf": [
+            _USER_ID,
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["id", "name"],
+                "properties": {"id": _USER_ID, "name": _USER_ID},
+            },
+        ]
+    },
+}
+
 TARGETS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "required": ["foreign_keys"],
     "properties": {
+        # The deployment's approvers: every key declared orphans: delete without approvers of its own takes these.
+        "approvers": _APPROVERS,
         "foreign_keys": {
             "type": "array",
             "minItems": 1,
@@ -91,6 +114,8 @@ TARGETS_SCHEMA: dict[str, Any] = {
                     "archive_table": _NAME,
                     # This key's default for the form's approve_deletes_above (rows in a delete's blast radius).
                     "approve_deletes_above": {"type": "integer", "minimum": 0},
+                    # Who may approve this key's deletes (orphans: delete only); without it, the file's approvers.
+                    "approvers": _APPROVERS,
                     "conn_ids": {
                         "type": "array",
                         "minItems": 1,
@@ -123,8 +148,28 @@ class NotifierSpec:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Approver:
+    """One Airflow user who may answer a key's delete approval: ``id`` is what Airflow's auth manager checks,
+    ``name`` what the request shows (the id again when the file gives only the id)."""
+
+    id: str
+    name: str
+
+    def is_user(self, user: str | None) -> bool:
+        """Whether ``user`` (a name or an id, as Airflow records the user who triggered a run) is this approver."""
+        return user is not None and user in (self.id, self.name)
+
+    def described(self) -> str:
+        return self.id if self.name == self.id else f"{self.name} (id {self.id})"
+
+    def as_hitl_user(self) -> dict[str, str]:
+        """As Airflow's human-in-the-loop operators take it in ``assigned_users`` (HITLUser)."""
+        return {"id": self.id, "name": self.name}
+
+
 # An entry's fields that are not the key's (ForeignKeySpec's), and the run settings an entry may set a default of.
-NOT_SPEC_FIELDS = ("name", "conn_ids", "notifiers")
+NOT_SPEC_FIELDS = ("name", "conn_ids", "notifiers", "approvers")
 KEY_SETTINGS = ("approve_deletes_above",)
 
 
@@ -139,6 +184,9 @@ class Target:
     notifiers: dict[str, tuple[NotifierSpec, ...]] = field(default_factory=dict)
     # Run settings this key declares its own defaults for (the form starts from them): approve_deletes_above.
     settings: dict[str, Any] = field(default_factory=dict)
+    # Who may answer its delete approval (the entry's approvers, else the file's); empty: anyone who may act on the
+    # DAG in Airflow, as Airflow's own rule for a request assigned to nobody.
+    approvers: tuple[Approver, ...] = ()
 
 
 def load_targets(path: Path) -> tuple[Target, ...]:
@@ -151,6 +199,7 @@ def load_targets(path: Path) -> tuple[Target, ...]:
     if errors:
         raise TargetsFileInvalid(f"{path}: " + "; ".join(_describe(error, document) for error in errors))
     entries = document["foreign_keys"]
+    default_approvers = _approvers(f"{path}: approvers", document.get("approvers"))
     duplicated = [name for name, count in Counter(e["name"] for e in entries).items() if count > 1]
     if duplicated:
         raise TargetsFileInvalid(f"{path}: the name(s) {', '.join(map(repr, duplicated))} are declared more than once")
@@ -186,9 +235,30 @@ def load_targets(path: Path) -> tuple[Target, ...]:
             for event, listed in (entry.get("notifiers") or {}).items()
         }
         settings = {name: entry[name] for name in KEY_SETTINGS if name in entry}
-        targets.append(Target(entry["name"], spec, tuple(entry["conn_ids"]), notifiers, settings))
+        if "approvers" in entry and spec.orphans != "delete":
+            # Only a delete asks a person; approvers elsewhere would read as a safeguard the key does not have.
+            raise TargetsFileInvalid(
+                f"{where}: approvers name who may approve a delete, and only a key declared orphans: delete deletes "
+                "(and asks): remove approvers, or declare orphans: delete"
+            )
+        approvers = _approvers(f"{where}: approvers", entry.get("approvers")) or default_approvers
+        if spec.orphans != "delete":
+            approvers = ()  # the file's approvers are for its delete keys; this key never asks
+        targets.append(Target(entry["name"], spec, tuple(entry["conn_ids"]), notifiers, settings, approvers))
     _refuse_shared_objects(path, targets)
     return tuple(targets)
+
+
+def _approvers(where: str, listed: list[Any] | None) -> tuple[Approver, ...]:
+    """The approvers as the schema let them through (strings or {id, name}), or TargetsFileInvalid when one id
+    is listed twice (Airflow would accept either entry; two names for one id is a typo to fix)."""
+    approvers = tuple(
+        Approver(item, item) if isinstance(item, str) else Approver(item["id"], item["name"]) for item in listed or ()
+    )
+    repeated = sorted(user_id for user_id, count in Counter(a.id for a in approvers).items() if count > 1)
+    if repeated:
+        raise TargetsFileInvalid(f"{where}: the user id(s) {', '.join(map(repr, repeated))} are listed more than once")
+    return approvers
 
 
 def _refuse_shared_objects(path: Path, targets: list[Target]) -> None:
@@ -237,6 +307,18 @@ def _describe(error: jsonschema.ValidationError, document: Any) -> str:
         return f"{where}: match: {error.instance!r} is not one of {sorted(MATCH_TYPES.values())}{fix}"
     if error.validator == "enum" and field == "deferrable":
         return f"{where}: deferrable: {error.instance!r} is not one of false, true or 'initially deferred'"
+    if field == "approvers":
+        return (
+            f"{where}: approvers must be a non-empty list of Airflow user ids, e.g. approvers: [alice, bob], got "
+            f"{error.instance!r} (to let anyone who may act on the DAG answer, leave approvers out)"
+        )
+    if len(path) == 2 and path[0] == "approvers":
+        # oneOf's own message ("... is not valid under any of the given schemas") does not say what is wanted.
+        return (
+            f"{where}: approvers[{path[1]}]: {error.instance!r} is not an Airflow user id: write the id as the auth "
+            "manager knows it (a string without surrounding spaces, e.g. alice), or {id: '7', name: alice} (both "
+            "strings)"
+        )
     if error.validator == "additionalProperties":
         known = set(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - known)

@@ -16,6 +16,7 @@ from fk_maintenance.db.session import set_local_timeouts
 from fk_maintenance.db.sqlfiles import audit_columns, statement
 from fk_maintenance.db.target_state import TableInfo, TargetState
 from fk_maintenance.keys.spec import ForeignKeySpec
+from fk_maintenance.records.privileges import lock_down_schema, lock_down_table
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +159,17 @@ def _ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: T
         tables = find_audit_tables(conn, spec)
         # Comments only on what this step creates or moves: a schema or table a DBA made for us may not be ours
         # to comment on (COMMENT needs ownership), and it needs none.
+        # Whatever this step creates or moves in, only the pipeline's role may write, in the same transaction
+        # (records.privileges): ALTER DEFAULT PRIVILEGES may have given others rights at CREATE, and a table moved
+        # from the app's schema keeps the grants it had there.
         if not conn.execute(statement("catalog", "schema_exists"), {"schema": spec.audit_schema}).fetchone()[0]:
             conn.execute(statement("audit", "create_schema", spec))
             conn.execute(statement("audit", "comment_schema", spec))
+            lock_down_schema(conn, spec.audit_schema)
         if tables.legacy is not None and tables.current is None:
             conn.execute(statement("audit", "move_legacy_table", spec))
             conn.execute(statement("audit", "comment_table", spec))
+            lock_down_table(conn, spec.audit_schema, spec.audit_table)
             rows = conn.execute(statement("audit", "count_rows", spec)).fetchone()[0]
             log.warning(
                 "audit: moved %s to %s with its %d row(s)", spec.legacy_audit_qualified, spec.audit_qualified, rows
@@ -181,9 +187,11 @@ def _ensure_audit_table(conn: psycopg.Connection, spec: ForeignKeySpec, state: T
             conn.execute(statement("audit", "create_table", spec, state))
             conn.execute(statement("audit", "comment_table", spec))
             _comment_columns(conn, spec)
+            lock_down_table(conn, spec.audit_schema, spec.audit_table)
         if tables.nulling_transactions is None:
             conn.execute(statement("audit", "create_nulling_transactions", spec))
             conn.execute(statement("audit", "comment_nulling_transactions", spec))
+            lock_down_table(conn, spec.audit_schema, spec.nulling_transactions_table)
 
 
 def _comment_columns(conn: psycopg.Connection, spec: ForeignKeySpec) -> None:

@@ -32,6 +32,7 @@ from fk_maintenance.db.target_state import TargetState
 from fk_maintenance.errors import DeleteRefused, PreflightFailed
 from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ON_DELETE_ACTIONS, ForeignKeySpec
+from fk_maintenance.records.privileges import lock_down_table
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +465,7 @@ def ensure_archive_table(conn: psycopg.Connection, spec: ForeignKeySpec) -> None
         if exists is None:
             conn.execute(statement("cascade", "create_archive", archive=_archive(spec)))
             conn.execute(statement("cascade", "comment_archive", archive=_archive(spec)))
+            lock_down_table(conn, spec.audit_schema, spec.archive_table)  # only the pipeline writes its record
 
 
 def _archive(spec: ForeignKeySpec) -> sql.Identifier:

@@ -20,6 +20,7 @@ from fk_maintenance.errors import InvalidSettings
 from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ForeignKeySpec
 from fk_maintenance.records.audit import AuditTables, ensure_audit_table, find_audit_tables
+from fk_maintenance.records.privileges import lock_down_table
 from fk_maintenance.records.unarchive import archived_run_rows, restore_archived
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def _ensure_restore_log(conn: psycopg.Connection, spec: ForeignKeySpec, settings
         )
         conn.execute(statement("restore", "create_log", spec))
         conn.execute(statement("restore", "comment_log", spec))
+        lock_down_table(conn, spec.audit_schema, spec.restore_log_table)  # only the pipeline writes its record
 
 
 def _our_versions(conn: psycopg.Connection, spec: ForeignKeySpec, run_id: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ForeignKeySpec
 from fk_maintenance.records.audit import audit_problems, audit_summary, find_audit_tables
 from fk_maintenance.records.cascade import delete_key_problems
+from fk_maintenance.records.privileges import record_writer_warnings
 from fk_maintenance.steps.checks import hierarchy_checks
 from fk_maintenance.steps.constraint import parent_takes_not_valid
 from fk_maintenance.steps.orphans import SCAN_STATEMENT_TIMEOUT_MS, delete_problems, refused_orphans_message
@@ -60,6 +61,8 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
         if state.policy == "delete" and not state.problems:
             problems.extend(delete_key_problems(conn, spec, state, settings))
         warnings.extend(_warnings(conn, spec, state))
+        # Who else can change what restore trusts: warned, not refused (the grants are a DBA's to change).
+        warnings.extend(record_writer_warnings(conn, spec))
     for warning in warnings:
         log.warning("preflight: %s", warning)
     if not problems:
