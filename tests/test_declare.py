@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from devkit.pipeline import run_pipeline
 from fk_maintenance.cli import commands as cli
-from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.targets import load_targets
 
 # Keys of every shape the file can say, on names a parser would trip on.
@@ -79,9 +77,9 @@ def test_every_key_is_declared_as_the_reference_has_it_and_lands_exactly_so(db, 
     assert all(target.conn_ids == ("app_db",) for target in declared.values())
 
     db.execute(DROP_KEYS)
-    for target in declared.values():
-        report = run_pipeline(db.connect, target.spec, RunSettings(validate_now=True), "declared")["report"]
-        assert report["final_state"] == "converged", (target.name, report)
+    code = cli.main(["run", "--dsn", db.dsn, "--targets", str(targets), "--all", "--set", "validate_now=true"])
+    summary = capsys.readouterr().out.split("All 5 declared key(s) on ", 1)[1]
+    assert code == cli.EXIT_OK and summary.count(": converged") == 5, summary
     # Every key but the one that could not be declared is back, exactly as the reference had it.
     assert db.query(KEYS) == [key for key in reference if not key[0].startswith("loose ")]
     assert db.scalar("SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_by_customer'") == 1
@@ -102,3 +100,19 @@ def test_an_unreachable_reference_database_is_exit_2_without_its_password(dsn: s
     code = cli.main(["declare", "--from-dsn", dsn])
     err = capsys.readouterr().err
     assert code == cli.EXIT_USAGE and "cannot connect" in err and "s3cret" not in err, err
+
+
+def test_run_all_reports_a_refused_key_and_lands_the_others(db, capsys, tmp_path: Path) -> None:
+    """A key whose data cannot take it (a NOT NULL line of a missing order: refused, nothing changed) does not
+    stop the keys after it; the run says which is which and exits 1."""
+    db.execute(SCHEMA)
+    _code, text, _ = _declare(db, capsys)
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(text)
+    db.execute(DROP_KEYS)
+    db.execute("INSERT INTO public.lines VALUES (1, 7, 7)")  # order (7, 7) does not exist
+    code = cli.main(["run", "--dsn", db.dsn, "--targets", str(targets), "--all", "--set", "validate_now=true"])
+    summary = capsys.readouterr().out.split("All 5 declared key(s) on ", 1)[1]
+    assert code == cli.EXIT_REFUSED, summary
+    assert "lines_tenant_id_order_no_fkey: failed or refused" in summary and summary.count(": converged") == 4, summary
+    assert db.scalar("SELECT count(*) FROM pg_constraint WHERE conname = 'lines_tenant_id_order no_fkey'") == 0

@@ -525,12 +525,40 @@ def cmd_plan(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    path = targets_path(args)
+    targets = select(load(path), args.key, path)
+    # Every key's settings are checked before any key runs: a bad value changes nothing anywhere.
+    settings = [settings_from(args.set or [], defaults=target.settings) for target in targets]
+    database = database_from(args)
+    if len(targets) == 1:
+        return run_key(targets[0], settings[0], database, out)
+    # One key at a time: two keys' writing steps never work on one table at once, and each keeps its own run id.
+    codes = {}
+    for target, its_settings in zip(targets, settings, strict=True):
+        out(f"=== {target.name}")
+        codes[target.name] = run_key(target, its_settings, database, out)
+        out("")
+    out(f"All {len(targets)} declared key(s) on {database.label}:")
+    for name, code in codes.items():
+        out(f"  {name}: {RUN_OUTCOMES[code]}")
+    worst = max(codes.values(), key=lambda code: RUN_SEVERITY.index(code))
+    return worst
+
+
+# What a key's run ended as, and which of two outcomes the whole run reports (the later the worse).
+RUN_OUTCOMES = {
+    EXIT_OK: "converged",
+    EXIT_WAITING: "waiting for the low-traffic window",
+    EXIT_REFUSED: "failed or refused (see above)",
+    EXIT_USAGE: "bad settings or unreachable database",
+}
+RUN_SEVERITY = (EXIT_OK, EXIT_WAITING, EXIT_REFUSED, EXIT_USAGE)
+
+
+def run_key(target: Target, settings: RunSettings, database: Database, out: Callable[[str], None]) -> int:
+    """One key's steps on one database, its report printed; the run's exit code."""
     from fk_maintenance.steps.report import build_report, format_report, read_archived, read_audited
 
-    path = targets_path(args)
-    (target,) = select(load(path), args.key, path)
-    settings = settings_from(args.set or [], defaults=target.settings)
-    database = database_from(args)
     run_id = _now_id(RUN_ID_PREFIX)
     out(f"Run id: {run_id}")
     out(f"{target.name} on {database.label}{' (dry run)' if settings.dry_run else ''}")
@@ -688,15 +716,18 @@ def _add_plan(commands: _SubcommandsWithVerbose) -> None:
         f"printed), {EXIT_USAGE} for a usage error or an unreachable database.",
     )
     _add_database_and_targets(plan)
-    plan.add_argument("--key", metavar="NAME", help="only this declared key (its name, the DAG id)")
+    which = plan.add_mutually_exclusive_group()
+    which.add_argument("--key", metavar="NAME", help="only this declared key (its name, the DAG id)")
+    which.add_argument("--all", action="store_true", help="every declared key (the default)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
 
 
 def _add_run(commands: _SubcommandsWithVerbose) -> None:
     run = commands.add_parser(
         "run",
-        help="run one key's steps on one database, in the DAG's order",
-        description="Run the steps of one declared key on one database, in the DAG's order, with the trigger "
+        help="run one key's steps (or every key's) on one database, in the DAG's order",
+        description="Run the steps of one declared key (or, with --all, of every one in turn) on one database, in "
+        "the DAG's order, with the trigger "
         "form's settings. Prints a run id first and the run's report last; every pointer nulled is audited under "
         f"that run id (undo with `{PROG} restore`). A step that finds a DAG run (or another command) at work on "
         "the same key waits for it. "
@@ -705,7 +736,14 @@ def _add_run(commands: _SubcommandsWithVerbose) -> None:
         "validate_fk waits for the low-traffic window (run again then, or --set validate_now=true).",
     )
     _add_database_and_targets(run)
-    run.add_argument("--key", metavar="NAME", required=True, help="the declared key to run (its name, the DAG id)")
+    which = run.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", metavar="NAME", help="the declared key to run (its name, the DAG id)")
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="every declared key, one after the other in the file's order (never two at once); a key that fails "
+        "or is refused is reported and the others go on; one summary at the end",
+    )
     run.add_argument("--set", metavar="NAME=VALUE", action="append", help=_settings_help())
 
 

@@ -317,17 +317,7 @@ def with_lock_retries(
     tables = tables or spec.tables
     attempts = settings.lock_attempts
     timeouts = attempt_timeouts(settings.lock_timeout_ms, attempts)
-    watch = _gap_watch(
-        conn,
-        spec,
-        avoid_queueing_behind,
-        timeouts[0],
-        settings.gap_watch_seconds,
-        record,
-        sleep,
-        tables=tables,
-        whole_trees=whole_trees,
-    )
+    watch = _gap_watch(conn, spec, avoid_queueing_behind, settings, record, sleep, (tables, whole_trees))
     holders: list[LockHolder] = []
     for number, timeout_ms in enumerate(timeouts, start=1):
         record.attempts += 1
@@ -344,16 +334,7 @@ def with_lock_retries(
                 record.lock_timeouts += 1
                 holders = lock_holders(conn, spec, tables=tables, whole_trees=whole_trees)
                 outcome = f"did not get its lock within {timeout_ms} ms ({exc.sqlstate})"
-        held = "; ".join(map(str, holders)) or "none now"
-        log.warning(
-            "%s: attempt %d/%d %s; sessions holding locks on %s: %s",
-            what,
-            number,
-            attempts,
-            outcome,
-            _described(tables),
-            held,
-        )
+        _log_attempt(what, number, attempts, outcome, tables, holders)
         if number < attempts and not avoid_queueing_behind:
             sleep(random.uniform(0, min(30.0, 0.5 * 2**number)))
     raise LockNotAcquired(
@@ -367,21 +348,35 @@ def _described(tables: tuple[tuple[str, str], ...]) -> str:
     return " and ".join(".".join(pair) for pair in tables)
 
 
+def _log_attempt(
+    what: str, number: int, attempts: int, outcome: str, tables: tuple[tuple[str, str], ...], holders: list[LockHolder]
+) -> None:
+    held = "; ".join(map(str, holders)) or "none now"
+    log.warning(
+        "%s: attempt %d/%d %s; sessions holding locks on %s: %s",
+        what,
+        number,
+        attempts,
+        outcome,
+        _described(tables),
+        held,
+    )
+
+
 def _gap_watch(
     conn: psycopg.Connection,
     spec: ForeignKeySpec,
     modes: list[str] | None,
-    long_ms: int,
-    watch_seconds: float,
+    settings: RunSettings,
     record: LockAttempts,
     sleep: Callable[[float], None],
-    *,
-    tables: tuple[tuple[str, str], ...],
-    whole_trees: bool,
+    watched: tuple[tuple[tuple[str, str], ...], bool],
 ) -> Callable[[], list[LockHolder]]:
-    """What each attempt waits for first: a lock gap (await_lock_gap) when there are modes to avoid queueing
-    behind, else nothing. "Long" is fixed at the first, shortest timeout (``long_ms``): a conflicting
-    transaction already open that long is not an OLTP write about to commit, whatever an attempt's timeout."""
+    """What each attempt waits for first: a lock gap (await_lock_gap) on the ``watched`` tables (and whether their
+    whole trees) when there are modes to avoid queueing behind, else nothing. "Long" is fixed at the first,
+    shortest attempt's timeout: a conflicting transaction already open that long is not an OLTP write about to
+    commit, whatever an attempt's timeout."""
+    tables, whole_trees = watched
     if not modes:
         return lambda: []  # nothing to avoid: every attempt is made at once
     return partial(
@@ -389,8 +384,8 @@ def _gap_watch(
         conn,
         spec,
         modes,
-        long_ms=long_ms,
-        watch_seconds=watch_seconds,
+        long_ms=attempt_timeouts(settings.lock_timeout_ms, 1)[0],
+        watch_seconds=settings.gap_watch_seconds,
         record=record,
         sleep=sleep,
         tables=tables,

@@ -21,7 +21,7 @@ from fk_maintenance.db.target_state import PartitionInfo, TargetState
 from fk_maintenance.errors import PreflightFailed
 from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ForeignKeySpec
-from fk_maintenance.records.audit import audit_problems, audit_summary, find_audit_tables
+from fk_maintenance.records.audit import AuditTables, audit_problems, audit_summary, find_audit_tables
 from fk_maintenance.records.cascade import delete_key_problems
 from fk_maintenance.records.privileges import record_writer_warnings
 from fk_maintenance.steps.checks import hierarchy_checks
@@ -46,14 +46,7 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
     log.info("preflight: connected to %s as %s, PostgreSQL %s", database, user, version)
     state = inspect_target(conn, spec)
     audit_tables = find_audit_tables(conn, spec)
-    problems = list(state.problems)
-    if version_num < MIN_SERVER_VERSION_NUM:
-        problems.append(f"PostgreSQL {version} is too old; 13 or newer is needed")
-    if standby and not settings.dry_run:
-        problems.append(
-            f"the connection reaches a standby (pg_is_in_recovery() is true): {database} there is read-only. Point "
-            "the connection at the primary (a dry run may read a standby)"
-        )
+    problems = [*state.problems, *_server_problems(version, version_num, database, standby, settings)]
     warnings: list[str] = []
     if state.complete:
         problems.extend(_privilege_problems(conn, spec, settings, state))
@@ -72,8 +65,47 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
     if problems:
         raise PreflightFailed(problems)
     refuse_while_index_build_runs(state, spec)
+    summary = _summary(conn, spec, settings, state, audit_tables, warnings, (version, database, user))
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    log.info(
+        "preflight: %s is %s (~%d rows%s); constraint: %s; index: %s",
+        summary["table"],
+        summary["table_size"],
+        summary["estimated_rows"],
+        f" in {len(state.partitions)} partitions" if state.partitioned else "",
+        summary["constraint"],
+        summary["index"],
+    )
+    for line in summary.get("partitions", []):
+        log.info("preflight: partition %s", line)
+    return summary
+
+
+def _server_problems(version: str, version_num: int, database: str, standby: bool, settings: RunSettings) -> list[str]:
+    problems = []
+    if version_num < MIN_SERVER_VERSION_NUM:
+        problems.append(f"PostgreSQL {version} is too old; 13 or newer is needed")
+    if standby and not settings.dry_run:
+        problems.append(
+            f"the connection reaches a standby (pg_is_in_recovery() is true): {database} there is read-only. Point "
+            "the connection at the primary (a dry run may read a standby)"
+        )
+    return problems
+
+
+def _summary(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    state: TargetState,
+    audit_tables: AuditTables,
+    warnings: list[str],
+    server: tuple[str, str, str],
+) -> dict[str, Any]:
+    """What preflight found, for the report and the log: the server, the table, the key's objects as they are."""
+    version, database, user = server
     assert state.table is not None
-    summary = {
+    return {
         "server_version": version,
         "database": database,
         "user": user,
@@ -88,20 +120,7 @@ def _preflight(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSett
         **audit_summary(spec, audit_tables),
         "warnings": warnings,
         "dry_run": settings.dry_run,
-        "seconds": round(time.monotonic() - started, 3),
     }
-    log.info(
-        "preflight: %s is %s (~%d rows%s); constraint: %s; index: %s",
-        summary["table"],
-        summary["table_size"],
-        summary["estimated_rows"],
-        f" in {len(state.partitions)} partitions" if state.partitioned else "",
-        summary["constraint"],
-        summary["index"],
-    )
-    for line in summary.get("partitions", []):
-        log.info("preflight: partition %s", line)
-    return summary
 
 
 def _warnings(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
