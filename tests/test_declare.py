@@ -116,3 +116,54 @@ def test_run_all_reports_a_refused_key_and_lands_the_others(db, capsys, tmp_path
     assert code == cli.EXIT_REFUSED, summary
     assert "lines_tenant_id_order_no_fkey: failed or refused" in summary and summary.count(": converged") == 4, summary
     assert db.scalar("SELECT count(*) FROM pg_constraint WHERE conname = 'lines_tenant_id_order no_fkey'") == 0
+
+
+@pytest.mark.parametrize(
+    ("table", "columns"),
+    [
+        ("lines", ["order_id"]),
+        ("Order Lines", ["Tenant", "order id"]),
+        ("a_table_name_that_is_long_enough_to_be_cut_when_a_key_is_named", ["a_column_that_is_long_as_well_x"]),
+        ("t", ["c1_" + "x" * 40, "c2_" + "y" * 40]),
+    ],
+)
+def test_an_undeclared_constraint_name_is_the_one_postgresql_gives(db, table: str, columns: list[str]) -> None:
+    """A key declared without a constraint name is named as an unnamed ADD FOREIGN KEY would be, so the two are the
+    same key (and the index as an unnamed CREATE INDEX, the audit table alike)."""
+    from psycopg import sql
+
+    from fk_maintenance.keys.spec import default_names
+
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    with db.connect() as conn:
+        conn.execute(sql.SQL("CREATE TABLE parent (k1 int UNIQUE, k2 int, PRIMARY KEY (k1, k2))"))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} ({}, FOREIGN KEY ({}) REFERENCES parent ({}))").format(
+                sql.Identifier(table),
+                sql.SQL(", ").join(sql.SQL("{} int").format(sql.Identifier(c)) for c in columns),
+                names,
+                sql.SQL(", ").join(map(sql.Identifier, ["k1", "k2"][: len(columns)])),
+            )
+        )
+        conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(sql.Identifier(table), names))
+    given = db.query("SELECT conname FROM pg_constraint WHERE contype = 'f'")[0][0]
+    index = db.query("SELECT indexname FROM pg_indexes WHERE tablename = %s AND indexname <> %s", [table, "x"])
+    assert default_names(table, columns)["constraint"] == given
+    assert default_names(table, columns)["index"] in [row[0] for row in index]
+
+
+def test_a_key_needs_only_its_table_columns_and_referenced_table(tmp_path: Path) -> None:
+    path = tmp_path / "targets.yaml"
+    path.write_text(
+        "conn_ids: [app_db]\n"
+        "foreign_keys:\n"
+        "  - {name: lines_fk, table: lines, column: order_id, ref_table: orders, ref_column: id}\n"
+        "  - {name: notes_fk, table: notes, column: order_id, ref_table: orders, ref_column: id, conn_ids: [other]}\n"
+    )
+    lines, notes = load_targets(path)
+    assert (lines.spec.constraint, lines.spec.index, lines.spec.audit_table) == (
+        "lines_order_id_fkey",
+        "lines_order_id_idx",
+        "lines_order_id_audit",
+    )
+    assert (lines.conn_ids, notes.conn_ids) == (("app_db",), ("other",))

@@ -100,6 +100,33 @@ def fitting_identifier(name: str) -> str:
     return f"{cut}_{digest}"
 
 
+def postgres_object_name(name1: str, name2: str, label: str) -> str:
+    """``name1_name2_label`` as PostgreSQL makes a name it chooses (makeObjectName): within 63 bytes, the longer
+    of the two names cut first, the label kept whole."""
+    available = MAX_IDENTIFIER_BYTES - len(label.encode()) - 2
+    first, second = len(name1.encode()), len(name2.encode())
+    while first + second > available:
+        if first > second:
+            first -= 1
+        else:
+            second -= 1
+    cut = [name.encode()[:size].decode(errors="ignore") for name, size in ((name1, first), (name2, second))]
+    return f"{cut[0]}_{cut[1]}_{label}"
+
+
+def default_names(table: str, columns: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """What a key's names are when its declaration leaves them out: the constraint PostgreSQL itself names
+    ``<table>_<columns>_fkey`` (so an ``ADD FOREIGN KEY`` without a name and this key are the same), the index
+    ``<table>_<columns>_idx`` as CREATE INDEX names one, the audit table ``<table>_<columns>_audit``."""
+    # ChooseForeignKeyConstraintNameAddition: the column names joined by _, no longer than a name may be.
+    joined = "_".join(columns).encode()[:MAX_IDENTIFIER_BYTES].decode(errors="ignore")
+    return {
+        "constraint": postgres_object_name(table, joined, "fkey"),
+        "index": postgres_object_name(table, joined, "idx"),
+        "audit_table": postgres_object_name(table, joined, "audit"),
+    }
+
+
 def audit_column_names(base: str, count: int) -> tuple[str, ...]:
     return tuple(base if i == 1 else f"{base}_{i}" for i in range(1, count + 1))
 

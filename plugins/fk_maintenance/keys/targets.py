@@ -17,7 +17,14 @@ import yaml
 
 from fk_maintenance.errors import MaintenanceError
 from fk_maintenance.keys.settings import AIRFLOW_KEY, CONN_ID_SCHEMA
-from fk_maintenance.keys.spec import MATCH_TYPES, ON_DELETE_ACTIONS, ON_UPDATE_ACTIONS, ORPHAN_POLICIES, ForeignKeySpec
+from fk_maintenance.keys.spec import (
+    MATCH_TYPES,
+    ON_DELETE_ACTIONS,
+    ON_UPDATE_ACTIONS,
+    ORPHAN_POLICIES,
+    ForeignKeySpec,
+    default_names,
+)
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 63}
 ON_DELETE_PATTERN = (
@@ -72,6 +79,8 @@ TARGETS_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
     "required": ["foreign_keys"],
     "properties": {
+        # The connections of every key that names none of its own.
+        "conn_ids": {"type": "array", "minItems": 1, "uniqueItems": True, "items": CONN_ID_SCHEMA},
         # The deployment's approvers: every key declared orphans: delete without approvers of its own takes these.
         "approvers": _APPROVERS,
         "foreign_keys": {
@@ -81,7 +90,9 @@ TARGETS_SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "additionalProperties": False,
                 # The key's columns: column / ref_column (one each), or columns / ref_columns (lists, in pairs).
-                "required": ["name", "table", "ref_table", "constraint", "index", "audit_table", "conn_ids"],
+                # constraint, index and audit_table default to names PostgreSQL would give (keys.spec.default_names),
+                # conn_ids to the file's own.
+                "required": ["name", "table", "ref_table"],
                 "properties": {
                     "name": {"type": "string", "pattern": AIRFLOW_KEY, "maxLength": 200},
                     "schema": _NAME,
@@ -129,7 +140,7 @@ TARGETS_SCHEMA: dict[str, Any] = {
                     },
                 },
             },
-        }
+        },
     },
 }
 _VALIDATOR = jsonschema.validators.validator_for(TARGETS_SCHEMA)(TARGETS_SCHEMA)
@@ -206,26 +217,12 @@ def load_targets(path: Path) -> tuple[Target, ...]:
     targets = []
     for number, entry in enumerate(entries):
         where = f"{path}: foreign_keys[{number}] ({entry['name']!r})"
-        fields = {key: value for key, value in entry.items() if key not in (*NOT_SPEC_FIELDS, *KEY_SETTINGS)}
-        spelling = []
-        for one, many in COLUMN_SPELLINGS:
-            given = [key for key in (one, many) if key in fields]
-            if len(given) != 1:
-                spelling.append(
-                    f"declare exactly one of {one!r} (a name) or {many!r} (a list), not {given or 'neither'}"
-                )
-            elif one in fields:
-                fields[many] = [fields.pop(one)]
-        if spelling:
-            raise TargetsFileInvalid(f"{where}: " + "; ".join(spelling))
-        if fields.get("deferrable") in DEFERRED_SPELLINGS:
-            fields["deferrable"], fields["initially_deferred"] = True, True
-        fields.setdefault("schema", "public")
-        same_table = (fields.get("ref_schema", fields["schema"]), fields["ref_table"]) == (
-            fields["schema"],
-            fields["table"],
-        )
-        fields.setdefault("row_key", fields["ref_columns"] if same_table else "id")
+        fields = _spec_fields(entry, where)
+        conn_ids = entry.get("conn_ids") or document.get("conn_ids")
+        if not conn_ids:
+            raise TargetsFileInvalid(
+                f"{where}: no conn_ids: name the key's connections, or the file's (conn_ids: [...])"
+            )
         try:
             spec = ForeignKeySpec(**fields)
         except ValueError as exc:
@@ -244,9 +241,35 @@ def load_targets(path: Path) -> tuple[Target, ...]:
         approvers = _approvers(f"{where}: approvers", entry.get("approvers")) or default_approvers
         if spec.orphans != "delete":
             approvers = ()  # the file's approvers are for its delete keys; this key never asks
-        targets.append(Target(entry["name"], spec, tuple(entry["conn_ids"]), notifiers, settings, approvers))
+        targets.append(Target(entry["name"], spec, tuple(conn_ids), notifiers, settings, approvers))
     _refuse_shared_objects(path, targets)
     return tuple(targets)
+
+
+def _spec_fields(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """The key's own fields of an entry: one spelling of each column list, and the names left out filled with
+    those PostgreSQL would give (``<table>_<columns>_fkey``, ``..._idx``; the audit table ``..._audit``)."""
+    fields = {key: value for key, value in entry.items() if key not in (*NOT_SPEC_FIELDS, *KEY_SETTINGS)}
+    spelling = []
+    for one, many in COLUMN_SPELLINGS:
+        given = [key for key in (one, many) if key in fields]
+        if len(given) != 1:
+            spelling.append(f"declare exactly one of {one!r} (a name) or {many!r} (a list), not {given or 'neither'}")
+        elif one in fields:
+            fields[many] = [fields.pop(one)]
+    if spelling:
+        raise TargetsFileInvalid(f"{where}: " + "; ".join(spelling))
+    if fields.get("deferrable") in DEFERRED_SPELLINGS:
+        fields["deferrable"], fields["initially_deferred"] = True, True
+    fields.setdefault("schema", "public")
+    same_table = (fields.get("ref_schema", fields["schema"]), fields["ref_table"]) == (
+        fields["schema"],
+        fields["table"],
+    )
+    fields.setdefault("row_key", fields["ref_columns"] if same_table else "id")
+    for name, default in default_names(fields["table"], fields["columns"]).items():
+        fields.setdefault(name, default)
+    return fields
 
 
 def _approvers(where: str, listed: list[Any] | None) -> tuple[Approver, ...]:
