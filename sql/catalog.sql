@@ -52,6 +52,16 @@ WHERE con.conrelid = %(relid)s AND con.contype = 'f' AND con.conname <> %(name)s
   AND (SELECT array_agg(k ORDER BY k) FROM unnest(con.conkey) k)
       = (SELECT array_agg(k ORDER BY k) FROM unnest(%(attnums)s::int2[]) k)
 
+-- name: own_foreign_keys_of_other_names
+-- Foreign keys of the table or its partitions under names other than the key's, each its own (a key a
+-- partition inherits from its parent's is that one's): those equal to the declared key would be a second one.
+SELECT con.oid, con.conrelid, n.nspname::text, c.relname::text, con.conname::text
+FROM pg_constraint con
+JOIN pg_class c ON c.oid = con.conrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE con.conrelid = ANY(%(relids)s::oid[]) AND con.contype = 'f' AND con.conname <> %(name)s
+  AND con.conparentid = 0
+
 -- name: same_columns_indexes
 -- Other valid btree indexes on exactly the key's columns in the key's order, as ours would be (not unique,
 -- nothing included): one of them could be adopted instead of building ours.

@@ -151,3 +151,77 @@ def test_on_update_set_null_on_a_not_null_column_is_refused(db) -> None:
             conn, replace(LINES, match="SIMPLE", on_update="SET NULL", on_delete="SET NULL (order_no)"), RunSettings()
         )
     assert "order_lines.tenant_id NOT NULL, so ON UPDATE SET NULL could never apply" in str(caught.value), caught.value
+
+
+def _fk_names(db, table: str) -> list[tuple[str, str, bool]]:
+    return db.query(
+        "SELECT conrelid::regclass::text, conname, convalidated FROM pg_constraint "
+        "WHERE contype = 'f' AND (conrelid = %s::regclass OR conrelid IN (SELECT relid FROM pg_partition_tree(%s))) "
+        "ORDER BY 1, 2",
+        [table, table],
+    )
+
+
+def test_an_equal_key_under_another_name_is_never_doubled_declaring_its_name_uses_it(db) -> None:
+    """drizzle-kit's own name for .references(), say: refused before any change naming the fix; declared under
+    that name, the run validates it and adds no second key."""
+    _orders(db)
+    db.execute(
+        "INSERT INTO order_lines VALUES (1, 1, 10), (2, 2, 99);"
+        "ALTER TABLE order_lines ADD CONSTRAINT order_lines_tenant_id_orders_tenant_id_fk FOREIGN KEY "
+        "(tenant_id, order_no) REFERENCES orders (tenant_id, order_no) MATCH FULL ON UPDATE CASCADE "
+        "ON DELETE SET NULL DEFERRABLE INITIALLY DEFERRED NOT VALID"
+    )
+    before = snapshot(db, LINES)
+    with db.connect() as conn, pytest.raises(PreflightFailed) as caught:
+        preflight(conn, LINES, RunSettings())
+    assert (
+        "public.order_lines already has the key as declared, under another name: "
+        "order_lines_tenant_id_orders_tenant_id_fk"
+        in str(caught.value)
+        and "declare constraint: order_lines_tenant_id_orders_tenant_id_fk" in str(caught.value)
+    ), caught.value
+    assert snapshot(db, LINES) == before
+    adopted = replace(LINES, constraint="order_lines_tenant_id_orders_tenant_id_fk")
+    report = run_pipeline(db.connect, adopted, RunSettings(validate_now=True), "adopt-1")["report"]
+    assert report["final_state"] == "converged" and report["nulled"] == 1, report
+    assert _fk_names(db, "order_lines") == [("order_lines", "order_lines_tenant_id_orders_tenant_id_fk", True)]
+
+
+def test_a_partition_holding_the_key_under_another_name_is_refused_then_adopted_once_renamed(db) -> None:
+    readings = ForeignKeySpec(
+        schema="public",
+        table="readings",
+        columns="device_id",
+        ref_table="devices",
+        ref_columns="id",
+        row_key=("id", "at"),
+        constraint="readings_device_id_fkey",
+        index="readings_device_id_idx",
+        audit_table="readings_audit",
+    )
+    db.execute(
+        "CREATE TABLE devices (id int PRIMARY KEY); INSERT INTO devices VALUES (1);"
+        "CREATE TABLE readings (id int, at date, device_id int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);"
+        "CREATE TABLE readings_2024 PARTITION OF readings FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');"
+        "CREATE TABLE readings_2025 PARTITION OF readings FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+        "INSERT INTO readings VALUES (1, '2024-05-01', 1), (2, '2025-05-01', 1), (3, '2025-06-01', 7);"
+        "ALTER TABLE readings_2024 ADD CONSTRAINT old_device_fk FOREIGN KEY (device_id) REFERENCES devices (id) "
+        "ON DELETE SET NULL"
+    )
+    before = snapshot(db, readings)
+    with db.connect() as conn, pytest.raises(PreflightFailed) as caught:
+        preflight(conn, readings, RunSettings())
+    assert "public.readings_2024 already has the key as declared, under another name: old_device_fk" in str(
+        caught.value
+    )
+    assert "RENAME CONSTRAINT old_device_fk TO readings_device_id_fkey" in str(caught.value), caught.value
+    assert snapshot(db, readings) == before
+    db.execute("ALTER TABLE readings_2024 RENAME CONSTRAINT old_device_fk TO readings_device_id_fkey")
+    report = run_pipeline(db.connect, readings, RunSettings(validate_now=True), "adopt-2")["report"]
+    assert report["final_state"] == "converged" and report["nulled"] == 1, report
+    assert _fk_names(db, "readings") == [
+        ("readings", "readings_device_id_fkey", True),
+        ("readings_2024", "readings_device_id_fkey", True),
+        ("readings_2025", "readings_device_id_fkey", True),
+    ]

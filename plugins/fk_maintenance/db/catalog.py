@@ -244,6 +244,7 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
             f"constraint {spec.constraint} already exists with another definition "
             f"({state.constraint.definition}): {'; '.join(state.constraint.mismatches)}"
         )
+    state.problems.extend(_equal_key_problems(conn, spec, state))
     state.index = index_state(conn, spec, state)
     if state.index.exists and not state.index.is_index:
         state.problems.extend(state.index.mismatches)
@@ -254,6 +255,39 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
             f"{'; '.join(state.index.mismatches)}"
         )
     return state
+
+
+def _equal_key_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
+    """A key equal to the declared one in every part, under another name, where the declared one is not yet:
+    the run would add a second key beside it, and every write would be checked twice. Refused before any change,
+    naming the fix (the run then uses it: validated if NOT VALID, checked as the declared key)."""
+    assert state.table is not None
+    relids = [state.table.oid, *(part.oid for part in state.partitions)]
+    rows = conn.execute(
+        statement("catalog", "own_foreign_keys_of_other_names"), {"relids": relids, "name": spec.constraint}
+    ).fetchall()
+    definitions = key_definitions(conn, [oid for oid, *_ in rows])
+    has_ours = {state.table.oid: state.constraint.exists} | {part.oid: part.key_exists for part in state.partitions}
+    problems = []
+    for oid, relid, schema, table, name in rows:
+        if has_ours[relid] or definition_mismatches(spec, state, definitions[oid]):
+            continue
+        relation = f"{schema}.{table}"
+        (quoted_table, quoted_name, ours) = as_written(conn, (schema, table), name, spec.constraint)
+        if relid == state.table.oid:
+            fix = f"declare constraint: {name} for this key to have the run use it, or drop it"
+        else:
+            # A partition's key is adopted into the parent's by its definition only when it is the one the run
+            # looks for on that partition: under the declared name.
+            fix = (
+                f"rename it in a quiet moment (ALTER TABLE {quoted_table} RENAME CONSTRAINT {quoted_name} TO {ours}, "
+                "which takes ACCESS EXCLUSIVE for an instant: SET lock_timeout first) and the run adopts it, or drop it"
+            )
+        problems.append(
+            f"{relation} already has the key as declared, under another name: {name}; this run would add "
+            f"{spec.constraint} beside it, a second key checking every write again: {fix}"
+        )
+    return problems
 
 
 def _table_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:
