@@ -63,16 +63,17 @@ WHERE con.conrelid = ANY(%(relids)s::oid[]) AND con.contype = 'f' AND con.connam
   AND con.conparentid = 0
 
 -- name: same_columns_indexes
--- Other valid btree indexes on exactly the key's columns in the key's order, as ours would be (not unique,
--- nothing included): one of them could be adopted instead of building ours.
+-- Other valid btree indexes that lead with the key's columns in the key's order (not unique, no expression or
+-- predicate): each serves the key's lookups as well as ours would, exact ones first.
 SELECT ci.relname::text, pg_get_indexdef(i.indexrelid)
 FROM pg_index i
 JOIN pg_class ci ON ci.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ci.relam
 WHERE i.indrelid = %(relid)s AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL
-  AND i.indexprs IS NULL AND NOT i.indisunique AND string_to_array(i.indkey::text, ' ')::int2[] = %(attnums)s::int2[]
+  AND i.indexprs IS NULL AND NOT i.indisunique AND i.indnkeyatts >= cardinality(%(attnums)s::int2[])
+  AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(%(attnums)s::int2[])] = %(attnums)s::int2[]
   AND ci.relname <> %(name)s
-ORDER BY ci.relname
+ORDER BY i.indnatts, ci.relname
 
 -- name: relation_by_name
 -- Index names share one namespace with tables, sequences and views.

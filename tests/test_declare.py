@@ -167,3 +167,29 @@ def test_a_key_needs_only_its_table_columns_and_referenced_table(tmp_path: Path)
         "lines_order_id_audit",
     )
     assert (lines.conn_ids, notes.conn_ids) == (("app_db",), ("other",))
+
+
+def test_a_key_that_names_no_index_uses_one_that_already_serves_it_and_builds_none(db, tmp_path: Path) -> None:
+    from devkit.pipeline import run_pipeline
+    from fk_maintenance.keys.settings import RunSettings
+
+    db.execute(
+        "CREATE TABLE orders (id int PRIMARY KEY); INSERT INTO orders VALUES (1);"
+        "CREATE TABLE lines (id int PRIMARY KEY, order_id int, at date);"
+        "INSERT INTO lines VALUES (1, 1, now()), (2, 9, now());"
+        "CREATE INDEX lines_by_order_and_day ON lines (order_id, at)"
+    )
+    path = tmp_path / "targets.yaml"
+    path.write_text(
+        "conn_ids: [app_db]\nforeign_keys:\n"
+        "  - {name: lines_fk, table: lines, column: order_id, ref_table: orders, ref_column: id}\n"
+    )
+    (target,) = load_targets(path)
+    results = run_pipeline(db.connect, target.spec, RunSettings(validate_now=True), "serving-1")
+    assert results["report"]["final_state"] == "converged", results["report"]
+    assert results["create_index_concurrently"]["action"] == "none (uses lines_by_order_and_day)"
+    assert "lines_by_order_and_day already serves the key" in results["preflight"]["index"]
+    assert [name for (name,) in db.query("SELECT indexname FROM pg_indexes WHERE tablename = 'lines' ORDER BY 1")] == [
+        "lines_by_order_and_day",
+        "lines_pkey",
+    ]

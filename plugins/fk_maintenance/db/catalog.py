@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psycopg
 
@@ -139,8 +139,18 @@ def constraint_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targ
 
 
 def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> IndexState:
+    """The key's index: the one of its name, or, where the declaration names none and there is none of the default
+    name, an index that already serves the key (a plain table's; a second index would only cost writes)."""
     assert state.table and state.columns
-    return index_on(conn, spec, (spec.schema, spec.index), (spec.schema, spec.table), state.table.oid, state)
+    ours = index_on(conn, spec, (spec.schema, spec.index), (spec.schema, spec.table), state.table.oid, state)
+    if ours.exists or spec.index_declared or state.partitioned:
+        return ours
+    serving = same_columns_indexes(conn, spec, state)
+    if not serving:
+        return ours
+    name = serving[0][0]
+    found = index_on(conn, spec, (spec.schema, name), (spec.schema, spec.table), state.table.oid, state)
+    return replace(found, name=name)
 
 
 def index_on(
@@ -517,7 +527,7 @@ def as_written(conn: psycopg.Connection, *names: str | tuple[str, ...]) -> list[
 
 
 def same_columns_indexes(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[tuple[str, str]]:
-    """Valid indexes of other names that already serve the key exactly: (name, definition)."""
+    """Valid indexes of other names that already serve the key (lead with its columns): (name, definition)."""
     assert state.table is not None
     return conn.execute(
         statement("catalog", "same_columns_indexes"),

@@ -43,6 +43,8 @@ class IndexState:
     mismatches: tuple[str, ...] = ()
     on_target_table: bool = False
     build_in_progress_pid: int | None = None
+    # Another name than the declared one: an index that already served the key, used instead of building one.
+    name: str = ""
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,8 @@ class ForeignKeySpec:
     match: str = "SIMPLE"
     deferrable: bool = False
     initially_deferred: bool = False
+    # False: the declaration named no index, so one that already serves the key is used rather than a second built.
+    index_declared: bool = True
 
     def __post_init__(self) -> None:
         normalized = {name: _column_list(getattr(self, name)) for name in COLUMN_LIST_FIELDS}
@@ -203,7 +205,7 @@ class ForeignKeySpec:
             return [] if isinstance(value, bool) else ["hierarchy_checks must be true or false"]
         if name in ("on_delete", "on_update", "match"):
             return [] if isinstance(value, str) else [f"{name} must be a string"]
-        if name in ("deferrable", "initially_deferred"):
+        if name in ("deferrable", "initially_deferred", "index_declared"):
             return [] if isinstance(value, bool) else [f"{name} must be true or false"]
         if name == "orphans":
             return (

@@ -267,6 +267,7 @@ def _spec_fields(entry: dict[str, Any], where: str) -> dict[str, Any]:
         fields["table"],
     )
     fields.setdefault("row_key", fields["ref_columns"] if same_table else "id")
+    fields["index_declared"] = "index" in fields
     for name, default in default_names(fields["table"], fields["columns"]).items():
         fields.setdefault(name, default)
     return fields

@@ -139,7 +139,7 @@ def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec, state: T
     """Can the planner answer ``WHERE columns = $n`` from the index (what the key's ON DELETE action does)? On a
     partitioned child the plan names the partitions' indexes attached to ours."""
     lookup = " AND ".join(f"{name} = ${i}" for i, name in enumerate(spec.columns, 1))
-    name = f"planner can use {spec.index} for WHERE {lookup}"
+    name = f"planner can use {state.index.name or spec.index} for WHERE {lookup}"
     with conn.transaction(force_rollback=True):
         set_local_timeouts(conn, lock_timeout_ms=PROBE_LOCK_TIMEOUT_MS, statement_timeout_ms=PROBE_STATEMENT_TIMEOUT_MS)
         conn.execute(statement("checks", "prefer_index"))
@@ -149,7 +149,7 @@ def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec, state: T
             return Check(name, None, "not tried: no row has a pointer to look up")
         plan = conn.execute(statement("checks", "plan_for_children_lookup", spec), bind("value", row)).fetchone()[0]
     used = _index_names(plan if isinstance(plan, list | dict) else json.loads(plan))
-    ours = {spec.index} | {part.attached_index for part in state.partitions if part.attached_index}
+    ours = {state.index.name or spec.index} | {part.attached_index for part in state.partitions if part.attached_index}
     return Check(name, bool(used & ours), f"plan uses {', '.join(sorted(used)) or 'no index'}")
 
 

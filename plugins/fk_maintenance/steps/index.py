@@ -143,6 +143,11 @@ def _create_index(
     started = time.monotonic()
     state = require_target(conn, spec)
     if state.index.exists and state.index.valid:
+        if state.index.name:
+            log.info(
+                "create_index_concurrently: %s already serves the key; it is used, none is built", state.index.name
+            )
+            return {"action": f"none (uses {state.index.name})", "seconds": round(time.monotonic() - started, 3)}
         log.info("create_index_concurrently: %s already exists and is valid; nothing to do", spec.index)
         return {"action": "none (already valid)", "seconds": round(time.monotonic() - started, 3)}
     if settings.dry_run:

@@ -312,6 +312,8 @@ def _describe_index(state: TargetState) -> str:
         )
     if not idx.exists:
         return "absent (will be built concurrently)"
+    if idx.name:
+        return f"{idx.name} already serves the key and is used (no index is built)"
     return "present and valid" if idx.valid else "present but INVALID (will be dropped and rebuilt concurrently)"
 
 
