@@ -2,10 +2,15 @@
 LocalExecutor, the project's pool), headless Debian chromium driven by Playwright (executable_path, no browser
 download). A dry run triggered from the form and its report read in the UI; a value the form must refuse
 creates no run; a fleet run from the form's fleet fields, watched from pg_stat_activity. Screenshots go to
-.artifacts/screenshots/."""
+.artifacts/screenshots/.
+
+Locators name one element (a test id, a role, a line only that element has); where the UI legitimately shows a
+thing twice the test says why. Every check of the page retries until the page shows it (``expect``), and nothing
+waits a fixed time."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 import urllib.request
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from playwright.sync_api import expect
 from psycopg.conninfo import conninfo_to_dict
 
 from devkit.cluster import free_port
@@ -116,6 +122,7 @@ def page(browser, airflow):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(30_000)
+    expect.set_options(timeout=30_000)  # expect's own default is 5 s: too short for a page that loads under load
     page.goto(airflow.url)
     page.fill("input[name=username]", airflow.user)
     page.fill("input[name=password]", airflow.password)
@@ -134,13 +141,50 @@ def _open_trigger_form(page, airflow: LocalAirflow, dag_id: str = DAG_ID):
     page.goto(f"{airflow.url}/dags/{dag_id}")
     page.get_by_test_id("trigger-dag-button").click()
     dialog = page.locator("[role=dialog][data-state=open]")
-    dialog.get_by_text("What this run does").wait_for()
+    _section_trigger(dialog, "What this run does").wait_for()
     return dialog
+
+
+def _section_trigger(dialog, title: str):
+    # (filter's inner locator is matched inside each trigger: it is built from the page, not the dialog)
+    return dialog.locator("[data-scope=accordion][data-part=item-trigger]").filter(
+        has=dialog.page.get_by_text(title, exact=True)
+    )
 
 
 def _open_section(dialog, title: str) -> None:
     """The form shows one section of params at a time (an accordion, as the DAG's sections define)."""
-    dialog.get_by_text(title, exact=True).click()
+    trigger = _section_trigger(dialog, title)
+    trigger.click()
+    expect(trigger).to_have_attribute("aria-expanded", "true")
+
+
+def _still(dialog) -> None:
+    """Wait until the dialog's animations (an accordion section opening or closing) have run, for a picture."""
+    dialog.evaluate(
+        """dialog => Promise.all(dialog.getAnimations({subtree: true})
+            .filter(animation => animation.effect && animation.effect.getTiming().iterations !== Infinity)
+            .map(animation => animation.finished.catch(() => null))).then(() => null)"""
+    )
+
+
+def _is_trigger(request, dag_id: str = DAG_ID) -> bool:
+    """The form's one request that would create a DAG run."""
+    return request.method == "POST" and request.url.split("?")[0].endswith(f"/api/v2/dags/{dag_id}/dagRuns")
+
+
+def _toast(page, title: str):
+    """The toast titled ``title``, on the page as often as the page mounts a Toaster. Airflow's UI renders every
+    toast once per mounted ``<Toaster />`` (all of them show the one shared toaster store): the app layout mounts
+    one, and so does each data table, such as the DAG page's "Created Asset Event" list, there once the DAG has
+    emitted an asset event (its scheduled run at deployment does, finishing at its own pace). So one toast is in
+    the DOM once or twice, each copy with the toast's own element id (``toast:<n>``): a second toast has another.
+    Waits for the toast, checks that every copy is of one toast, and returns its text."""
+    copies = page.locator("[data-scope=toast][data-part=root]").filter(has=page.get_by_text(title, exact=True))
+    expect(copies.first).to_be_visible()  # any copy: they are one toast (checked next)
+    toasts = set(copies.evaluate_all("copies => copies.map(copy => copy.id)"))
+    assert len(toasts) == 1, f"{len(toasts)} toasts titled {title!r}: {sorted(toasts)}"
+    return copies.first.inner_text()
 
 
 def _wait_for_run(airflow: LocalAirflow, known: int, timeout: float = 240, dag_id: str = DAG_ID) -> dict:
@@ -179,10 +223,10 @@ def test_trigger_form_dry_run_succeeds_and_its_report_shows_in_the_ui(page, airf
     dialog = _open_trigger_form(page, airflow)
     _open_section(dialog, "What this run does")
     dialog.locator('[id="switch:element_dry_run"]').click()
-    assert dialog.locator("input[name=element_dry_run]").is_checked()
+    expect(dialog.locator("input[name=element_dry_run]")).to_be_checked()
     _open_section(dialog, "Locks and batches")
     dialog.get_by_role("spinbutton", name="Batch size").fill("250")
-    page.wait_for_timeout(500)  # let the accordion finish its animation before the picture
+    _still(dialog)
     page.screenshot(path=str(SHOTS / "trigger-form.png"), full_page=True)
     page.get_by_test_id("trigger-dag-submit").click()
 
@@ -192,27 +236,39 @@ def test_trigger_form_dry_run_succeeds_and_its_report_shows_in_the_ui(page, airf
 
     quoted = urllib.request.quote(run["dag_run_id"], safe="")
     page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{quoted}/tasks/canary.report")
-    page.get_by_text("dry run: nothing changed").first.wait_for(timeout=60_000)
-    page.get_by_text(f"Orphans found: {orphans} ").first.wait_for()
+    # The report's lines in the task's log ("dry run: nothing changed" alone is also in its returned value's line).
+    expect(page.get_by_text(f"Run {run['dag_run_id']}: dry run: nothing changed")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text(f"Orphans found: {orphans} (pointing at")).to_be_visible()
     page.screenshot(path=str(SHOTS / "finished-run-report.png"), full_page=True)
     assert _orphans(airflow) == orphans  # the dry run changed nothing
 
 
 def test_trigger_form_clamps_numbers_and_refuses_a_bad_window_without_creating_a_run(page, airflow) -> None:
     before = len(_manual_runs(airflow))
+    triggers = []
+    page.on("request", lambda request: triggers.append(request) if _is_trigger(request) else None)
     dialog = _open_trigger_form(page, airflow)
     _open_section(dialog, "Locks and batches")
     batch_size = dialog.get_by_role("spinbutton", name="Batch size")
     batch_size.fill("0")
     dialog.get_by_role("spinbutton", name="Lock timeout (ms)").click()
-    assert batch_size.input_value() == "1"  # the form never offers a value below the schema's minimum
+    expect(batch_size).to_have_value("1")  # the form never offers a value below the schema's minimum
 
     _open_section(dialog, "Validation window")
     dialog.locator("#element_window_start").fill("25:99")
-    page.get_by_test_id("trigger-dag-submit").click()
-    page.get_by_text("Failed to Trigger Dag").wait_for()
+    with page.expect_response(lambda response: _is_trigger(response.request)) as answered:
+        page.get_by_test_id("trigger-dag-submit").click()
+    refused = answered.value
+    conf = refused.request.post_data_json["conf"]
+    assert conf["window_start"] == "25:99" and conf["batch_size"] == 1  # what the form sent: clamped, bad window
+    assert refused.status == 400, (refused.status, refused.text())
+    assert "Invalid input for param window_start" in refused.json()["detail"]
+    # The person sees it: the dialog says why, and a toast says the trigger failed.
+    expect(dialog.get_by_test_id("error-alert")).to_contain_text("Invalid input for param window_start: '25:99'")
+    assert "Bad Request" in _toast(page, "Failed to Trigger Dag")
     page.screenshot(path=str(SHOTS / "trigger-form-refused.png"), full_page=True)
-    time.sleep(2)
+    # The server answered the form's only trigger request, and a refused request creates no run.
+    assert len(triggers) == 1, [request.url for request in triggers]
     assert len(_manual_runs(airflow)) == before
 
 
@@ -232,7 +288,7 @@ def test_a_fleet_run_from_the_form_works_on_at_most_max_parallel_targets_at_once
     _open_section(dialog, "Targets (fleet)")
     dialog.locator("#element_conn_ids").fill("\n".join(conn_ids))
     dialog.get_by_role("spinbutton", name="Targets at once").fill("3")
-    page.wait_for_timeout(500)
+    _still(dialog)
     page.screenshot(path=str(SHOTS / "trigger-form-fleet.png"), full_page=True)
     _open_section(dialog, "Locks and batches")
     # Small, paced batches stretch each target's null_orphans over seconds, so overlaps can be seen.
@@ -299,7 +355,7 @@ def test_the_restore_form_puts_back_what_a_fleet_run_nulled_where_the_parent_exi
     dialog.locator("#element_run_id").fill(fleet_run["dag_run_id"])
     _open_section(dialog, "Targets (fleet)")
     dialog.locator("#element_conn_ids").fill("kpi_fleet_1")
-    page.wait_for_timeout(500)
+    _still(dialog)
     page.screenshot(path=str(SHOTS / "restore-form.png"), full_page=True)
     page.get_by_test_id("trigger-dag-submit").click()
     run = _wait_for_run(airflow, before, dag_id=restore_dag)
@@ -382,10 +438,11 @@ def _answer_in_browser(page, airflow: LocalAirflow, run_id: str, task_id: str, m
     quoted = urllib.request.quote(run_id, safe="")
     mapped = f"/mapped/{map_index}" if map_index >= 0 else ""
     page.goto(f"{airflow.url}/dags/{DELETE_DAG}/runs/{quoted}/tasks/{task_id}{mapped}/required_actions")
-    page.get_by_text("rows deleted").first.wait_for()  # the request's table of what the delete takes
+    # The request's table of what the delete takes.
+    expect(page.get_by_role("columnheader", name="rows deleted", exact=True)).to_be_visible()
     page.screenshot(path=str(SHOTS / f"approval-{option.lower()}-asked.png"), full_page=True)
     page.get_by_test_id(f"hitl-option-{option}").click()
-    page.get_by_text("Response received").first.wait_for()
+    expect(page.get_by_text(re.compile(rf"Response received at .+ from {re.escape(airflow.user)}"))).to_be_visible()
     page.screenshot(path=str(SHOTS / f"approval-{option.lower()}-answered.png"), full_page=True)
 
 
