@@ -7,6 +7,12 @@ ALTER TABLE {table}
     REFERENCES {ref_table} ({ref_columns}) {key_definition}
     NOT VALID
 
+-- name: rename_to_declared
+-- A partition's own key equal to the declared one, under another name: under the declared name it is the key the
+-- run looks for there (validated, then adopted by the parent's). ACCESS EXCLUSIVE on the partition for an
+-- instant: under lock_timeout, in a free moment.
+ALTER TABLE {partition} RENAME CONSTRAINT {existing} TO {constraint}
+
 -- name: validate
 ALTER TABLE {table} VALIDATE CONSTRAINT {constraint}
 

@@ -267,10 +267,23 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
     return state
 
 
-def _equal_key_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
-    """A key equal to the declared one in every part, under another name, where the declared one is not yet:
-    the run would add a second key beside it, and every write would be checked twice. Refused before any change,
-    naming the fix (the run then uses it: validated if NOT VALID, checked as the declared key)."""
+@dataclass(frozen=True)
+class EqualKey:
+    """A foreign key equal to the declared one in every part, under another name, where the declared one is not."""
+
+    relid: int
+    schema: str
+    table: str
+    name: str
+
+    @property
+    def described(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+def equal_keys(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[EqualKey]:
+    """Keys equal to the declared one under other names, on the table or a partition, each its own (not one a
+    partition inherits), where the declared one is not yet: the run would add a second key beside each."""
     assert state.table is not None
     relids = [state.table.oid, *(part.oid for part in state.partitions)]
     rows = conn.execute(
@@ -278,26 +291,26 @@ def _equal_key_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: T
     ).fetchall()
     definitions = key_definitions(conn, [oid for oid, *_ in rows])
     has_ours = {state.table.oid: state.constraint.exists} | {part.oid: part.key_exists for part in state.partitions}
-    problems = []
-    for oid, relid, schema, table, name in rows:
-        if has_ours[relid] or definition_mismatches(spec, state, definitions[oid]):
-            continue
-        relation = f"{schema}.{table}"
-        (quoted_table, quoted_name, ours) = as_written(conn, (schema, table), name, spec.constraint)
-        if relid == state.table.oid:
-            fix = f"declare constraint: {name} for this key to have the run use it, or drop it"
-        else:
-            # A partition's key is adopted into the parent's by its definition only when it is the one the run
-            # looks for on that partition: under the declared name.
-            fix = (
-                f"rename it in a quiet moment (ALTER TABLE {quoted_table} RENAME CONSTRAINT {quoted_name} TO {ours}, "
-                "which takes ACCESS EXCLUSIVE for an instant: SET lock_timeout first) and the run adopts it, or drop it"
-            )
-        problems.append(
-            f"{relation} already has the key as declared, under another name: {name}; this run would add "
-            f"{spec.constraint} beside it, a second key checking every write again: {fix}"
-        )
-    return problems
+    return [
+        EqualKey(relid, schema, table, name)
+        for oid, relid, schema, table, name in rows
+        if not has_ours[relid] and not definition_mismatches(spec, state, definitions[oid])
+    ]
+
+
+def _equal_key_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
+    """The table's own key equal to the declared one under another name: the run would add a second key beside
+    it, and every write would be checked twice. Its name is the app's (its schema tool compares it), so the run
+    does not rename it: refused before any change, naming the fix. (A partition's is renamed by add_fk_not_valid,
+    and then adopted by the parent's key: partitions' key names are no app schema's.)"""
+    assert state.table is not None
+    return [
+        f"{key.described} already has the key as declared, under another name: {key.name}; this run would add "
+        f"{spec.constraint} beside it, a second key checking every write again: declare constraint: {key.name} "
+        "for this key to have the run use it (validated if NOT VALID), or drop it"
+        for key in equal_keys(conn, spec, state)
+        if key.relid == state.table.oid
+    ]
 
 
 def _table_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:

@@ -12,12 +12,13 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from fk_maintenance.db.catalog import require_target, still_partition, table_info
+from fk_maintenance.db.catalog import equal_keys, require_target, still_partition, table_info
 from fk_maintenance.db.session import (
     CATALOG_STATEMENT_TIMEOUT_MS,
     CONFLICTS_WITH_ACCESS_EXCLUSIVE,
     CONFLICTS_WITH_SHARE_ROW_EXCLUSIVE,
     LockAttempts,
+    budgeted_statement,
     lock_budget,
     run_lock,
     set_local_timeouts,
@@ -104,6 +105,7 @@ def _add_fk_not_valid(
         }
     record = LockAttempts()
     with run_lock(conn, spec):
+        adopted = adopt_equal_partition_keys(conn, spec, settings, record, sleep)
         if per_partition:
             added = add_partition_keys(conn, spec, settings, record, sleep)
         else:
@@ -125,6 +127,7 @@ def _add_fk_not_valid(
     return {
         "action": f"added NOT VALID on {len(added)} partition(s)" if per_partition else "added NOT VALID",
         **({"partitions_added": added} if per_partition else {}),
+        **({"adopted_partition_keys": adopted} if adopted else {}),
         "attempts": record.attempts,
         "struck_in_gap": record.struck_in_gap,
         "watched_seconds": round(record.watched_seconds, 3),
@@ -132,6 +135,50 @@ def _add_fk_not_valid(
         "lock_timeouts": record.lock_timeouts,
         "seconds": round(seconds, 3),
     }
+
+
+def adopt_equal_partition_keys(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    settings: RunSettings,
+    record: LockAttempts,
+    sleep: Callable[[float], None],
+) -> list[str]:
+    """Each partition's own key equal to the declared one under another name is renamed to the declared name, so
+    it is the key the run validates there and the parent's adopts: never a second key beside it. Each rename
+    takes ACCESS EXCLUSIVE on its partition for an instant, in a free moment, under lock_timeout_ms."""
+    state = require_target(conn, spec)
+    assert state.table is not None
+    adopted = []
+    for key in equal_keys(conn, spec, state):
+        if key.relid == state.table.oid:  # the table's own: preflight refuses it
+            continue
+        rename = statement(
+            "constraint",
+            "rename_to_declared",
+            spec,
+            partition=sql.Identifier(key.schema, key.table),
+            existing=sql.Identifier(key.name),
+        )
+        with_lock_retries(
+            conn,
+            spec,
+            f"add_fk_not_valid (adopting {key.name} on {key.described})",
+            budgeted_statement(conn, settings, rename),
+            settings=settings,
+            record=record,
+            avoid_queueing_behind=CONFLICTS_WITH_ACCESS_EXCLUSIVE,
+            sleep=sleep,
+            tables=((key.schema, key.table),),
+        )
+        log.info(
+            "add_fk_not_valid: %s on %s, equal to the declared key, renamed %s",
+            key.name,
+            key.described,
+            spec.constraint,
+        )
+        adopted.append(f"{key.described}: {key.name} renamed {spec.constraint}")
+    return adopted
 
 
 def add_key_not_valid(

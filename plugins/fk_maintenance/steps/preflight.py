@@ -10,6 +10,7 @@ import psycopg
 
 from fk_maintenance.db.catalog import (
     as_written,
+    equal_keys,
     inspect_target,
     other_foreign_keys,
     refuse_while_index_build_runs,
@@ -136,6 +137,13 @@ def _warnings(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState
             f"it, a second index the same: to adopt {name} instead, declare index: {name} for this key"
             for name, definition in same_columns_indexes(conn, spec, state)
         ]
+    warnings += [
+        f"partition {key.described} holds the key as declared under another name, {key.name}: add_fk_not_valid "
+        f"renames it {spec.constraint} (ACCESS EXCLUSIVE on that partition for an instant, in a free moment, under "
+        "lock_timeout_ms), and the parent's key adopts it: no second key"
+        for key in equal_keys(conn, spec, state)
+        if state.table is not None and key.relid != state.table.oid
+    ]
     if state.partitioned and not state.constraint.exists and not parent_takes_not_valid(conn):
         warnings.append(
             f"before PostgreSQL 18 the parent's ADD CONSTRAINT, which adopts the partitions' validated keys, takes "
