@@ -52,6 +52,44 @@ WHERE con.conrelid = %(relid)s AND con.contype = 'f' AND con.conname <> %(name)s
   AND (SELECT array_agg(k ORDER BY k) FROM unnest(con.conkey) k)
       = (SELECT array_agg(k ORDER BY k) FROM unnest(%(attnums)s::int2[]) k)
 
+-- name: partitioned_parent
+-- A partitioned table whose partitions each hold the same key (fk-maintenance declare): its name, primary key,
+-- whether a key column is nullable, its index leading with the key's columns (a partitioned one: the partitions'
+-- are attached to it) and how many partitions it has.
+SELECT n.nspname::text, c.relname::text,
+       (SELECT array_agg(a.attname::text ORDER BY k.ord)
+        FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = c.oid AND i.indisprimary),
+       (SELECT bool_or(NOT a.attnotnull) FROM pg_attribute a
+        WHERE a.attrelid = c.oid AND a.attname = ANY(%(columns)s::text[])),
+       (SELECT ic.relname::text
+        FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+        WHERE i.indrelid = c.oid AND am.amname = 'btree' AND NOT i.indisunique AND i.indpred IS NULL
+          AND i.indexprs IS NULL AND i.indnatts = cardinality(%(columns)s::text[])
+          AND (SELECT array_agg(a.attname::text ORDER BY k.ord)
+               FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum) = %(columns)s::text[]
+        ORDER BY ic.relname LIMIT 1),
+       (SELECT count(*) FROM pg_inherits inh WHERE inh.inhparent = c.oid)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = %(oid)s
+
+-- name: unattached_index_on_columns
+-- A partition's own valid btree index on exactly the key's columns, in order, plain (as the run would build it)
+-- and attached to no partitioned index: attaching it serves the key there without building a second one.
+SELECT ci.relname::text
+FROM pg_index i
+JOIN pg_class ci ON ci.oid = i.indexrelid
+JOIN pg_am am ON am.oid = ci.relam
+WHERE i.indrelid = %(relid)s AND am.amname = 'btree' AND i.indisvalid AND NOT i.indisunique
+  AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indnatts = cardinality(%(columns)s::text[])
+  AND (SELECT array_agg(a.attname::text ORDER BY k.ord) FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) = %(columns)s::text[]
+  AND NOT EXISTS (SELECT 1 FROM pg_inherits inh WHERE inh.inhrelid = i.indexrelid)
+ORDER BY ci.relname
+LIMIT 1
+
 -- name: own_foreign_keys_of_other_names
 -- Foreign keys of the table or its partitions under names other than the key's, each its own (a key a
 -- partition inherits from its parent's is that one's): those equal to the declared key would be a second one.
@@ -63,14 +101,14 @@ WHERE con.conrelid = ANY(%(relids)s::oid[]) AND con.contype = 'f' AND con.connam
   AND con.conparentid = 0
 
 -- name: same_columns_indexes
--- Other valid btree indexes that lead with the key's columns in the key's order (not unique, no expression or
--- predicate): each serves the key's lookups as well as ours would, exact ones first.
+-- Other valid btree indexes that lead with the key's columns in the key's order (no expression or predicate; a
+-- primary key's or a unique one's too): each serves the key's lookups as well as ours would, exact ones first.
 SELECT ci.relname::text, pg_get_indexdef(i.indexrelid)
 FROM pg_index i
 JOIN pg_class ci ON ci.oid = i.indexrelid
 JOIN pg_am am ON am.oid = ci.relam
 WHERE i.indrelid = %(relid)s AND am.amname = 'btree' AND i.indisvalid AND i.indpred IS NULL
-  AND i.indexprs IS NULL AND NOT i.indisunique AND i.indnkeyatts >= cardinality(%(attnums)s::int2[])
+  AND i.indexprs IS NULL AND i.indnkeyatts >= cardinality(%(attnums)s::int2[])
   AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(%(attnums)s::int2[])] = %(attnums)s::int2[]
   AND ci.relname <> %(name)s
 ORDER BY i.indnatts, ci.relname
@@ -243,7 +281,8 @@ SELECT con.conname::text, n.nspname::text, c.relname::text, rn.nspname::text, r.
           AND i.indexprs IS NULL
           AND (SELECT array_agg(k.attnum ORDER BY k.ord) FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
                WHERE k.ord <= cardinality(con.conkey)) = con.conkey::int2[]
-        ORDER BY ic.relname LIMIT 1)
+        ORDER BY ic.relname LIMIT 1),
+       (SELECT inh.inhparent FROM pg_inherits inh WHERE inh.inhrelid = c.oid AND c.relispartition)
 FROM pg_constraint con
 JOIN pg_class c ON c.oid = con.conrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace

@@ -193,3 +193,35 @@ def test_a_key_that_names_no_index_uses_one_that_already_serves_it_and_builds_no
         "lines_by_order_and_day",
         "lines_pkey",
     ]
+
+
+def test_a_key_some_partitions_hold_under_their_own_names_is_declared_on_their_table_and_lands_once(
+    db, capsys, tmp_path: Path
+) -> None:
+    """pagila's payment: its oldest partitions hold keys of their own, the newer none. Declared on the partitioned
+    table (saying so), the run renames and adopts the held ones and gives the others the key: one per partition."""
+    db.execute(
+        "CREATE TABLE devices (id int PRIMARY KEY);"
+        "CREATE TABLE events (id int, at date, device_id int NOT NULL, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);"
+        "CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');"
+        "CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
+        "ALTER TABLE events_2024 ADD CONSTRAINT events_2024_device_id_fkey FOREIGN KEY (device_id) REFERENCES devices"
+    )
+    code, text, err = _declare(db, capsys)
+    assert code == cli.EXIT_OK, err
+    assert "# 1 of 2 partitions hold it already (events_2024.events_2024_device_id_fkey)" in text, text
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(text)
+    (target,) = load_targets(targets)
+    assert (target.spec.table, target.spec.constraint, target.spec.row_key) == (
+        "events",
+        "events_device_id_fkey",
+        ("id", "at"),
+    )
+    code = cli.main(["run", "--dsn", db.dsn, "--targets", str(targets), "--all", "--set", "validate_now=true"])
+    assert code == cli.EXIT_OK, capsys.readouterr().out
+    assert db.query("SELECT conrelid::regclass::text, conname FROM pg_constraint WHERE contype = 'f' ORDER BY 1") == [
+        ("events", "events_device_id_fkey"),
+        ("events_2024", "events_device_id_fkey"),
+        ("events_2025", "events_device_id_fkey"),
+    ]

@@ -190,7 +190,8 @@ def test_an_equal_key_under_another_name_is_never_doubled_declaring_its_name_use
 
 def test_a_partition_holding_the_key_under_another_name_has_it_renamed_and_adopted_never_doubled(db) -> None:
     """A partition's own key equal to the declared one (pagila's payment partitions, say): renamed to the declared
-    name in a free moment, validated, adopted by the parent's key; one key per partition, and the report says so."""
+    name in a free moment, validated, adopted by the parent's key; one key per partition, and the report says so.
+    Its own index on the key's column is attached to the key's index instead of a second one being built."""
     readings = ForeignKeySpec(
         schema="public",
         table="readings",
@@ -209,7 +210,8 @@ def test_a_partition_holding_the_key_under_another_name_has_it_renamed_and_adopt
         "CREATE TABLE readings_2025 PARTITION OF readings FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');"
         "INSERT INTO readings VALUES (1, '2024-05-01', 1), (2, '2025-05-01', 1), (3, '2025-06-01', 7);"
         "ALTER TABLE readings_2024 ADD CONSTRAINT old_device_fk FOREIGN KEY (device_id) REFERENCES devices (id) "
-        "ON DELETE SET NULL NOT VALID"
+        "ON DELETE SET NULL NOT VALID;"
+        "CREATE INDEX old_device_idx ON readings_2024 (device_id)"
     )
     with db.connect() as conn:
         planned = preflight(conn, readings, RunSettings())
@@ -219,6 +221,12 @@ def test_a_partition_holding_the_key_under_another_name_has_it_renamed_and_adopt
     assert results["add_fk_not_valid"]["adopted_partition_keys"] == [
         "public.readings_2024: old_device_fk renamed readings_device_id_fkey"
     ]
+    # Its index on the key's column is attached as it is, not doubled.
+    assert results["create_index_concurrently"]["partitions_index_adopted"] == ["public.readings_2024: old_device_idx"]
+    assert db.query(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'readings_device_id_idx'::regclass ORDER BY 1"
+    ) == [("old_device_idx",), ("readings_2025_readings_device_id_idx",)]
     assert _fk_names(db, "readings") == [
         ("readings", "readings_device_id_fkey", True),
         ("readings_2024", "readings_device_id_fkey", True),

@@ -12,13 +12,19 @@ import json
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psycopg
 
 from fk_maintenance.db.sqlfiles import statement
-from fk_maintenance.keys.spec import MATCH_TYPES, ON_DELETE_ACTIONS, ON_UPDATE_ACTIONS, fitting_identifier
+from fk_maintenance.keys.spec import (
+    MATCH_TYPES,
+    ON_DELETE_ACTIONS,
+    ON_UPDATE_ACTIONS,
+    default_names,
+    fitting_identifier,
+)
 from fk_maintenance.keys.targets import load_targets
 
 # A DAG id takes letters, digits and _ . -; anything else in a constraint's name becomes _.
@@ -46,13 +52,17 @@ class DeclaredKey:
     primary_key: tuple[str, ...]
     nullable: bool
     serving_index: str | None
+    parent_oid: int | None = None  # a partition's: its partitioned table
+    # Declared on a partitioned table because each of its partitions holds it already (their own keys' names).
+    held_by_partitions: tuple[str, ...] = ()
+    partitions: int = 0
 
 
 def read_keys(conn: psycopg.Connection, schemas: list[str] | None) -> list[DeclaredKey]:
     rows = conn.execute(statement("catalog", "declared_foreign_keys"), {"schemas": schemas or None}).fetchall()
     keys = []
     for name, schema, table, ref_schema, ref_table, cols, ref_cols, set_cols, dele, upd, match, *rest in rows:
-        deferrable, deferred, on_partition, primary_key, nullable, serving_index = rest
+        deferrable, deferred, on_partition, primary_key, nullable, serving_index, parent_oid = rest
         keys.append(
             DeclaredKey(
                 *(name, schema, table, ref_schema, ref_table, tuple(cols), tuple(ref_cols), tuple(set_cols or ())),
@@ -60,9 +70,44 @@ def read_keys(conn: psycopg.Connection, schemas: list[str] | None) -> list[Decla
                 ON_UPDATE_ACTIONS[upd],
                 MATCH_TYPES.get(match, match),
                 *(deferrable, deferred, on_partition, tuple(primary_key or ()), bool(nullable), serving_index),
+                parent_oid,
             )
         )
-    return keys
+    return _held_by_every_partition(conn, keys)
+
+
+def _held_by_every_partition(conn: psycopg.Connection, keys: list[DeclaredKey]) -> list[DeclaredKey]:
+    """A key every partition of a partitioned table holds, each under its own name (pagila's payment, say), is
+    the partitioned table's key: declared there, under the name PostgreSQL would give it (add_fk_not_valid then
+    renames the partitions' keys to it, and the parent's adopts them: no second key). One only some partitions
+    hold (the oldest, say, from before the key was wanted) is declared there too, saying so: the others would get
+    it, which is the file's reader's to accept or remove."""
+    groups: dict[tuple[object, ...], list[DeclaredKey]] = {}
+    for key in keys:
+        if key.on_partition and key.parent_oid is not None:
+            shape = (key.parent_oid, key.columns, key.ref_schema, key.ref_table, key.ref_columns, *_definition(key))
+            groups.setdefault(shape, []).append(key)
+    result = [key for key in keys if not key.on_partition]
+    for (parent_oid, *_shape), held in groups.items():
+        schema, table, primary_key, nullable, index, partitions = conn.execute(
+            statement("catalog", "partitioned_parent"), {"oid": parent_oid, "columns": list(held[0].columns)}
+        ).fetchone()
+        result.append(
+            replace(
+                held[0],
+                constraint=default_names(table, held[0].columns)["constraint"],
+                schema=schema,
+                table=table,
+                on_partition=False,
+                primary_key=tuple(primary_key or ()),
+                nullable=bool(nullable),
+                serving_index=index,
+                parent_oid=None,
+                held_by_partitions=tuple(f"{key.table}.{key.constraint}" for key in held),
+                partitions=partitions,
+            )
+        )
+    return sorted(result, key=lambda key: (key.schema, key.table, key.constraint))
 
 
 def entry_lines(key: DeclaredKey, dag_id: str, conn_ids: list[str]) -> list[str]:
@@ -86,6 +131,17 @@ def entry_lines(key: DeclaredKey, dag_id: str, conn_ids: list[str]) -> list[str]
     ]
     if key.serving_index:
         body.insert(-2, f"  # {key.serving_index} already serves the key: it is used, not built")
+    if key.held_by_partitions:
+        held = len(key.held_by_partitions)
+        which = (
+            f"each of its {held} partitions holds"
+            if held == key.partitions
+            else f"{held} of {key.partitions} partitions hold"
+        )
+        body[1:1] = [
+            f"  # {which} it already ({', '.join(key.held_by_partitions)}): the run renames those to this name and",
+            "  # this key adopts them" + ("" if held == key.partitions else "; the other partitions get it too"),
+        ]
     if not key.nullable:
         body.append("  # NOT NULL: orphans are refused unless you declare orphans: delete (archived, restorable)")
     return lines + [("# " if problem else "") + "  " + line for line in body]

@@ -182,12 +182,14 @@ def index_on(
         mismatches.append(f"it is an index on another table, not {'.'.join(table)}")
     if amname != "btree":
         mismatches.append(f"it uses {amname}, not btree")
-    if unique:
+    if unique and state.partitioned:
+        # Each partition's index must equal the parent's to be attached, and ours are built plain.
         mismatches.append("it is UNIQUE")
     wanted = list(spec.columns)
     # An index that leads with the key's columns serves the key's lookups as well as one on those columns alone
-    # (a second index would only cost writes). On a partitioned table each partition's index must equal the
-    # parent's to be attached, and ours are built on the key's columns alone: there, only those.
+    # (a second index would only cost writes), a primary key or unique one included. On a partitioned table each
+    # partition's index must equal the parent's to be attached, and ours are built on the key's columns alone:
+    # there, only those.
     serves = not has_exprs and list(names or [])[: len(wanted)] == wanted and nkeyatts >= len(wanted)
     exact = serves and natts == len(wanted) and nkeyatts == len(wanted)
     if not (exact or (serves and not state.partitioned)):

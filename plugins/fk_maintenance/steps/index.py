@@ -251,8 +251,7 @@ def _build_on_partitions(
             tables=((spec.schema, spec.table),),
             whole_trees=False,  # SHARE on the parent alone: writes straight into a partition never meet it
         )
-    built, attached, waited_on = [], [], []
-    # Re-listed after each partition: the app may create or attach partitions meanwhile (those get the index).
+    built, adopted, attached, waited_on = [], [], [], []
     # Listed again once the list is done: the app may create or attach partitions meanwhile (those get the
     # index from PostgreSQL itself, so the second look usually finds none). One look per pass, not per partition:
     # each look reads every partition's state.
@@ -260,24 +259,53 @@ def _build_on_partitions(
         for part in todo:
             if not still_partition(conn, state, part):
                 continue
-            name = partition_index_name(spec, part.name)
-            existing = index_on(conn, spec, (part.schema, name), part.qualified, part.oid, state)
-            if not (existing.exists and existing.valid):
-                waited_on += build_concurrently(
-                    conn, spec, part.qualified, name, existing, monitor_connect, poll_seconds
-                )
+            name, how, waited = _partition_index(conn, spec, state, part, monitor_connect, poll_seconds)
+            if how == "built":
                 built.append(part.described)
+            elif how == "adopted":
+                adopted.append(f"{part.described}: {name}")
+            waited_on += waited
             _attach(conn, spec, settings, part, name, record)
             attached.append(part.described)
-            log.info("create_index_concurrently: %s built and attached on %s", name, part.described)
+            log.info("create_index_concurrently: %s %s and attached on %s", name, how, part.described)
     return {
         "action": f"built on {len(built)} and attached {len(attached)} partition(s)",
         "partitions_built": built,
+        **({"partitions_index_adopted": adopted} if adopted else {}),
         "partitions_attached": attached,
         "partitions": len(inspect_target(conn, spec).partitions),
         "lock_timeouts": record.lock_timeouts,
         "waited_on_sessions": waited_on,
     }
+
+
+def _partition_index(
+    conn: psycopg.Connection,
+    spec: ForeignKeySpec,
+    state: TargetState,
+    part: PartitionInfo,
+    monitor_connect: Callable[[], psycopg.Connection] | None,
+    poll_seconds: float,
+) -> tuple[str, str, list[str]]:
+    """The index to attach on one partition, and how it came to be: ours, already there ("found"); the
+    partition's own on exactly the key's columns ("adopted": no second index is built beside it); or ours,
+    built concurrently now ("built"). Also the sessions a build waited on."""
+    name = partition_index_name(spec, part.name)
+    existing = index_on(conn, spec, (part.schema, name), part.qualified, part.oid, state)
+    if existing.exists and existing.valid:
+        return name, "found", []
+    serving = None if existing.exists else _unattached_index_on_columns(conn, spec, part)
+    if serving is not None:
+        return serving, "adopted", []
+    waited = build_concurrently(conn, spec, part.qualified, name, existing, monitor_connect, poll_seconds)
+    return name, "built", waited
+
+
+def _unattached_index_on_columns(conn: psycopg.Connection, spec: ForeignKeySpec, part: PartitionInfo) -> str | None:
+    row = conn.execute(
+        statement("catalog", "unattached_index_on_columns"), {"relid": part.oid, "columns": list(spec.columns)}
+    ).fetchone()
+    return row[0] if row else None
 
 
 def _attach(
