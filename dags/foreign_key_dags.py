@@ -11,10 +11,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import DAG, AssetAlias, BaseSensorOperator, Param, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from fk_maintenance.airflow.alerts import approval_waiting_notifiers, failure_callback
+from fk_maintenance.airflow.all_keys import ALL_KEYS_DAG, ALL_KEYS_REPORT_TASK, NOT_HANDED_ON, key_lanes, land_task_id
 from fk_maintenance.airflow.approval_gate import DeleteApproval
 from fk_maintenance.airflow.assets import converged_alias
 from fk_maintenance.airflow.fleet import (
@@ -464,6 +466,84 @@ def build_restore_dag(target: Target) -> DAG:
     return dag
 
 
-# Every DAG is built before any is published: a bad entry anywhere leaves the file with none.
-_dags = [build(target) for target in load_targets(TARGETS_FILE) for build in (build_dag, build_restore_dag)]
+ALL_KEYS_RUNBOOK = """
+# Every declared key, from one trigger
+
+Runs the DAG of each key of the targets file ({keys}), each on its own connections with its own fleet, canary and
+report, and sums them up in `all_keys_report`. Keys whose tables meet (one's child or referenced table is
+another's) run one after the other, so two keys' writing steps never work on one table at once; the others run
+side by side. Lanes: {lanes}. A key that fails or is refused is reported and the keys after it still run; the
+run fails when any key did not converge. The form's settings are handed to each key's run, but for each key's
+fleet (its `conn_ids`, `max_parallel`, `max_failures`) and its `approve_deletes_above`, which stay the key's own.
+"""
+# How often a waiting land task's trigger looks at the key's run (in the triggerer, holding no worker slot).
+LAND_POKE_SECONDS = 30
+
+
+def build_all_keys_dag(targets: tuple[Target, ...]) -> DAG:
+    """One trigger for every declared key: each key's own DAG run, keys whose tables meet one after the other."""
+
+    def report(**context: Any) -> dict:
+        from fk_maintenance.airflow.all_keys import all_keys_report
+
+        return all_keys_report(targets, context)
+
+    handed_on = [definition for definition in SETTING_DEFS if definition.name not in NOT_HANDED_ON]
+    lanes = key_lanes(targets)
+    with DAG(
+        dag_id=ALL_KEYS_DAG,
+        description=f"Every key of {TARGETS_FILE.name}, each through its own DAG, none two on one table at once",
+        doc_md=ALL_KEYS_RUNBOOK.format(
+            keys=", ".join(f"`{target.name}`" for target in targets),
+            lanes="; ".join(" then ".join(f"`{target.name}`" for target in lane) for lane in lanes),
+        ),
+        schedule=None,
+        catchup=False,
+        max_active_runs=1,
+        params={
+            definition.name: Param(
+                definition.default,
+                title=definition.title,
+                description=definition.description,
+                section=definition.section,
+                **definition.schema,
+            )
+            for definition in handed_on
+        },
+        # The form's values reach each key's run as what they are (a boolean stays one), not as text.
+        render_template_as_native_obj=True,
+        tags=["postgres", "all keys"],
+    ) as dag:
+        summary = task(task_id=ALL_KEYS_REPORT_TASK, trigger_rule="all_done", retries=0, multiple_outputs=False)(
+            report
+        )()
+        for lane in lanes:
+            previous = None
+            for target in lane:
+                land = TriggerDagRunOperator(
+                    task_id=land_task_id(target),
+                    trigger_dag_id=target.name,
+                    conf={definition.name: "{{ params." + definition.name + " }}" for definition in handed_on},
+                    wait_for_completion=True,
+                    deferrable=True,
+                    poke_interval=LAND_POKE_SECONDS,
+                    allowed_states=["success"],
+                    failed_states=["failed"],
+                    # The key before it in its lane failed or was refused: this one still runs.
+                    trigger_rule="all_done",
+                    retries=0,
+                )
+                if previous is not None:
+                    previous >> land
+                land >> summary
+                previous = land
+    return dag
+
+
+# Every DAG is built before any is published: a bad entry anywhere leaves the file with none. A file of several
+# keys also gets one DAG that lands them all.
+_targets = load_targets(TARGETS_FILE)
+_dags = [build(target) for target in _targets for build in (build_dag, build_restore_dag)]
+if len(_targets) > 1:
+    _dags.append(build_all_keys_dag(_targets))
 globals().update({dag.dag_id: dag for dag in _dags})

@@ -19,7 +19,8 @@ rm -rf "$docs_site"
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q --durations=12 "$@"
 fi
-WHOLE_AIRFLOW=(tests/test_fleet_scheduler.py tests/test_fleet_celery.py tests/test_ui.py tests/test_approvers.py)
+WHOLE_AIRFLOW=(tests/test_fleet_scheduler.py tests/test_fleet_celery.py tests/test_ui.py tests/test_approvers.py
+  tests/test_all_keys.py)
 PER_MAJOR=(tests/test_steps.py tests/test_restore.py tests/test_declared_keys.py tests/test_composite_keys.py
   tests/test_partitioned_keys.py tests/test_orphan_delete.py tests/test_key_definition.py tests/test_declare.py
   tests/test_record_privileges.py)
