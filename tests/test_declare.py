@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from devkit.db_state import snapshot
 from fk_maintenance.cli import commands as cli
 from fk_maintenance.keys.targets import load_targets
 
@@ -225,3 +226,131 @@ def test_a_key_some_partitions_hold_under_their_own_names_is_declared_on_their_t
         ("events_2024", "events_device_id_fkey"),
         ("events_2025", "events_device_id_fkey"),
     ]
+
+
+# A store of its own, shaped like the sample schemas DBAs know: every table's rows stamped by an update trigger,
+# keys ON UPDATE CASCADE ON DELETE RESTRICT, link tables with composite primary keys, a self-reference, a key
+# across schemas, and a partitioned payments table whose two oldest partitions carry keys of their own.
+STORE = """
+CREATE SCHEMA ref;
+CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$;
+CREATE TABLE ref.countries (id int PRIMARY KEY, updated_at timestamptz);
+CREATE TABLE cities (id int PRIMARY KEY, country_id int NOT NULL REFERENCES ref.countries
+    ON UPDATE CASCADE ON DELETE RESTRICT, updated_at timestamptz);
+CREATE TABLE addresses (id int PRIMARY KEY, city_id int NOT NULL REFERENCES cities
+    ON UPDATE CASCADE ON DELETE RESTRICT, updated_at timestamptz);
+CREATE TABLE stores (id int PRIMARY KEY, address_id int REFERENCES addresses ON UPDATE CASCADE ON DELETE RESTRICT,
+    updated_at timestamptz);
+CREATE TABLE staff (id int PRIMARY KEY, store_id int NOT NULL REFERENCES stores ON UPDATE CASCADE ON DELETE RESTRICT,
+    address_id int REFERENCES addresses ON UPDATE CASCADE ON DELETE RESTRICT,
+    manager_id int REFERENCES staff ON DELETE SET NULL, updated_at timestamptz);
+CREATE TABLE customers (id int PRIMARY KEY, store_id int NOT NULL REFERENCES stores ON UPDATE CASCADE
+    ON DELETE RESTRICT, address_id int REFERENCES addresses ON UPDATE CASCADE ON DELETE RESTRICT,
+    updated_at timestamptz);
+CREATE TABLE languages (id int PRIMARY KEY, updated_at timestamptz);
+CREATE TABLE films (id int PRIMARY KEY, language_id int NOT NULL REFERENCES languages ON UPDATE CASCADE
+    ON DELETE RESTRICT, original_language_id int REFERENCES languages ON UPDATE CASCADE ON DELETE RESTRICT,
+    updated_at timestamptz);
+CREATE TABLE actors (id int PRIMARY KEY, updated_at timestamptz);
+CREATE TABLE categories (id int PRIMARY KEY, updated_at timestamptz);
+CREATE TABLE film_actors (actor_id int REFERENCES actors ON UPDATE CASCADE ON DELETE RESTRICT,
+    film_id int REFERENCES films ON UPDATE CASCADE ON DELETE RESTRICT, updated_at timestamptz,
+    PRIMARY KEY (actor_id, film_id));
+CREATE TABLE film_categories (film_id int REFERENCES films ON UPDATE CASCADE ON DELETE RESTRICT,
+    category_id int REFERENCES categories ON UPDATE CASCADE ON DELETE RESTRICT, updated_at timestamptz,
+    PRIMARY KEY (film_id, category_id));
+CREATE TABLE inventory (id int PRIMARY KEY, film_id int NOT NULL REFERENCES films ON UPDATE CASCADE
+    ON DELETE RESTRICT, store_id int NOT NULL REFERENCES stores ON UPDATE CASCADE ON DELETE RESTRICT,
+    updated_at timestamptz);
+CREATE TABLE rentals (id int PRIMARY KEY, inventory_id int NOT NULL REFERENCES inventory ON UPDATE CASCADE
+    ON DELETE RESTRICT, customer_id int REFERENCES customers ON UPDATE CASCADE ON DELETE RESTRICT,
+    updated_at timestamptz);
+CREATE TABLE payments (id int, paid_on date, customer_id int NOT NULL, rental_id int, PRIMARY KEY (id, paid_on))
+    PARTITION BY RANGE (paid_on);
+CREATE TABLE payments_2023 PARTITION OF payments FOR VALUES FROM ('2023-01-01') TO ('2024-01-01');
+CREATE TABLE payments_2024 PARTITION OF payments FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE payments_2025 PARTITION OF payments FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+ALTER TABLE payments_2023 ADD CONSTRAINT payments_2023_customer_fk FOREIGN KEY (customer_id) REFERENCES customers;
+ALTER TABLE payments_2024 ADD CONSTRAINT payments_2024_customer_fk FOREIGN KEY (customer_id) REFERENCES customers;
+ALTER TABLE payments_2023 ADD CONSTRAINT payments_2023_rental_fk FOREIGN KEY (rental_id) REFERENCES rentals;
+CREATE INDEX payments_2023_customer_idx ON payments_2023 (customer_id);
+DO $$ DECLARE t record; BEGIN
+  FOR t IN SELECT c.oid::regclass AS r FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+           WHERE a.attname = 'updated_at' AND c.relkind = 'r' LOOP
+    EXECUTE format('CREATE TRIGGER stamp BEFORE UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION stamp()', t.r);
+  END LOOP;
+END $$;
+INSERT INTO ref.countries VALUES (1), (2); INSERT INTO cities VALUES (1, 1), (2, 2);
+INSERT INTO addresses SELECT g, 1 + g % 2 FROM generate_series(1, 20) g;
+INSERT INTO stores VALUES (1, 1), (2, 2); INSERT INTO staff VALUES (1, 1, 3, NULL), (2, 2, 4, 1);
+INSERT INTO customers SELECT g, 1 + g % 2, g FROM generate_series(1, 20) g;
+INSERT INTO languages VALUES (1), (2); INSERT INTO films SELECT g, 1, 2 FROM generate_series(1, 30) g;
+INSERT INTO actors SELECT g FROM generate_series(1, 10) g; INSERT INTO categories VALUES (1), (2);
+INSERT INTO film_actors SELECT 1 + g % 10, g FROM generate_series(1, 30) g;
+INSERT INTO film_categories SELECT g, 1 + g % 2 FROM generate_series(1, 30) g;
+INSERT INTO inventory SELECT g, g, 1 + g % 2 FROM generate_series(1, 30) g;
+INSERT INTO rentals SELECT g, g, 1 + g % 20 FROM generate_series(1, 30) g;
+INSERT INTO payments SELECT g, date '2023-03-01' + g * 20, 1 + g % 20, 1 + g % 30 FROM generate_series(1, 50) g;
+"""
+TABLE_KEYS = """
+SELECT conrelid::regclass::text || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+WHERE contype = 'f' AND conparentid = 0 AND NOT conrelid::regclass::text LIKE 'payments_%' ORDER BY 1
+"""
+# Every key of the reference but the partitions' own (those become the partitioned table's key), and the app's
+# writes stamped by the triggers through it all.
+DROP_TABLE_KEYS = DROP_KEYS.replace(
+    "conparentid = 0", "conparentid = 0 AND NOT conrelid::regclass::text LIKE 'payments_%'"
+)
+
+
+def test_a_whole_schema_lands_from_its_reference_exactly_with_no_key_or_index_twice(db, capsys, tmp_path: Path) -> None:
+    """Twenty keys, declared from a reference database, landed with one run --all on a copy that lost them
+    and gained orphans: every key converges with exactly the reference's definition or is refused with nothing
+    changed; the partitions' own keys and index are adopted, never doubled."""
+    db.execute(STORE)
+    code, text, err = _declare(db, capsys)
+    assert code == cli.EXIT_OK, err
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(text)
+    declared = load_targets(targets)
+    assert len(declared) == 20, [target.name for target in declared]
+    reference = db.query(TABLE_KEYS)
+    indexes_before = db.query("SELECT indexrelid::regclass::text FROM pg_index ORDER BY 1")
+    db.execute(DROP_TABLE_KEYS)
+    # Orphans: nullable pointers (nulled, audited) and a NOT NULL one (its key refused, nothing changed).
+    db.execute(
+        "UPDATE films SET original_language_id = 9 WHERE id <= 3; UPDATE staff SET manager_id = 99 WHERE id = 2;"
+    )
+    db.execute("INSERT INTO inventory VALUES (31, 77, 1)")
+    inventory_key = next(t for t in declared if t.spec.table == "inventory" and t.spec.columns == ("film_id",))
+    before_refused = snapshot(db, inventory_key.spec)
+    code = cli.main(["run", "--dsn", db.dsn, "--targets", str(targets), "--all", "--set", "validate_now=true"])
+    summary = capsys.readouterr().out.split("All 20 declared key(s) on ", 1)[1]
+    assert code == cli.EXIT_REFUSED and summary.count(": converged") == 19, summary
+    assert f"{inventory_key.name}: failed or refused" in summary, summary
+    # Refused with nothing of its own changed: no row, no key, no index, no audit table (the table's other key,
+    # store_id's, landed beside it).
+    after_refused = snapshot(db, inventory_key.spec)
+    assert (after_refused["data"], after_refused["audit_table"]) == (before_refused["data"], False)
+    assert not any(inventory_key.spec.constraint in line for line in after_refused["constraints"])
+    assert not any(inventory_key.spec.index in line for line in after_refused["indexes"])
+    landed = db.query(TABLE_KEYS)
+    missing = "inventory FOREIGN KEY (film_id) REFERENCES films(id) ON UPDATE CASCADE ON DELETE RESTRICT"
+    # The partitions' keys are the partitioned table's now (as declared: their own adopted, see below).
+    payments = [
+        ("payments FOREIGN KEY (customer_id) REFERENCES customers(id)",),
+        ("payments FOREIGN KEY (rental_id) REFERENCES rentals(id)",),
+    ]
+    assert landed == sorted([key for key in reference if key[0] != missing] + payments), set(reference) ^ set(landed)
+    # One key per partition for each of payments' keys, whatever its name was; no index built twice.
+    per_partition = db.query(
+        "SELECT conrelid::regclass::text, count(*) FROM pg_constraint WHERE contype = 'f' "
+        "AND conrelid::regclass::text LIKE 'payments_%' GROUP BY 1 ORDER BY 1"
+    )
+    assert per_partition == [("payments_2023", 2), ("payments_2024", 2), ("payments_2025", 2)]
+    doubled = db.query("SELECT indrelid::regclass::text, indkey::text FROM pg_index GROUP BY 1, 2 HAVING count(*) > 1")
+    assert doubled == [], doubled
+    assert "payments_2023_customer_idx" in [
+        name for (name,) in db.query("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid")
+    ]
+    assert len(db.query("SELECT 1 FROM pg_index")) >= len(indexes_before)
