@@ -140,6 +140,8 @@ def constraint_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: Targ
 
 def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> IndexState:
     assert state.table and state.columns
+    if not spec.build_index:
+        return IndexState(exists=False)  # no index is the key's: one of the name it would have is not looked at
     return index_on(conn, spec, (spec.schema, spec.index), (spec.schema, spec.table), state.table.oid, state)
 
 
