@@ -226,7 +226,7 @@ def no_index_note(spec: ForeignKeySpec) -> str:
     return (
         f"the app's Drizzle schema declares no index on {spec.schema}.{spec.table} ({', '.join(spec.columns)}), so "
         "the run builds none (drizzle-kit push would drop it as drift); every delete or key update of a referenced "
-        f"row then scans {spec.table} for its rows. To have one, declare it in schema.ts, in {spec.table}'s "
-        f'extra config: index("{spec.index}").on({fields}), run `drizzle-kit generate`, and run the pipeline '
-        "again: it builds the index concurrently"
+        f"row then scans {spec.table} for its rows. To have one, declare it in schema.ts, in the third argument "
+        f'of pgTable("{spec.table}", ...): index("{spec.index}").on({fields}), run `drizzle-kit generate`, and '
+        "run the pipeline again: it builds the index concurrently"
     )
