@@ -79,8 +79,8 @@ RUNBOOK = """
 # {name}
 
 Gives `{schema}.{table}` a **validated** foreign key
-`{constraint} ({columns}) -> {ref_table}({ref_columns}) {definition}` and the btree index
-`{index} ({columns})`, while the app keeps writing. Declared for the Airflow connections {conn_ids}.
+`{constraint} ({columns}) -> {ref_table}({ref_columns}) {definition}` and {index}, while the app keeps
+writing. Declared for the Airflow connections {conn_ids}.
 
 **Orphans** (rows whose `{columns}` names a missing parent): {policy}
 
@@ -321,7 +321,9 @@ def _runbook(target: Target) -> str:
         ref_columns=", ".join(spec.ref_columns),
         row_key=", ".join(spec.row_key),
         constraint=spec.constraint,
-        index=spec.index,
+        index=f"the btree index `{spec.index} ({', '.join(spec.columns)})`"
+        if spec.build_index
+        else "no index of its own (its Drizzle schema declares none; preflight's warning says how to)",
         definition=spec.definition_sql,
         policy=POLICY_TEXT[spec.orphans]
         + (" " + approvers_runbook(target.approvers) if spec.orphans == "delete" else ""),
@@ -362,7 +364,9 @@ def build_dag(target: Target) -> DAG:
 
     with DAG(
         dag_id=target.name,
-        description=f"Validated FK {spec.constraint} and index {spec.index} on {spec.table}, without stalling the app",
+        description=f"Validated FK {spec.constraint}"
+        + (f" and index {spec.index}" if spec.build_index else "")
+        + f" on {spec.table}, without stalling the app",
         doc_md=_runbook(target),
         schedule=_window_schedule(),
         catchup=False,

@@ -4,6 +4,7 @@ against a working copy of app/ (so generate never writes into the checkout)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -58,6 +59,21 @@ def app_copy(node_modules: Path, into: Path, *, before_pipeline: bool = False) -
         schema = into / "src" / "lib" / "db" / "schema.ts"
         schema.write_text(PIPELINE_MANAGED.sub("", schema.read_text()))
     return into
+
+
+def scratch_app(
+    node_modules: Path, into: Path, schema_ts: str, *, schema_filter: tuple[str, ...] = ("public",)
+) -> Path:
+    """A copy of app/ with a schema.ts of the test's own and no migrations yet (``drizzle-kit generate`` writes
+    them), its drizzle.config.ts managing the schemas of ``schema_filter``."""
+    app = app_copy(node_modules, into)
+    shutil.rmtree(app / "drizzle" / "migrations")
+    (app / "src" / "lib" / "db" / "schema.ts").write_text(schema_ts)
+    config = app / "drizzle.config.ts"
+    out = '  out: "./drizzle/migrations",\n'
+    assert out in config.read_text(), "app/drizzle.config.ts no longer names its out folder as this expects"
+    config.write_text(config.read_text().replace(out, out + f"  schemaFilter: {json.dumps(list(schema_filter))},\n"))
+    return app
 
 
 def database_url(dsn: str) -> str:

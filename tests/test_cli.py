@@ -78,9 +78,9 @@ def on(db) -> list[str]:
 def test_the_command_and_each_subcommand_explain_themselves_and_python_dash_m_is_the_same(command, tmp_path) -> None:
     main = cli(command, "--help")
     assert main.returncode == 0
-    for name in ("check", "plan", "run", "restore", "Exit codes"):
+    for name in ("check", "plan", "run", "restore", "guard", "Exit codes"):
         assert name in main.stdout
-    for name in ("check", "plan", "run", "restore"):
+    for name in ("check", "plan", "run", "restore", "guard"):
         sub = cli(command, name, "--help")
         assert sub.returncode == 0 and "Exit " in sub.stdout, sub.stdout
     assert "--run-id" in cli(command, "restore", "--help").stdout

@@ -6,6 +6,7 @@
     fk-maintenance run     (--dsn DSN | --conn-id ID) [--targets FILE] --key NAME [--set NAME=VALUE ...]
     fk-maintenance restore (--dsn DSN | --conn-id ID) [--targets FILE] --key NAME --run-id ID [--dry-run]
                            [--set NAME=VALUE ...]
+    fk-maintenance guard   MIGRATION.sql [--in-place] [--targets FILE] [--max-rows N]   a drizzle-kit migration
 
 The steps are the DAG's (``steps.registry.STEPS``, in that order), the settings the trigger form's (validated
 by the same schema), and each writing step takes the same run lock as under Airflow: a run from here and a DAG run
@@ -33,6 +34,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from fk_maintenance.cli.declare import declare
+from fk_maintenance.cli.guard import DEFAULT_MAX_ROWS, GuardRefused, guard_file
 from fk_maintenance.cli.progress import ProgressHandler
 from fk_maintenance.db.session import CONCURRENT_RUN_GRACE, CONCURRENT_RUN_RECHECK, LIBPQ_DEFAULTS
 from fk_maintenance.errors import (
@@ -420,7 +422,7 @@ def _preflight_section(target: Target, found: dict[str, Any]) -> PlanSection:
             f"PostgreSQL {found['server_version']}, {found['table']} {found['table_size']} "
             f"(~{found['estimated_rows']} rows)",
             f"constraint {target.spec.constraint}: {found['constraint']}",
-            f"index {target.spec.index}: {found['index']}",
+            f"index {target.spec.index}: {found['index']}" if target.spec.build_index else f"index: {found['index']}",
             *(f"partition {line}" for line in found.get("partitions", [])),
             *(f"warning: {warning}" for warning in found.get("warnings", [])),
         ],
@@ -772,6 +774,58 @@ def _add_restore(commands: _SubcommandsWithVerbose) -> None:
     )
 
 
+def _add_guard(commands: _SubcommandsWithVerbose) -> None:
+    guard = commands.add_parser(
+        "guard",
+        help="rewrite a drizzle-kit migration's new foreign keys and indexes into guarded ones",
+        description="Rewrite the ADD CONSTRAINT ... FOREIGN KEY and CREATE INDEX statements `drizzle-kit generate` "
+        "wrote into the guarded form of the shipped migration: nothing happens where the key and its index exist "
+        "(the pipeline made them), a table of --max-rows rows or more that lacks them is refused (the plain "
+        "statements would stall its writes for the whole scan), a small table or a fresh database gets them. "
+        "Every other statement is left as it is; a guarded file guarded again is unchanged. Prints the migration "
+        "on stdout, or rewrites it with --in-place; what was guarded goes to stderr. No database. "
+        f"Exit {EXIT_OK} when guarded (or nothing to guard), {EXIT_REFUSED} when --targets does not declare a key "
+        f"the migration adds, as it adds it, {EXIT_USAGE} for a usage error.",
+    )
+    guard.add_argument("migration", type=Path, help="the .sql file drizzle-kit generate wrote")
+    guard.add_argument("--in-place", action="store_true", help="rewrite the file instead of printing it")
+    guard.add_argument(
+        "--targets",
+        metavar="FILE",
+        help="check that the targets file declares every key the migration adds, with the same index, and name "
+        "its DAG in the refusal (default: the DAG id drizzle: entries give a key, its constraint's name)",
+    )
+    guard.add_argument(
+        "--max-rows",
+        type=int,
+        default=DEFAULT_MAX_ROWS,
+        metavar="N",
+        help=f"refuse a table of this many rows or more that lacks the key or index (default {DEFAULT_MAX_ROWS})",
+    )
+
+
+def cmd_guard(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    """Print (or rewrite) the migration guarded; say on stderr what was guarded."""
+    path: Path = args.migration
+    if not path.is_file():
+        raise UsageError(f"migration {path} not found")
+    if args.max_rows < 1:
+        raise UsageError(f"--max-rows {args.max_rows}: give a number of rows, 1 or more")
+    targets = load(Path(args.targets)) if args.targets else None
+    try:
+        text, done = guard_file(path, in_place=args.in_place, max_rows=args.max_rows, targets=targets)
+    except GuardRefused as exc:
+        print(f"{PROG} guard: {path}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if not args.in_place:
+        out(text.rstrip("\n"))
+    for line in done:
+        print(f"{PROG} guard: {path}: guarded {line}", file=sys.stderr)
+    if not done:
+        print(f"{PROG} guard: {path}: no new foreign key or index, nothing to guard", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -791,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     # -v also after the subcommand, where a user types it.
     commands = _SubcommandsWithVerbose(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), verbose)
     # In this order in the help's list of commands.
-    for add in (_add_check, _add_declare, _add_plan, _add_run, _add_restore):
+    for add in (_add_check, _add_declare, _add_plan, _add_run, _add_restore, _add_guard):
         add(commands)
     return parser
 
@@ -815,6 +869,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], int]] 
     "plan": cmd_plan,
     "run": cmd_run,
     "restore": cmd_restore,
+    "guard": cmd_guard,
 }
 
 

@@ -9,7 +9,6 @@ The file printed is checked by the same schema and spec as any targets file befo
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from pathlib import Path
 import psycopg
 
 from fk_maintenance.db.sqlfiles import statement
+from fk_maintenance.keys.settings import airflow_key_from
 from fk_maintenance.keys.spec import (
     MATCH_TYPES,
     ON_DELETE_ACTIONS,
@@ -26,9 +26,6 @@ from fk_maintenance.keys.spec import (
     fitting_identifier,
 )
 from fk_maintenance.keys.targets import load_targets
-
-# A DAG id takes letters, digits and _ . -; anything else in a constraint's name becomes _.
-_NOT_IN_DAG_ID = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 @dataclass(frozen=True)
@@ -176,7 +173,7 @@ def targets_file(keys: list[DeclaredKey], conn_ids: list[str], source: str) -> t
     taken: set[str] = set()
     entries = []
     for key in keys:
-        dag_id = _NOT_IN_DAG_ID.sub("_", key.constraint)
+        dag_id = airflow_key_from(key.constraint)
         while dag_id in taken:
             dag_id += "_"
         taken.add(dag_id)

@@ -142,6 +142,8 @@ def index_state(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
     """The key's index: the one of its name, or, where the declaration names none and there is none of the default
     name, an index that already serves the key (a plain table's; a second index would only cost writes)."""
     assert state.table and state.columns
+    if not spec.build_index:
+        return IndexState(exists=False)  # no index is the key's: one of the name it would have is not looked at
     ours = index_on(conn, spec, (spec.schema, spec.index), (spec.schema, spec.table), state.table.oid, state)
     if ours.exists or spec.index_declared or state.partitioned:
         return ours

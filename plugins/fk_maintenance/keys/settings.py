@@ -7,6 +7,7 @@ at parse time.
 
 from __future__ import annotations
 
+import re
 import zoneinfo
 from dataclasses import asdict, dataclass, field, fields
 from datetime import time
@@ -21,6 +22,13 @@ HHMM_PATTERN = r"^([01]\d|2[0-3]):[0-5]\d$"
 # Airflow's own rule for DAG and connection ids.
 AIRFLOW_KEY = r"^[A-Za-z0-9_.-]+$"
 CONN_ID_SCHEMA: dict[str, Any] = {"type": "string", "pattern": AIRFLOW_KEY, "minLength": 1, "maxLength": 250}
+_NOT_IN_AIRFLOW_KEY = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def airflow_key_from(name: str) -> str:
+    """A DAG id for a database object's name (a constraint's): each character Airflow's ids do not take becomes _."""
+    return _NOT_IN_AIRFLOW_KEY.sub("_", name)
+
 
 SECTION_RUN = "What this run does"
 SECTION_FLEET = "Targets (fleet)"

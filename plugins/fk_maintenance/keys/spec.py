@@ -174,6 +174,10 @@ class ForeignKeySpec:
     initially_deferred: bool = False
     # False: the declaration named no index, so one that already serves the key is used rather than a second built.
     index_declared: bool = True
+    # False: the pipeline builds no index for the key (``index`` is then only the name one would have). A key
+    # declared from the app's Drizzle snapshot gets one only where the snapshot declares it: drizzle-kit push
+    # would drop an index the schema does not declare, as drift. Not a targets-file field of its own.
+    build_index: bool = True
 
     def __post_init__(self) -> None:
         normalized = {name: _column_list(getattr(self, name)) for name in COLUMN_LIST_FIELDS}
@@ -201,8 +205,8 @@ class ForeignKeySpec:
 
     def _field_problems(self, name: str) -> list[str]:
         value = getattr(self, name)
-        if name == "hierarchy_checks":
-            return [] if isinstance(value, bool) else ["hierarchy_checks must be true or false"]
+        if name in ("hierarchy_checks", "build_index"):
+            return [] if isinstance(value, bool) else [f"{name} must be true or false"]
         if name in ("on_delete", "on_update", "match"):
             return [] if isinstance(value, str) else [f"{name} must be a string"]
         if name in ("deferrable", "initially_deferred", "index_declared"):
@@ -402,7 +406,7 @@ class ForeignKeySpec:
         return (
             f"{self.schema}.{self.table}({', '.join(self.columns)}) -> "
             f"{self.ref_schema}.{self.ref_table}({', '.join(self.ref_columns)}) {self.definition_sql} as "
-            f"{self.constraint}, index {self.index}"
+            f"{self.constraint}, " + (f"index {self.index}" if self.build_index else "no index of its own")
         )
 
 

@@ -87,20 +87,24 @@ def _post_checks(conn: psycopg.Connection, spec: ForeignKeySpec, settings: RunSe
     )
 
     idx = state.index
-    checks.append(Check("index exists", idx.exists and idx.is_index, idx.definition or f"{spec.index} is missing"))
-    checks.append(
-        Check("index is valid", idx.exists and idx.valid, "indisvalid = true" if idx.valid else "INVALID or missing")
-    )
-    checks.append(
-        Check(
-            f"index is btree on ({', '.join(spec.columns)})",
-            idx.exists and idx.matches,
-            "; ".join(idx.mismatches) or idx.definition or "missing",
+    # A key that declares no index of its own (keys.drizzle) is not checked for one.
+    if spec.build_index:
+        checks.append(Check("index exists", idx.exists and idx.is_index, idx.definition or f"{spec.index} is missing"))
+        checks.append(
+            Check(
+                "index is valid", idx.exists and idx.valid, "indisvalid = true" if idx.valid else "INVALID or missing"
+            )
         )
-    )
+        checks.append(
+            Check(
+                f"index is btree on ({', '.join(spec.columns)})",
+                idx.exists and idx.matches,
+                "; ".join(idx.mismatches) or idx.definition or "missing",
+            )
+        )
     if state.partitioned:
         checks.extend(partition_checks(spec, state))
-    if idx.exists and idx.valid:
+    if spec.build_index and idx.exists and idx.valid:
         checks.append(_planner_uses_index(conn, spec, state))
 
     if settings.dry_run:
@@ -121,18 +125,22 @@ def partition_checks(spec: ForeignKeySpec, state: TargetState) -> list[Check]:
     no_key = [p.described for p in state.partitions if not (p.key_exists and p.key_validated and p.key_inherited)]
     no_index = [p.described for p in state.partitions if not (p.attached_index and p.index_valid)]
     count = len(state.partitions)
-    return [
+    checks = [
         Check(
             f"every partition holds {spec.constraint}, validated, as the parent's",
             not no_key,
             f"missing, NOT VALID or not the parent's on: {', '.join(no_key)}" if no_key else f"{count} partition(s)",
         ),
-        Check(
-            f"every partition has a valid index attached to {spec.index}",
-            not no_index,
-            f"missing or INVALID on: {', '.join(no_index)}" if no_index else f"{count} partition(s)",
-        ),
     ]
+    if spec.build_index:  # a key without an index of its own (keys.drizzle) is not checked for one
+        checks.append(
+            Check(
+                f"every partition has a valid index attached to {spec.index}",
+                not no_index,
+                f"missing or INVALID on: {', '.join(no_index)}" if no_index else f"{count} partition(s)",
+            )
+        )
+    return checks
 
 
 def _planner_uses_index(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> Check:

@@ -141,6 +141,9 @@ def _create_index(
     poll_seconds: float,
 ) -> dict[str, Any]:
     started = time.monotonic()
+    if not spec.build_index:
+        # The key declares no index of its own (keys.drizzle): the app's schema tool would drop one as drift.
+        return {"action": "none (the key declares no index; see preflight's warning)", "seconds": 0.0}
     state = require_target(conn, spec)
     if state.index.exists and state.index.valid:
         if state.index.name:

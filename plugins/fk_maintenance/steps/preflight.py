@@ -20,6 +20,7 @@ from fk_maintenance.db.session import CATALOG_STATEMENT_TIMEOUT_MS, set_local_ti
 from fk_maintenance.db.sqlfiles import statement
 from fk_maintenance.db.target_state import PartitionInfo, TargetState
 from fk_maintenance.errors import PreflightFailed
+from fk_maintenance.keys.drizzle import no_index_note
 from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ForeignKeySpec
 from fk_maintenance.records.audit import AuditTables, audit_problems, audit_summary, find_audit_tables
@@ -116,7 +117,7 @@ def _summary(
         "table_size": _human_bytes(state.total_bytes),
         "estimated_rows": state.estimated_rows,
         "constraint": _describe_constraint(state, parent_takes_not_valid(conn)),
-        "index": _describe_index(state),
+        "index": _describe_index(state) if spec.build_index else "none of the key's own (it declares none)",
         **({"partitions": [_describe_partition(part) for part in state.partitions]} if state.partitioned else {}),
         **audit_summary(spec, audit_tables),
         "warnings": warnings,
@@ -131,7 +132,10 @@ def _warnings(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState
         "the app will have two"
         for name, definition, validated in other_foreign_keys(conn, spec, state)
     ]
-    if not (state.index.exists and state.index.valid):
+    if not spec.build_index:
+        # No index of the pipeline's (keys.drizzle): said unless one the app made already serves the key's lookups.
+        warnings += [] if same_columns_indexes(conn, spec, state) else [no_index_note(spec)]
+    elif not (state.index.exists and state.index.valid):
         warnings += [
             f"index {name} ({definition}) already serves ({columns}), and this run builds {spec.index} beside "
             f"it, a second index the same: to adopt {name} instead, declare index: {name} for this key"
