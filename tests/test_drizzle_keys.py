@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import psycopg
@@ -111,7 +112,10 @@ def _ok(result) -> str:
 
 
 def generate(app: Path, name: str) -> Path:
-    """``drizzle-kit generate --name``: the migration it wrote."""
+    """``drizzle-kit generate --name``: the migration it wrote. drizzle-kit names a migration's snapshot by the
+    second it was generated in: two generates within one second would write one snapshot file over the other, so
+    each waits for a second of its own."""
+    time.sleep(1.1)
     _ok(drizzle_kit(app, "dbname=unused", "generate", "--name", name))
     (migration,) = (app / "drizzle" / "migrations").glob(f"*_{name}.sql")
     return migration
