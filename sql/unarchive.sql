@@ -1,0 +1,165 @@
+-- Restore of an orphans: delete run from its archive (records/unarchive.py): each row the run deleted or changed
+-- goes back once, as its last record says, with every value it had before the run touched it; whatever anyone
+-- wrote since is left alone.
+
+-- name: final_records
+-- The run's last record of each row (a row several batches touched: the last batch's, its first record), in
+-- the order rows go back (parents before children). With it: the row's origin, the earliest record of the
+-- unbroken chain that ends there (each later batch found the version the batch before it wrote, so nobody wrote
+-- the row between), whose row is the row before the run touched it; the chain's records (put back together);
+-- the run's earlier records beyond a break (written since, left alone); and whether a restore already put it
+-- back (by_this: this restore, in an earlier pass).
+SELECT f.depth, f.seq, f.table_schema, f.table_name, f.row_key::text, f.action, f.via, f.relid, f.batch,
+       {f_filenode}, {f_written_md5}, {o_row_text}, o.row_data::text, m.members::text, m.superseded::text,
+       logged.by_this
+FROM {archive} f
+CROSS JOIN LATERAL (
+    SELECT coalesce(max(x.batch) FILTER (WHERE NOT coalesce({x_prior_intact}, false)), f.batch) AS batch
+    FROM {archive} x
+    WHERE x.run_id = f.run_id AND x.table_schema = f.table_schema AND x.table_name = f.table_name
+      AND x.row_key = f.row_key
+) origin
+CROSS JOIN LATERAL (
+    SELECT o.* FROM {archive} o
+    WHERE o.run_id = f.run_id AND o.table_schema = f.table_schema AND o.table_name = f.table_name
+      AND o.row_key = f.row_key AND o.batch = origin.batch
+    ORDER BY o.seq
+    LIMIT 1
+) o
+CROSS JOIN LATERAL (
+    SELECT jsonb_agg(jsonb_build_array(x.action, x.via, x.columns) ORDER BY x.batch, x.seq)
+               FILTER (WHERE x.batch >= origin.batch) AS members,
+           coalesce(jsonb_agg(x.action ORDER BY x.batch, x.seq) FILTER (WHERE x.batch < origin.batch), '[]')
+               AS superseded
+    FROM {archive} x
+    WHERE x.run_id = f.run_id AND x.table_schema = f.table_schema AND x.table_name = f.table_name
+      AND x.row_key = f.row_key
+) m
+LEFT JOIN ({logged}) logged
+    ON logged.row_key = f.table_schema || '.' || f.table_name || ' ' || f.row_key::text
+                        || CASE WHEN f.action = 'deleted' THEN '' ELSE ' ' || f.via END
+WHERE f.run_id = %(run_id)s AND f.action = ANY(%(actions)s)
+  AND (%(only)s::bigint[] IS NULL OR f.seq = ANY(%(only)s::bigint[]))
+  AND NOT EXISTS (
+      SELECT 1 FROM {archive} n
+      WHERE n.run_id = f.run_id AND n.table_schema = f.table_schema AND n.table_name = f.table_name
+        AND n.row_key = f.row_key AND (n.batch > f.batch OR (n.batch = f.batch AND n.seq < f.seq)))
+ORDER BY f.depth, f.seq
+
+-- name: logged
+-- What restores of the run put back, by the restore log's row_key (table, row key, and the key for a pointer).
+SELECT l.row_key, bool_or(l.restore_id = %(restore_id)s) AS by_this
+FROM {restore_log} l
+WHERE l.audit_table = %(audit_name)s AND l.run_id = %(run_id)s
+GROUP BY l.row_key
+
+-- name: nothing_logged
+SELECT NULL::text AS row_key, NULL::boolean AS by_this WHERE false
+
+-- name: run_tables
+-- The tables the run deleted rows from or changed columns of, as a restore will write to them.
+SELECT a.table_schema, a.table_name, to_regclass(format('%%I.%%I', a.table_schema, a.table_name))::oid,
+       bool_or(a.action = 'deleted'),
+       coalesce(array_agg(DISTINCT c.name) FILTER (WHERE c.name IS NOT NULL), '{{}}')
+FROM {archive} a
+LEFT JOIN LATERAL unnest(CASE WHEN a.action <> 'deleted' THEN a.columns END) AS c(name) ON true
+WHERE a.run_id = %(run_id)s
+GROUP BY a.table_schema, a.table_name
+ORDER BY 1, 2
+
+-- name: table_facts
+-- A table a restore writes to: its oid, the columns an INSERT writes (not generated ones, which the server
+-- computes again), and the nullable columns of its foreign keys (a row that points at a row not back yet, which
+-- points back at it, goes in with them NULL and gets them in the same transaction).
+SELECT c.oid,
+       (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+       (SELECT coalesce(array_agg(DISTINCT a.attname::text), '{{}}')
+        FROM pg_constraint con
+        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = ANY(con.conkey)
+        WHERE con.contype = 'f' AND con.conrelid = c.oid AND NOT a.attnotnull AND a.attgenerated = '')
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+
+-- name: key_types
+-- The types of a row key's columns now (format_type), to read archived keys back typed.
+SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord)
+FROM unnest(%(names)s::text[]) WITH ORDINALITY AS k(name, ord)
+JOIN pg_attribute a ON a.attrelid = %(relid)s::oid AND a.attname = k.name AND NOT a.attisdropped
+
+-- name: begin_restore
+-- A restore's transaction: the setting a trigger reads to step aside (restorable.RESTORING_SETTING).
+SELECT set_config('fk_maintenance.restoring', 'on', true)
+
+-- name: immediate
+-- Deferred keys and constraint triggers checked at each statement, inside the row's savepoint, so one row a
+-- deferred key refuses is counted and the others commit.
+SET CONSTRAINTS ALL IMMEDIATE
+
+-- name: text_reads_back
+-- Whether the archived row's text still reads as a row of the table with the archived values (a column added,
+-- dropped or retyped since may make it read otherwise, or not at all): then it is the exact image.
+SELECT to_jsonb(%(text)s::{rel}) = %(json)s::jsonb
+
+-- name: row_now
+-- The row of that key now, if any: whether it is the image the restore would put back (already back).
+SELECT (%(text)s::text IS NOT NULL AND t::text = %(text)s::text) OR to_jsonb(t) = %(json)s::jsonb
+FROM {rel} t, {key}
+WHERE {t_is_k}
+
+-- name: declared_parent
+-- The declared key, which may not exist in the catalog yet (nothing would refuse an orphan), holds for the
+-- image: its columns complete and their parent there, or not complete (MATCH SIMPLE).
+SELECT NOT ({c_key_complete}) OR EXISTS (SELECT 1 FROM {ref_table} p WHERE {parent_of_c})
+FROM jsonb_populate_record(%(base)s::{table}, %(overrides)s::jsonb) c
+
+-- name: insert_image
+-- The row as it was: from its own text (base; exact), else from its jsonb (overrides), with the columns in nulls
+-- NULL for now (a cycle of keys).
+INSERT INTO {rel} ({columns}) OVERRIDING SYSTEM VALUE
+SELECT {r_columns} FROM jsonb_populate_record(%(base)s::{rel}, %(overrides)s::jsonb || %(nulls)s::jsonb) r
+
+-- name: update_deferred
+-- The columns a cycle's row went in without, from the image, on the row this transaction inserted.
+UPDATE {rel} t SET {set_from_r}
+FROM jsonb_populate_record(%(base)s::{rel}, %(overrides)s::jsonb) r, {key}
+WHERE {t_is_k}
+
+-- name: ours
+-- The row is the version the run's last batch wrote: its xmin, while the partition's file is the one the
+-- batch saw; after a rewrite (ALTER TABLE ... TYPE, VACUUM FULL, pg_repack), which gives the rows new xmins or
+-- moves them, its text is exactly the one the SET NULL left.
+((t.xmin::text::bigint = %(xmin)s
+  AND (%(filenode)s::oid IS NULL
+       OR (t.tableoid = %(relid)s::oid AND pg_relation_filenode(t.tableoid) = %(filenode)s::oid)))
+ OR (pg_relation_filenode(t.tableoid) IS DISTINCT FROM %(filenode)s::oid AND md5(t::text) = %(written)s))
+
+-- name: put_back_pointer
+-- One statement: lock the row only if it is still our version (never waiting on the app: a row it holds is
+-- busy, tried again by the next restore), then put the values back from the image. A version the app wrote
+-- after this statement began is re-checked under the lock, and is not ours.
+WITH target AS (
+    SELECT t.tableoid, t.ctid
+    FROM {rel} t, {key}
+    WHERE {t_is_k} AND {ours}
+    FOR UPDATE OF t SKIP LOCKED
+), put AS (
+    UPDATE {rel} t SET {set_from_r}
+    FROM target x, jsonb_populate_record(%(base)s::{rel}, %(overrides)s::jsonb) r
+    WHERE t.tableoid = x.tableoid AND t.ctid = x.ctid
+    RETURNING 1
+)
+SELECT count(*) FROM put
+
+-- name: pointer_now
+-- Why a pointer was not put back: the row is gone (no row), is still ours (the app holds it: busy), already has
+-- the values, or was written since.
+SELECT {ours}, ROW({t_columns}) IS NOT DISTINCT FROM ROW({r_columns})
+FROM {rel} t, {key}, jsonb_populate_record(%(base)s::{rel}, %(overrides)s::jsonb) r
+WHERE {t_is_k}
+
+-- name: log_restored
+INSERT INTO {restore_log} (restore_id, audit_table, run_id, row_key, parent, restored_at)
+VALUES (%(restore_id)s, %(audit_name)s, %(run_id)s, %(row_key)s, %(what)s, clock_timestamp())
+ON CONFLICT DO NOTHING
