@@ -10,8 +10,8 @@
 -- the run's earlier records beyond a break (written since, left alone); and whether a restore already put it
 -- back (by_this: this restore, in an earlier pass).
 SELECT f.depth, f.seq, f.table_schema, f.table_name, f.row_key::text, f.action, f.via, f.relid, f.batch,
-       {f_filenode}, {f_written_md5}, {o_row_text}, o.row_data::text, m.members::text, m.superseded::text,
-       logged.by_this
+       {f_filenode}, {f_written_md5}, origin.batch, {o_row_text}, o.row_data::text, m.members::text,
+       m.superseded::text, logged.by_this
 FROM {archive} f
 CROSS JOIN LATERAL (
     SELECT coalesce(max(x.batch) FILTER (WHERE NOT coalesce({x_prior_intact}, false)), f.batch) AS batch
@@ -116,9 +116,11 @@ FROM jsonb_populate_record(%(base)s::{table}, %(overrides)s::jsonb) c
 
 -- name: insert_image
 -- The row as it was: from its own text (base; exact), else from its jsonb (overrides), with the columns in nulls
--- NULL for now (a cycle of keys).
+-- NULL for now (a cycle of keys). A row of that key (or of another unique value of it) written since is left
+-- alone: nothing inserted.
 INSERT INTO {rel} ({columns}) OVERRIDING SYSTEM VALUE
 SELECT {r_columns} FROM jsonb_populate_record(%(base)s::{rel}, %(overrides)s::jsonb || %(nulls)s::jsonb) r
+ON CONFLICT DO NOTHING
 
 -- name: update_deferred
 -- The columns a cycle's row went in without, from the image, on the row this transaction inserted.
@@ -160,6 +162,8 @@ FROM {rel} t, {key}, jsonb_populate_record(%(base)s::{rel}, %(overrides)s::jsonb
 WHERE {t_is_k}
 
 -- name: log_restored
+-- What one transaction of the restore put back, written with it.
 INSERT INTO {restore_log} (restore_id, audit_table, run_id, row_key, parent, restored_at)
-VALUES (%(restore_id)s, %(audit_name)s, %(run_id)s, %(row_key)s, %(what)s, clock_timestamp())
+SELECT %(restore_id)s, %(audit_name)s, %(run_id)s, e.row_key, e.what, clock_timestamp()
+FROM jsonb_to_recordset(%(entries)s::jsonb) AS e(row_key text, what text)
 ON CONFLICT DO NOTHING

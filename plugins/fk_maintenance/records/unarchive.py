@@ -80,6 +80,7 @@ class Final:
     batch: int
     filenode: int | None
     written: str | None
+    origin: int  # the batch whose row is the image
     row_text: str | None
     row_data: str
     members: list[tuple[str, str, list[str]]]  # (action, via, columns) of each record put back with it
@@ -177,6 +178,10 @@ class Restore:
     exact_columns: bool  # the archive has row_text, filenode, written_md5, prior_intact
     has_log: bool
     tables: dict[tuple[str, ...], TableFacts] = field(default_factory=dict)
+    # Whether a table's archived text reads back as its row, per table and batch (one layout of columns each).
+    text_reads: dict[tuple[str, str, int], bool] = field(default_factory=dict)
+    # The restore log's entries of the open transaction, written with it (log_restored).
+    log: list[dict[str, str]] = field(default_factory=list)
 
     def facts(self, final: Final) -> TableFacts:
         """The table's facts now, read once per restore (and per row key's columns)."""
@@ -257,31 +262,22 @@ class Pending:
 
 
 def _restore_rows(restore: Restore, tally: Tally) -> None:
-    """Passes while a pass puts something back; then rows a key of the database refused, together (a cycle),
-    and passes again for the rows below them. What is still pending is counted."""
+    """A pass over every row; then the rows a key of the database refused go back together (they may wait on
+    each other, or on a row later in the pass), and a pass over the rest, while that puts something back. What
+    is still pending is counted."""
     pending = _row_pass(restore, tally, None)
-    while pending:
-        pending = _passes_until_stuck(restore, tally, pending)
-        cyclic = [p.final for p in pending.values() if p.why == "fk"]
-        if restore.settings.dry_run or not cyclic:
-            break
-        broken = _break_cycles(restore, cyclic)
-        if not broken:
-            break
-        for final in broken:
+    while pending and not restore.settings.dry_run:
+        before = tally.counts["rows_restored"]
+        waiting = [p.final for p in pending.values() if p.why == "fk"]
+        for final in _together(restore, waiting) if waiting else []:
             tally.add(final, "restored")
             del pending[final.seq]
-    for waiting in pending.values():
-        tally.add(waiting.final, "busy" if waiting.why == "busy" else "parent_still_missing")
-
-
-def _passes_until_stuck(restore: Restore, tally: Tally, pending: dict[int, Pending]) -> dict[int, Pending]:
-    while pending:
-        before = tally.counts["rows_restored"]
-        pending = _row_pass(restore, tally, list(pending))
+        if pending:
+            pending = _row_pass(restore, tally, list(pending))
         if tally.counts["rows_restored"] == before:
             break
-    return pending
+    for left in pending.values():
+        tally.add(left.final, "busy" if left.why == "busy" else "parent_still_missing")
 
 
 def _row_pass(restore: Restore, tally: Tally, only: list[int] | None) -> dict[int, Pending]:
@@ -299,24 +295,36 @@ def _row_pass(restore: Restore, tally: Tally, only: list[int] | None) -> dict[in
 
 
 def _put_back_row(restore: Restore, final: Final) -> Outcome:
-    conn = restore.conn
     facts = restore.facts(final)
-    now = conn.execute(
-        _row_now_statement(facts.rel), {"key": f"[{final.row_key}]", "text": final.row_text, "json": final.row_data}
-    ).fetchone()
     if final.logged is not None:
         # A restore put it back before: never again. Gone now means the app deleted it since.
-        return (None, None) if final.logged else ("already_restored" if now else "written_since", None)
-    if now is not None:
-        return ("already_restored" if now[0] else "written_since"), None
+        return (
+            (None, None)
+            if final.logged
+            else ("already_restored" if _row_now(restore, final) else "written_since", None)
+        )
     image = _image(restore, final, facts)
     if not _declared_parent_holds(restore, final, image):
         return "parent_still_missing", "declared"
-    if restore.settings.dry_run:
+    if (
+        restore.settings.dry_run
+        or not restore.conn.execute(_insert_statement(facts.rel, image.columns), image.params()).rowcount
+    ):
+        now = _row_now(restore, final)
+        if now is not None or not restore.settings.dry_run:
+            # A row of that key (or holding one of its unique values) was written since, or is this one already.
+            return ("already_restored" if now and now[0] else "written_since"), None
         return "restored", None
-    conn.execute(_insert_statement(facts.rel, image.columns), image.params())
     _log(restore, final)
     return "restored", None
+
+
+def _row_now(restore: Restore, final: Final) -> tuple[bool] | None:
+    """The row of that key now, if any: (whether it is the image)."""
+    facts = restore.facts(final)
+    return restore.conn.execute(
+        _row_now_statement(facts.rel), {"key": f"[{final.row_key}]", "text": final.row_text, "json": final.row_data}
+    ).fetchone()
 
 
 def _declared_parent_holds(restore: Restore, final: Final, image: Image) -> bool:
@@ -327,38 +335,58 @@ def _declared_parent_holds(restore: Restore, final: Final, image: Image) -> bool
     )
 
 
-def _break_cycles(restore: Restore, finals: list[Final]) -> list[Final]:
-    """Rows a key of the database refused, perhaps because they point at each other: all in one transaction,
-    each first with the nullable columns of its keys NULL, then those set from its image. A row whose update is
-    refused (its parent is really missing) is left out and the others tried again; [] when none can go."""
-    candidates = [f for f in finals if restore.facts(f).deferrable and not restore.facts(f).update_blocked]
+def _together(restore: Restore, finals: list[Final]) -> list[Final]:
+    """Rows a key of the database refused, perhaps because they wait on each other: all in one transaction,
+    each with the nullable columns of its keys NULL at first (then set from its image), the others as they are,
+    in passes while one goes in. A row whose update is refused (its parent is really missing) is left out and
+    the others tried again; [] when none can go."""
+    candidates = list(finals)
     while candidates:
-        inserted: list[Final] = []
-        failed: set[int] = set()
         with restore.conn.transaction():
             _begin(restore)
-            inserted = [f for f in candidates if _attempt(restore, f, _insert_deferred)]
-            failed = {f.seq for f in inserted if not _attempt(restore, f, _update_deferred)}
+            inserted = _insert_while_any_goes(restore, candidates)
+            failed = {f.seq for f in inserted if _deferred(restore, f) and not _attempt(restore, f, _update_deferred)}
             if failed:
                 raise psycopg.Rollback()
             for final in inserted:
                 _log(restore, final)
+            _write_log(restore)
         if not failed:
             return inserted
         candidates = [f for f in inserted if f.seq not in failed]
     return []
 
 
+def _insert_while_any_goes(restore: Restore, finals: list[Final]) -> list[Final]:
+    inserted: list[Final] = []
+    left = finals
+    while left:
+        went = [f for f in left if _attempt(restore, f, _insert_deferred)]
+        if not went:
+            break
+        inserted += went
+        left = [f for f in left if f not in went]
+    return inserted
+
+
+def _deferred(restore: Restore, final: Final) -> tuple[str, ...]:
+    """The columns a row of a cycle goes in without (none where an UPDATE of them would fire a trigger)."""
+    facts = restore.facts(final)
+    return () if facts.update_blocked else facts.deferrable
+
+
 def _insert_deferred(restore: Restore, final: Final) -> None:
     facts = restore.facts(final)
     image = _image(restore, final, facts)
-    restore.conn.execute(_insert_statement(facts.rel, image.columns), image.params(facts.deferrable))
+    params = image.params(_deferred(restore, final))
+    if not restore.conn.execute(_insert_statement(facts.rel, image.columns), params).rowcount:
+        raise pgerrors.UniqueViolation("a row of that key was written since")
 
 
 def _update_deferred(restore: Restore, final: Final) -> None:
     facts = restore.facts(final)
     restore.conn.execute(
-        _update_deferred_statement(facts.rel, facts.deferrable),
+        _update_deferred_statement(facts.rel, _deferred(restore, final)),
         {**_image(restore, final, facts).params(), "key": f"[{final.row_key}]"},
     )
 
@@ -455,7 +483,9 @@ def _chunk(restore: Restore, chunk: list[Final], one: Callable[[Restore, Final],
     try:
         with conn.transaction():
             _begin(restore)
-            return [_in_savepoint(restore, final, one) for final in chunk]
+            outcomes = [_in_savepoint(restore, final, one) for final in chunk]
+            _write_log(restore)
+            return outcomes
     except psycopg.Error as error:
         if conn.broken:
             raise
@@ -490,6 +520,7 @@ def _begin(restore: Restore) -> None:
     conn = restore.conn
     lock_timeout_ms = restore.settings.lock_timeout_ms
     set_local_timeouts(conn, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=STATEMENT_TIMEOUT_MS)
+    restore.log.clear()
     conn.execute(statement("cascade", "pin_formats"))
     conn.execute(statement("unarchive", "begin_restore"))
     conn.execute(statement("unarchive", "immediate"))
@@ -505,30 +536,46 @@ def _image(restore: Restore, final: Final, facts: TableFacts) -> Image:
 
 
 def _text_reads_back(restore: Restore, final: Final, facts: TableFacts) -> bool:
-    try:
-        with restore.conn.transaction():
-            return bool(
-                restore.conn.execute(
-                    statement("unarchive", "text_reads_back", rel=facts.rel.ident),
-                    {"text": final.row_text, "json": final.row_data},
-                ).fetchone()[0]
-            )
-    except psycopg.DataError:
-        return False  # the table's columns changed since: the text no longer reads as its row
+    """Asked once per table and archiving batch: the rows one batch archived of one table share the layout of
+    its columns then, and the table has one now."""
+    asked = (final.schema, final.table, final.origin)
+    if asked not in restore.text_reads:
+        try:
+            with restore.conn.transaction():
+                restore.text_reads[asked] = bool(
+                    restore.conn.execute(
+                        statement("unarchive", "text_reads_back", rel=facts.rel.ident),
+                        {"text": final.row_text, "json": final.row_data},
+                    ).fetchone()[0]
+                )
+        except psycopg.DataError:
+            restore.text_reads[asked] = False  # the table's columns changed since: its text is not its row now
+    return restore.text_reads[asked]
 
 
 def _log(restore: Restore, final: Final) -> None:
-    for action, via, columns in final.members:
+    """The row's records, for the restore log: written with the transaction that put the row back."""
+    restore.log += [
+        {
+            "row_key": final.log_key(action, via),
+            "what": "the whole row" if action == "deleted" else f"{action} columns {', '.join(columns)}",
+        }
+        for action, via, columns in final.members
+    ]
+
+
+def _write_log(restore: Restore) -> None:
+    if restore.log and not restore.settings.dry_run:
         restore.conn.execute(
             statement("unarchive", "log_restored", restore.spec),
             {
                 "restore_id": restore.restore_id,
                 "audit_name": restore.spec.archive_qualified,
                 "run_id": restore.run_id,
-                "row_key": final.log_key(action, via),
-                "what": "the whole row" if action == "deleted" else f"{action} columns {', '.join(columns)}",
+                "entries": json.dumps(restore.log),
             },
         )
+    restore.log.clear()
 
 
 # --- statements ------------------------------------------------------------------------------------------------
