@@ -21,7 +21,7 @@ if [ $# -gt 0 ]; then
 fi
 WHOLE_AIRFLOW=(tests/test_fleet_scheduler.py tests/test_fleet_celery.py tests/test_ui.py)
 PER_MAJOR=(tests/test_steps.py tests/test_restore.py tests/test_declared_keys.py tests/test_composite_keys.py
-  tests/test_partitioned_keys.py tests/test_orphan_delete.py)
+  tests/test_partitioned_keys.py tests/test_orphan_delete.py tests/test_restore_exact.py)
 logs=$(mktemp -d)
 # Beside the main pass, one after the other: the whole-Airflow tests, then the two majors' passes at once (each its
 # own cluster and Airflow home). That lane ends before the main pass does, so it adds nothing to the wall time.

@@ -4,46 +4,51 @@
 
 -- name: final_records
 -- The run's last record of each row (a row several batches touched: the last batch's, its first record), in
--- the order rows go back (parents before children). With it: the row's origin, the earliest record of the
--- unbroken chain that ends there (each later batch found the version the batch before it wrote, so nobody wrote
--- the row between), whose row is the row before the run touched it; the chain's records (put back together);
--- the run's earlier records beyond a break (written since, left alone); and whether a restore already put it
--- back (by_this: this restore, in an earlier pass).
-SELECT f.depth, f.seq, f.table_schema, f.table_name, f.row_key::text, f.action, f.via, f.relid, f.batch,
-       {f_filenode}, {f_written_md5}, origin.batch, {o_row_text}, o.row_data::text, m.members::text,
-       m.superseded::text, logged.by_this
-FROM {archive} f
-CROSS JOIN LATERAL (
-    SELECT coalesce(max(x.batch) FILTER (WHERE NOT coalesce({x_prior_intact}, false)), f.batch) AS batch
-    FROM {archive} x
-    WHERE x.run_id = f.run_id AND x.table_schema = f.table_schema AND x.table_name = f.table_name
-      AND x.row_key = f.row_key
-) origin
-CROSS JOIN LATERAL (
-    SELECT o.* FROM {archive} o
-    WHERE o.run_id = f.run_id AND o.table_schema = f.table_schema AND o.table_name = f.table_name
-      AND o.row_key = f.row_key AND o.batch = origin.batch
-    ORDER BY o.seq
-    LIMIT 1
-) o
-CROSS JOIN LATERAL (
-    SELECT jsonb_agg(jsonb_build_array(x.action, x.via, x.columns) ORDER BY x.batch, x.seq)
-               FILTER (WHERE x.batch >= origin.batch) AS members,
-           coalesce(jsonb_agg(x.action ORDER BY x.batch, x.seq) FILTER (WHERE x.batch < origin.batch), '[]')
+-- the order rows go back (parents before children). With it: the row's origin, the batch of the earliest record
+-- of the unbroken chain that ends there (each later batch found the version the batch before it wrote, so nobody
+-- wrote the row between), whose row is the row before the run touched it; the chain's records (put back
+-- together); the run's earlier records beyond a break (written since, left alone); and whether a restore
+-- already put it back (by_this: this restore, in an earlier pass). Each row's story is read with window
+-- functions over the run's records, one sort, so an archive of an earlier version (no index on rows, no chain:
+-- each record its own origin) reads the same.
+WITH run AS (
+    SELECT a.seq, a.batch, a.depth, a.table_schema, a.table_name, a.row_key, a.action, a.via, a.relid, a.columns,
+           a.row_data, {a_row_text} AS row_text, {a_filenode} AS filenode, {a_written_md5} AS written_md5,
+           max(a.batch) OVER story AS last_batch,
+           max(a.batch) FILTER (WHERE NOT coalesce({a_prior_intact}, false)) OVER story AS origin_batch
+    FROM {archive} a
+    WHERE a.run_id = %(run_id)s
+    WINDOW story AS (PARTITION BY a.table_schema, a.table_name, a.row_key)
+), finals AS (
+    SELECT DISTINCT ON (r.table_schema, r.table_name, r.row_key) r.*
+    FROM run r
+    WHERE r.batch = r.last_batch
+    ORDER BY r.table_schema, r.table_name, r.row_key, r.seq
+), origins AS (
+    SELECT DISTINCT ON (r.table_schema, r.table_name, r.row_key) r.table_schema, r.table_name, r.row_key,
+           r.row_text, r.row_data
+    FROM run r
+    WHERE r.batch = r.origin_batch
+    ORDER BY r.table_schema, r.table_name, r.row_key, r.seq
+), stories AS (
+    SELECT r.table_schema, r.table_name, r.row_key,
+           jsonb_agg(jsonb_build_array(r.action, r.via, r.columns) ORDER BY r.batch, r.seq)
+               FILTER (WHERE r.batch >= r.origin_batch) AS members,
+           coalesce(jsonb_agg(r.action ORDER BY r.batch, r.seq) FILTER (WHERE r.batch < r.origin_batch), '[]')
                AS superseded
-    FROM {archive} x
-    WHERE x.run_id = f.run_id AND x.table_schema = f.table_schema AND x.table_name = f.table_name
-      AND x.row_key = f.row_key
-) m
+    FROM run r
+    GROUP BY r.table_schema, r.table_name, r.row_key
+)
+SELECT f.depth, f.seq, f.table_schema, f.table_name, f.row_key::text, f.action, f.via, f.relid, f.batch,
+       f.filenode, f.written_md5, f.origin_batch, o.row_text, o.row_data::text, m.members::text,
+       m.superseded::text, logged.by_this
+FROM finals f
+JOIN origins o USING (table_schema, table_name, row_key)
+JOIN stories m USING (table_schema, table_name, row_key)
 LEFT JOIN ({logged}) logged
     ON logged.row_key = f.table_schema || '.' || f.table_name || ' ' || f.row_key::text
                         || CASE WHEN f.action = 'deleted' THEN '' ELSE ' ' || f.via END
-WHERE f.run_id = %(run_id)s AND f.action = ANY(%(actions)s)
-  AND (%(only)s::bigint[] IS NULL OR f.seq = ANY(%(only)s::bigint[]))
-  AND NOT EXISTS (
-      SELECT 1 FROM {archive} n
-      WHERE n.run_id = f.run_id AND n.table_schema = f.table_schema AND n.table_name = f.table_name
-        AND n.row_key = f.row_key AND (n.batch > f.batch OR (n.batch = f.batch AND n.seq < f.seq)))
+WHERE f.action = ANY(%(actions)s) AND (%(only)s::bigint[] IS NULL OR f.seq = ANY(%(only)s::bigint[]))
 ORDER BY f.depth, f.seq
 
 -- name: logged

@@ -44,6 +44,7 @@ SAMPLE_SIZE = 10
 # The archive DDL touches only the pipeline's own schema (see audit.AUDIT_DDL_LOCK_TIMEOUT_MS).
 ARCHIVE_DDL_LOCK_TIMEOUT_MS = 5000
 ARCHIVE_DDL_STATEMENT_TIMEOUT_MS = 30_000
+ARCHIVE_INDEX_TIMEOUT_MS = 2 * 60 * 60 * 1000
 # A lock the app holds on a row the cascade reaches, or a deadlock with the app's own delete: the batch rolls
 # back and its orphans are tried one by one, so one busy orphan does not hold back the others.
 BUSY_ERRORS = (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected)
@@ -549,7 +550,9 @@ def blast_radius(
 
 
 def ensure_archive_table(conn: psycopg.Connection, spec: ForeignKeySpec) -> None:
-    """The key's archive in the pipeline's schema, created if missing (ensure_audit_table made the schema)."""
+    """The key's archive in the pipeline's schema, created if missing (ensure_audit_table made the schema); an
+    earlier version's archive gains the columns and the index on each row's records that make a restore exact
+    (its own rows restore as before)."""
     with conn.transaction():
         set_local_timeouts(
             conn, lock_timeout_ms=ARCHIVE_DDL_LOCK_TIMEOUT_MS, statement_timeout_ms=ARCHIVE_DDL_STATEMENT_TIMEOUT_MS
@@ -561,10 +564,15 @@ def ensure_archive_table(conn: psycopg.Connection, spec: ForeignKeySpec) -> None
             conn.execute(statement("cascade", "create_archive", archive=_archive(spec)))
             conn.execute(statement("cascade", "comment_archive", archive=_archive(spec)))
         has_columns, has_index, _owns = archive_shape(conn, spec)
-        # An earlier version's archive gains what makes a restore exact; its own rows restore as before.
         if not has_columns:
             conn.execute(statement("cascade", "upgrade_archive", archive=_archive(spec)))
-        if not has_index:
+    if not has_index:
+        with conn.transaction():
+            # An earlier version's archive may be large: its index is built under a scan's timeout (only the
+            # pipeline writes the archive, and waits on it for lock_timeout at most).
+            set_local_timeouts(
+                conn, lock_timeout_ms=ARCHIVE_DDL_LOCK_TIMEOUT_MS, statement_timeout_ms=ARCHIVE_INDEX_TIMEOUT_MS
+            )
             conn.execute(statement("cascade", "index_archive", archive=_archive(spec)))
 
 

@@ -586,18 +586,18 @@ def _finals_statement(spec: ForeignKeySpec, exact_columns: bool, has_log: bool) 
     """final_records, on an earlier version's archive too (its rows have no exact image nor chain: each record
     is its own, restored from its jsonb, a pointer where the row is its own batch's version)."""
 
-    def column(alias: str, name: str, type_name: str) -> sql.Composable:
-        return sql.Identifier(alias, name) if exact_columns else sql.SQL(f"NULL::{type_name}")  # type: ignore[arg-type]
+    def column(name: str, type_name: str) -> sql.Composable:
+        return sql.Identifier("a", name) if exact_columns else sql.SQL(f"NULL::{type_name}")  # type: ignore[arg-type]
 
     logged = statement("unarchive", "logged", spec) if has_log else statement("unarchive", "nothing_logged")
     return statement(
         "unarchive",
         "final_records",
         archive=_archive(spec),
-        f_filenode=column("f", "filenode", "oid"),
-        f_written_md5=column("f", "written_md5", "text"),
-        o_row_text=column("o", "row_text", "text"),
-        x_prior_intact=column("x", "prior_intact", "boolean"),
+        a_row_text=column("row_text", "text"),
+        a_filenode=column("filenode", "oid"),
+        a_written_md5=column("written_md5", "text"),
+        a_prior_intact=column("prior_intact", "boolean"),
         logged=logged,
     )
 
