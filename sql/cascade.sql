@@ -270,6 +270,14 @@ WHERE r.ev_class IN (SELECT %(relid)s::oid UNION SELECT relid FROM pg_partition_
   AND ((%(inserts)s AND r.ev_type = '3') OR (cardinality(%(updates)s::text[]) > 0 AND r.ev_type = '2'))
 ORDER BY 1
 
+-- name: inheritance_children
+-- Tables that inherit from this one (not its partitions): the walk reads their rows through it, and a restore
+-- would put them back in it, without the child's own columns.
+SELECT coalesce(array_agg(i.inhrelid::regclass::text ORDER BY i.inhrelid::regclass::text), '{{}}')
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = %(relid)s::oid AND NOT c.relispartition
+
 -- name: row_security
 -- Row-level security that applies to this role on the table: the walk would not see every row the database's
 -- own keys act on (referential actions do not apply it).

@@ -102,6 +102,10 @@ SELECT set_config('fk_maintenance.restoring', 'on', true)
 -- deferred key refuses is counted and the others commit.
 SET CONSTRAINTS ALL IMMEDIATE
 
+-- name: deferred
+-- Rows that wait on each other go back together: DEFERRABLE keys checked once all are in.
+SET CONSTRAINTS ALL DEFERRED
+
 -- name: text_reads_back
 -- Whether the archived row's text still reads as a row of the table with the archived values (a column added,
 -- dropped or retyped since may make it read otherwise, or not at all): then it is the exact image.

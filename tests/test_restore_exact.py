@@ -258,6 +258,35 @@ def test_rows_that_point_at_each_other_come_back_together(db) -> None:
     assert_back_as_before(before, every_row(db, SHOP_TABLES))
 
 
+ORDERS = """
+CREATE TABLE customers (id int PRIMARY KEY);
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int NOT NULL, invoice_id int NOT NULL, total numeric(10, 2));
+CREATE INDEX orders_customer_id_idx ON orders (customer_id);
+CREATE TABLE invoices (id int PRIMARY KEY,
+                       order_id int NOT NULL REFERENCES orders ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED);
+ALTER TABLE orders ADD FOREIGN KEY (invoice_id) REFERENCES invoices DEFERRABLE INITIALLY DEFERRED;
+BEGIN;
+INSERT INTO customers SELECT generate_series(1, 8);
+INSERT INTO orders SELECT g, 1 + g % 10, 1000 + g, g * 9.99 FROM generate_series(1, 50) g;
+INSERT INTO invoices SELECT 1000 + g, g FROM generate_series(1, 50) g;
+COMMIT;
+"""
+
+
+def test_rows_two_deferrable_not_null_keys_tie_come_back_together(db) -> None:
+    """An order and its invoice point at each other through NOT NULL keys the app fills in one transaction
+    (DEFERRABLE): neither can go in first, nor with a NULL; they go back together, checked once both are in."""
+    db.execute(ORDERS)
+    orders = key("orders", "customer_id", "customers")
+    before = every_row(db, ["orders", "invoices"])
+    report = run_pipeline(db.connect, orders, SETTINGS, "run-o")["report"]
+    assert report["final_state"] == "converged", report
+    db.execute("INSERT INTO customers VALUES (9), (10)")
+    result = restore(db, orders, "run-o", "restore-o")
+    assert result["rows_restored"] == 20 and result["rows_parent_still_missing"] == 0, result
+    assert_back_as_before(before, every_row(db, ["orders", "invoices"]))
+
+
 def test_an_app_write_made_while_the_restore_waits_for_the_row_is_never_overwritten(db) -> None:
     """The app holds a pin the cascade nulled and re-points it; the restore does not wait for it (the row is
     counted busy), and once the app committed its write is newer than the archive: left alone."""
@@ -563,6 +592,17 @@ def test_a_restore_before_the_declared_key_exists_recreates_no_orphan(db, on_del
     rest = restore(db, spec, "run-t", "restore-2")
     assert rest["rows_parent_still_missing"] == rest["pointers_parent_still_missing"] == 0, rest
     assert_back_as_before(before, every_row(db, GOAL_TABLES))
+
+
+def test_a_table_with_inheritance_children_is_refused_before_any_change(db) -> None:
+    """Rows of a table that inherits from one the delete reaches are read through it, and would come back in it
+    without their own columns."""
+    db.execute(SHOP + "CREATE TABLE video_comments (length_s int) INHERITS (comments)")
+    before = snapshot(db, POSTS)
+    with db.connect() as conn, pytest.raises(PreflightFailed) as refused:
+        preflight(conn, POSTS, SETTINGS)
+    assert "public.comments has inheritance children (video_comments)" in str(refused.value)
+    assert snapshot(db, POSTS) == before
 
 
 # --- values, settings and versions ----------------------------------------------------------------------------

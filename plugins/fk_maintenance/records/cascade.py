@@ -32,7 +32,12 @@ from fk_maintenance.db.target_state import TargetState
 from fk_maintenance.errors import DeleteRefused, PreflightFailed
 from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ON_DELETE_ACTIONS, ForeignKeySpec
-from fk_maintenance.records.restorable import Touched, blocker_problems, row_security_problems
+from fk_maintenance.records.restorable import (
+    Touched,
+    blocker_problems,
+    inheritance_problems,
+    row_security_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +253,12 @@ def restore_problems(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Grap
     who = as_written(conn, conn.info.user)[0]
     key = f"the key {spec.constraint}"
     read = [(rel.oid, rel.qualified) for rel in graph.rels + graph.guards]
-    return blocker_problems(conn, touched_tables(graph), key=key) + row_security_problems(conn, read, who, key=key)
+    touched = touched_tables(graph)
+    return (
+        blocker_problems(conn, touched, key=key)
+        + inheritance_problems(conn, touched, key=key)
+        + row_security_problems(conn, read, who, key=key)
+    )
 
 
 def _archive_problems(conn: psycopg.Connection, spec: ForeignKeySpec) -> list[str]:

@@ -80,6 +80,20 @@ def blocker_problems(conn: psycopg.Connection, tables: list[Touched], *, key: st
     return problems
 
 
+def inheritance_problems(conn: psycopg.Connection, tables: list[Touched], *, key: str) -> list[str]:
+    """Each table with inheritance children (not partitions): their rows would come back in the parent."""
+    problems = []
+    for table in merge(tables):
+        children = conn.execute(statement("cascade", "inheritance_children"), {"relid": table.relid}).fetchone()[0]
+        if children:
+            problems.append(
+                f"{table.qualified} has inheritance children ({', '.join(children)}): the delete reads their rows "
+                "through it, and a restore would put them back in it, without their own columns. Make them "
+                f"partitions, or declare another orphans policy for {key}"
+            )
+    return problems
+
+
 def row_security_problems(conn: psycopg.Connection, tables: list[tuple[int, str]], who: str, *, key: str) -> list[str]:
     """Each table whose row-level security applies to the role: the walk would miss rows the keys act on."""
     return [

@@ -338,19 +338,41 @@ def _declared_parent_holds(restore: Restore, final: Final, image: Image) -> bool
 def _together(restore: Restore, finals: list[Final]) -> list[Final]:
     """Rows a key of the database refused, perhaps because they wait on each other: all in one transaction,
     each with the nullable columns of its keys NULL at first (then set from its image), the others as they are,
-    in passes while one goes in. A row whose update is refused (its parent is really missing) is left out and
-    the others tried again; [] when none can go."""
+    in passes while one goes in. First with DEFERRABLE keys checked at the end (rows that two NOT NULL keys tie
+    go in only that way), then, where that check refuses, with every key checked at its statement."""
+    for deferred in (True, False):
+        restored = _together_once(restore, finals, deferred=deferred)
+        if restored is not None:
+            return restored
+    return []
+
+
+def _together_once(restore: Restore, finals: list[Final], *, deferred: bool) -> list[Final] | None:
+    """The rows that went back; a row whose update is refused (its parent is really missing) is left out and
+    the others tried again. None: the deferred keys' check at the end refused (which row, it does not say)."""
+    conn = restore.conn
     candidates = list(finals)
     while candidates:
-        with restore.conn.transaction():
+        refused = False
+        with conn.transaction():
             _begin(restore)
+            if deferred:
+                conn.execute(statement("unarchive", "deferred"))
             inserted = _insert_while_any_goes(restore, candidates)
-            failed = {f.seq for f in inserted if _deferred(restore, f) and not _attempt(restore, f, _update_deferred)}
-            if failed:
+            failed = {
+                f.seq for f in inserted if _deferred(restore, f) and not _attempt(restore, _update_deferred, restore, f)
+            }
+            # SET CONSTRAINTS ALL IMMEDIATE checks what the deferred keys left pending, now.
+            refused = (
+                deferred and not failed and not _attempt(restore, conn.execute, statement("unarchive", "immediate"))
+            )
+            if failed or refused:
                 raise psycopg.Rollback()
             for final in inserted:
                 _log(restore, final)
             _write_log(restore)
+        if refused:
+            return None
         if not failed:
             return inserted
         candidates = [f for f in inserted if f.seq not in failed]
@@ -361,7 +383,7 @@ def _insert_while_any_goes(restore: Restore, finals: list[Final]) -> list[Final]
     inserted: list[Final] = []
     left = finals
     while left:
-        went = [f for f in left if _attempt(restore, f, _insert_deferred)]
+        went = [f for f in left if _attempt(restore, _insert_deferred, restore, f)]
         if not went:
             break
         inserted += went
@@ -391,11 +413,11 @@ def _update_deferred(restore: Restore, final: Final) -> None:
     )
 
 
-def _attempt(restore: Restore, final: Final, act: Callable[[Restore, Final], None]) -> bool:
-    """``act`` in a savepoint: whether it went through."""
+def _attempt(restore: Restore, act: Callable[..., Any], *args: Any) -> bool:
+    """``act(*args)`` in a savepoint: whether it went through."""
     try:
         with restore.conn.transaction():
-            act(restore, final)
+            act(*args)
     except psycopg.Error:
         if restore.conn.broken:
             raise
