@@ -162,7 +162,8 @@ SELECT set_config('DateStyle', 'ISO, MDY', true), set_config('IntervalStyle', 'p
 -- name: archive_rows
 -- The batch's rows, built by the walk as one jsonb array (row_key and row_data stay jsonb, exact), each with its
 -- partition's file now and whether the run's previous record of the same row is the version this batch found:
--- that batch wrote it (its xmin) and nobody wrote it since.
+-- that batch wrote it (its xmin) and nobody wrote it since. Only a row whose xmin is one of the run's earlier
+-- batches can be, so only those look their record up (the gate is a one-time filter of the lookup).
 WITH archived AS (
     INSERT INTO {archive} (run_id, batch, depth, table_schema, table_name, relid, row_key, action, via, columns,
                            row_data, row_text, row_xmin, filenode, written_md5, prior_intact)
@@ -175,7 +176,9 @@ WITH archived AS (
                                                    written_md5 text)
     LEFT JOIN LATERAL (
         SELECT a.batch, a.action FROM {archive} a
-        WHERE a.run_id = %(run_id)s AND a.table_schema = r.table_schema AND a.table_name = r.table_name
+        WHERE r.row_xmin IN (SELECT x.xact::text::bigint %% 4294967296 FROM {nulling_transactions} x
+                             WHERE x.audit_table = %(audit_name)s AND x.run_id = %(run_id)s)
+          AND a.run_id = %(run_id)s AND a.table_schema = r.table_schema AND a.table_name = r.table_name
           AND a.row_key = r.row_key AND a.batch < %(batch)s
         ORDER BY a.batch DESC
         LIMIT 1

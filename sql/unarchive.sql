@@ -20,18 +20,19 @@ WITH run AS (
     WHERE a.run_id = %(run_id)s
     WINDOW story AS (PARTITION BY a.table_schema, a.table_name, a.row_key)
 ), finals AS (
-    SELECT DISTINCT ON (r.table_schema, r.table_name, r.row_key) r.*
-    FROM run r
-    WHERE r.batch = r.last_batch
-    ORDER BY r.table_schema, r.table_name, r.row_key, r.seq
-), origins AS (
-    SELECT DISTINCT ON (r.table_schema, r.table_name, r.row_key) r.table_schema, r.table_name, r.row_key,
-           r.row_text, r.row_data
-    FROM run r
-    WHERE r.batch = r.origin_batch
-    ORDER BY r.table_schema, r.table_name, r.row_key, r.seq
-), stories AS (
-    SELECT r.table_schema, r.table_name, r.row_key,
+    -- One row per archived row, no join: the last batch's first record, the origin batch's image, the story.
+    SELECT (array_agg(r.depth ORDER BY r.seq) FILTER (WHERE r.batch = r.last_batch))[1] AS depth,
+           (array_agg(r.seq ORDER BY r.seq) FILTER (WHERE r.batch = r.last_batch))[1] AS seq,
+           r.table_schema, r.table_name, r.row_key,
+           (array_agg(r.action ORDER BY r.seq) FILTER (WHERE r.batch = r.last_batch))[1] AS action,
+           (array_agg(r.via ORDER BY r.seq) FILTER (WHERE r.batch = r.last_batch))[1] AS via,
+           (array_agg(r.relid ORDER BY r.seq) FILTER (WHERE r.batch = r.last_batch))[1] AS relid,
+           max(r.last_batch) AS batch,
+           (array_agg(r.filenode ORDER BY r.seq) FILTER (WHERE r.batch = r.last_batch))[1] AS filenode,
+           (array_agg(r.written_md5 ORDER BY r.seq) FILTER (WHERE r.batch = r.last_batch))[1] AS written_md5,
+           max(r.origin_batch) AS origin_batch,
+           (array_agg(r.row_text ORDER BY r.seq) FILTER (WHERE r.batch = r.origin_batch))[1] AS row_text,
+           (array_agg(r.row_data ORDER BY r.seq) FILTER (WHERE r.batch = r.origin_batch))[1] AS row_data,
            jsonb_agg(jsonb_build_array(r.action, r.via, r.columns) ORDER BY r.batch, r.seq)
                FILTER (WHERE r.batch >= r.origin_batch) AS members,
            coalesce(jsonb_agg(r.action ORDER BY r.batch, r.seq) FILTER (WHERE r.batch < r.origin_batch), '[]')
@@ -40,26 +41,26 @@ WITH run AS (
     GROUP BY r.table_schema, r.table_name, r.row_key
 )
 SELECT f.depth, f.seq, f.table_schema, f.table_name, f.row_key::text, f.action, f.via, f.relid, f.batch,
-       f.filenode, f.written_md5, f.origin_batch, o.row_text, o.row_data::text, m.members::text,
-       m.superseded::text, logged.by_this
+       f.filenode, f.written_md5, f.origin_batch, f.row_text, f.row_data::text, f.members::text,
+       f.superseded::text,
+       ({logged} -> (f.table_schema || '.' || f.table_name || ' ' || f.row_key::text
+                     || CASE WHEN f.action = 'deleted' THEN '' ELSE ' ' || f.via END))::boolean
 FROM finals f
-JOIN origins o USING (table_schema, table_name, row_key)
-JOIN stories m USING (table_schema, table_name, row_key)
-LEFT JOIN ({logged}) logged
-    ON logged.row_key = f.table_schema || '.' || f.table_name || ' ' || f.row_key::text
-                        || CASE WHEN f.action = 'deleted' THEN '' ELSE ' ' || f.via END
 WHERE f.action = ANY(%(actions)s) AND (%(only)s::bigint[] IS NULL OR f.seq = ANY(%(only)s::bigint[]))
 ORDER BY f.depth, f.seq
 
 -- name: logged
--- What restores of the run put back, by the restore log's row_key (table, row key, and the key for a pointer).
-SELECT l.row_key, bool_or(l.restore_id = %(restore_id)s) AS by_this
-FROM {restore_log} l
-WHERE l.audit_table = %(audit_name)s AND l.run_id = %(run_id)s
-GROUP BY l.row_key
+-- What restores of the run put back, one object by the restore log's row_key (table, row key, and the key for a
+-- pointer): true where this restore did. Read once per query (no join whose plan the archive's statistics,
+-- stale right after a delete, could make quadratic).
+(SELECT coalesce(jsonb_object_agg(l.row_key, l.by_this), '{{}}')
+ FROM (SELECT l.row_key, bool_or(l.restore_id = %(restore_id)s) AS by_this
+       FROM {restore_log} l
+       WHERE l.audit_table = %(audit_name)s AND l.run_id = %(run_id)s
+       GROUP BY l.row_key) l)
 
 -- name: nothing_logged
-SELECT NULL::text AS row_key, NULL::boolean AS by_this WHERE false
+'{{}}'::jsonb
 
 -- name: run_tables
 -- The tables the run deleted rows from or changed columns of, as a restore will write to them.

@@ -327,6 +327,56 @@ def test_a_second_restore_never_brings_back_rows_the_app_deleted_after_the_first
     assert set(after_app["posts"]) == set(before["posts"]) - {"(11)"}
 
 
+# Below each post: a note in a partition by kind, a tag (some 'secret'), a link to a target (some missing); one
+# comment of each post 'x', one with a NULL rating.
+REFUSING = """
+CREATE TABLE notes (id int, kind text, post_id int NOT NULL REFERENCES posts ON DELETE CASCADE,
+                    PRIMARY KEY (id, kind)) PARTITION BY LIST (kind);
+CREATE TABLE notes_a PARTITION OF notes FOR VALUES IN ('a');
+CREATE TABLE notes_b PARTITION OF notes FOR VALUES IN ('b');
+CREATE TABLE tags (id int PRIMARY KEY, post_id int REFERENCES posts ON DELETE CASCADE, label text);
+CREATE TABLE targets (id int PRIMARY KEY);
+CREATE TABLE links (id int PRIMARY KEY, post_id int REFERENCES posts ON DELETE CASCADE, target_id int);
+INSERT INTO notes SELECT id, CASE WHEN id % 2 = 0 THEN 'a' ELSE 'b' END, id FROM posts;
+INSERT INTO tags SELECT id, id, CASE WHEN id % 24 = 10 THEN 'secret' ELSE 'open' END FROM posts;
+INSERT INTO targets SELECT generate_series(1, 200);
+INSERT INTO links SELECT id, id, CASE WHEN id % 24 = 11 THEN 500 + id ELSE id END FROM posts;
+UPDATE posts SET pinned_comment_id = NULL WHERE pinned_comment_id % 10 = 1;
+UPDATE comments SET body = 'x' WHERE id % 10 = 1;
+UPDATE comments SET rating = NULL WHERE id % 10 = 2;
+"""
+# What the app changes after the delete, and how it makes room again.
+REFUSE_SINCE = """
+INSERT INTO accounts VALUES (11, 'account 11'), (12, 'account 12');
+DELETE FROM comments WHERE rating IS NULL;  -- the live ones: the app cleans up for its NOT NULL
+ALTER TABLE comments ADD CONSTRAINT body_is_not_x CHECK (body <> 'x') NOT VALID;
+ALTER TABLE comments ALTER COLUMN rating SET NOT NULL;
+ALTER TABLE notes DETACH PARTITION notes_b;
+ALTER TABLE tags ENABLE ROW LEVEL SECURITY;
+ALTER TABLE tags FORCE ROW LEVEL SECURITY;
+CREATE POLICY open_only ON tags USING (true) WITH CHECK (label <> 'secret');
+ALTER TABLE links ADD CONSTRAINT links_target_fk FOREIGN KEY (target_id) REFERENCES targets
+    DEFERRABLE INITIALLY DEFERRED NOT VALID;
+"""
+MAKE_ROOM = """
+ALTER TABLE comments DROP CONSTRAINT body_is_not_x;
+ALTER TABLE comments ALTER COLUMN rating DROP NOT NULL;
+ALTER TABLE notes ATTACH PARTITION notes_b FOR VALUES IN ('b');
+DROP POLICY open_only ON tags;
+ALTER TABLE tags NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE tags DISABLE ROW LEVEL SECURITY;
+INSERT INTO targets SELECT 500 + id FROM generate_series(1, 120) id WHERE id % 24 = 11;
+"""
+ORPHAN_POSTS = [n for n in range(1, 121) if 1 + n % 12 > 10]
+
+
+def by_sqlstate(failures: dict[str, int]) -> dict[str, int]:
+    states: dict[str, int] = {}
+    for reason, count in failures.items():
+        states[reason.split()[0]] = states.get(reason.split()[0], 0) + count
+    return states
+
+
 def test_rows_the_database_refuses_are_counted_with_their_reason_and_the_others_go_back(db) -> None:
     """Since the delete: a CHECK, a NOT NULL, a detached partition, row-level security forced on the owner and a
     deferred key refuse some rows. Each is counted with its SQLSTATE (a deferred key's missing parent as a
@@ -336,83 +386,37 @@ def test_rows_the_database_refuses_are_counted_with_their_reason_and_the_others_
     db.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
     as_owner = lambda: psycopg.connect(db.dsn, user=role, autocommit=True)  # noqa: E731
     with as_owner() as conn:
-        conn.execute(
-            SHOP
-            + """
-            CREATE TABLE notes (id int, kind text, post_id int NOT NULL REFERENCES posts ON DELETE CASCADE,
-                                PRIMARY KEY (id, kind)) PARTITION BY LIST (kind);
-            CREATE TABLE notes_a PARTITION OF notes FOR VALUES IN ('a');
-            CREATE TABLE notes_b PARTITION OF notes FOR VALUES IN ('b');
-            CREATE TABLE tags (id int PRIMARY KEY, post_id int REFERENCES posts ON DELETE CASCADE, label text);
-            CREATE TABLE targets (id int PRIMARY KEY);
-            CREATE TABLE links (id int PRIMARY KEY, post_id int REFERENCES posts ON DELETE CASCADE, target_id int);
-            INSERT INTO notes SELECT id, CASE WHEN id % 2 = 0 THEN 'a' ELSE 'b' END, id FROM posts;
-            INSERT INTO tags SELECT id, id, CASE WHEN id % 24 = 10 THEN 'secret' ELSE 'open' END FROM posts;
-            INSERT INTO targets SELECT generate_series(1, 200);
-            INSERT INTO links SELECT id, id, CASE WHEN id % 24 = 11 THEN 500 + id ELSE id END FROM posts;
-            UPDATE posts SET pinned_comment_id = NULL WHERE pinned_comment_id % 10 = 1;
-            UPDATE comments SET body = 'x' WHERE id % 10 = 1;
-            UPDATE comments SET rating = NULL WHERE id % 10 = 2;
-            """
-        )
+        conn.execute(SHOP + REFUSING)
     tables = [*SHOP_TABLES, "notes", "tags", "links"]
     before = every_row(db, tables)
     report = run_pipeline(as_owner, POSTS, SETTINGS, "run-1")["report"]
     assert report["final_state"] == "converged", report
     with as_owner() as conn:
-        conn.execute(
-            """
-            INSERT INTO accounts VALUES (11, 'account 11'), (12, 'account 12');
-            DELETE FROM comments WHERE rating IS NULL;  -- the live ones: the app cleans up for its NOT NULL
-            ALTER TABLE comments ADD CONSTRAINT body_is_not_x CHECK (body <> 'x') NOT VALID;
-            ALTER TABLE comments ALTER COLUMN rating SET NOT NULL;
-            ALTER TABLE notes DETACH PARTITION notes_b;
-            ALTER TABLE tags ENABLE ROW LEVEL SECURITY;
-            ALTER TABLE tags FORCE ROW LEVEL SECURITY;
-            CREATE POLICY open_only ON tags USING (true) WITH CHECK (label <> 'secret');
-            ALTER TABLE links ADD CONSTRAINT links_target_fk FOREIGN KEY (target_id) REFERENCES targets
-                DEFERRABLE INITIALLY DEFERRED NOT VALID;
-            """
-        )
+        conn.execute(REFUSE_SINCE)
     with as_owner() as conn:
         result = restore_run(conn, POSTS, SETTINGS, "run-1", "restore-1")
-    orphan_posts = [n for n in range(1, 121) if 1 + n % 12 > 10]
     refused = {
-        "23514": sum(1 for n in orphan_posts if n % 2 == 1)  # notes_b gone
-        + len(orphan_posts),  # one comment 'x' per orphan post
-        "23502": len(orphan_posts),  # one NULL rating per orphan post
-        "42501": sum(1 for n in orphan_posts if n % 24 == 10),  # secret tags
+        "23514": sum(1 for n in ORPHAN_POSTS if n % 2 == 1) + len(ORPHAN_POSTS),  # notes_b gone; a comment 'x'
+        "23502": len(ORPHAN_POSTS),  # one NULL rating per orphan post
+        "42501": sum(1 for n in ORPHAN_POSTS if n % 24 == 10),  # secret tags
     }
-    by_state: dict[str, int] = {}
-    for reason, count in result["failures"].items():
-        by_state[reason.split()[0]] = by_state.get(reason.split()[0], 0) + count
-    assert by_state == refused, result["failures"]
+    assert by_sqlstate(result["failures"]) == refused, result["failures"]
     assert result["rows_failed"] == sum(refused.values())
-    missing_target = sum(1 for n in orphan_posts if n % 24 == 11)
+    missing_target = sum(1 for n in ORPHAN_POSTS if n % 24 == 11)
     assert result["rows_parent_still_missing"] == missing_target, result
-    total = len(orphan_posts) * (1 + 3 + 1 + 1 + 1)  # post, comments, note, tag, link
+    total = len(ORPHAN_POSTS) * (1 + 3 + 1 + 1 + 1)  # post, comments, note, tag, link
     assert result["rows_restored"] == total - sum(refused.values()) - missing_target
     # The app makes room for the rest; the second restore puts back exactly what is left.
     with as_owner() as conn:
-        conn.execute(
-            """
-            ALTER TABLE comments DROP CONSTRAINT body_is_not_x;
-            ALTER TABLE comments ALTER COLUMN rating DROP NOT NULL;
-            ALTER TABLE notes ATTACH PARTITION notes_b FOR VALUES IN ('b');
-            DROP POLICY open_only ON tags;
-            ALTER TABLE tags NO FORCE ROW LEVEL SECURITY;
-            ALTER TABLE tags DISABLE ROW LEVEL SECURITY;
-            INSERT INTO targets SELECT 500 + id FROM generate_series(1, 120) id WHERE id % 24 = 11;
-            """
-        )
+        conn.execute(MAKE_ROOM)
     with as_owner() as conn:
         second = restore_run(conn, POSTS, SETTINGS, "run-1", "restore-2")
     assert second["rows_restored"] == sum(refused.values()) + missing_target, second
     assert second["rows_failed"] == 0 and second["rows_parent_still_missing"] == 0
     after = every_row(db, tables)
-    # The live comments the app deleted to add its constraints are the app's.
-    for gone in [k for k, v in before["comments"].items() if k not in after["comments"]]:
-        assert int(gone.strip("()")) // 10 not in orphan_posts
+    # The live comments the app deleted to add its NOT NULL are the app's.
+    for gone in [k for k in before["comments"] if k not in after["comments"]]:
+        assert int(gone.strip("()")) // 10 not in ORPHAN_POSTS
         del before["comments"][gone]
     assert_back_as_before(before, after)
 

@@ -249,7 +249,8 @@ def touched_tables(graph: Graph) -> list[Touched]:
 
 def restore_problems(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Graph) -> list[str]:
     """Shapes a delete could not be undone exactly in (restorable): triggers or rules a restore's writes fire,
-    row-level security that hides rows from the walk."""
+    inheritance children whose rows would come back in their parent, row-level security that hides rows from
+    the walk."""
     who = as_written(conn, conn.info.user)[0]
     key = f"the key {spec.constraint}"
     read = [(rel.oid, rel.qualified) for rel in graph.rels + graph.guards]
@@ -661,8 +662,8 @@ def _delete_once(
         rows = reached.rows()
         counted_before = _server_counts(conn, spec)
         archived = conn.execute(
-            statement("cascade", "archive_rows", archive=_archive(spec)),
-            {"run_id": run_id, "batch": batch, "rows": _archive_json(rows)},
+            statement("cascade", "archive_rows", spec, archive=_archive(spec)),
+            {"run_id": run_id, "batch": batch, "rows": _archive_json(rows), "audit_name": spec.archive_qualified},
         ).fetchone()[0]
         deleted, changed_by_us, wanted = _act(conn, spec, graph, reached)
         if archived != len(rows) or deleted != len(roots) or changed_by_us != wanted:
@@ -702,12 +703,14 @@ def _act(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Graph, reached: 
     return deleted, changed_by_us, sum(1 for found in reached.changed if found.by_us)
 
 
-def typed_keys(param: str, alias: str, rel: Rel) -> sql.Composed:
+def typed_keys(param: str, alias: str, rel: Rel, *, one: bool = False) -> sql.Composed:
     """``jsonb_to_recordset(%(param)s::jsonb) AS alias("id" bigint, ...)``: row keys read back typed on their own,
     never as whole rows (jsonb_populate_record of a key alone fills every other column with NULL, which a NOT
-    NULL domain refuses)."""
+    NULL domain refuses). ``one``: a single key (jsonb_to_record), which the planner knows is one row and so
+    looks up by the table's index."""
     assert rel.row_key is not None
-    return sql.SQL("jsonb_to_recordset({}::jsonb) AS {}({})").format(
+    return sql.SQL("{}({}::jsonb) AS {}({})").format(
+        sql.SQL("jsonb_to_record" if one else "jsonb_to_recordset"),
         sql.Placeholder(param),
         sql.Identifier(alias),
         sql.SQL(", ").join(

@@ -323,7 +323,7 @@ def _row_now(restore: Restore, final: Final) -> tuple[bool] | None:
     """The row of that key now, if any: (whether it is the image)."""
     facts = restore.facts(final)
     return restore.conn.execute(
-        _row_now_statement(facts.rel), {"key": f"[{final.row_key}]", "text": final.row_text, "json": final.row_data}
+        _row_now_statement(facts.rel), {"key": final.row_key, "text": final.row_text, "json": final.row_data}
     ).fetchone()
 
 
@@ -409,7 +409,7 @@ def _update_deferred(restore: Restore, final: Final) -> None:
     facts = restore.facts(final)
     restore.conn.execute(
         _update_deferred_statement(facts.rel, _deferred(restore, final)),
-        {**_image(restore, final, facts).params(), "key": f"[{final.row_key}]"},
+        {**_image(restore, final, facts).params(), "key": final.row_key},
     )
 
 
@@ -448,7 +448,7 @@ def _put_back_pointer(restore: Restore, final: Final) -> Outcome:
         return "parent_still_missing", "declared"
     params = {
         **image.params(),
-        "key": f"[{final.row_key}]",
+        "key": final.row_key,
         "xmin": final.batch % LOW_32_BITS,
         "relid": final.relid,
         "filenode": final.filenode,
@@ -517,6 +517,8 @@ def _chunk(restore: Restore, chunk: list[Final], one: Callable[[Restore, Final],
 
 
 def _in_savepoint(restore: Restore, final: Final, one: Callable[[Restore, Final], Outcome]) -> Outcome:
+    if final.logged is not None:
+        return one(restore, final)  # put back before: only read (an error here sends the chunk row by row)
     try:
         with restore.conn.transaction():
             return one(restore, final)
@@ -631,7 +633,7 @@ def _row_now_statement(rel: Rel) -> sql.Composed:
         "unarchive",
         "row_now",
         rel=rel.ident,
-        key=typed_keys("key", "k", rel),
+        key=typed_keys("key", "k", rel, one=True),
         t_is_k=keysql.equal("t", rel.row_key, "k", rel.row_key),
     )
 
@@ -655,7 +657,7 @@ def _update_deferred_statement(rel: Rel, columns: tuple[str, ...]) -> sql.Compos
         "update_deferred",
         rel=rel.ident,
         set_from_r=keysql.set_from("r", columns, columns),
-        key=typed_keys("key", "k", rel),
+        key=typed_keys("key", "k", rel, one=True),
         t_is_k=keysql.equal("t", rel.row_key, "k", rel.row_key),
     )
 
@@ -667,7 +669,7 @@ def _put_back_statement(rel: Rel, columns: tuple[str, ...]) -> sql.Composed:
         "unarchive",
         "put_back_pointer",
         rel=rel.ident,
-        key=typed_keys("key", "k", rel),
+        key=typed_keys("key", "k", rel, one=True),
         t_is_k=keysql.equal("t", rel.row_key, "k", rel.row_key),
         ours=statement("unarchive", "ours"),
         set_from_r=keysql.set_from("r", columns, columns),
@@ -681,7 +683,7 @@ def _pointer_now_statement(rel: Rel, columns: tuple[str, ...]) -> sql.Composed:
         "unarchive",
         "pointer_now",
         rel=rel.ident,
-        key=typed_keys("key", "k", rel),
+        key=typed_keys("key", "k", rel, one=True),
         t_is_k=keysql.equal("t", rel.row_key, "k", rel.row_key),
         ours=statement("unarchive", "ours"),
         t_columns=keysql.names(columns, "t"),
