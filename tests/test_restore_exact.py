@@ -258,6 +258,23 @@ def test_rows_that_point_at_each_other_come_back_together(db) -> None:
     assert_back_as_before(before, every_row(db, SHOP_TABLES))
 
 
+def test_a_row_whose_pointer_still_has_no_parent_waits_whole_and_goes_back_whole_later(db) -> None:
+    """Post 10 (account 11) pins a comment of post 11 (account 12). With only account 11 back, post 10 does not
+    come back with the NULL pin the run left: it waits, counted, and goes back whole once account 12 is back."""
+    db.execute(SHOP + "UPDATE posts SET pinned_comment_id = 110 WHERE id = 10")
+    before = every_row(db, SHOP_TABLES)
+    report = run_pipeline(db.connect, POSTS, SETTINGS, "run-1")["report"]
+    assert report["final_state"] == "converged", report
+    db.execute("INSERT INTO accounts VALUES (11, 'account 11')")
+    first = restore(db, POSTS, "run-1", "restore-1")
+    assert db.scalar("SELECT count(*) FROM posts WHERE id = 10") == 0
+    assert first["rows_parent_still_missing"] == 1 + 3 + 10 + 30, first  # post 10 and its comments; account 12's
+    db.execute("INSERT INTO accounts VALUES (12, 'account 12')")
+    second = restore(db, POSTS, "run-1", "restore-2")
+    assert second["rows_parent_still_missing"] == 0 and second["rows_restored"] == 44, second
+    assert_back_as_before(before, every_row(db, SHOP_TABLES))
+
+
 ORDERS = """
 CREATE TABLE customers (id int PRIMARY KEY);
 CREATE TABLE orders (id int PRIMARY KEY, customer_id int NOT NULL, invoice_id int NOT NULL, total numeric(10, 2));
@@ -528,6 +545,55 @@ def test_a_key_added_between_two_batches_is_read_and_its_rows_archived(db, monke
     result = restore(db, POSTS, "run-k", "restore-k")
     assert result["pointers_restored"] == 20 + 20, result
     assert_back_as_before(before, every_row(db, [*SHOP_TABLES, "boosts"]))
+
+
+# Quoted names in another schema, a composite row key, a self-reference by SET NULL (column) whose chains cross
+# batches, and a partitioned table in public whose rows point at two documents each (two keys, one batch).
+DOCS = """
+CREATE SCHEMA "App Data";
+CREATE TABLE "App Data"."Tenants" ("Tenant Id" int PRIMARY KEY);
+CREATE TABLE "App Data"."Docs" ("Tenant Id" int NOT NULL, "Doc Id" int NOT NULL, "Parent Doc" int, title text,
+    PRIMARY KEY ("Tenant Id", "Doc Id"),
+    FOREIGN KEY ("Tenant Id", "Parent Doc") REFERENCES "App Data"."Docs" ON DELETE SET NULL ("Parent Doc"));
+CREATE INDEX docs_tenant_idx ON "App Data"."Docs" ("Tenant Id");
+CREATE TABLE refs (id int, region text, tenant int, doc int, doc2 int, note text, PRIMARY KEY (id, region),
+    FOREIGN KEY (tenant, doc) REFERENCES "App Data"."Docs" ON DELETE SET NULL (doc),
+    FOREIGN KEY (tenant, doc2) REFERENCES "App Data"."Docs" ON DELETE SET NULL (doc2)) PARTITION BY LIST (region);
+CREATE TABLE refs_eu PARTITION OF refs FOR VALUES IN ('eu');
+CREATE TABLE refs_us PARTITION OF refs FOR VALUES IN ('us');
+INSERT INTO "App Data"."Tenants" SELECT generate_series(1, 3);
+INSERT INTO "App Data"."Docs" SELECT 1 + g % 4, g, NULL, 'doc ' || g FROM generate_series(1, 80) g;
+UPDATE "App Data"."Docs" SET "Parent Doc" = "Doc Id" - 4 WHERE "Doc Id" > 4;
+INSERT INTO refs SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, 1 + g % 4, g, g + 4, 'ref ' || g
+FROM generate_series(1, 76) g;
+"""
+DOCS_KEY = replace(
+    key("Docs", "Tenant Id", "Tenants"),
+    schema="App Data",
+    ref_schema="App Data",
+    columns=("Tenant Id",),
+    ref_columns=("Tenant Id",),
+    row_key=("Tenant Id", "Doc Id"),
+    constraint="docs_tenant_fk",
+    index="docs_tenant_idx",
+    audit_table="docs_orphan_audit",
+)
+
+
+def test_composite_keys_across_schemas_and_a_partitioned_child_pointing_twice_come_back_exactly(db) -> None:
+    db.execute(DOCS)
+    tables = ['"App Data"."Docs"', "refs"]
+    before = every_row(db, tables)
+    report = run_pipeline(db.connect, DOCS_KEY, replace(SETTINGS, batch_size=3), "run-d")["report"]
+    assert report["final_state"] == "converged", report
+    assert report["archived"] == {
+        "App Data.Docs": {"deleted": 20, "nulled": 6, "reset": 0},  # chains of Parent Doc across batches
+        "public.refs": {"deleted": 0, "nulled": 38, "reset": 0},  # 19 rows, each through both keys
+    }, report["archived"]
+    db.execute('INSERT INTO "App Data"."Tenants" VALUES (4)')
+    result = restore(db, DOCS_KEY, "run-d", "restore-d")
+    assert (result["rows_restored"], result["pointers_restored"]) == (20, 44), result
+    assert_back_as_before(before, every_row(db, tables))
 
 
 # --- self-referencing declared keys, and a restore before the key exists --------------------------------------
