@@ -23,7 +23,7 @@ WHOLE_AIRFLOW=(tests/test_fleet_scheduler.py tests/test_fleet_celery.py tests/te
   tests/test_all_keys.py)
 PER_MAJOR=(tests/test_steps.py tests/test_restore.py tests/test_declared_keys.py tests/test_composite_keys.py
   tests/test_partitioned_keys.py tests/test_orphan_delete.py tests/test_key_definition.py tests/test_declare.py
-  tests/test_record_privileges.py)
+  tests/test_record_privileges.py tests/test_restore_exact.py)
 logs=$(mktemp -d)
 # Beside the main pass, one after the other: the whole-Airflow tests, then the two majors' passes at once (each its
 # own cluster and Airflow home). That lane ends before the main pass does, so it adds nothing to the wall time.

@@ -33,6 +33,12 @@ from fk_maintenance.errors import DeleteRefused, PreflightFailed
 from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ON_DELETE_ACTIONS, ForeignKeySpec
 from fk_maintenance.records.privileges import lock_down_table
+from fk_maintenance.records.restorable import (
+    Touched,
+    blocker_problems,
+    inheritance_problems,
+    row_security_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ SAMPLE_SIZE = 10
 # The archive DDL touches only the pipeline's own schema (see audit.AUDIT_DDL_LOCK_TIMEOUT_MS).
 ARCHIVE_DDL_LOCK_TIMEOUT_MS = 5000
 ARCHIVE_DDL_STATEMENT_TIMEOUT_MS = 30_000
+ARCHIVE_INDEX_TIMEOUT_MS = 2 * 60 * 60 * 1000
 # A lock the app holds on a row the cascade reaches, or a deadlock with the app's own delete: the batch rolls
 # back and its orphans are tried one by one, so one busy orphan does not hold back the others.
 BUSY_ERRORS = (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected)
@@ -51,12 +58,14 @@ BUSY_ERRORS = (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected)
 
 @dataclass(frozen=True)
 class Rel:
-    """A table the walk reaches, and the columns that tell its rows apart in the archive (None: it has none)."""
+    """A table the walk reaches, and the columns that tell its rows apart in the archive (None: it has none),
+    with their types (format_type), which read a row key back typed on its own."""
 
     schema: str
     name: str
     oid: int
     row_key: tuple[str, ...] | None
+    key_types: tuple[str, ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -81,6 +90,15 @@ class Edge:
     # The declared key itself, before its constraint exists: PostgreSQL does not act on it yet, so the delete
     # does what it will do (deletes, nulls, resets the rows it reaches) itself, in the same transaction.
     declared: bool = False
+    # A key that references one partition of the parent (not the parent or an ancestor): the partitions whose
+    # rows it acts on; None for the whole table.
+    ref_partitions: frozenset[int] | None = None
+
+    def acts_for(self, parents: list[Found]) -> list[Found]:
+        """The deleted rows this key acts on: all of them, or those in the partition it references."""
+        if self.ref_partitions is None:
+            return parents
+        return [found for found in parents if found.relid in self.ref_partitions]
 
     def describe(self) -> str:
         return (
@@ -127,7 +145,7 @@ class Graph:
 def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> Graph:
     """The foreign keys reachable from the key's table through CASCADE keys, read from pg_constraint."""
     assert state.table is not None
-    root = Rel(spec.schema, spec.table, state.table.oid, spec.row_key)
+    root = Rel(spec.schema, spec.table, state.table.oid, spec.row_key, state.row_key_types)
     graph = Graph(root)
     known = {root.qualified: root}
     # A table is expanded (its own referencing keys read) once a CASCADE key reaches it, whichever key saw it
@@ -137,36 +155,10 @@ def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
     while todo:
         parent = todo.pop(0)
         edges = []
-        keys = [(*row, False) for row in conn.execute(statement("cascade", "referencing_keys"), {"relid": parent.oid})]
-        # Added means on the table or, before PostgreSQL 18, on its partitions (PostgreSQL acts through those).
-        if (parent.schema, parent.name) == (spec.ref_schema, spec.ref_table) and not state.key_added:
-            # The key this run adds, as it will act once added: deleting an orphan of a self-referencing key
-            # must null its children (SET NULL), not leave them orphans for a later pass to delete.
-            acts_on = spec.on_delete_columns or spec.columns
-            keys.append(
-                (
-                    spec.constraint,
-                    spec.on_delete_code,
-                    spec.schema,
-                    spec.table,
-                    root.oid,
-                    "r",
-                    spec.columns,
-                    spec.ref_columns,
-                    acts_on,
-                    True,
-                )
-            )
-        for name, action, schema, table, oid, _kind, columns, ref_columns, set_columns, declared in keys:
-            child = known.get(f"{schema}.{table}")
-            if child is None:
-                found = conn.execute(statement("cascade", "row_key_of"), {"relid": oid}).fetchone()
-                child = Rel(schema, table, oid, tuple(found[0]) if found else None)
-            edge = Edge(
-                name, action, parent, child, tuple(columns), tuple(ref_columns), tuple(set_columns or columns), declared
-            )
+        for edge in _referencing_edges(conn, spec, state, parent, known):
             edges.append(edge)
-            if action in FORBIDS:
+            child = edge.child
+            if edge.action in FORBIDS:
                 continue
             if child.row_key is None and child.qualified not in known:
                 graph.problems.append(
@@ -175,11 +167,46 @@ def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
                     "not tell its rows apart. Give it a primary key, or declare another orphans policy"
                 )
             known[child.qualified] = child
-            if action == DELETES and child.qualified not in expanded:
+            if edge.action == DELETES and child.qualified not in expanded:
                 expanded.add(child.qualified)
                 todo.append(child)
         graph.edges[parent.qualified] = edges
     return graph
+
+
+def _referencing_edges(
+    conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState, parent: Rel, known: dict[str, Rel]
+) -> list[Edge]:
+    """Every key that references ``parent`` (the catalog's, and the declared one before it is added)."""
+    keys = [(*row, False) for row in conn.execute(statement("cascade", "referencing_keys"), {"relid": parent.oid})]
+    # Added means on the table or, before PostgreSQL 18, on its partitions (PostgreSQL acts through those).
+    if (parent.schema, parent.name) == (spec.ref_schema, spec.ref_table) and not state.key_added:
+        # The key this run adds, as it will act once added: deleting an orphan of a self-referencing key
+        # must null its children (SET NULL), not leave them orphans for a later pass to delete.
+        acts_on = spec.on_delete_columns or spec.columns
+        table = known[f"{spec.schema}.{spec.table}"]
+        declared = (spec.constraint, spec.on_delete_code, spec.schema, spec.table, table.oid, "r")
+        keys.append((*declared, spec.columns, spec.ref_columns, acts_on, None, True))
+    edges = []
+    for name, action, schema, table, oid, _kind, columns, ref_columns, set_columns, partitions, declared in keys:
+        child = known.get(f"{schema}.{table}")
+        if child is None:
+            found = conn.execute(statement("cascade", "row_key_of"), {"relid": oid}).fetchone()
+            child = Rel(schema, table, oid, tuple(found[0]) if found else None, tuple(found[1]) if found else ())
+        edges.append(
+            Edge(
+                name,
+                action,
+                parent,
+                child,
+                tuple(columns),
+                tuple(ref_columns),
+                tuple(set_columns or columns),
+                declared,
+                None if partitions is None else frozenset(partitions),
+            )
+        )
+    return edges
 
 
 def graph_problems(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Graph, *, writes: bool) -> list[str]:
@@ -206,7 +233,34 @@ def graph_problems(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Graph,
             if rel is graph.root:
                 needed.append((can_delete, f"DELETE on {table} (orphans: delete)", f"GRANT DELETE ON {table} TO {who}"))
         problems += [f"role {who} lacks {what}: {grant}" for ok, what, grant in needed if not ok]
-    return problems + (_archive_problems(conn, spec) if writes else [])
+    return problems + restore_problems(conn, spec, graph) + (_archive_problems(conn, spec) if writes else [])
+
+
+def touched_tables(graph: Graph) -> list[Touched]:
+    """Every table the delete removes rows from or changes pointers in, as a restore will write to it."""
+    tables = [Touched(graph.root.oid, graph.root.qualified, True)]
+    for edges in graph.edges.values():
+        for edge in edges:
+            if edge.action == DELETES:
+                tables.append(Touched(edge.child.oid, edge.child.qualified, True))
+            elif edge.action in CHANGES:
+                tables.append(Touched(edge.child.oid, edge.child.qualified, False, edge.acts_on))
+    return tables
+
+
+def restore_problems(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Graph) -> list[str]:
+    """Shapes a delete could not be undone exactly in (restorable): triggers or rules a restore's writes fire,
+    inheritance children whose rows would come back in their parent, row-level security that hides rows from
+    the walk."""
+    who = as_written(conn, conn.info.user)[0]
+    key = f"the key {spec.constraint}"
+    read = [(rel.oid, rel.qualified) for rel in graph.rels + graph.guards]
+    touched = touched_tables(graph)
+    return (
+        blocker_problems(conn, touched, key=key)
+        + inheritance_problems(conn, touched, key=key)
+        + row_security_problems(conn, read, who, key=key)
+    )
 
 
 def _archive_problems(conn: psycopg.Connection, spec: ForeignKeySpec) -> list[str]:
@@ -229,14 +283,30 @@ def _archive_problems(conn: psycopg.Connection, spec: ForeignKeySpec) -> list[st
     can_select, can_insert, _update = conn.execute(
         statement("catalog", "audit_privileges"), {"relid": table[0]}
     ).fetchone()
-    if can_select and can_insert:
-        return []
-    return [f"role {who} lacks SELECT, INSERT on {archive}: GRANT SELECT, INSERT ON {archive} TO {who}"]
+    problems = []
+    if not (can_select and can_insert):
+        problems.append(f"role {who} lacks SELECT, INSERT on {archive}: GRANT SELECT, INSERT ON {archive} TO {who}")
+    has_columns, has_index, owns = archive_shape(conn, spec)
+    if not (has_columns and has_index) and not owns:
+        problems.append(
+            f"the archive {archive} is an earlier version's, without the columns and index that make a restore "
+            f"exact, and role {who} does not own it to add them (the first delete does that as its owner): have "
+            f"its owner run a delete once, or ALTER TABLE {archive} OWNER TO {who}"
+        )
+    return problems
+
+
+def archive_shape(conn: psycopg.Connection, spec: ForeignKeySpec) -> tuple[bool, bool, bool]:
+    """(has the exact-restore columns, has the index on each row's records, the role owns it)."""
+    return conn.execute(
+        statement("cascade", "archive_shape"), {"schema": spec.audit_schema, "table": spec.archive_table}
+    ).fetchone()
 
 
 @dataclass
 class Found:
-    """One row the walk reached: where, what the delete does to it, and the row itself (jsonb text)."""
+    """One row the walk reached: where, what the delete does to it, and the row itself (jsonb text, and its own
+    text, exact), with the version's xmin and, for a SET NULL pointer, the md5 of the row as the key leaves it."""
 
     depth: int
     rel: Rel
@@ -248,6 +318,9 @@ class Found:
     columns: tuple[str, ...] = ()
     # Reached through the declared key before it exists: the delete acts on it itself (Edge.declared).
     by_us: bool = False
+    row_text: str | None = None
+    xmin: int | None = None
+    written: str | None = None
 
 
 @dataclass
@@ -258,6 +331,9 @@ class Reached:
     deleted: dict[str, dict[str, Found]] = field(default_factory=lambda: defaultdict(dict))
     changed: list[Found] = field(default_factory=list)
     protected: list[tuple[Edge, str]] = field(default_factory=list)
+    # Per partition, the deleted rows a SET NULL / SET DEFAULT key also reaches: PostgreSQL may update such a row
+    # before its own delete comes (the order of the referential actions is its own), never more often.
+    may_update: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
     @property
     def roots(self) -> list[Found]:
@@ -272,6 +348,11 @@ class Reached:
 def _edge_statement(edge: Edge, locked: bool) -> sql.Composed:
     assert edge.child.row_key is not None or edge.action in FORBIDS
     key = edge.child.row_key or edge.columns
+    written = sql.SQL("NULL::text")
+    if edge.action == "n":
+        # The row as SET NULL leaves it: every other value as now, the key's columns NULL.
+        nulls = sql.Literal(json.dumps(dict.fromkeys(edge.acts_on)))
+        written = sql.SQL("md5(jsonb_populate_record(c, {}::jsonb)::text)").format(nulls)
     return statement(
         "cascade",
         "reached_rows",
@@ -280,6 +361,7 @@ def _edge_statement(edge: Edge, locked: bool) -> sql.Composed:
         c_key_json=keysql.json_object("c", key),
         c_references_p=keysql.equal("c", edge.columns, "p", edge.ref_columns),
         c_row_key=keysql.names(key, "c"),
+        written=written,
         lock=sql.SQL("FOR UPDATE OF c" if locked else ""),
     )
 
@@ -314,8 +396,12 @@ def walk(
     (FOR UPDATE, each table's rows in row key order), so nothing changes between the archive and the delete."""
     reached = Reached()
     root = graph.root
-    for row_key, row_data, relid in conn.execute(_root_statement(spec, state, locked), batch_params(spec, keys)):
-        reached.deleted[root.qualified][row_key] = Found(0, root, relid, row_key, row_data, "deleted", "")
+    for row_key, row_data, relid, text, xmin in conn.execute(
+        _root_statement(spec, state, locked), batch_params(spec, keys)
+    ):
+        reached.deleted[root.qualified][row_key] = Found(
+            0, root, relid, row_key, row_data, "deleted", "", row_text=text, xmin=xmin
+        )
     _take_cascades(conn, graph, reached, root, locked)
     _take_side_effects(conn, graph, reached, locked)
     return reached
@@ -336,11 +422,22 @@ def _take_cascades(conn: psycopg.Connection, graph: Graph, reached: Reached, roo
             for edge in graph.from_rel(parents[0].rel):
                 if edge.action != DELETES:
                     continue
-                for row_key, row_data, relid, _parent in _reach(conn, edge, parents, locked):
+                for row_key, row_data, relid, _parent, text, xmin, _written in _reach(
+                    conn, edge, edge.acts_for(parents), locked
+                ):
                     taken = reached.deleted[edge.child.qualified]
                     if row_key not in taken:
                         taken[row_key] = Found(
-                            depth, edge.child, relid, row_key, row_data, "deleted", edge.name, by_us=edge.declared
+                            depth,
+                            edge.child,
+                            relid,
+                            row_key,
+                            row_data,
+                            "deleted",
+                            edge.name,
+                            by_us=edge.declared,
+                            row_text=text,
+                            xmin=xmin,
                         )
                         following[edge.child.qualified].append(taken[row_key])
         frontier = following
@@ -357,29 +454,40 @@ def _take_side_effects(conn: psycopg.Connection, graph: Graph, reached: Reached,
             if edge.action == DELETES:
                 continue
             forbids = edge.action in FORBIDS
-            for row_key, row_data, relid, parent in _reach(conn, edge, parents, locked and not forbids):
+            acted_on = edge.acts_for(parents)
+            for row_key, row_data, relid, parent, text, xmin, written in _reach(
+                conn, edge, acted_on, locked and not forbids
+            ):
                 if row_key in reached.deleted.get(edge.child.qualified, {}):
+                    if not forbids:
+                        reached.may_update[relid] += 1
                     continue
                 if forbids:
                     reached.protected.append((edge, row_key))
-                else:
-                    reached.changed.append(
-                        Found(
-                            parents[parent - 1].depth + 1,  # one below the deleted row it pointed at
-                            edge.child,
-                            relid,
-                            row_key,
-                            row_data,
-                            CHANGES[edge.action],
-                            edge.name,
-                            edge.acts_on,
-                            by_us=edge.declared,
-                        )
+                    continue
+                reached.changed.append(
+                    Found(
+                        acted_on[parent - 1].depth + 1,  # one below the deleted row it pointed at
+                        edge.child,
+                        relid,
+                        row_key,
+                        row_data,
+                        CHANGES[edge.action],
+                        edge.name,
+                        edge.acts_on,
+                        by_us=edge.declared,
+                        row_text=text,
+                        xmin=xmin,
+                        written=written,
                     )
+                )
 
 
-def _reach(conn: psycopg.Connection, edge: Edge, parents: list[Found], locked: bool) -> list[tuple[str, str, int, int]]:
-    """The rows ``edge`` ties to ``parents``: (row key, row, partition, which parent, counted from 1)."""
+def _reach(conn: psycopg.Connection, edge: Edge, parents: list[Found], locked: bool) -> list[tuple[Any, ...]]:
+    """The rows ``edge`` ties to ``parents``: (row key, row, partition, which parent counted from 1, the row's
+    text, its xmin, the md5 of the row as a SET NULL key leaves it)."""
+    if not parents:
+        return []
     return conn.execute(
         _edge_statement(edge, locked), {"parents": _jsonb_array([p.row_data for p in parents])}
     ).fetchall()
@@ -454,7 +562,9 @@ def blast_radius(
 
 
 def ensure_archive_table(conn: psycopg.Connection, spec: ForeignKeySpec) -> None:
-    """The key's archive in the pipeline's schema, created if missing (ensure_audit_table made the schema)."""
+    """The key's archive in the pipeline's schema, created if missing (ensure_audit_table made the schema); an
+    earlier version's archive gains the columns and the index on each row's records that make a restore exact
+    (its own rows restore as before)."""
     with conn.transaction():
         set_local_timeouts(
             conn, lock_timeout_ms=ARCHIVE_DDL_LOCK_TIMEOUT_MS, statement_timeout_ms=ARCHIVE_DDL_STATEMENT_TIMEOUT_MS
@@ -466,6 +576,17 @@ def ensure_archive_table(conn: psycopg.Connection, spec: ForeignKeySpec) -> None
             conn.execute(statement("cascade", "create_archive", archive=_archive(spec)))
             conn.execute(statement("cascade", "comment_archive", archive=_archive(spec)))
             lock_down_table(conn, spec.audit_schema, spec.archive_table)  # only the pipeline writes its record
+        has_columns, has_index, _owns = archive_shape(conn, spec)
+        if not has_columns:
+            conn.execute(statement("cascade", "upgrade_archive", archive=_archive(spec)))
+    if not has_index:
+        with conn.transaction():
+            # An earlier version's archive may be large: its index is built under a scan's timeout (only the
+            # pipeline writes the archive, and waits on it for lock_timeout at most).
+            set_local_timeouts(
+                conn, lock_timeout_ms=ARCHIVE_DDL_LOCK_TIMEOUT_MS, statement_timeout_ms=ARCHIVE_INDEX_TIMEOUT_MS
+            )
+            conn.execute(statement("cascade", "index_archive", archive=_archive(spec)))
 
 
 def _archive(spec: ForeignKeySpec) -> sql.Identifier:
@@ -530,6 +651,7 @@ def _delete_once(
         # Every lock this transaction takes (the reached rows FOR UPDATE, the DELETE's table locks and the
         # cascade's) waits at most lock_timeout_ms.
         set_local_timeouts(conn, lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=statement_timeout_ms)
+        conn.execute(statement("cascade", "pin_formats"))
         reached = walk(conn, spec, state, graph, keys, locked=True)
         roots = reached.roots
         if not roots:
@@ -542,27 +664,16 @@ def _delete_once(
         rows = reached.rows()
         counted_before = _server_counts(conn, spec)
         archived = conn.execute(
-            statement("cascade", "archive_rows", archive=_archive(spec)),
-            {"run_id": run_id, "batch": batch, "rows": _archive_json(rows)},
+            statement("cascade", "archive_rows", spec, archive=_archive(spec)),
+            {"run_id": run_id, "batch": batch, "rows": _archive_json(rows), "audit_name": spec.archive_qualified},
         ).fetchone()[0]
-        # The orphans, and the rows the declared key (not added yet) will take along: PostgreSQL's own keys
-        # do the rest.
-        ours = roots + [found for found in rows if found.by_us and found.action == "deleted"]
-        deleted = conn.execute(
-            _delete_statement(spec), {"keys": _jsonb_array([found.row_key for found in ours])}
-        ).fetchone()[0]
-        changed_by_us = 0
-        for action in CHANGES.values():
-            keys = [found.row_key for found in reached.changed if found.by_us and found.action == action]
-            if keys:
-                changed_by_us += conn.execute(_act_statement(spec, action), {"keys": _jsonb_array(keys)}).fetchone()[0]
-        wanted = sum(1 for found in reached.changed if found.by_us)
-        if archived != len(rows) or deleted != len(ours) or changed_by_us != wanted:
+        deleted, changed_by_us, wanted = _act(conn, spec, graph, reached)
+        if archived != len(rows) or deleted != len(roots) or changed_by_us != wanted:
             raise RuntimeError(
-                f"delete: batch {batch} archived {archived} of {len(rows)} row(s), deleted {deleted} of {len(ours)} "
+                f"delete: batch {batch} archived {archived} of {len(rows)} row(s), deleted {deleted} of {len(roots)} "
                 f"and changed {changed_by_us} of {wanted} through the declared key; rolled back"
             )
-        _check_against_server(conn, spec, rows, batch, counted_before)
+        _check_against_server(conn, spec, reached, batch, counted_before)
         conn.execute(
             statement("cascade", "record_batch", spec), {"audit_name": spec.archive_qualified, "run_id": run_id}
         )
@@ -571,14 +682,62 @@ def _delete_once(
     return DeleteCounts(orphans=len(roots), rows=len(rows) - changed, changed=changed, ref_rows=ref_rows)
 
 
-@cache
-def _delete_statement(spec: ForeignKeySpec) -> sql.Composed:
-    return statement("cascade", "delete_orphans", spec, c_is_o=keysql.equal("c", spec.row_key, "o", spec.row_key))
+def _act(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Graph, reached: Reached) -> tuple[int, int, int]:
+    """The delete: the orphans (each checked again to be one), then what the declared key, not added yet, takes
+    along or changes; PostgreSQL's own keys do the rest. (orphans deleted, rows the declared key changed, and
+    how many it should have)."""
+    root = graph.root
+    deleted = conn.execute(
+        _delete_statement(spec, root, "delete_orphans"), {"keys": _jsonb_array([f.row_key for f in reached.roots])}
+    ).fetchone()[0]
+    # Deleted by key, not as orphans: the DELETE's snapshot still sees the orphan each one hangs from, so the
+    # check again would keep every one of them (a self-referencing CASCADE key then never converged).
+    taken = [f.row_key for f in reached.rows() if f.by_us and f.action == "deleted"]
+    if taken:
+        conn.execute(_delete_statement(spec, root, "delete_taken"), {"keys": _jsonb_array(taken)})
+    changed_by_us = 0
+    for action in CHANGES.values():
+        keys = [found.row_key for found in reached.changed if found.by_us and found.action == action]
+        if keys:
+            changed_by_us += conn.execute(_act_statement(spec, root, action), {"keys": _jsonb_array(keys)}).fetchone()[
+                0
+            ]
+    return deleted, changed_by_us, sum(1 for found in reached.changed if found.by_us)
+
+
+def typed_keys(param: str, alias: str, rel: Rel, *, one: bool = False) -> sql.Composed:
+    """``jsonb_to_recordset(%(param)s::jsonb) AS alias("id" bigint, ...)``: row keys read back typed on their own,
+    never as whole rows (jsonb_populate_record of a key alone fills every other column with NULL, which a NOT
+    NULL domain refuses). ``one``: a single key (jsonb_to_record), which the planner knows is one row and so
+    looks up by the table's index."""
+    assert rel.row_key is not None
+    return sql.SQL("{}({}::jsonb) AS {}({})").format(
+        sql.SQL("jsonb_to_record" if one else "jsonb_to_recordset"),
+        sql.Placeholder(param),
+        sql.Identifier(alias),
+        sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(type_name))  # type: ignore[arg-type]
+            for name, type_name in zip(rel.row_key, rel.key_types, strict=True)
+        ),
+    )
 
 
 @cache
-def _act_statement(spec: ForeignKeySpec, action: str) -> sql.Composed:
+def _delete_statement(spec: ForeignKeySpec, root: Rel, name: str) -> sql.Composed:
+    assert root.row_key is not None
+    return statement(
+        "cascade",
+        name,
+        spec,
+        keys=typed_keys("keys", "o", root),
+        c_is_o=keysql.equal("c", root.row_key, "o", root.row_key),
+    )
+
+
+@cache
+def _act_statement(spec: ForeignKeySpec, root: Rel, action: str) -> sql.Composed:
     """SET NULL / SET DEFAULT on the columns the declared key's action names."""
+    assert root.row_key is not None
     value = sql.SQL("NULL" if action == "nulled" else "DEFAULT")
     columns = spec.on_delete_columns or spec.columns
     return statement(
@@ -586,7 +745,8 @@ def _act_statement(spec: ForeignKeySpec, action: str) -> sql.Composed:
         "act_for_declared_key",
         spec,
         set_columns=sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(name), value) for name in columns),
-        c_is_o=keysql.equal("c", spec.row_key, "o", spec.row_key),
+        keys=typed_keys("keys", "o", root),
+        c_is_o=keysql.equal("c", root.row_key, "o", root.row_key),
     )
 
 
@@ -608,6 +768,9 @@ def _archive_json(rows: list[Found]) -> str:
                     f'"via":{json.dumps(found.via)}',
                     f'"columns":{json.dumps(list(found.columns))}',
                     f'"row_data":{found.row_data}',
+                    f'"row_text":{json.dumps(found.row_text)}',
+                    f'"row_xmin":{json.dumps(found.xmin)}',
+                    f'"written_md5":{json.dumps(found.written)}',
                 ]
             )
             + "}"
@@ -628,20 +791,24 @@ def _server_counts(conn: psycopg.Connection, spec: ForeignKeySpec) -> dict[int, 
     }
 
 
+class ArchiveMismatch(RuntimeError):
+    """The server counts a change the batch's archive does not hold: the batch rolled back."""
+
+
 def _check_against_server(
     conn: psycopg.Connection,
     spec: ForeignKeySpec,
-    rows: list[Found],
+    reached: Reached,
     batch: int,
     before: dict[int, tuple[str, int, int]],
 ) -> None:
     """What this transaction deleted and updated, per table, as the server counted it (the counts now less
-    those before the DELETE), against the archive: the same deletes in every table, and no table changed that
-    the archive does not cover (a key added since the walk, a trigger of the app's). Updates may exceed the
-    pointers archived (a row deleted by one key and first nulled by another is archived once, as deleted),
-    never fall short. Otherwise the batch rolls back."""
+    those before the DELETE), against the archive: the same deletes in every table, the same updates (plus, at
+    most, one per deleted row a SET NULL / SET DEFAULT key also reaches, which PostgreSQL may update before it
+    deletes it), and no table changed that the archive does not cover (a key added since the walk, one the walk
+    could not see, an app trigger). Otherwise the batch rolls back."""
     expected: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    for found in rows:
+    for found in reached.rows():
         expected[found.relid][0 if found.action == "deleted" else 1] += 1
     wrong = []
     seen = set()
@@ -655,14 +822,14 @@ def _check_against_server(
             wrong.append(f"{name}: the server counts {deleted} deleted and {updated} updated, the archive nothing")
             continue
         want_deleted, want_changed = expected[relid]
-        if deleted != want_deleted or updated < want_changed:
+        if deleted != want_deleted or not want_changed <= updated <= want_changed + reached.may_update[relid]:
             wrong.append(
                 f"{name}: the server counts {deleted} deleted and {updated} updated, the archive {want_deleted} "
                 f"deleted and {want_changed} changed"
             )
     wrong += [f"relation {relid}: archived, but the server counts no change" for relid in expected if relid not in seen]
     if wrong:
-        raise RuntimeError(
+        raise ArchiveMismatch(
             f"delete: batch {batch} changed what its archive does not hold ({'; '.join(wrong)}); rolled back, "
             "nothing changed. A foreign key or trigger the walk did not see acted on the delete"
         )

@@ -78,7 +78,7 @@ def restore_run(
             if archived_run_rows(conn, spec, run_id):
                 # An orphans: delete run: the rows it deleted and the pointers its cascade changed.
                 for name, value in restore_archived(conn, spec, state, settings, run_id, restore_id).items():
-                    totals[name] = totals.get(name, 0) + value
+                    totals[name] = totals.get(name, 0) + value if isinstance(value, int) else value
     return _finish(spec, settings, run_id, totals, started)
 
 
@@ -271,4 +271,10 @@ def format_restore_report(report: dict[str, Any]) -> str:
                 f"{t['pointers_parent_still_missing']} pointer(s); written since (left alone) "
                 f"{t['rows_written_since']} row(s), {t['pointers_written_since']} pointer(s); busy {t['busy']}"
             )
+            if t.get("rows_failed") or t.get("pointers_failed"):
+                reasons = "; ".join(f"{reason}: {count}" for reason, count in t.get("failures", {}).items())
+                lines.append(
+                    f"{'':<28}refused by the database (left in the archive, tried again by the next restore): "
+                    f"{t['rows_failed']} row(s), {t['pointers_failed']} pointer(s): {reasons}"
+                )
     return "\n".join(lines)

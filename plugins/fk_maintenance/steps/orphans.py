@@ -26,6 +26,7 @@ from fk_maintenance.keys.settings import RunSettings
 from fk_maintenance.keys.spec import ForeignKeySpec, describe_columns
 from fk_maintenance.records.audit import ensure_audit_table, find_audit_tables
 from fk_maintenance.records.cascade import (
+    ArchiveMismatch,
     BlastRadius,
     DeleteCounts,
     delete_batch,
@@ -341,8 +342,19 @@ class _DeleteSweep:
             self.settings.batch_size,
         )
         for _table, batch in _batches(keys, self.settings, self.replicas):
-            this_pass.add(
-                delete_batch(
+            this_pass.add(self._delete(batch))
+            self.batches += 1
+            self._log_progress(this_pass)
+        busy, this_pass.busy = this_pass.busy, 0
+        self.totals.add(this_pass)
+        return this_pass, busy
+
+    def _delete(self, batch: list[tuple[Any, ...]]) -> DeleteCounts:
+        """One batch; when the server counted a change its archive does not hold (a key added since the sweep
+        read the catalog), the batch rolled back: the catalog is read again and the batch tried once more."""
+        for attempt in (1, 2):
+            try:
+                return delete_batch(
                     self.conn,
                     self.spec,
                     self.state,
@@ -352,12 +364,12 @@ class _DeleteSweep:
                     batch,
                     statement_timeout_ms=BATCH_STATEMENT_TIMEOUT_MS,
                 )
-            )
-            self.batches += 1
-            self._log_progress(this_pass)
-        busy, this_pass.busy = this_pass.busy, 0
-        self.totals.add(this_pass)
-        return this_pass, busy
+            except ArchiveMismatch as mismatch:
+                if attempt == 2:
+                    raise
+                log.warning("%s: %s; reading the foreign keys again", self.step, mismatch)
+                self.graph = require_graph(self.conn, self.spec, self.state)
+        raise AssertionError("unreachable")
 
     def _log_progress(self, this_pass: DeleteCounts) -> None:
         rows = self.totals.rows + this_pass.rows
