@@ -626,16 +626,22 @@ def _finals_statement(spec: ForeignKeySpec, exact_columns: bool, has_log: bool) 
     )
 
 
-@cache
-def _row_now_statement(rel: Rel) -> sql.Composed:
+def _on_one_row(name: str, rel: Rel, **fragments: sql.Composable) -> sql.Composed:
+    """The unarchive statement ``name`` on one row of ``rel``, found by its row key bound typed (``k``)."""
     assert rel.row_key is not None
     return statement(
         "unarchive",
-        "row_now",
+        name,
         rel=rel.ident,
         key=typed_keys("key", "k", rel, one=True),
         t_is_k=keysql.equal("t", rel.row_key, "k", rel.row_key),
+        **fragments,
     )
+
+
+@cache
+def _row_now_statement(rel: Rel) -> sql.Composed:
+    return _on_one_row("row_now", rel)
 
 
 @cache
@@ -651,40 +657,21 @@ def _insert_statement(rel: Rel, columns: tuple[str, ...]) -> sql.Composed:
 
 @cache
 def _update_deferred_statement(rel: Rel, columns: tuple[str, ...]) -> sql.Composed:
-    assert rel.row_key is not None
-    return statement(
-        "unarchive",
-        "update_deferred",
-        rel=rel.ident,
-        set_from_r=keysql.set_from("r", columns, columns),
-        key=typed_keys("key", "k", rel, one=True),
-        t_is_k=keysql.equal("t", rel.row_key, "k", rel.row_key),
-    )
+    return _on_one_row("update_deferred", rel, set_from_r=keysql.set_from("r", columns, columns))
 
 
 @cache
 def _put_back_statement(rel: Rel, columns: tuple[str, ...]) -> sql.Composed:
-    assert rel.row_key is not None
-    return statement(
-        "unarchive",
-        "put_back_pointer",
-        rel=rel.ident,
-        key=typed_keys("key", "k", rel, one=True),
-        t_is_k=keysql.equal("t", rel.row_key, "k", rel.row_key),
-        ours=statement("unarchive", "ours"),
-        set_from_r=keysql.set_from("r", columns, columns),
+    return _on_one_row(
+        "put_back_pointer", rel, ours=statement("unarchive", "ours"), set_from_r=keysql.set_from("r", columns, columns)
     )
 
 
 @cache
 def _pointer_now_statement(rel: Rel, columns: tuple[str, ...]) -> sql.Composed:
-    assert rel.row_key is not None
-    return statement(
-        "unarchive",
+    return _on_one_row(
         "pointer_now",
-        rel=rel.ident,
-        key=typed_keys("key", "k", rel, one=True),
-        t_is_k=keysql.equal("t", rel.row_key, "k", rel.row_key),
+        rel,
         ours=statement("unarchive", "ours"),
         t_columns=keysql.names(columns, "t"),
         r_columns=keysql.names(columns, "r"),
