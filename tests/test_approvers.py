@@ -107,7 +107,7 @@ def _trigger(airflow: LocalAirflow, dag_id: str, user: str) -> str:
     return run["dag_run_id"]
 
 
-def _waiting_approval(airflow: LocalAirflow, dag_id: str, run_id: str, timeout: float = 240) -> dict:
+def _waiting_approval(airflow: LocalAirflow, dag_id: str, run_id: str, timeout: float = 360) -> dict:
     """The run's pending request, once it has waited a few seconds (an answer within seconds of the request can race
     Airflow 3.3.2's scheduler, see tests/test_ui.py). Deployed inside the window, a key's scheduled run
     starts at once and holds the DAG's one active run: any run but ours is failed while we wait."""

@@ -409,7 +409,7 @@ def _trigger_delete(airflow: LocalAirflow, conn_ids: list[str]) -> str:
     return run["dag_run_id"]
 
 
-def _waiting_approval(airflow: LocalAirflow, run_id: str, task_id: str, timeout: float = 180) -> dict:
+def _waiting_approval(airflow: LocalAirflow, run_id: str, task_id: str, timeout: float = 360) -> dict:
     """The gate's request once it has waited a few seconds: an answer within about a second of the request being
     written can race the scheduler (the task ends failed although approved), which no person is fast enough for."""
     quoted = urllib.request.quote(run_id, safe="")
