@@ -657,7 +657,11 @@ def test_the_lock_gap_watch_covers_the_referenced_table_so_app_writes_never_queu
         stop.set()
         inserter.join()
     assert result["action"] == "added NOT VALID" and hot.cycles >= 1
-    assert result["lock_timeouts"] == 0 and result["struck_in_gap"] == 1, result
+    # It strikes in a gap of the referenced table's lock. On a loaded machine the hot transaction may take its lock
+    # back between the look and the ALTER: that attempt then waits its first, shortest timeout (a quarter of
+    # lock_timeout_ms) and the next gap lands it. The promise is the app's: no insert waits lock_timeout_ms.
+    assert result["struck_in_gap"] >= 1 and result["lock_timeouts"] <= 1, result
+    assert max(waits_ms) < settings.lock_timeout_ms, max(waits_ms)
     figures(
         f"customers locked 0.95 s of every 1 s: added after watching {result['watched_seconds']} s; app inserts "
         f"into orders: {len(waits_ms)}, worst {max(waits_ms):.0f} ms"
