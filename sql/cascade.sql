@@ -285,3 +285,10 @@ WHERE i.inhparent = %(relid)s::oid AND NOT c.relispartition
 -- Row-level security that applies to this role on the table: the walk would not see every row the database's
 -- own keys act on (referential actions do not apply it).
 SELECT row_security_active(%(relid)s::oid)
+
+-- name: deferrable_unique
+-- A table's DEFERRABLE unique, primary-key or exclusion constraints: a restore's ON CONFLICT cannot take them as
+-- its arbiters (55000), so rows of that table could not be put back.
+SELECT conname::text FROM pg_constraint
+WHERE conrelid = %(relid)s AND contype IN ('p', 'u', 'x') AND condeferrable
+ORDER BY 1

@@ -675,6 +675,35 @@ def test_a_table_with_inheritance_children_is_refused_before_any_change(db) -> N
     assert snapshot(db, POSTS) == before
 
 
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [
+        (
+            # Positions kept unique and reordered within a transaction: no ON CONFLICT can take that as an arbiter.
+            "ALTER TABLE comments ADD COLUMN position int;"
+            "UPDATE comments SET position = id;"
+            "ALTER TABLE comments ADD CONSTRAINT comments_position UNIQUE (post_id, position) DEFERRABLE",
+            "public.comments has DEFERRABLE unique or exclusion constraint(s) comments_position",
+        ),
+        (
+            # A membership whose group goes back to the default group: its row key itself changes.
+            "CREATE TABLE memberships (post_id int NOT NULL DEFAULT 1 REFERENCES posts ON DELETE SET DEFAULT,"
+            " account_id int, PRIMARY KEY (post_id, account_id));"
+            "INSERT INTO memberships SELECT id, 1 FROM posts",
+            "changes post_id, part of public.memberships's row key",
+        ),
+    ],
+    ids=["deferrable-unique", "set-default-on-the-row-key"],
+)
+def test_a_shape_whose_rows_could_not_come_back_is_refused_before_any_change(db, shape: str, reason: str) -> None:
+    db.execute(SHOP + shape)
+    before = snapshot(db, POSTS)
+    with db.connect() as conn, pytest.raises(PreflightFailed) as refused:
+        preflight(conn, POSTS, SETTINGS)
+    assert reason in str(refused.value), refused.value
+    assert snapshot(db, POSTS) == before
+
+
 # --- values, settings and versions ----------------------------------------------------------------------------
 
 VALUES = """

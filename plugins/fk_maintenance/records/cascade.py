@@ -166,6 +166,13 @@ def build_graph(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetSta
                     f"orphans of {spec.schema}.{spec.table} reaches it through {edge.describe()}: the archive could "
                     "not tell its rows apart. Give it a primary key, or declare another orphans policy"
                 )
+            if edge.action in CHANGES and child.row_key and set(edge.acts_on) & set(child.row_key):
+                graph.problems.append(
+                    f"{edge.describe()} changes {', '.join(sorted(set(edge.acts_on) & set(child.row_key)))}, part of "
+                    f"{child.qualified}'s row key: a row it changes could not be found again to put its value back "
+                    "(and a partition key changed moves the row to another partition). Declare another orphans "
+                    "policy for this key, or change that key's action"
+                )
             known[child.qualified] = child
             if edge.action == DELETES and child.qualified not in expanded:
                 expanded.add(child.qualified)
@@ -233,7 +240,27 @@ def graph_problems(conn: psycopg.Connection, spec: ForeignKeySpec, graph: Graph,
             if rel is graph.root:
                 needed.append((can_delete, f"DELETE on {table} (orphans: delete)", f"GRANT DELETE ON {table} TO {who}"))
         problems += [f"role {who} lacks {what}: {grant}" for ok, what, grant in needed if not ok]
+    problems += _deferrable_unique_problems(conn, graph)
     return problems + restore_problems(conn, spec, graph) + (_archive_problems(conn, spec) if writes else [])
+
+
+def _deferrable_unique_problems(conn: psycopg.Connection, graph: Graph) -> list[str]:
+    """A table the delete removes rows from whose unique, primary-key or exclusion constraint is DEFERRABLE:
+    restore puts a row back with ON CONFLICT DO NOTHING, which cannot take such a constraint as its arbiter
+    (SQLSTATE 55000), so none of its rows could come back."""
+    deleted_from = [graph.root] + [
+        edge.child for edges in graph.edges.values() for edge in edges if edge.action == DELETES
+    ]
+    problems = []
+    for rel in {rel.qualified: rel for rel in deleted_from}.values():
+        names = [name for (name,) in conn.execute(statement("cascade", "deferrable_unique"), {"relid": rel.oid})]
+        if names:
+            problems.append(
+                f"{rel.qualified} has DEFERRABLE unique or exclusion constraint(s) {', '.join(names)}: a restore "
+                "could not put its deleted rows back (ON CONFLICT takes no deferrable constraint as arbiter). "
+                "Declare another orphans policy for this key, or make them NOT DEFERRABLE"
+            )
+    return problems
 
 
 def touched_tables(graph: Graph) -> list[Touched]:
