@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -62,16 +63,27 @@ class LocalAirflow:
             data=json.dumps({"username": user, "password": self.passwords.get(user, self.password)}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(login, timeout=10) as response:
-            token = json.load(response)["access_token"]
+        token = _read_json(login, retries=3)["access_token"]  # a login changes nothing: tried again if slow
         request = urllib.request.Request(
             f"{self.url}{path}",
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             method=method,
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
+        # A read is tried again when the api-server, sharing two cores with a whole test suite, answers slowly; a
+        # write (a trigger, an answer) never is: it may have been done.
+        return _read_json(request, retries=3 if body is None and method in (None, "GET") else 1)
+
+
+def _read_json(request: urllib.request.Request, *, retries: int, timeout: float = 30) -> dict:
+    for attempt in range(1, retries + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.load(response)
+        except (TimeoutError, urllib.error.URLError) as exc:
+            if isinstance(exc, urllib.error.HTTPError) or attempt == retries:
+                raise
+    raise AssertionError("unreachable")
 
 
 def target_databases(server: PgServer, rows: int, fleet: int, fleet_rows: int) -> tuple[str, dict[str, str]]:
