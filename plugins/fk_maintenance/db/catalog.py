@@ -10,6 +10,7 @@ from fk_maintenance.db.sqlfiles import statement
 from fk_maintenance.db.target_state import (
     ColumnInfo,
     ConstraintState,
+    EqualKey,
     IndexState,
     PartitionInfo,
     TableInfo,
@@ -258,7 +259,8 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
             f"constraint {spec.constraint} already exists with another definition "
             f"({state.constraint.definition}): {'; '.join(state.constraint.mismatches)}"
         )
-    state.problems.extend(_equal_key_problems(conn, spec, state))
+    state.equal_keys = tuple(equal_keys(conn, spec, state))
+    state.problems.extend(_equal_key_problems(spec, state))
     state.index = index_state(conn, spec, state)
     if state.index.exists and not state.index.is_index:
         state.problems.extend(state.index.mismatches)
@@ -269,20 +271,6 @@ def inspect_target(conn: psycopg.Connection, spec: ForeignKeySpec) -> TargetStat
             f"{'; '.join(state.index.mismatches)}"
         )
     return state
-
-
-@dataclass(frozen=True)
-class EqualKey:
-    """A foreign key equal to the declared one in every part, under another name, where the declared one is not."""
-
-    relid: int
-    schema: str
-    table: str
-    name: str
-
-    @property
-    def described(self) -> str:
-        return f"{self.schema}.{self.table}"
 
 
 def equal_keys(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[EqualKey]:
@@ -302,7 +290,7 @@ def equal_keys(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetStat
     ]
 
 
-def _equal_key_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState) -> list[str]:
+def _equal_key_problems(spec: ForeignKeySpec, state: TargetState) -> list[str]:
     """The table's own key equal to the declared one under another name: the run would add a second key beside
     it, and every write would be checked twice. Its name is the app's (its schema tool compares it), so the run
     does not rename it: refused before any change, naming the fix. (A partition's is renamed by add_fk_not_valid,
@@ -312,7 +300,7 @@ def _equal_key_problems(conn: psycopg.Connection, spec: ForeignKeySpec, state: T
         f"{key.described} already has the key as declared, under another name: {key.name}; this run would add "
         f"{spec.constraint} beside it, a second key checking every write again: declare constraint: {key.name} "
         "for this key to have the run use it (validated if NOT VALID), or drop it"
-        for key in equal_keys(conn, spec, state)
+        for key in state.equal_keys
         if key.relid == state.table.oid
     ]
 

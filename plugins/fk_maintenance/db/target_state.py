@@ -78,6 +78,20 @@ class PartitionInfo:
         return f"{self.schema}.{self.name}"
 
 
+@dataclass(frozen=True)
+class EqualKey:
+    """A foreign key equal to the declared one in every part, under another name, where the declared one is not."""
+
+    relid: int
+    schema: str
+    table: str
+    name: str
+
+    @property
+    def described(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
 @dataclass
 class TargetState:
     """What the database holds for the key: its tables, and each of its columns (in the spec's order; a list is
@@ -97,6 +111,8 @@ class TargetState:
     policy: str = ""
     # A partitioned child's partitions (empty for a plain table): the index and the key are built on each.
     partitions: tuple[PartitionInfo, ...] = ()
+    # Keys equal to the declared one under other names, where it is not yet (catalog.equal_keys): read once.
+    equal_keys: tuple[EqualKey, ...] = ()
 
     @property
     def partitioned(self) -> bool:

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from fk_maintenance.db.catalog import equal_keys, require_target, still_partition, table_info
+from fk_maintenance.db.catalog import require_target, still_partition, table_info
 from fk_maintenance.db.session import (
     CATALOG_STATEMENT_TIMEOUT_MS,
     CONFLICTS_WITH_ACCESS_EXCLUSIVE,
@@ -150,7 +150,7 @@ def adopt_equal_partition_keys(
     state = require_target(conn, spec)
     assert state.table is not None
     adopted = []
-    for key in equal_keys(conn, spec, state):
+    for key in state.equal_keys:
         if key.relid == state.table.oid:  # the table's own: preflight refuses it
             continue
         rename = statement(

@@ -10,7 +10,6 @@ import psycopg
 
 from fk_maintenance.db.catalog import (
     as_written,
-    equal_keys,
     inspect_target,
     other_foreign_keys,
     refuse_while_index_build_runs,
@@ -145,7 +144,7 @@ def _warnings(conn: psycopg.Connection, spec: ForeignKeySpec, state: TargetState
         f"partition {key.described} holds the key as declared under another name, {key.name}: add_fk_not_valid "
         f"renames it {spec.constraint} (ACCESS EXCLUSIVE on that partition for an instant, in a free moment, under "
         "lock_timeout_ms), and the parent's key adopts it: no second key"
-        for key in equal_keys(conn, spec, state)
+        for key in state.equal_keys
         if state.table is not None and key.relid != state.table.oid
     ]
     if state.partitioned and not state.constraint.exists and not parent_takes_not_valid(conn):
